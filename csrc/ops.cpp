@@ -1,0 +1,55 @@
+// The sora_kernels operator library: every schema, and the CPU implementations.
+// CUDA implementations of the same schemas are registered in the .cpp files
+// next to each op's .cu (compiled only in CUDA builds).
+#include <torch/library.h>
+
+#include "patchify/patchify_cpu.h"
+#include "patchify/patchify_op.h"
+
+namespace sora_kernels {
+namespace {
+
+using patchify::PatchDims;
+using patchify::VideoSlot;
+
+void patchify_engine_cpu(bool pack, std::vector<VideoSlot>& slots, const PatchDims& p, const at::Tensor& tokens) {
+  const int64_t n = static_cast<int64_t>(slots.size());
+  const int64_t rows = patchify::assign_cpu_rows(slots.data(), n, p);
+  patchify::patchify_copy_cpu(pack, slots.data(), n, rows, p, tokens.element_size(), tokens.data_ptr());
+}
+
+at::Tensor pack_patchify_cpu(at::TensorList videos, at::IntArrayRef patch_size) {
+  return patchify::pack_patchify_impl(videos, patch_size, patchify_engine_cpu);
+}
+std::vector<at::Tensor> unpack_unpatchify_cpu(const at::Tensor& tokens, at::IntArrayRef patch_size,
+                                              at::IntArrayRef sizes) {
+  return patchify::unpack_unpatchify_impl(tokens, patch_size, sizes, patchify_engine_cpu);
+}
+at::Tensor patchify3d_cpu(const at::Tensor& x, at::IntArrayRef patch_size) {
+  return patchify::patchify3d_impl(x, patch_size, patchify_engine_cpu);
+}
+at::Tensor unpatchify3d_cpu(const at::Tensor& tokens, at::IntArrayRef patch_size, at::IntArrayRef grid) {
+  return patchify::unpatchify3d_impl(tokens, patch_size, grid, patchify_engine_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sora_kernels, m) {
+  // x [B, C, T, H, W] -> tokens [B, L, C*pt*ph*pw]
+  m.def("patchify3d(Tensor x, int[] patch_size) -> Tensor");
+  // tokens [B, L, D] -> x [B, C, T, H, W], grid = (T/pt, H/ph, W/pw)
+  m.def("unpatchify3d(Tensor tokens, int[] patch_size, int[] grid) -> Tensor");
+  // videos: list of [C, Ti, Hi, Wi] -> tokens [N, D]
+  m.def("pack_patchify(Tensor[] videos, int[] patch_size) -> Tensor");
+  // tokens [N, D] -> list of [C, Ti, Hi, Wi]; sizes = (T0, H0, W0, T1, H1, W1, ...)
+  m.def("unpack_unpatchify(Tensor tokens, int[] patch_size, int[] sizes) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(sora_kernels, CPU, m) {
+  m.impl("patchify3d", &patchify3d_cpu);
+  m.impl("unpatchify3d", &unpatchify3d_cpu);
+  m.impl("pack_patchify", &pack_patchify_cpu);
+  m.impl("unpack_unpatchify", &unpack_unpatchify_cpu);
+}
+
+}  // namespace sora_kernels

@@ -1,0 +1,67 @@
+// CUDA implementations of the patchify schemas declared in csrc/ops.cpp:
+// plan the tiles on the host, copy the slot table to the device (one small
+// copy from pinned memory) and launch one kernel for the whole list.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "patchify_cuda.h"
+#include "patchify_op.h"
+
+namespace sora_kernels {
+namespace {
+
+using patchify::PatchDims;
+using patchify::VideoSlot;
+
+void patchify_engine_cuda(bool pack, std::vector<VideoSlot>& slots, const PatchDims& dims, const at::Tensor& tokens) {
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  const int64_t n = static_cast<int64_t>(slots.size());
+  const int64_t es = tokens.element_size();
+  int64_t align = patchify::pow2_divisor(reinterpret_cast<int64_t>(tokens.data_ptr()));
+  int64_t max_wg = 1;
+  for (const VideoSlot& s : slots) {
+    align = std::min({align, patchify::pow2_divisor(s.data), patchify::pow2_divisor(s.W * es)});
+    max_wg = std::max(max_wg, s.W / dims.pw);
+  }
+  const patchify::CudaPlan plan = patchify::plan_cuda(dims, es, align, max_wg);
+  TORCH_CHECK(plan.smem_bytes <= 48 * 1024, "tokens: D*itemsize=", dims.dim() * es,
+              " bytes per token needs ", plan.smem_bytes, " bytes of shared memory, over the cuda backend's 48 KB");
+  PatchDims p = dims;
+  const int64_t tiles = patchify::assign_cuda_tiles(slots.data(), n, p, es, plan);
+  at::Tensor host = at::empty({n, 6}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::memcpy(host.data_ptr(), slots.data(), n * sizeof(VideoSlot));
+  const at::Tensor dev = host.to(tokens.device(), /*non_blocking=*/true);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int err = patchify::launch_patchify_copy_cuda(pack, reinterpret_cast<const VideoSlot*>(dev.data_ptr()), n,
+                                                      tiles, p, plan, tokens.data_ptr(), stream);
+  TORCH_CHECK(err == 0, "patchify kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)),
+              " (", tiles, " tiles)");
+}
+
+at::Tensor pack_patchify_cuda(at::TensorList videos, at::IntArrayRef patch_size) {
+  return patchify::pack_patchify_impl(videos, patch_size, patchify_engine_cuda);
+}
+std::vector<at::Tensor> unpack_unpatchify_cuda(const at::Tensor& tokens, at::IntArrayRef patch_size,
+                                               at::IntArrayRef sizes) {
+  return patchify::unpack_unpatchify_impl(tokens, patch_size, sizes, patchify_engine_cuda);
+}
+at::Tensor patchify3d_cuda(const at::Tensor& x, at::IntArrayRef patch_size) {
+  return patchify::patchify3d_impl(x, patch_size, patchify_engine_cuda);
+}
+at::Tensor unpatchify3d_cuda(const at::Tensor& tokens, at::IntArrayRef patch_size, at::IntArrayRef grid) {
+  return patchify::unpatchify3d_impl(tokens, patch_size, grid, patchify_engine_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sora_kernels, CUDA, m) {
+  m.impl("patchify3d", &patchify3d_cuda);
+  m.impl("unpatchify3d", &unpatchify3d_cuda);
+  m.impl("pack_patchify", &pack_patchify_cuda);
+  m.impl("unpack_unpatchify", &unpack_unpatchify_cuda);
+}
+
+}  // namespace sora_kernels

@@ -1,0 +1,18 @@
+"""sora_kernels: kernels for video diffusion transformers.
+
+Public ops (differentiable, torch.compile-friendly, each with cuda / triton / cpu / reference
+backends; see sora_kernels.backends for how one is picked):
+
+    patchify3d, unpatchify3d             [B, C, T, H, W] <-> [B, L, C*pt*ph*pw]
+    pack_patchify, unpack_unpatchify     list of [C, Ti, Hi, Wi] <-> one packed sequence (Packed)
+
+`python -m sora_kernels.info` prints what is built and usable here.
+"""
+from sora_kernels.backends import NoBackendError
+from sora_kernels.ops.pack_patchify import pack_patchify, unpack_unpatchify
+from sora_kernels.ops.patchify3d import patchify3d, unpatchify3d
+from sora_kernels.packed import Packed
+
+__version__ = "0.1.0"
+
+__all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "Packed", "NoBackendError"]

@@ -1,0 +1,146 @@
+"""Backends, and how an op picks one.
+
+Every op has up to four backends, tried in this priority order:
+
+    cuda       CUDA C++ kernels registered with the dispatcher (sora_kernels._C, CUDA key)
+    triton     Triton kernels as torch.library custom ops (CUDA tensors, or CPU tensors under
+               TRITON_INTERPRET=1)
+    cpu        C++ kernels with OpenMP registered with the dispatcher (sora_kernels._C, CPU key)
+    reference  pure PyTorch, inside the library: the fallback, the test oracle, the benchmark baseline
+
+Each backend says why it cannot run a call (``reasons``); the first with no reasons runs.
+``backend="name"`` on an op, or the environment variable ``SORA_KERNELS_BACKEND``, forces one.
+When none can run, one :class:`NoBackendError` lists every backend and its reasons.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+BACKEND_ENV = "SORA_KERNELS_BACKEND"
+PRIORITY = ("cuda", "triton", "cpu", "reference")
+
+
+# -----------------------------------------------------------------------------
+# What is built and importable (computed once, at import)
+# -----------------------------------------------------------------------------
+
+def _load_compiled() -> str | None:
+    """Imports sora_kernels._C; returns None on success, else why it is missing."""
+    try:
+        from sora_kernels import _C  # noqa: F401  (registers torch.ops.sora_kernels.*)
+    except ImportError as e:
+        return f"sora_kernels._C is not built ({e}); run `pip install -e .`"
+    return None
+
+
+def _load_triton() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return None
+
+
+COMPILED_MISSING = _load_compiled()
+TRITON_MISSING = _load_triton()
+
+
+def compiled_has(op: str, key: str) -> bool:
+    """Whether sora_kernels._C registered `op` for dispatch key `key` ('CPU' or 'CUDA')."""
+    return COMPILED_MISSING is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"sora_kernels::{op}", key)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# -----------------------------------------------------------------------------
+# Reasons common to every op
+# -----------------------------------------------------------------------------
+
+def device_reasons(name: str, device: torch.device, op: str) -> list[str]:
+    """Why backend `name` cannot run op `op` on `device`, before any op-specific check."""
+    if name == "reference":
+        return []
+    if name == "cpu":
+        if device.type != "cpu":
+            return [f"runs on CPU tensors, got {device.type}"]
+        if COMPILED_MISSING:
+            return [COMPILED_MISSING]
+        return [] if compiled_has(op, "CPU") else [f"sora_kernels._C has no CPU kernel for {op}"]
+    if name == "cuda":
+        if device.type != "cuda":
+            return [f"runs on CUDA tensors, got {device.type}"]
+        if COMPILED_MISSING:
+            return [COMPILED_MISSING]
+        if not compiled_has(op, "CUDA"):
+            return ["sora_kernels._C was built without CUDA kernels (CPU-only torch, no nvcc, "
+                    "or SORA_KERNELS_SKIP_CUDA_BUILD)"]
+        return []
+    if name == "triton":
+        if TRITON_MISSING:
+            return [TRITON_MISSING]
+        if device.type == "cpu" and not triton_interpreting():
+            return ["runs on CPU tensors only under TRITON_INTERPRET=1"]
+        if device.type not in ("cpu", "cuda"):
+            return [f"runs on CUDA tensors, got {device.type}"]
+        return []
+    raise ValueError(f"backend: expected one of {PRIORITY}, got {name!r}")
+
+
+# -----------------------------------------------------------------------------
+# Selection
+# -----------------------------------------------------------------------------
+
+class NoBackendError(RuntimeError):
+    """No backend can run this call; the message lists every backend and why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run an op: `reasons(*args)` says why it cannot, `run(*args)` runs it."""
+
+    name: str
+    reasons: Callable[..., list[str]]
+    run: Callable
+
+
+def requested_backend(backend: str | None) -> str | None:
+    """The backend forced by the argument, else by SORA_KERNELS_BACKEND, else None."""
+    forced = backend if backend is not None else (os.environ.get(BACKEND_ENV) or None)
+    if forced is not None and forced not in PRIORITY:
+        source = "backend" if backend is not None else BACKEND_ENV
+        raise ValueError(f"{source}: expected one of {', '.join(PRIORITY)}, got {forced!r}")
+    return forced
+
+
+def select(op: str, backends: Sequence[Backend], args: tuple, backend: str | None = None) -> Backend:
+    """The first backend of `backends` (in priority order) that can run `args`.
+
+    With `backend` (or SORA_KERNELS_BACKEND) set, only that one is considered.
+    Raises NoBackendError listing every considered backend and its reasons.
+    """
+    forced = requested_backend(backend)
+    candidates = [b for b in backends if forced is None or b.name == forced]
+    report = []
+    for b in candidates:
+        reasons = b.reasons(*args)
+        if not reasons:
+            return b
+        report.append(f"  {b.name}: " + "; ".join(reasons))
+    if not candidates:
+        report.append(f"  {forced}: not implemented for {op}")
+    head = f"sora_kernels.{op}: no backend can run this call"
+    if forced is not None:
+        head += f" (forced to {forced!r})"
+    raise NoBackendError(head + "\n" + "\n".join(report))
+
+
+def usable_backends(op: str, backends: Sequence[Backend], args: tuple) -> list[str]:
+    """Names of every backend that can run `args` (for tests and benchmarks)."""
+    return [b.name for b in backends if not b.reasons(*args)]

@@ -1,0 +1,1 @@
+"""One op per module: Triton kernels -> launchers -> custom ops and autograd -> public function."""

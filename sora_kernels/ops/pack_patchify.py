@@ -1,0 +1,368 @@
+"""pack_patchify / unpack_unpatchify: many videos of different sizes <-> one token sequence.
+
+Order: Triton kernel -> launcher -> custom ops and autograd -> backends -> public functions.
+The Triton kernel and launcher here also serve patchify3d / unpatchify3d (ops/patchify3d.py),
+which are the same copy for a batch of equal-sized videos.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from sora_kernels import backends as B
+from sora_kernels.packed import Packed, packed_metadata
+from sora_kernels.reference import patchify as ref
+
+if B.TRITON_MISSING is None:
+    import triton
+    import triton.language as tl
+
+# -----------------------------------------------------------------------------
+# Triton kernel
+# -----------------------------------------------------------------------------
+
+TILE_ELEMENTS = 4096  # elements moved by one program: TW * R_P2 * PW_P2
+
+
+if B.TRITON_MISSING is None:
+
+    @triton.jit
+    def patchify_tile_kernel(
+        slots_ptr,     # int64 [n, 6]: data address, T, H, W, first token, first tile of each video
+        tokens_ptr,    # [N, D] packed tokens (integer words): written when PACK, read otherwise
+        n_videos,      # rows of slots
+        search_steps,  # binary-search steps, >= log2(n_videos)
+        C, pt, ph, pw,  # channels and patch size (D = C*pt*ph*pw)
+        TW: tl.constexpr,     # tokens per tile: a run of one grid row of one video
+        R_P2: tl.constexpr,   # next power of two >= C*pt*ph (runs per token)
+        PW_P2: tl.constexpr,  # next power of two >= pw
+        PACK: tl.constexpr,   # True: video -> tokens; False: tokens -> video
+    ):
+        """Moves one tile between a video and the tokens.
+
+        A tile is TW tokens of grid row (tt, hh) of one video. In the video they are
+        R = C*pt*ph rows of TW*pw contiguous elements; in the tokens, TW rows of D
+        contiguous elements. The tile is loaded in one layout, permuted and stored in
+        the other, so both sides are accessed along contiguous memory.
+        """
+        tile = tl.program_id(0).to(tl.int64)
+        # Owner video: the last v with first_tile[v] <= tile (binary search).
+        lo = tl.zeros((), dtype=tl.int32)
+        hi = tl.zeros((), dtype=tl.int32) + n_videos
+        for _ in range(search_steps):
+            mid = (lo + hi) // 2
+            right = tl.load(slots_ptr + mid.to(tl.int64) * 6 + 5) <= tile
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        slot = slots_ptr + lo.to(tl.int64) * 6
+        video_ptr = tl.load(slot).to(tl.pointer_type(tokens_ptr.dtype.element_ty))
+        T = tl.load(slot + 1)
+        H = tl.load(slot + 2)
+        W = tl.load(slot + 3)
+        Hg = H // ph
+        Wg = W // pw
+        wtiles = tl.cdiv(Wg, TW)
+        local = tile - tl.load(slot + 5)
+        row = local // wtiles           # grid row (tt, hh) inside the video
+        w0 = (local - row * wtiles) * TW
+        hh = row % Hg
+        tt = row // Hg
+        tw = tl.minimum(Wg - w0, TW)    # tokens in this tile
+        tok0 = tl.load(slot + 4) + row * Wg + w0
+        R = C * pt * ph
+        D = R * pw
+
+        r = tl.arange(0, R_P2)          # run = (c, i, j)
+        t = tl.arange(0, TW)            # token in the tile
+        k = tl.arange(0, PW_P2)         # element in the run
+        c = r // (pt * ph)
+        i = (r // ph) % pt
+        j = r % ph
+        row_off = ((c * T + tt * pt + i) * H + hh * ph + j) * W + w0 * pw        # [R_P2], int64
+        v_off = row_off[:, None, None] + (t * pw)[None, :, None] + k[None, None, :]  # [R_P2, TW, PW_P2]
+        v_mask = (r < R)[:, None, None] & (t < tw)[None, :, None] & (k < pw)[None, None, :]
+        t_off = (tok0 + t)[:, None, None] * D + (r * pw)[None, :, None] + k[None, None, :]  # [TW, R_P2, PW_P2]
+        t_mask = (t < tw)[:, None, None] & (r < R)[None, :, None] & (k < pw)[None, None, :]
+        if PACK:
+            x = tl.load(video_ptr + v_off, mask=v_mask)
+            tl.store(tokens_ptr + t_off, tl.permute(x, (1, 0, 2)), mask=t_mask)
+        else:
+            y = tl.load(tokens_ptr + t_off, mask=t_mask)
+            tl.store(video_ptr + v_off, tl.permute(y, (1, 0, 2)), mask=v_mask)
+
+
+# -----------------------------------------------------------------------------
+# Launcher
+# -----------------------------------------------------------------------------
+
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def tile_config(runs: int, pw: int) -> dict:
+    """The kernel's compile-time config for tokens of `runs` runs of `pw` elements."""
+    r_p2, pw_p2 = triton.next_power_of_2(runs), triton.next_power_of_2(pw)
+    return {"TW": max(1, TILE_ELEMENTS // (r_p2 * pw_p2)), "R_P2": r_p2, "PW_P2": pw_p2}
+
+
+def launch_triton(pack: bool, videos: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]],
+                  tokens: torch.Tensor, channels: int, patch_size: Sequence[int]) -> None:
+    """Copies between contiguous `videos` ([C, T, H, W] each, sizes[v] = (T, H, W)) and
+    contiguous `tokens` [N, D] in one launch. pack=True writes tokens, else videos."""
+    pt, ph, pw = patch_size
+    word = _WORDS[tokens.element_size()]
+    cfg = tile_config(channels * pt * ph, pw)
+    rows, first_token, first_tile = [], 0, 0
+    for x, (T, H, W) in zip(videos, sizes):
+        rows.append([x.view(word).data_ptr(), T, H, W, first_token, first_tile])
+        grid = (T // pt, H // ph, W // pw)
+        first_token += grid[0] * grid[1] * grid[2]
+        first_tile += grid[0] * grid[1] * triton.cdiv(grid[2], cfg["TW"])
+    if first_tile == 0:
+        return
+    slots = torch.tensor(rows, dtype=torch.int64).to(tokens.device, non_blocking=True)
+    n = len(rows)
+    patchify_tile_kernel[(first_tile,)](
+        slots, tokens.view(word), n, max(1, math.ceil(math.log2(n))) if n > 1 else 0,
+        channels, pt, ph, pw, PACK=pack, num_warps=4, **cfg)
+
+
+def triton_reasons(itemsize: int, dim: int) -> list[str]:
+    """Why the Triton kernel cannot move tokens of `dim` elements of `itemsize` bytes."""
+    reasons = []
+    if itemsize not in _WORDS:
+        reasons.append(f"dtype of {itemsize} bytes per element is not supported (1, 2, 4 or 8)")
+    if B.TRITON_MISSING is None and triton.next_power_of_2(dim) > TILE_ELEMENTS:
+        reasons.append(f"tokens of D={dim} features exceed the {TILE_ELEMENTS}-element tile")
+    return reasons
+
+
+def cuda_reasons(itemsize: int, dim: int) -> list[str]:
+    """Why the CUDA kernel cannot move tokens of `dim` elements of `itemsize` bytes."""
+    if dim * itemsize > 4096:
+        return [f"tokens of D*itemsize={dim * itemsize} bytes exceed the 4096-byte shared-memory tile"]
+    return []
+
+
+# -----------------------------------------------------------------------------
+# Custom ops (Triton) and autograd (Triton and compiled ops)
+# -----------------------------------------------------------------------------
+
+@torch.library.custom_op("sora_kernels::pack_patchify_triton", mutates_args=())
+def pack_patchify_triton(videos: list[torch.Tensor], patch_size: list[int]) -> torch.Tensor:
+    videos = [v.contiguous() for v in videos]
+    sizes = [tuple(v.shape[1:]) for v in videos]
+    tokens = _empty_tokens(videos, patch_size)
+    launch_triton(True, videos, sizes, tokens, videos[0].shape[0], patch_size)
+    return tokens
+
+
+@torch.library.custom_op("sora_kernels::unpack_unpatchify_triton", mutates_args=())
+def unpack_unpatchify_triton(tokens: torch.Tensor, patch_size: list[int], sizes: list[int]) -> list[torch.Tensor]:
+    tokens = tokens.contiguous()
+    videos = _empty_videos(tokens, patch_size, sizes)
+    launch_triton(False, videos, [tuple(v.shape[1:]) for v in videos], tokens, videos[0].shape[0], patch_size)
+    return videos
+
+
+def _empty_tokens(videos, patch_size):
+    pt, ph, pw = patch_size
+    n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
+    return videos[0].new_empty(n, videos[0].shape[0] * pt * ph * pw)
+
+
+def _empty_videos(tokens, patch_size, sizes):
+    C = tokens.shape[1] // (patch_size[0] * patch_size[1] * patch_size[2])
+    return [tokens.new_empty(C, *sizes[i:i + 3]) for i in range(0, len(sizes), 3)]
+
+
+for _name in ("pack_patchify", "pack_patchify_triton"):
+    torch.library.register_fake(f"sora_kernels::{_name}")(lambda videos, patch_size: _empty_tokens(videos, patch_size))
+for _name in ("unpack_unpatchify", "unpack_unpatchify_triton"):
+    torch.library.register_fake(f"sora_kernels::{_name}")(
+        lambda tokens, patch_size, sizes: _empty_videos(tokens, patch_size, sizes))
+
+
+def _register_autograd(pack_name: str, unpack_name: str) -> None:
+    """The two ops are each other's backward: d(pack) = unpack(grad) and vice versa,
+    so the backward runs on the same backend as the forward."""
+    pack_op = getattr(torch.ops.sora_kernels, pack_name)
+    unpack_op = getattr(torch.ops.sora_kernels, unpack_name)
+
+    def pack_setup(ctx, inputs, output):
+        videos, ctx.patch_size = inputs
+        ctx.sizes = [s for v in videos for s in v.shape[1:]]
+
+    def pack_backward(ctx, grad):
+        return list(unpack_op(grad, ctx.patch_size, ctx.sizes)), None
+
+    def unpack_setup(ctx, inputs, output):
+        ctx.patch_size, ctx.shapes = inputs[1], [v.shape for v in output]
+
+    def unpack_backward(ctx, grads):
+        # Outputs that took no part in the loss have no gradient: they contribute zeros.
+        grads = [g if g is not None else torch.zeros(s, dtype=ctx.dtype, device=ctx.device)
+                 for g, s in zip(grads, ctx.shapes)]
+        return pack_op(grads, ctx.patch_size), None, None
+
+    def unpack_setup_full(ctx, inputs, output):
+        unpack_setup(ctx, inputs, output)
+        ctx.dtype, ctx.device = inputs[0].dtype, inputs[0].device
+
+    torch.library.register_autograd(f"sora_kernels::{pack_name}", pack_backward, setup_context=pack_setup)
+    torch.library.register_autograd(f"sora_kernels::{unpack_name}", unpack_backward, setup_context=unpack_setup_full)
+
+
+if B.COMPILED_MISSING is None:
+    _register_autograd("pack_patchify", "unpack_unpatchify")
+_register_autograd("pack_patchify_triton", "unpack_unpatchify_triton")
+
+
+# -----------------------------------------------------------------------------
+# Input checks (shared with patchify3d)
+# -----------------------------------------------------------------------------
+
+def check_patch_size(patch_size) -> tuple[int, int, int]:
+    """(pt, ph, pw) from an int or 3 ints; ValueError naming `patch_size` otherwise."""
+    if isinstance(patch_size, int):
+        patch_size = (patch_size,) * 3
+    patch = tuple(patch_size)
+    if len(patch) != 3 or not all(isinstance(p, int) for p in patch):
+        raise ValueError(f"patch_size: expected an int or 3 ints (pt, ph, pw), got {patch_size!r}")
+    for a, p in enumerate(patch):
+        if p <= 0:
+            raise ValueError(f"patch_size[{a}]: expected a positive int, got {p}")
+    return patch
+
+
+def check_divisible(name: str, sizes: Sequence[int], patch: Sequence[int]) -> None:
+    """ValueError naming `name` unless each of (T, H, W) is positive and divisible by the patch."""
+    for axis, size, p in zip("THW", sizes, patch):
+        if size <= 0:
+            raise ValueError(f"{name}: expected {axis} > 0, got {axis}={size}")
+        if size % p != 0:
+            raise ValueError(f"{name}: {axis}={size} is not divisible by patch_size[{'THW'.index(axis)}]={p}; "
+                             "nothing is cropped or padded, resize or pad the input first")
+
+
+def check_videos(videos, patch: Sequence[int]) -> list[torch.Tensor]:
+    if not isinstance(videos, (list, tuple)):
+        raise ValueError(f"videos: expected a list of [C, T, H, W] tensors, got {type(videos).__name__}")
+    if len(videos) == 0:
+        raise ValueError("videos: expected at least one video, got an empty list")
+    first = videos[0]
+    for i, v in enumerate(videos):
+        if not isinstance(v, torch.Tensor) or v.dim() != 4:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"videos[{i}]: expected a 4-dim tensor [C, T, H, W], got {got}")
+        if v.shape[0] != first.shape[0]:
+            raise ValueError(f"videos[{i}]: expected C={first.shape[0]} channels like videos[0], got C={v.shape[0]}")
+        if v.dtype != first.dtype:
+            raise ValueError(f"videos[{i}]: expected dtype {first.dtype} like videos[0], got {v.dtype}")
+        if v.device != first.device:
+            raise ValueError(f"videos[{i}]: expected device {first.device} like videos[0], got {v.device}")
+        check_divisible(f"videos[{i}]", v.shape[1:], patch)
+    return list(videos)
+
+
+# -----------------------------------------------------------------------------
+# Backends
+# -----------------------------------------------------------------------------
+
+def kernel_reasons(name: str, op: str, device: torch.device, itemsize: int, dim: int) -> list[str]:
+    """Why backend `name` cannot move tokens of `dim` elements of `itemsize` bytes on `device`."""
+    reasons = B.device_reasons(name, device, op)
+    if name == "cuda":
+        reasons += cuda_reasons(itemsize, dim)
+    elif name == "triton":
+        reasons += triton_reasons(itemsize, dim)
+    return reasons
+
+
+def _pack_backend(name: str, run) -> B.Backend:
+    def reasons(videos, patch):
+        dim = videos[0].shape[0] * patch[0] * patch[1] * patch[2]
+        return kernel_reasons(name, "pack_patchify", videos[0].device, videos[0].element_size(), dim)
+    return B.Backend(name, reasons, run)
+
+
+def _unpack_backend(name: str, run) -> B.Backend:
+    def reasons(tokens, patch, sizes):
+        return kernel_reasons(name, "unpack_unpatchify", tokens.device, tokens.element_size(), tokens.shape[1])
+    return B.Backend(name, reasons, run)
+
+
+PACK_BACKENDS = (
+    _pack_backend("cuda", lambda videos, patch: torch.ops.sora_kernels.pack_patchify(videos, list(patch))),
+    _pack_backend("triton", lambda videos, patch: torch.ops.sora_kernels.pack_patchify_triton(videos, list(patch))),
+    _pack_backend("cpu", lambda videos, patch: torch.ops.sora_kernels.pack_patchify(videos, list(patch))),
+    _pack_backend("reference", ref.pack_patchify),
+)
+UNPACK_BACKENDS = (
+    _unpack_backend("cuda", lambda tokens, patch, sizes: list(
+        torch.ops.sora_kernels.unpack_unpatchify(tokens, list(patch), [s for t in sizes for s in t]))),
+    _unpack_backend("triton", lambda tokens, patch, sizes: list(
+        torch.ops.sora_kernels.unpack_unpatchify_triton(tokens, list(patch), [s for t in sizes for s in t]))),
+    _unpack_backend("cpu", lambda tokens, patch, sizes: list(
+        torch.ops.sora_kernels.unpack_unpatchify(tokens, list(patch), [s for t in sizes for s in t]))),
+    _unpack_backend("reference", ref.unpack_unpatchify),
+)
+
+
+# -----------------------------------------------------------------------------
+# Public functions
+# -----------------------------------------------------------------------------
+
+def pack_patchify(videos: Sequence[torch.Tensor], patch_size, *, backend: str | None = None) -> Packed:
+    """Cuts videos of different sizes into spacetime patches and packs them into one sequence.
+
+    Args:
+        videos: list of [C, Ti, Hi, Wi] tensors (an image is Ti = 1), same C, dtype and device;
+            each Ti, Hi, Wi divisible by the patch. Nothing is cropped or padded.
+        patch_size: (pt, ph, pw), or one int for all three.
+        backend: force "cuda", "triton", "cpu" or "reference" (default: the first that can run;
+            SORA_KERNELS_BACKEND sets it too).
+
+    Returns:
+        Packed(tokens [N, D], cu_seqlens int32 [n+1], positions int32 [N, 3], grid_sizes int32 [n, 3],
+        max_seqlen, grids), with D = C*pt*ph*pw, tokens in raster (t, h, w) order and features in
+        (C, pt, ph, pw) order. Differentiable with respect to the videos. Equivalent PyTorch::
+
+            torch.cat([v.reshape(C, T//pt, pt, H//ph, ph, W//pw, pw)
+                        .permute(1, 3, 5, 0, 2, 4, 6).reshape(-1, D) for v in videos])
+
+        On the GPU backends this is one kernel launch for the whole list.
+    """
+    patch = check_patch_size(patch_size)
+    videos = check_videos(videos, patch)
+    tokens = B.select("pack_patchify", PACK_BACKENDS, (videos, patch), backend).run(videos, patch)
+    pt, ph, pw = patch
+    grids = tuple((v.shape[1] // pt, v.shape[2] // ph, v.shape[3] // pw) for v in videos)
+    cu_seqlens, grid_sizes, positions, max_seqlen = packed_metadata(list(grids), tokens.device)
+    return Packed(tokens, cu_seqlens, positions, grid_sizes, max_seqlen, grids)
+
+
+def unpack_unpatchify(tokens: torch.Tensor, packed: Packed, patch_size, *,
+                      backend: str | None = None) -> list[torch.Tensor]:
+    """The exact inverse of pack_patchify: tokens [N, D] -> list of [C, Ti, Hi, Wi].
+
+    Args:
+        tokens: [N, D] in the layout of `packed` (for example the model's output for it).
+        packed: the Packed record that gives each video's grid.
+        patch_size: (pt, ph, pw), or one int; D must be a multiple of pt*ph*pw.
+        backend: as for pack_patchify.
+    """
+    patch = check_patch_size(patch_size)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens: expected a 2-dim tensor [N, D], got {got}")
+    n_tokens = sum(t * h * w for t, h, w in packed.grids)
+    if tokens.shape[0] != n_tokens:
+        raise ValueError(f"tokens: expected N={n_tokens} tokens to match packed.cu_seqlens[-1], "
+                         f"got N={tokens.shape[0]}")
+    per_channel = patch[0] * patch[1] * patch[2]
+    if tokens.shape[1] % per_channel != 0:
+        raise ValueError(f"tokens: expected D divisible by pt*ph*pw={per_channel}, got D={tokens.shape[1]}")
+    sizes = [(t * patch[0], h * patch[1], w * patch[2]) for t, h, w in packed.grids]
+    return B.select("unpack_unpatchify", UNPACK_BACKENDS, (tokens, patch, sizes), backend).run(tokens, patch, sizes)
