@@ -55,7 +55,9 @@ def _extensions():
     skip_cuda = os.environ.get("SORA_KERNELS_SKIP_CUDA_BUILD", "0") not in ("", "0")
     with_cuda = (not skip_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
-    sources = ["csrc/module.cpp", "csrc/ops.cpp", *sorted(glob.glob("csrc/*/*_cpu.cpp"))]
+    # csrc/<op>/ holds each op's kernels; csrc/tests/ holds C++ unit tests (CMake only).
+    op_dirs = [d for d in sorted(glob.glob("csrc/*/")) if not d.startswith("csrc/tests")]
+    sources = ["csrc/module.cpp", "csrc/ops.cpp", *(f for d in op_dirs for f in sorted(glob.glob(d + "*_cpu.cpp")))]
     cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
@@ -73,7 +75,7 @@ def _extensions():
             include_dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
     except ImportError:
         pass
-    sources += sorted(glob.glob("csrc/*/*_cuda_ops.cpp")) + sorted(glob.glob("csrc/*/*.cu"))
+    sources += [f for d in op_dirs for f in sorted(glob.glob(d + "*_cuda_ops.cpp")) + sorted(glob.glob(d + "*.cu"))]
     print(f"sora_kernels: building C++ CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
           f"with {cpp_extension.CUDA_HOME}/bin/nvcc", file=sys.stderr)
     return [cpp_extension.CUDAExtension(

@@ -49,10 +49,21 @@ COMPILED_MISSING = _load_compiled()
 TRITON_MISSING = _load_triton()
 
 
+def _compiled_kernels() -> frozenset:
+    """(op, dispatch key) pairs that sora_kernels._C registered, e.g. ("pack_patchify", "CUDA")."""
+    if COMPILED_MISSING is not None:
+        return frozenset()
+    return frozenset((name.split("::", 1)[1], key) for key in ("CPU", "CUDA")
+                     for name in torch._C._dispatch_get_registrations_for_dispatch_key(key)
+                     if name.startswith("sora_kernels::"))
+
+
+COMPILED_KERNELS = _compiled_kernels()  # a constant, so selection traces under torch.compile
+
+
 def compiled_has(op: str, key: str) -> bool:
     """Whether sora_kernels._C registered `op` for dispatch key `key` ('CPU' or 'CUDA')."""
-    return COMPILED_MISSING is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"sora_kernels::{op}", key)
+    return (op, key) in COMPILED_KERNELS
 
 
 def triton_interpreting() -> bool:

@@ -11,13 +11,13 @@ namespace sora_kernels {
 namespace patchify {
 
 // How a call is cut into tiles. The kernels move "units" of unit_bytes bytes
-// (1, 2, 4, 8 or 16: a whole number of units per patch run, per video row and
-// per token, and every pointer aligned to it) and global accesses of vec units.
+// (1, 2 or 4: a whole number of units per patch run, per video row and per
+// token, and every pointer aligned to it) with global accesses of vec units.
 struct CudaPlan {
-  int64_t unit_bytes;   // bytes per unit
-  int64_t vec;          // units per global load / store (unit_bytes * vec <= 16)
-  int64_t tile_tokens;  // TW: tokens of one grid row handled by one block
-  int64_t smem_bytes;   // dynamic shared memory per block
+  int64_t unit_bytes;       // bytes per unit
+  int64_t vec;              // units per global load / store (unit_bytes * vec <= 16)
+  int64_t max_tile_tokens;  // most tokens of one grid row in a tile (0: a token is too large)
+  int64_t smem_bytes;       // dynamic shared memory per block (the largest tile of the call)
 };
 
 // Largest size in bytes, at most 16 and a power of two, that divides `value`.
@@ -27,15 +27,16 @@ inline int64_t pow2_divisor(int64_t value) {
   return b;
 }
 
-// Chooses units, vector width and tile size. `align` is the largest power of
-// two (<= 16) dividing every video row and data pointer and the tokens pointer,
-// in bytes; `max_wg` is the widest grid row. `p` is in elements.
-CudaPlan plan_cuda(const PatchDims& p, int64_t elem_size, int64_t align, int64_t max_wg);
+// Chooses units, vector width and the widest tile row. `align` is the largest
+// power of two (<= 16) dividing every video row and data pointer and the
+// tokens pointer, in bytes. `p` is in elements.
+CudaPlan plan_cuda(const PatchDims& p, int64_t elem_size, int64_t align);
 
-// Rescales `p` and the slots' W from elements to units, fills
-// slots[v].tile_offset and returns the total number of tiles (blocks).
-int64_t assign_cuda_tiles(VideoSlot* slots, int64_t n, PatchDims& p, int64_t elem_size,
-                          const CudaPlan& plan);
+// Cuts each video into tiles: tile_tokens tokens of one grid row when a row is
+// wider than a tile, else whole rows, tile_rows of them (~kTileBytes of data).
+// Fills the slots' tile fields and plan.smem_bytes, rescales `p` and the
+// slots' W from elements to units, and returns the total number of tiles.
+int64_t assign_cuda_tiles(VideoSlot* slots, int64_t n, PatchDims& p, int64_t elem_size, CudaPlan& plan);
 
 // pack = true: videos -> tokens; false: tokens -> videos. d_slots is the
 // device copy of the slots from assign_cuda_tiles, p the rescaled dims.

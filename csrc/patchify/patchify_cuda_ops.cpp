@@ -21,17 +21,14 @@ void patchify_engine_cuda(bool pack, std::vector<VideoSlot>& slots, const PatchD
   const int64_t n = static_cast<int64_t>(slots.size());
   const int64_t es = tokens.element_size();
   int64_t align = patchify::pow2_divisor(reinterpret_cast<int64_t>(tokens.data_ptr()));
-  int64_t max_wg = 1;
-  for (const VideoSlot& s : slots) {
+  for (const VideoSlot& s : slots)
     align = std::min({align, patchify::pow2_divisor(s.data), patchify::pow2_divisor(s.W * es)});
-    max_wg = std::max(max_wg, s.W / dims.pw);
-  }
-  const patchify::CudaPlan plan = patchify::plan_cuda(dims, es, align, max_wg);
-  TORCH_CHECK(plan.smem_bytes <= 48 * 1024, "tokens: D*itemsize=", dims.dim() * es,
-              " bytes per token needs ", plan.smem_bytes, " bytes of shared memory, over the cuda backend's 48 KB");
+  patchify::CudaPlan plan = patchify::plan_cuda(dims, es, align);
+  TORCH_CHECK(plan.max_tile_tokens >= 1, "tokens: D*itemsize=", dims.dim() * es,
+              " bytes per token do not fit the cuda backend's 48 KB shared-memory tile");
   PatchDims p = dims;
   const int64_t tiles = patchify::assign_cuda_tiles(slots.data(), n, p, es, plan);
-  at::Tensor host = at::empty({n, 6}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  at::Tensor host = at::empty({n, static_cast<int64_t>(sizeof(VideoSlot) / sizeof(int64_t))}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::memcpy(host.data_ptr(), slots.data(), n * sizeof(VideoSlot));
   const at::Tensor dev = host.to(tokens.device(), /*non_blocking=*/true);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

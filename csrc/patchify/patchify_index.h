@@ -31,14 +31,16 @@ struct PatchDims {
 
 // One video of a packed batch. `data` is the address of its [C, T, H, W]
 // elements; `token_offset` is the row of its first token in the [N, D] tokens.
-// `tile_offset` is the index of its first tile (CUDA) or grid row (CPU).
+// `tile_offset` is the index of its first tile (CUDA) or grid row (CPU);
+// a CUDA tile covers tile_rows grid rows of tile_tokens tokens each.
 struct VideoSlot {
   int64_t data;
   int64_t T, H, W;
   int64_t token_offset;
   int64_t tile_offset;
+  int64_t tile_rows, tile_tokens;
 };
-static_assert(sizeof(VideoSlot) == 6 * sizeof(int64_t), "VideoSlot is read as int64[6]");
+static_assert(sizeof(VideoSlot) == 8 * sizeof(int64_t), "VideoSlot is copied to the GPU as int64[8]");
 
 // Element offset inside the video of run r of the token at grid (tt, hh, ww).
 SK_HOST_DEVICE int64_t run_offset(const PatchDims& p, int64_t T, int64_t H, int64_t W,

@@ -33,7 +33,7 @@ inline void check_divisible(const char* name, int64_t index, int64_t T, int64_t 
 }
 
 inline VideoSlot make_slot(void* data, int64_t T, int64_t H, int64_t W, int64_t token_offset) {
-  return VideoSlot{reinterpret_cast<int64_t>(data), T, H, W, token_offset, 0};
+  return VideoSlot{reinterpret_cast<int64_t>(data), T, H, W, token_offset, 0, 1, 1};
 }
 
 inline int64_t video_tokens(int64_t T, int64_t H, int64_t W, const PatchDims& p) {

@@ -24,6 +24,8 @@ if B.TRITON_MISSING is None:
 # -----------------------------------------------------------------------------
 
 TILE_ELEMENTS = 4096  # elements moved by one program: TW * R_P2 * PW_P2
+NUM_WARPS = 8        # 16 elements per thread: ~100 registers, no spills (see testing/aot.py)
+MAX_PW = 16          # widest patch along W the Triton kernel is compiled for
 
 
 if B.TRITON_MISSING is None:
@@ -97,13 +99,25 @@ if B.TRITON_MISSING is None:
 # Launcher
 # -----------------------------------------------------------------------------
 
-_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# The kernel moves bit patterns: elements travel as integer words of the same size.
+WORDS = {2: torch.int16, 4: torch.int32}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def tile_config(runs: int, pw: int) -> dict:
-    """The kernel's compile-time config for tokens of `runs` runs of `pw` elements."""
-    r_p2, pw_p2 = triton.next_power_of_2(runs), triton.next_power_of_2(pw)
+    """The kernel's compile-time config for tokens of `runs` runs of `pw` elements.
+    Every config this returns for a supported call is compiled ahead of time in the tests."""
+    r_p2, pw_p2 = _next_pow2(runs), _next_pow2(pw)
     return {"TW": max(1, TILE_ELEMENTS // (r_p2 * pw_p2)), "R_P2": r_p2, "PW_P2": pw_p2}
+
+
+def config_space() -> list[dict]:
+    """Every config tile_config can return for a call that triton_reasons accepts."""
+    return [tile_config(1 << r, 1 << p) for p in range(MAX_PW.bit_length())
+            for r in range(TILE_ELEMENTS.bit_length()) if (1 << r) * (1 << p) <= TILE_ELEMENTS]
 
 
 def launch_triton(pack: bool, videos: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]],
@@ -111,7 +125,7 @@ def launch_triton(pack: bool, videos: Sequence[torch.Tensor], sizes: Sequence[Se
     """Copies between contiguous `videos` ([C, T, H, W] each, sizes[v] = (T, H, W)) and
     contiguous `tokens` [N, D] in one launch. pack=True writes tokens, else videos."""
     pt, ph, pw = patch_size
-    word = _WORDS[tokens.element_size()]
+    word = WORDS[tokens.element_size()]
     cfg = tile_config(channels * pt * ph, pw)
     rows, first_token, first_tile = [], 0, 0
     for x, (T, H, W) in zip(videos, sizes):
@@ -125,16 +139,18 @@ def launch_triton(pack: bool, videos: Sequence[torch.Tensor], sizes: Sequence[Se
     n = len(rows)
     patchify_tile_kernel[(first_tile,)](
         slots, tokens.view(word), n, max(1, math.ceil(math.log2(n))) if n > 1 else 0,
-        channels, pt, ph, pw, PACK=pack, num_warps=4, **cfg)
+        channels, pt, ph, pw, PACK=pack, num_warps=NUM_WARPS, **cfg)
 
 
-def triton_reasons(itemsize: int, dim: int) -> list[str]:
-    """Why the Triton kernel cannot move tokens of `dim` elements of `itemsize` bytes."""
+def triton_reasons(itemsize: int, runs: int, pw: int) -> list[str]:
+    """Why the Triton kernel cannot move tokens of `runs` runs of `pw` elements of `itemsize` bytes."""
     reasons = []
-    if itemsize not in _WORDS:
-        reasons.append(f"dtype of {itemsize} bytes per element is not supported (1, 2, 4 or 8)")
-    if B.TRITON_MISSING is None and triton.next_power_of_2(dim) > TILE_ELEMENTS:
-        reasons.append(f"tokens of D={dim} features exceed the {TILE_ELEMENTS}-element tile")
+    if itemsize not in WORDS:
+        reasons.append(f"moves 2- or 4-byte elements (fp16, bf16, fp32), got {itemsize}-byte elements")
+    if pw > MAX_PW:
+        reasons.append(f"compiled for patch widths pw <= {MAX_PW}, got pw={pw}")
+    elif _next_pow2(runs) * _next_pow2(pw) > TILE_ELEMENTS:
+        reasons.append(f"tokens of C*pt*ph={runs} runs of pw={pw} exceed the {TILE_ELEMENTS}-element tile")
     return reasons
 
 
@@ -270,26 +286,27 @@ def check_videos(videos, patch: Sequence[int]) -> list[torch.Tensor]:
 # Backends
 # -----------------------------------------------------------------------------
 
-def kernel_reasons(name: str, op: str, device: torch.device, itemsize: int, dim: int) -> list[str]:
-    """Why backend `name` cannot move tokens of `dim` elements of `itemsize` bytes on `device`."""
+def kernel_reasons(name: str, op: str, device: torch.device, itemsize: int, dim: int, pw: int) -> list[str]:
+    """Why backend `name` cannot move tokens of `dim` elements (runs of `pw`) of `itemsize` bytes."""
     reasons = B.device_reasons(name, device, op)
     if name == "cuda":
         reasons += cuda_reasons(itemsize, dim)
     elif name == "triton":
-        reasons += triton_reasons(itemsize, dim)
+        reasons += triton_reasons(itemsize, dim // pw, pw)
     return reasons
 
 
 def _pack_backend(name: str, run) -> B.Backend:
     def reasons(videos, patch):
         dim = videos[0].shape[0] * patch[0] * patch[1] * patch[2]
-        return kernel_reasons(name, "pack_patchify", videos[0].device, videos[0].element_size(), dim)
+        return kernel_reasons(name, "pack_patchify", videos[0].device, videos[0].element_size(), dim, patch[2])
     return B.Backend(name, reasons, run)
 
 
 def _unpack_backend(name: str, run) -> B.Backend:
     def reasons(tokens, patch, sizes):
-        return kernel_reasons(name, "unpack_unpatchify", tokens.device, tokens.element_size(), tokens.shape[1])
+        return kernel_reasons(name, "unpack_unpatchify", tokens.device, tokens.element_size(), tokens.shape[1],
+                              patch[2])
     return B.Backend(name, reasons, run)
 
 

@@ -88,7 +88,7 @@ _register_autograd("patchify3d_triton", "unpatchify3d_triton")
 def _backend(name: str, op: str, run) -> B.Backend:
     def reasons(t: torch.Tensor, patch, *rest):
         dim = t.shape[2] if op == "unpatchify3d" else t.shape[1] * patch[0] * patch[1] * patch[2]
-        return kernel_reasons(name, op, t.device, t.element_size(), dim)
+        return kernel_reasons(name, op, t.device, t.element_size(), dim, patch[2])
     return B.Backend(name, reasons, run)
 
 

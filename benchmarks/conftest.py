@@ -1,0 +1,78 @@
+"""pytest plumbing for the benchmark suite: options, the shared result list, the
+closing table and the JSON file under benchmarks/results/."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from benchmarks import harness
+
+
+def pytest_addoption(parser):
+    parser.addoption("--profile", action="store_true",
+                     help="also write a torch profiler trace per case to benchmarks/results/*.trace.json")
+    parser.addoption("--quick", action="store_true", help="fewer rounds (a smoke run, not for publishing)")
+    parser.addoption("--results", default=None, help="results JSON path (default: benchmarks/results/<device>.json)")
+
+
+class Suite:
+    def __init__(self, config):
+        self.device = harness.bench_device()
+        self.quick = config.getoption("--quick")
+        self.profile = config.getoption("--profile")
+        self.rows: list[harness.Row] = []
+
+    def copy_bw(self) -> float:
+        return harness.copy_bandwidth_gbps(self.device, self.quick)
+
+    def run(self, kernel: str, mode: str, provider: str, workload: str, fn, bytes_moved: int, dtype: torch.dtype,
+            benchmark=None, **extra) -> harness.Row:
+        """Times fn, records a row, and writes a profiler trace with --profile."""
+        t = harness.measure(fn, self.device, benchmark, self.quick)
+        gbps = bytes_moved / (t.median_ms * 1e-3) / 1e9
+        row = harness.Row(kernel, mode, provider, workload, str(dtype).replace("torch.", ""), t.median_ms, t.p20_ms,
+                          t.p80_ms, bytes_moved, gbps, gbps / self.copy_bw(), extra)
+        self.rows.append(row)
+        if self.profile:
+            self._trace(f"{kernel}-{mode}-{provider}-{workload}", fn)
+        return row
+
+    def _trace(self, name: str, fn) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(5):
+                fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        os.makedirs(harness.RESULTS_DIR, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(harness.RESULTS_DIR, f"{name}.trace.json"))
+
+
+_SUITE: Suite | None = None
+
+
+@pytest.fixture(scope="session")
+def suite(request) -> Suite:
+    global _SUITE
+    if _SUITE is None:
+        _SUITE = Suite(request.config)
+    return _SUITE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SUITE is None or not _SUITE.rows:
+        return
+    env = harness.environment(_SUITE.device)
+    path = harness.write_results(_SUITE.rows, env, _SUITE.copy_bw(), session.config.getoption("--results"))
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    text = (f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | rev {env['git_revision']}\n"
+            f"measured copy bandwidth: {_SUITE.copy_bw():.1f} GB/s (read + write)\n"
+            + harness.format_table(_SUITE.rows) + f"\n\nresults written to {os.path.relpath(path, harness.ROOT)}\n")
+    if tr is not None:
+        tr.write_line(text)
+    else:
+        print(text)

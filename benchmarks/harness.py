@@ -1,0 +1,182 @@
+"""Timing, bandwidth ceilings, workloads and result files for the benchmark suite.
+
+On CUDA every time comes from triton.testing.do_bench (CUDA events, median and 20/80
+percentiles); on CPU from pytest-benchmark's rounds. Throughput is derived from the bytes
+an op must move (each input read once, each output written once) and compared with the
+device's measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -----------------------------------------------------------------------------
+# Workloads
+# -----------------------------------------------------------------------------
+
+# A realistic mixed batch of 16-channel latents (time x height x width after the VAE):
+# one long clip, several short square clips and images of several aspect ratios.
+MIXED_SIZES = [(13, 90, 160)] + [(5, 32, 32)] * 4 + [(1, 64, 64), (1, 48, 80), (1, 80, 48), (1, 32, 96), (1, 96, 32)]
+LATENT_CHANNELS = 16
+PATCH = (1, 2, 2)
+
+
+def mixed_batch(repeat: int = 1, device=None, dtype=torch.bfloat16) -> list[torch.Tensor]:
+    """The mixed batch, `repeat` times over (more videos, same mix)."""
+    device = device or bench_device()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return [torch.randn(LATENT_CHANNELS, *s, generator=g).to(device=device, dtype=dtype)
+            for _ in range(repeat) for s in MIXED_SIZES]
+
+
+def workloads(device: torch.device) -> dict[str, int]:
+    """Workload name -> repeat count of the mixed batch. On CUDA a larger batch shows the
+    bandwidth the kernels reach once launch overhead is amortised."""
+    return {"mixed": 1, "mixed_x16": 16} if device.type == "cuda" else {"mixed": 1}
+
+
+# -----------------------------------------------------------------------------
+# Timing
+# -----------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+def measure(fn, device: torch.device, benchmark=None, quick: bool = False) -> Timing:
+    """Median and 20/80 percentiles of fn() in milliseconds."""
+    if device.type == "cuda":
+        import triton
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                                quantiles=[0.5, 0.2, 0.8])
+        return Timing(med, p20, p80)
+    if benchmark is not None:  # pytest-benchmark's rounds
+        benchmark.pedantic(fn, rounds=5 if quick else 20, warmup_rounds=1 if quick else 3, iterations=1)
+        data = sorted(benchmark.stats.stats.data)
+    else:
+        fn()
+        data = []
+        for _ in range(5 if quick else 20):
+            t0 = time.perf_counter()
+            fn()
+            data.append(time.perf_counter() - t0)
+        data.sort()
+    return Timing(*(1e3 * _quantile(data, q) for q in (0.5, 0.2, 0.8)))
+
+
+_COPY_BW: dict[str, float] = {}
+
+
+def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:
+    """The device's measured copy bandwidth: a large copy_, counting bytes read + written."""
+    key = str(device)
+    if key not in _COPY_BW:
+        n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
+        src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        t = measure(lambda: dst.copy_(src), device, quick=quick)
+        _COPY_BW[key] = 2 * src.numel() * 4 / (t.median_ms * 1e-3) / 1e9
+    return _COPY_BW[key]
+
+
+# -----------------------------------------------------------------------------
+# Results
+# -----------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    kernel: str          # op name
+    mode: str            # "op": the public function; "kernel": the data movement alone
+    provider: str        # backend or baseline
+    workload: str
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    bytes_moved: int
+    gbps: float
+    frac_copy_bw: float  # gbps over the device's measured copy bandwidth
+    extra: dict = field(default_factory=dict)
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "device": name,
+        "device_type": device.type,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_revision": git_revision(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def results_path(env: dict) -> str:
+    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower() or "device"
+    return os.path.join(RESULTS_DIR, f"{env['device_type']}-{slug}.json")
+
+
+def write_results(rows: list[Row], env: dict, copy_bw: float, path: str | None = None) -> str:
+    path = path or results_path(env)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": env, "copy_bandwidth_gbps": copy_bw, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return path
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("kernel", "mode", "workload", "provider", "median ms", "p20-p80 ms", "GB/s", "of copy BW", "speedup")
+    lines = []
+    for r in rows:
+        base = next((b for b in rows if (b.kernel, b.mode, b.workload, b.dtype) == (r.kernel, r.mode, r.workload, r.dtype)
+                     and b.provider == "torch_loop"), None)
+        speedup = f"{base.median_ms / r.median_ms:.2f}x" if base else "-"
+        lines.append((r.kernel, r.mode, r.workload, r.provider, f"{r.median_ms:.4f}", f"{r.p20_ms:.4f}-{r.p80_ms:.4f}",
+                      f"{r.gbps:.1f}", f"{100 * r.frac_copy_bw:.0f}%", speedup))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)

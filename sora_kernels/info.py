@@ -1,0 +1,61 @@
+"""`python -m sora_kernels.info`: versions, the device, and which backends are built and
+usable for each op here."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+import sora_kernels
+from sora_kernels import backends as B
+from sora_kernels.ops.pack_patchify import PACK_BACKENDS, UNPACK_BACKENDS
+from sora_kernels.ops.patchify3d import PATCHIFY_BACKENDS, UNPATCHIFY_BACKENDS
+
+
+def _sample_calls(device: torch.device) -> dict:
+    """One small, valid call per op on `device`, to ask each backend whether it can run it."""
+    x = torch.zeros(1, 4, 1, 2, 2, device=device, dtype=torch.bfloat16)
+    videos = [x[0]]
+    tokens = torch.zeros(1, 16, device=device, dtype=torch.bfloat16)
+    return {
+        "patchify3d": (PATCHIFY_BACKENDS, (x, (1, 2, 2))),
+        "unpatchify3d": (UNPATCHIFY_BACKENDS, (tokens[None], (1, 2, 2), (1, 1, 1))),
+        "pack_patchify": (PACK_BACKENDS, (videos, (1, 2, 2))),
+        "unpack_unpatchify": (UNPACK_BACKENDS, (tokens, (1, 2, 2), [(1, 2, 2)])),
+    }
+
+
+def main() -> None:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"sora_kernels {sora_kernels.__version__}")
+    print(f"python       {platform.python_version()}")
+    print(f"torch        {torch.__version__} (CUDA {torch.version.cuda})")
+    print(f"triton       {triton_version}{' (interpreter on)' if B.triton_interpreting() else ''}")
+    print(f"_C           {'built' if B.COMPILED_MISSING is None else B.COMPILED_MISSING}")
+    print(f"_C kernels   {', '.join(sorted(f'{op}/{key}' for op, key in B.COMPILED_KERNELS)) or 'none'}")
+    forced = os.environ.get(B.BACKEND_ENV)
+    print(f"{B.BACKEND_ENV} = {forced!r}")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.insert(0, torch.device("cuda"))
+        props = torch.cuda.get_device_properties(0)
+        print(f"device       {props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+              f"{props.total_memory / 2**30:.0f} GiB")
+    else:
+        print(f"device       no CUDA device; CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    for device in devices:
+        print(f"\nbackends on {device.type} (priority order; '+' usable, '-' with reasons):")
+        for op, (backends, args) in _sample_calls(device).items():
+            print(f"  {op}")
+            for b in backends:
+                reasons = b.reasons(*args)
+                print(f"    {'+' if not reasons else '-'} {b.name:<10}{'; '.join(reasons)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Checks of GPU code that run on a machine without a GPU."""

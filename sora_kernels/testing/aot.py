@@ -1,0 +1,90 @@
+"""Ahead-of-time compile every Triton kernel config for GPUs that are not here.
+
+`python -m sora_kernels.testing.aot [--arch 80 90] [--jobs N]` compiles each config the
+launchers can produce to a cubin with triton.compile(ASTSource, GPUTarget) and reads its
+registers, shared memory and local memory (spills) with the cuobjdump that ships with
+Triton. Prints one JSON object per config and exits 1 if any config spills or fails.
+Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+_TYPES = {2: "*i16", 4: "*i32"}
+
+
+def kernel_jobs(archs: list[int]) -> list[dict]:
+    """One job per (kernel, config, element size, direction, arch)."""
+    from sora_kernels.ops import pack_patchify as op
+    jobs = []
+    for cfg in op.config_space():
+        for itemsize in op.WORDS:
+            for pack in (True, False):
+                for arch in archs:
+                    jobs.append({"kernel": "patchify_tile_kernel", "arch": arch, "num_warps": op.NUM_WARPS,
+                                 "word": _TYPES[itemsize], "constexprs": {**cfg, "PACK": pack}})
+    return jobs
+
+
+def _cuobjdump() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_job(job: dict) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sora_kernels.ops.pack_patchify import patchify_tile_kernel
+    signature = {"slots_ptr": "*i64", "tokens_ptr": job["word"], "n_videos": "i32", "search_steps": "i32",
+                 "C": "i32", "pt": "i32", "ph": "i32", "pw": "i32",
+                 **{name: "constexpr" for name in job["constexprs"]}}
+    result = dict(job)
+    try:
+        src = ASTSource(fn=patchify_tile_kernel, signature=signature, constexprs=job["constexprs"])
+        k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+        fields = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", usage))
+        result.update(regs=int(fields["REG"]), local=int(fields["LOCAL"]), stack=int(fields["STACK"]),
+                      shared_static=int(fields["SHARED"]), shared=k.metadata.shared, ok=True)
+        if job["arch"] >= 90:
+            result["ptx_has_ld_global"] = "ld.global" in k.asm["ptx"]
+    except Exception as e:  # report every failure, keep compiling the rest
+        result.update(ok=False, error=f"{type(e).__name__}: {e}")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter cannot compile ahead of time", file=sys.stderr)
+        return 2
+    jobs = kernel_jobs(args.arch)
+    bad = 0
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for i, r in enumerate(pool.map(compile_job, jobs, chunksize=4)):
+            bad += (not r["ok"]) or r.get("local", 0) > 0
+            print(json.dumps(r), flush=True)
+            if (i + 1) % 50 == 0:
+                print(f"compiled {i + 1}/{len(jobs)}", file=sys.stderr, flush=True)
+    print(f"{len(jobs)} configs, {bad} failed or spilled", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared test setup.
+
+Without a CUDA device the Triton backend runs under Triton's interpreter on CPU tensors:
+TRITON_INTERPRET must be set before sora_kernels (and its @triton.jit kernels) is imported.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_BACKENDS = ["cuda", "triton", "cpu"]
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+def require_backend(backends, name: str, args: tuple) -> None:
+    """Skips the test, with the backend's own reasons, when `name` cannot run `args` here."""
+    backend = next(b for b in backends if b.name == name)
+    reasons = backend.reasons(*args)
+    if reasons:
+        pytest.skip(f"{name} cannot run here: {'; '.join(reasons)}")
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Exact equality (bit patterns), printing the first mismatching indices."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    a, e = actual.contiguous().view(word), expected.contiguous().view(word)
+    bad = (a != e).nonzero()
+    assert bad.numel() == 0, (f"{what}: {bad.shape[0]} of {a.numel()} elements differ; first at "
+                              f"{bad[:5].tolist()}: {actual[tuple(bad[0])].item()} vs {expected[tuple(bad[0])].item()}")

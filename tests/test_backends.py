@@ -1,0 +1,67 @@
+"""Backend selection: priority, forcing by argument and environment, one error that lists
+every backend with its reasons, and `python -m sora_kernels.info`."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sora_kernels as sk
+from sora_kernels import backends as B
+from sora_kernels.ops.pack_patchify import PACK_BACKENDS
+
+
+def test_priority_picks_first_usable():
+    videos = [torch.zeros(2, 1, 2, 2)]
+    chosen = B.select("pack_patchify", PACK_BACKENDS, (videos, (1, 1, 1)))
+    usable = B.usable_backends("pack_patchify", PACK_BACKENDS, (videos, (1, 1, 1)))
+    assert chosen.name == usable[0]
+    assert [b.name for b in PACK_BACKENDS] == list(B.PRIORITY)
+
+
+def test_forced_backend_that_cannot_run_lists_reasons():
+    if torch.cuda.is_available():
+        pytest.skip("cuda can run here")
+    with pytest.raises(sk.NoBackendError, match=r"forced to 'cuda'.*\n  cuda: runs on CUDA tensors, got cpu"):
+        sk.pack_patchify([torch.zeros(2, 1, 2, 2)], 1, backend="cuda")
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv(B.BACKEND_ENV, "reference")
+    assert B.select("pack_patchify", PACK_BACKENDS, ([torch.zeros(2, 1, 2, 2)], (1, 1, 1))).name == "reference"
+    monkeypatch.setenv(B.BACKEND_ENV, "fastest")
+    with pytest.raises(ValueError, match=r"SORA_KERNELS_BACKEND: expected one of cuda, triton, cpu, reference, "
+                                         r"got 'fastest'"):
+        sk.pack_patchify([torch.zeros(2, 1, 2, 2)], 1)
+
+
+def test_unknown_backend_argument():
+    with pytest.raises(ValueError, match=r"backend: expected one of .* got 'tpu'"):
+        sk.patchify3d(torch.zeros(1, 2, 1, 2, 2), 1, backend="tpu")
+
+
+def test_no_backend_error_lists_every_backend():
+    always_no = [B.Backend(name, lambda *a, n=name: [f"{n} says no"], None) for name in B.PRIORITY]
+    with pytest.raises(sk.NoBackendError) as info:
+        B.select("demo", always_no, ())
+    text = str(info.value)
+    for name in B.PRIORITY:
+        assert f"  {name}: {name} says no" in text
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = B.device_reasons("triton", torch.device("cpu"), "pack_patchify")
+    assert reasons and ("TRITON_INTERPRET=1" in reasons[0] or "not installed" in reasons[0])
+
+
+def test_cuda_backend_declares_its_tile_limit():
+    from sora_kernels.ops.pack_patchify import cuda_reasons
+    assert cuda_reasons(2, 2048) == []
+    assert "4096-byte" in cuda_reasons(4, 2048)[0]
+
+
+def test_info_prints_backends():
+    out = subprocess.run([sys.executable, "-m", "sora_kernels.info"], capture_output=True, text=True, check=True).stdout
+    for word in ("torch", "triton", "device", "pack_patchify", "reference"):
+        assert word in out, out
