@@ -16,8 +16,24 @@ namespace sora_kernels {
 namespace patchify {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kTileBytes = 24 * 1024;  // target payload of one tile
+// Tuning knobs (macros so that benchmarks/cuda/bench_patchify_kernel.cu can build variants).
+// Defaults from a sweep on an H100 (docs/NOTES-patchify.md): full occupancy (16 blocks of
+// 128 threads, 32 registers) mattered most; tile size and loads in flight hardly at all.
+#ifndef SK_PATCHIFY_THREADS
+#define SK_PATCHIFY_THREADS 128
+#endif
+#ifndef SK_PATCHIFY_MIN_BLOCKS
+#define SK_PATCHIFY_MIN_BLOCKS 16
+#endif
+#ifndef SK_PATCHIFY_TILE_BYTES
+#define SK_PATCHIFY_TILE_BYTES (12 * 1024)
+#endif
+#ifndef SK_PATCHIFY_ILP
+#define SK_PATCHIFY_ILP 2
+#endif
+constexpr int kThreads = SK_PATCHIFY_THREADS;
+constexpr int kIlp = SK_PATCHIFY_ILP;  // global loads a thread issues before it waits on the first
+constexpr int64_t kTileBytes = SK_PATCHIFY_TILE_BYTES;  // target payload of one tile
 constexpr int64_t kSmemLimit = 46 * 1024;  // dynamic shared memory per block, under the 48 KB default
 
 template <typename Unit, int V>
@@ -70,7 +86,7 @@ __device__ __forceinline__ Tile locate_tile(const VideoSlot* slots, int64_t n, c
 // !PACK: contiguous tokens -> shared memory -> video lines.
 // Line l = dh * R + r holds run r of grid row hh0 + dh for the tile's tw tokens.
 template <typename Unit, int V, bool PACK>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, SK_PATCHIFY_MIN_BLOCKS)
 patchify_tile_kernel(const VideoSlot* __restrict__ slots, int64_t n, PatchDims p, Unit* __restrict__ tokens) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Tile t = locate_tile(slots, n, p);
@@ -96,26 +112,52 @@ patchify_tile_kernel(const VideoSlot* __restrict__ slots, int64_t n, PatchDims p
   const int tok_vecs = t.th * t.tw * D / V;  // D % V == 0 by the plan
 
   if (PACK) {
-    for (int idx = threadIdx.x; idx < lines * line_vecs; idx += kThreads) {
-      const int l = idx / line_vecs, e = (idx - l * line_vecs) * V;
-      const Vec<Unit, V> x = *reinterpret_cast<const Vec<Unit, V>*>(video + line_off[l] + e);
+    // kIlp loads in flight per thread, then their shared-memory stores.
+    for (int base = threadIdx.x; base < lines * line_vecs; base += kThreads * kIlp) {
+      Vec<Unit, V> x[kIlp];
 #pragma unroll
-      for (int m = 0; m < V; ++m) buf[l * stride + e + m] = x.u[m];
+      for (int u = 0; u < kIlp; ++u) {
+        const int idx = base + u * kThreads;
+        if (idx < lines * line_vecs) {
+          const int l = idx / line_vecs, e = (idx - l * line_vecs) * V;
+          x[u] = *reinterpret_cast<const Vec<Unit, V>*>(video + line_off[l] + e);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kIlp; ++u) {
+        const int idx = base + u * kThreads;
+        if (idx < lines * line_vecs) {
+          const int l = idx / line_vecs, e = (idx - l * line_vecs) * V;
+#pragma unroll
+          for (int m = 0; m < V; ++m) buf[l * stride + e + m] = x[u].u[m];
+        }
+      }
     }
     for (int idx = threadIdx.x; idx < lines * line_tail; idx += kThreads) {
       const int l = idx / line_tail, e = line_vecs * V + (idx - l * line_tail);
       buf[l * stride + e] = video[line_off[l] + e];
     }
   } else {
-    for (int q = threadIdx.x; q < tok_vecs; q += kThreads) {
-      const Vec<Unit, V> x = *reinterpret_cast<const Vec<Unit, V>*>(tok + q * V);
-      const int token = q * V / D, f0 = q * V - token * D;
-      const int dh = token / t.tw, w = token - dh * t.tw;
-      int r = f0 / pwu, k = f0 - r * pwu;
+    for (int base = threadIdx.x; base < tok_vecs; base += kThreads * kIlp) {
+      Vec<Unit, V> x[kIlp];
 #pragma unroll
-      for (int m = 0; m < V; ++m) {
-        buf[(dh * R + r) * stride + w * pwu + k] = x.u[m];
-        if (++k == pwu) { k = 0; ++r; }
+      for (int u = 0; u < kIlp; ++u) {
+        const int q = base + u * kThreads;
+        if (q < tok_vecs) x[u] = *reinterpret_cast<const Vec<Unit, V>*>(tok + q * V);
+      }
+#pragma unroll
+      for (int u = 0; u < kIlp; ++u) {
+        const int q = base + u * kThreads;
+        if (q < tok_vecs) {
+          const int token = q * V / D, f0 = q * V - token * D;
+          const int dh = token / t.tw, w = token - dh * t.tw;
+          int r = f0 / pwu, k = f0 - r * pwu;
+#pragma unroll
+          for (int m = 0; m < V; ++m) {
+            buf[(dh * R + r) * stride + w * pwu + k] = x[u].u[m];
+            if (++k == pwu) { k = 0; ++r; }
+          }
+        }
       }
     }
   }
