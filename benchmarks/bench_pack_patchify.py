@@ -2,9 +2,11 @@
 
 Providers: each backend, and `torch_loop`, what one would write instead: a per-video
 reshape / permute, then torch.cat (and, in "op" mode, per-video meshgrid positions).
-Modes: "kernel" times the data movement alone (tokens only); "op" times the public
-function, which also builds the Packed record (cu_seqlens, grid_sizes, positions).
-Bytes moved = every video element read once and written once.
+Modes: "kernel" times the backend's kernel call (tokens, and for our backends the positions
+they write in the same launch; torch_loop builds tokens only); "op" times the public function,
+which also builds cu_seqlens and grid_sizes (and torch_loop its positions with meshgrid).
+Bytes moved = every video element read once and written once, plus 12 bytes of positions
+per token for pack_patchify.
 """
 import pytest
 import torch
@@ -79,12 +81,12 @@ def test_pack_patchify(suite, benchmark, workload, mode, provider):
     elif mode == "kernel":
         run = next(b for b in PACK_BACKENDS if b.name == provider).run
         fn = lambda: run(videos, PATCH)  # noqa: E731
-        out = fn()
+        out = fn()[0]
     else:
         fn = lambda: sk.pack_patchify(videos, PATCH, backend=provider)  # noqa: E731
         out = fn().tokens
     assert torch.equal(out, ref.pack_patchify(videos, PATCH)), f"{provider} disagrees with the reference"
-    nbytes = 2 * sum(v.numel() for v in videos) * videos[0].element_size()
+    nbytes = 2 * sum(v.numel() for v in videos) * videos[0].element_size() + 12 * out.shape[0]
     suite.run("pack_patchify", mode, provider, workload, fn, nbytes, videos[0].dtype, benchmark,
               videos=len(videos), tokens=out.shape[0])
 

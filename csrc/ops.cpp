@@ -12,13 +12,14 @@ namespace {
 using patchify::PatchDims;
 using patchify::VideoSlot;
 
-void patchify_engine_cpu(bool pack, std::vector<VideoSlot>& slots, const PatchDims& p, const at::Tensor& tokens) {
+void patchify_engine_cpu(bool pack, std::vector<VideoSlot>& slots, const PatchDims& p, const at::Tensor& tokens,
+                         int32_t* positions) {
   const int64_t n = static_cast<int64_t>(slots.size());
   const int64_t rows = patchify::assign_cpu_rows(slots.data(), n, p);
-  patchify::patchify_copy_cpu(pack, slots.data(), n, rows, p, tokens.element_size(), tokens.data_ptr());
+  patchify::patchify_copy_cpu(pack, slots.data(), n, rows, p, tokens.element_size(), tokens.data_ptr(), positions);
 }
 
-at::Tensor pack_patchify_cpu(at::TensorList videos, at::IntArrayRef patch_size) {
+std::tuple<at::Tensor, at::Tensor> pack_patchify_cpu(at::TensorList videos, at::IntArrayRef patch_size) {
   return patchify::pack_patchify_impl(videos, patch_size, patchify_engine_cpu);
 }
 std::vector<at::Tensor> unpack_unpatchify_cpu(const at::Tensor& tokens, at::IntArrayRef patch_size,
@@ -39,8 +40,8 @@ TORCH_LIBRARY(sora_kernels, m) {
   m.def("patchify3d(Tensor x, int[] patch_size) -> Tensor");
   // tokens [B, L, D] -> x [B, C, T, H, W], grid = (T/pt, H/ph, W/pw)
   m.def("unpatchify3d(Tensor tokens, int[] patch_size, int[] grid) -> Tensor");
-  // videos: list of [C, Ti, Hi, Wi] -> tokens [N, D]
-  m.def("pack_patchify(Tensor[] videos, int[] patch_size) -> Tensor");
+  // videos: list of [C, Ti, Hi, Wi] -> tokens [N, D], positions int32 [N, 3] (t, h, w)
+  m.def("pack_patchify(Tensor[] videos, int[] patch_size) -> (Tensor, Tensor)");
   // tokens [N, D] -> list of [C, Ti, Hi, Wi]; sizes = (T0, H0, W0, T1, H1, W1, ...)
   m.def("unpack_unpatchify(Tensor tokens, int[] patch_size, int[] sizes) -> Tensor[]");
 }

@@ -23,6 +23,8 @@ def check_roundtrip(backend, videos, patch):
     require_backend(PACK_BACKENDS, backend, (videos, patch))
     packed = sk.pack_patchify(videos, patch, backend=backend)
     assert_bitwise_equal(packed.tokens, ref.pack_patchify(videos, patch), f"{backend} pack tokens")
+    assert_bitwise_equal(packed.positions, ref.packed_positions(packed.grids, videos[0].device),
+                         f"{backend} pack positions")
     back = sk.unpack_unpatchify(packed.tokens, packed, patch, backend=backend)
     assert len(back) == len(videos)
     for i, (b, v) in enumerate(zip(back, videos)):
@@ -79,9 +81,11 @@ def test_random_batches(backend, patch, grids, channels, dtype):
     assert packed.grid_sizes.tolist() == [list(g) for g in grids]
 
 
-def test_metadata_is_int32_and_positions_are_grid_indices():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+def test_metadata_is_int32_and_positions_are_grid_indices(backend):
     videos = make_videos([(2, 4, 6), (1, 2, 4)], 3)
-    packed = sk.pack_patchify(videos, (1, 2, 2))
+    require_backend(PACK_BACKENDS, backend, (videos, (1, 2, 2)))
+    packed = sk.pack_patchify(videos, (1, 2, 2), backend=backend)
     for name in ("cu_seqlens", "positions", "grid_sizes"):
         assert getattr(packed, name).dtype == torch.int32, name
     expected = [[t, h, w] for t in range(2) for h in range(2) for w in range(3)] + \

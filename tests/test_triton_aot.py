@@ -24,14 +24,16 @@ def aot_results():
 
 def test_every_config_compiles_without_spills(aot_results):
     from sora_kernels.ops.pack_patchify import WORDS, config_space
-    assert len(aot_results) == len(config_space()) * len(WORDS) * 2 * 2  # x directions x archs
+    # x (pack with positions, pack, unpack) x archs
+    assert len(aot_results) == len(config_space()) * len(WORDS) * 3 * 2
     failed = [r for r in aot_results if not r["ok"]]
     assert not failed, f"{len(failed)} configs failed; first: {failed[0]}; errors: {sorted({r['error'] for r in failed})[:3]}"
     spilled = [r for r in aot_results if r["local"] > 0 or r["stack"] > 0]
-    assert not spilled, spilled[:3]
+    assert not spilled, [(r["arch"], r["word"], r["positions"], r["constexprs"], r["local"]) for r in spilled[:5]]
     assert {r["arch"] for r in aot_results} == {80, 90}
 
 
 def test_register_budget(aot_results):
     # 8 warps x 255 registers is the hardware ceiling; far under it keeps 2+ programs per SM.
-    assert max(r["regs"] for r in aot_results) <= 192
+    worst = max(aot_results, key=lambda r: r["regs"])
+    assert worst["regs"] <= 192, (worst["arch"], worst["word"], worst["positions"], worst["constexprs"])

@@ -70,7 +70,7 @@ static void run(const Workload& w) {
     std::vector<float> times;
     for (int r = 0; r < reps + 5; ++r) {
       cudaEventRecord(a);
-      CHECK(static_cast<cudaError_t>(launch_patchify_copy_cuda(pack, d_slots, slots.size(), tiles, p, plan, tokens, nullptr)));
+      CHECK(static_cast<cudaError_t>(launch_patchify_copy_cuda(pack, d_slots, slots.size(), tiles, p, plan, tokens, nullptr, nullptr)));
       cudaEventRecord(b);
       cudaEventSynchronize(b);
       if (r >= 5) times.push_back(time_ms(a, b));
@@ -105,7 +105,7 @@ static void run(const Workload& w) {
     VideoSlot* d_slots;
     CHECK(cudaMalloc(&d_slots, slots.size() * sizeof(VideoSlot)));
     CHECK(cudaMemcpy(d_slots, slots.data(), slots.size() * sizeof(VideoSlot), cudaMemcpyHostToDevice));
-    CHECK(static_cast<cudaError_t>(launch_patchify_copy_cuda(pack, d_slots, slots.size(), tiles, p, plan, tokens, nullptr)));
+    CHECK(static_cast<cudaError_t>(launch_patchify_copy_cuda(pack, d_slots, slots.size(), tiles, p, plan, tokens, nullptr, nullptr)));
     CHECK(cudaDeviceSynchronize());
     cudaFree(d_slots);
   }

@@ -32,7 +32,7 @@ inline void copy_run(char* dst, const char* src, int64_t run_bytes) {
 
 template <int RUN_BYTES>
 void copy_rows(bool pack, const VideoSlot* slots, int64_t n, int64_t total_rows,
-               const PatchDims& p, int64_t es, char* tokens) {
+               const PatchDims& p, int64_t es, char* tokens, int32_t* positions) {
   const int64_t R = p.runs();
   const int64_t run_bytes = p.pw * es;
   const int64_t token_bytes = p.dim() * es;
@@ -44,6 +44,14 @@ void copy_rows(bool pack, const VideoSlot* slots, int64_t n, int64_t total_rows,
     const int64_t hh = local % Hg, tt = local / Hg;
     char* video = reinterpret_cast<char*>(s.data);
     char* tok = tokens + (s.token_offset + local * Wg) * token_bytes;
+    if (pack && positions != nullptr) {
+      int32_t* pos = positions + (s.token_offset + local * Wg) * 3;
+      for (int64_t ww = 0; ww < Wg; ++ww) {
+        pos[3 * ww] = static_cast<int32_t>(tt);
+        pos[3 * ww + 1] = static_cast<int32_t>(hh);
+        pos[3 * ww + 2] = static_cast<int32_t>(ww);
+      }
+    }
     for (int64_t r = 0; r < R; ++r) {
       char* vrow = video + run_offset(p, s.T, s.H, s.W, r, tt, hh, 0) * es;
       char* trow = tok + r * run_bytes;
@@ -61,15 +69,15 @@ void copy_rows(bool pack, const VideoSlot* slots, int64_t n, int64_t total_rows,
 }  // namespace
 
 void patchify_copy_cpu(bool pack, const VideoSlot* slots, int64_t n, int64_t total_rows,
-                       const PatchDims& p, int64_t elem_size, void* tokens) {
+                       const PatchDims& p, int64_t elem_size, void* tokens, int32_t* positions) {
   char* t = static_cast<char*>(tokens);
   switch (p.pw * elem_size) {
-    case 1: return copy_rows<1>(pack, slots, n, total_rows, p, elem_size, t);
-    case 2: return copy_rows<2>(pack, slots, n, total_rows, p, elem_size, t);
-    case 4: return copy_rows<4>(pack, slots, n, total_rows, p, elem_size, t);
-    case 8: return copy_rows<8>(pack, slots, n, total_rows, p, elem_size, t);
-    case 16: return copy_rows<16>(pack, slots, n, total_rows, p, elem_size, t);
-    default: return copy_rows<0>(pack, slots, n, total_rows, p, elem_size, t);
+    case 1: return copy_rows<1>(pack, slots, n, total_rows, p, elem_size, t, positions);
+    case 2: return copy_rows<2>(pack, slots, n, total_rows, p, elem_size, t, positions);
+    case 4: return copy_rows<4>(pack, slots, n, total_rows, p, elem_size, t, positions);
+    case 8: return copy_rows<8>(pack, slots, n, total_rows, p, elem_size, t, positions);
+    case 16: return copy_rows<16>(pack, slots, n, total_rows, p, elem_size, t, positions);
+    default: return copy_rows<0>(pack, slots, n, total_rows, p, elem_size, t, positions);
   }
 }
 

@@ -87,7 +87,8 @@ __device__ __forceinline__ Tile locate_tile(const VideoSlot* slots, int64_t n, c
 // Line l = dh * R + r holds run r of grid row hh0 + dh for the tile's tw tokens.
 template <typename Unit, int V, bool PACK>
 __global__ void __launch_bounds__(kThreads, SK_PATCHIFY_MIN_BLOCKS)
-patchify_tile_kernel(const VideoSlot* __restrict__ slots, int64_t n, PatchDims p, Unit* __restrict__ tokens) {
+patchify_tile_kernel(const VideoSlot* __restrict__ slots, int64_t n, PatchDims p, Unit* __restrict__ tokens,
+                     int32_t* __restrict__ positions) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Tile t = locate_tile(slots, n, p);
   const int R = static_cast<int>(p.runs());
@@ -100,6 +101,15 @@ patchify_tile_kernel(const VideoSlot* __restrict__ slots, int64_t n, PatchDims p
 
   Unit* video = reinterpret_cast<Unit*>(t.slot->data);
   Unit* tok = tokens + t.tok0 * D;
+  if (PACK && positions != nullptr) {  // (t, h, w) grid index of each token of the tile
+    for (int q = threadIdx.x; q < t.th * t.tw; q += kThreads) {
+      const int dh = q / t.tw;
+      int32_t* pos = positions + (t.tok0 + q) * 3;
+      pos[0] = static_cast<int32_t>(t.tt);
+      pos[1] = static_cast<int32_t>(t.hh0 + dh);
+      pos[2] = static_cast<int32_t>(t.w0 + q - dh * t.tw);
+    }
+  }
   for (int l = threadIdx.x; l < lines; l += kThreads) {
     const int dh = l / R, r = l - dh * R;
     line_off[l] = run_offset(p, t.slot->T, t.slot->H, t.slot->W, r, t.tt, t.hh0 + dh, t.w0);
@@ -191,25 +201,25 @@ patchify_tile_kernel(const VideoSlot* __restrict__ slots, int64_t n, PatchDims p
 }
 
 template <typename Unit, int V>
-cudaError_t launch_typed(bool pack, const VideoSlot* slots, int64_t n, int64_t tiles,
-                         const PatchDims& p, const CudaPlan& plan, void* tokens, cudaStream_t stream) {
+cudaError_t launch_typed(bool pack, const VideoSlot* slots, int64_t n, int64_t tiles, const PatchDims& p,
+                         const CudaPlan& plan, void* tokens, int32_t* positions, cudaStream_t stream) {
   Unit* tok = static_cast<Unit*>(tokens);
   const size_t smem = static_cast<size_t>(plan.smem_bytes);
   if (pack)
-    patchify_tile_kernel<Unit, V, true><<<tiles, kThreads, smem, stream>>>(slots, n, p, tok);
+    patchify_tile_kernel<Unit, V, true><<<tiles, kThreads, smem, stream>>>(slots, n, p, tok, positions);
   else
-    patchify_tile_kernel<Unit, V, false><<<tiles, kThreads, smem, stream>>>(slots, n, p, tok);
+    patchify_tile_kernel<Unit, V, false><<<tiles, kThreads, smem, stream>>>(slots, n, p, tok, nullptr);
   return cudaGetLastError();
 }
 
 // Units of U bytes; only vector widths with vec * U <= 16 bytes are compiled.
 template <typename Unit>
 cudaError_t launch_unit(bool pack, const VideoSlot* slots, int64_t n, int64_t tiles, const PatchDims& p,
-                        const CudaPlan& plan, void* tokens, cudaStream_t stream) {
+                        const CudaPlan& plan, void* tokens, int32_t* positions, cudaStream_t stream) {
   constexpr int kMaxVec = 16 / sizeof(Unit) < 4 ? 16 / sizeof(Unit) : 4;
-  if (plan.vec >= 4 && kMaxVec >= 4) return launch_typed<Unit, kMaxVec>(pack, slots, n, tiles, p, plan, tokens, stream);
-  if (plan.vec >= 2) return launch_typed<Unit, 2>(pack, slots, n, tiles, p, plan, tokens, stream);
-  return launch_typed<Unit, 1>(pack, slots, n, tiles, p, plan, tokens, stream);
+  if (plan.vec >= 4 && kMaxVec >= 4) return launch_typed<Unit, kMaxVec>(pack, slots, n, tiles, p, plan, tokens, positions, stream);
+  if (plan.vec >= 2) return launch_typed<Unit, 2>(pack, slots, n, tiles, p, plan, tokens, positions, stream);
+  return launch_typed<Unit, 1>(pack, slots, n, tiles, p, plan, tokens, positions, stream);
 }
 
 }  // namespace
@@ -264,14 +274,15 @@ int64_t assign_cuda_tiles(VideoSlot* slots, int64_t n, PatchDims& p, int64_t ele
 }
 
 int launch_patchify_copy_cuda(bool pack, const VideoSlot* d_slots, int64_t n, int64_t total_tiles,
-                              const PatchDims& p, const CudaPlan& plan, void* tokens, void* stream) {
+                              const PatchDims& p, const CudaPlan& plan, void* tokens, int32_t* positions,
+                              void* stream) {
   if (total_tiles == 0) return 0;
   if (total_tiles > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (plan.unit_bytes) {
-    case 1: return launch_unit<unsigned char>(pack, d_slots, n, total_tiles, p, plan, tokens, s);
-    case 2: return launch_unit<unsigned short>(pack, d_slots, n, total_tiles, p, plan, tokens, s);
-    default: return launch_unit<unsigned int>(pack, d_slots, n, total_tiles, p, plan, tokens, s);
+    case 1: return launch_unit<unsigned char>(pack, d_slots, n, total_tiles, p, plan, tokens, positions, s);
+    case 2: return launch_unit<unsigned short>(pack, d_slots, n, total_tiles, p, plan, tokens, positions, s);
+    default: return launch_unit<unsigned int>(pack, d_slots, n, total_tiles, p, plan, tokens, positions, s);
   }
 }
 

@@ -40,9 +40,11 @@ int64_t assign_cuda_tiles(VideoSlot* slots, int64_t n, PatchDims& p, int64_t ele
 
 // pack = true: videos -> tokens; false: tokens -> videos. d_slots is the
 // device copy of the slots from assign_cuda_tiles, p the rescaled dims.
-// Returns a cudaError_t as int (0 on success).
+// positions (int32 [N, 3], or nullptr) receives each token's (t, h, w) grid
+// index when packing. Returns a cudaError_t as int (0 on success).
 int launch_patchify_copy_cuda(bool pack, const VideoSlot* d_slots, int64_t n, int64_t total_tiles,
-                              const PatchDims& p, const CudaPlan& plan, void* tokens, void* stream);
+                              const PatchDims& p, const CudaPlan& plan, void* tokens, int32_t* positions,
+                              void* stream);
 
 }  // namespace patchify
 }  // namespace sora_kernels

@@ -16,7 +16,8 @@ namespace {
 using patchify::PatchDims;
 using patchify::VideoSlot;
 
-void patchify_engine_cuda(bool pack, std::vector<VideoSlot>& slots, const PatchDims& dims, const at::Tensor& tokens) {
+void patchify_engine_cuda(bool pack, std::vector<VideoSlot>& slots, const PatchDims& dims, const at::Tensor& tokens,
+                          int32_t* positions) {
   const c10::cuda::CUDAGuard guard(tokens.device());
   const int64_t n = static_cast<int64_t>(slots.size());
   const int64_t es = tokens.element_size();
@@ -33,12 +34,12 @@ void patchify_engine_cuda(bool pack, std::vector<VideoSlot>& slots, const PatchD
   const at::Tensor dev = host.to(tokens.device(), /*non_blocking=*/true);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int err = patchify::launch_patchify_copy_cuda(pack, reinterpret_cast<const VideoSlot*>(dev.data_ptr()), n,
-                                                      tiles, p, plan, tokens.data_ptr(), stream);
+                                                      tiles, p, plan, tokens.data_ptr(), positions, stream);
   TORCH_CHECK(err == 0, "patchify kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)),
               " (", tiles, " tiles)");
 }
 
-at::Tensor pack_patchify_cuda(at::TensorList videos, at::IntArrayRef patch_size) {
+std::tuple<at::Tensor, at::Tensor> pack_patchify_cuda(at::TensorList videos, at::IntArrayRef patch_size) {
   return patchify::pack_patchify_impl(videos, patch_size, patchify_engine_cuda);
 }
 std::vector<at::Tensor> unpack_unpatchify_cuda(const at::Tensor& tokens, at::IntArrayRef patch_size,

@@ -2,12 +2,13 @@
 // CUDA registrations. Checks inputs (naming the argument), describes each video
 // as a VideoSlot, allocates outputs, and hands the copy to a device's engine:
 //   void engine(bool pack, std::vector<VideoSlot>& slots, const PatchDims& p,
-//               const at::Tensor& tokens);
+//               const at::Tensor& tokens, int32_t* positions /* [N, 3] or nullptr */);
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
 
+#include <tuple>
 #include <vector>
 
 #include "patchify_index.h"
@@ -40,8 +41,10 @@ inline int64_t video_tokens(int64_t T, int64_t H, int64_t W, const PatchDims& p)
   return (T / p.pt) * (H / p.ph) * (W / p.pw);
 }
 
+// Returns (tokens [N, D], positions int32 [N, 3]).
 template <typename Engine>
-at::Tensor pack_patchify_impl(at::TensorList videos, at::IntArrayRef patch_size, Engine engine) {
+std::tuple<at::Tensor, at::Tensor> pack_patchify_impl(at::TensorList videos, at::IntArrayRef patch_size,
+                                                      Engine engine) {
   TORCH_CHECK(!videos.empty(), "videos: expected at least one video, got an empty list");
   const at::Tensor& first = videos[0];
   TORCH_CHECK(first.dim() == 4, "videos[0]: expected 4 dims [C, T, H, W], got ", first.sizes());
@@ -65,8 +68,9 @@ at::Tensor pack_patchify_impl(at::TensorList videos, at::IntArrayRef patch_size,
     N += video_tokens(x.size(1), x.size(2), x.size(3), p);
   }
   at::Tensor tokens = at::empty({N, p.dim()}, first.options());
-  engine(true, slots, p, tokens);
-  return tokens;
+  at::Tensor positions = at::empty({N, 3}, first.options().dtype(at::kInt));
+  engine(true, slots, p, tokens, positions.data_ptr<int32_t>());
+  return {tokens, positions};
 }
 
 template <typename Engine>
@@ -93,7 +97,7 @@ std::vector<at::Tensor> unpack_unpatchify_impl(const at::Tensor& tokens, at::Int
     N += video_tokens(T, H, W, p);
   }
   TORCH_CHECK(N == tokens.size(0), "tokens: expected ", N, " tokens for the given sizes, got ", tokens.size(0));
-  engine(false, slots, p, tok);
+  engine(false, slots, p, tok, nullptr);
   return videos;
 }
 
@@ -110,7 +114,7 @@ at::Tensor patchify3d_impl(const at::Tensor& x, at::IntArrayRef patch_size, Engi
   char* base = static_cast<char*>(xc.data_ptr());
   const int64_t video_bytes = p.C * T * H * W * static_cast<int64_t>(x.element_size());
   for (const auto b : c10::irange(B)) slots.push_back(make_slot(base + b * video_bytes, T, H, W, b * L));
-  if (B > 0) engine(true, slots, p, tokens);
+  if (B > 0) engine(true, slots, p, tokens, nullptr);
   return tokens;
 }
 
@@ -134,7 +138,7 @@ at::Tensor unpatchify3d_impl(const at::Tensor& tokens, at::IntArrayRef patch_siz
   char* base = static_cast<char*>(x.data_ptr());
   const int64_t video_bytes = p.C * T * H * W * static_cast<int64_t>(x.element_size());
   for (const auto b : c10::irange(B)) slots.push_back(make_slot(base + b * video_bytes, T, H, W, b * tokens.size(1)));
-  if (B > 0) engine(false, slots, p, tok);
+  if (B > 0) engine(false, slots, p, tok, nullptr);
   return x;
 }
 

@@ -26,15 +26,20 @@ static int check(const PatchDims& p, const std::vector<std::array<int64_t, 3>>& 
   }
   const int64_t D = p.dim(), n = static_cast<int64_t>(sizes.size());
   std::vector<T> tokens(N * D);
+  std::vector<int32_t> positions(N * 3, -1);
   const int64_t rows = sora_kernels::patchify::assign_cpu_rows(slots.data(), n, p);
-  sora_kernels::patchify::patchify_copy_cpu(true, slots.data(), n, rows, p, sizeof(T), tokens.data());
+  sora_kernels::patchify::patchify_copy_cpu(true, slots.data(), n, rows, p, sizeof(T), tokens.data(),
+                                            positions.data());
   int errors = 0;
   int64_t tok = 0;
   for (size_t v = 0; v < sizes.size(); ++v) {
     const int64_t T_ = sizes[v][0], H = sizes[v][1], W = sizes[v][2];
     for (int64_t tt = 0; tt < T_ / p.pt; ++tt)
       for (int64_t hh = 0; hh < H / p.ph; ++hh)
-        for (int64_t ww = 0; ww < W / p.pw; ++ww, ++tok)
+        for (int64_t ww = 0; ww < W / p.pw; ++ww, ++tok) {
+          if ((positions[3 * tok] != tt || positions[3 * tok + 1] != hh || positions[3 * tok + 2] != ww) &&
+              errors++ < 5)
+            std::printf("wrong position: token %lld\n", (long long)tok);
           for (int64_t c = 0, f = 0; c < p.C; ++c)
             for (int64_t i = 0; i < p.pt; ++i)
               for (int64_t j = 0; j < p.ph; ++j)
@@ -43,6 +48,7 @@ static int check(const PatchDims& p, const std::vector<std::array<int64_t, 3>>& 
                   if (tokens[tok * D + f] != want && errors++ < 5)
                     std::printf("mismatch: video %zu token %lld feature %lld\n", v, (long long)tok, (long long)f);
                 }
+        }
   }
   std::vector<std::vector<T>> back;
   for (size_t v = 0; v < sizes.size(); ++v) {

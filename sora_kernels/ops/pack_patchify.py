@@ -23,7 +23,8 @@ if B.TRITON_MISSING is None:
 # Triton kernel
 # -----------------------------------------------------------------------------
 
-TILE_ELEMENTS = 4096  # elements moved by one program: TW * R_P2 * PW_P2
+TILE_ELEMENTS = 4096  # elements moved by one program: at most TW * R_P2 * PW_P2
+MAX_TILE_TOKENS = 256  # TW cap: keeps the positions tile [TW, 4] small when tokens are tiny
 NUM_WARPS = 8        # 16 elements per thread: ~100 registers, no spills (see testing/aot.py)
 MAX_PW = 16          # widest patch along W the Triton kernel is compiled for
 
@@ -34,6 +35,7 @@ if B.TRITON_MISSING is None:
     def patchify_tile_kernel(
         slots_ptr,     # int64 [n, 6]: data address, T, H, W, first token, first tile of each video
         tokens_ptr,    # [N, D] packed tokens (integer words): written when PACK, read otherwise
+        positions_ptr,  # int32 [N, 3] (t, h, w) grid index of each token, written when PACK; or None
         n_videos,      # rows of slots
         search_steps,  # binary-search steps, >= log2(n_videos)
         C, pt, ph, pw,  # channels and patch size (D = C*pt*ph*pw)
@@ -90,6 +92,10 @@ if B.TRITON_MISSING is None:
         if PACK:
             x = tl.load(video_ptr + v_off, mask=v_mask)
             tl.store(tokens_ptr + t_off, tl.permute(x, (1, 0, 2)), mask=t_mask)
+            if positions_ptr is not None:
+                axis = tl.arange(0, 4)[None, :]  # 0: t, 1: h, 2: w (3: padding)
+                pos = tl.where(axis == 0, tt, tl.where(axis == 1, hh, w0 + t[:, None])).to(tl.int32)
+                tl.store(positions_ptr + (tok0 + t)[:, None] * 3 + axis, pos, mask=(t < tw)[:, None] & (axis < 3))
         else:
             y = tl.load(tokens_ptr + t_off, mask=t_mask)
             tl.store(video_ptr + v_off, tl.permute(y, (1, 0, 2)), mask=v_mask)
@@ -111,7 +117,7 @@ def tile_config(runs: int, pw: int) -> dict:
     """The kernel's compile-time config for tokens of `runs` runs of `pw` elements.
     Every config this returns for a supported call is compiled ahead of time in the tests."""
     r_p2, pw_p2 = _next_pow2(runs), _next_pow2(pw)
-    return {"TW": max(1, TILE_ELEMENTS // (r_p2 * pw_p2)), "R_P2": r_p2, "PW_P2": pw_p2}
+    return {"TW": max(1, min(MAX_TILE_TOKENS, TILE_ELEMENTS // (r_p2 * pw_p2))), "R_P2": r_p2, "PW_P2": pw_p2}
 
 
 def config_space() -> list[dict]:
@@ -121,9 +127,11 @@ def config_space() -> list[dict]:
 
 
 def launch_triton(pack: bool, videos: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]],
-                  tokens: torch.Tensor, channels: int, patch_size: Sequence[int]) -> None:
+                  tokens: torch.Tensor, channels: int, patch_size: Sequence[int],
+                  positions: torch.Tensor | None = None) -> None:
     """Copies between contiguous `videos` ([C, T, H, W] each, sizes[v] = (T, H, W)) and
-    contiguous `tokens` [N, D] in one launch. pack=True writes tokens, else videos."""
+    contiguous `tokens` [N, D] in one launch. pack=True writes tokens (and, if given,
+    positions int32 [N, 3]), else videos."""
     pt, ph, pw = patch_size
     word = WORDS[tokens.element_size()]
     cfg = tile_config(channels * pt * ph, pw)
@@ -138,7 +146,7 @@ def launch_triton(pack: bool, videos: Sequence[torch.Tensor], sizes: Sequence[Se
     slots = torch.tensor(rows, dtype=torch.int64).to(tokens.device, non_blocking=True)
     n = len(rows)
     patchify_tile_kernel[(first_tile,)](
-        slots, tokens.view(word), n, max(1, math.ceil(math.log2(n))) if n > 1 else 0,
+        slots, tokens.view(word), positions, n, max(1, math.ceil(math.log2(n))) if n > 1 else 0,
         channels, pt, ph, pw, PACK=pack, num_warps=NUM_WARPS, **cfg)
 
 
@@ -166,12 +174,12 @@ def cuda_reasons(itemsize: int, dim: int) -> list[str]:
 # -----------------------------------------------------------------------------
 
 @torch.library.custom_op("sora_kernels::pack_patchify_triton", mutates_args=())
-def pack_patchify_triton(videos: list[torch.Tensor], patch_size: list[int]) -> torch.Tensor:
+def pack_patchify_triton(videos: list[torch.Tensor], patch_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     videos = [v.contiguous() for v in videos]
     sizes = [tuple(v.shape[1:]) for v in videos]
-    tokens = _empty_tokens(videos, patch_size)
-    launch_triton(True, videos, sizes, tokens, videos[0].shape[0], patch_size)
-    return tokens
+    tokens, positions = _empty_tokens(videos, patch_size)
+    launch_triton(True, videos, sizes, tokens, videos[0].shape[0], patch_size, positions)
+    return tokens, positions
 
 
 @torch.library.custom_op("sora_kernels::unpack_unpatchify_triton", mutates_args=())
@@ -183,9 +191,11 @@ def unpack_unpatchify_triton(tokens: torch.Tensor, patch_size: list[int], sizes:
 
 
 def _empty_tokens(videos, patch_size):
+    """(tokens [N, D], positions int32 [N, 3]) for packing `videos`."""
     pt, ph, pw = patch_size
     n = sum((v.shape[1] // pt) * (v.shape[2] // ph) * (v.shape[3] // pw) for v in videos)
-    return videos[0].new_empty(n, videos[0].shape[0] * pt * ph * pw)
+    return (videos[0].new_empty(n, videos[0].shape[0] * pt * ph * pw),
+            videos[0].new_empty(n, 3, dtype=torch.int32))
 
 
 def _empty_videos(tokens, patch_size, sizes):
@@ -193,7 +203,7 @@ def _empty_videos(tokens, patch_size, sizes):
     return [tokens.new_empty(C, *sizes[i:i + 3]) for i in range(0, len(sizes), 3)]
 
 
-for _name in ("pack_patchify", "pack_patchify_triton"):
+for _name in ("pack_patchify", "pack_patchify_triton"):  # -> (tokens, positions)
     torch.library.register_fake(f"sora_kernels::{_name}")(lambda videos, patch_size: _empty_tokens(videos, patch_size))
 for _name in ("unpack_unpatchify", "unpack_unpatchify_triton"):
     torch.library.register_fake(f"sora_kernels::{_name}")(
@@ -209,8 +219,9 @@ def _register_autograd(pack_name: str, unpack_name: str) -> None:
     def pack_setup(ctx, inputs, output):
         videos, ctx.patch_size = inputs
         ctx.sizes = [s for v in videos for s in v.shape[1:]]
+        ctx.mark_non_differentiable(output[1])  # positions
 
-    def pack_backward(ctx, grad):
+    def pack_backward(ctx, grad, _grad_positions):
         return list(unpack_op(grad, ctx.patch_size, ctx.sizes)), None
 
     def unpack_setup(ctx, inputs, output):
@@ -220,7 +231,7 @@ def _register_autograd(pack_name: str, unpack_name: str) -> None:
         # Outputs that took no part in the loss have no gradient: they contribute zeros.
         grads = [g if g is not None else torch.zeros(s, dtype=ctx.dtype, device=ctx.device)
                  for g, s in zip(grads, ctx.shapes)]
-        return pack_op(grads, ctx.patch_size), None, None
+        return pack_op(grads, ctx.patch_size)[0], None, None
 
     def unpack_setup_full(ctx, inputs, output):
         unpack_setup(ctx, inputs, output)
@@ -310,11 +321,17 @@ def _unpack_backend(name: str, run) -> B.Backend:
     return B.Backend(name, reasons, run)
 
 
+def _pack_reference(videos, patch):
+    grids = [tuple(s // p for s, p in zip(v.shape[1:], patch)) for v in videos]
+    return ref.pack_patchify(videos, patch), ref.packed_positions(grids, videos[0].device)
+
+
+# Each backend's run returns (tokens [N, D], positions int32 [N, 3]).
 PACK_BACKENDS = (
     _pack_backend("cuda", lambda videos, patch: torch.ops.sora_kernels.pack_patchify(videos, list(patch))),
     _pack_backend("triton", lambda videos, patch: torch.ops.sora_kernels.pack_patchify_triton(videos, list(patch))),
     _pack_backend("cpu", lambda videos, patch: torch.ops.sora_kernels.pack_patchify(videos, list(patch))),
-    _pack_backend("reference", ref.pack_patchify),
+    _pack_backend("reference", _pack_reference),
 )
 UNPACK_BACKENDS = (
     _unpack_backend("cuda", lambda tokens, patch, sizes: list(
@@ -349,14 +366,15 @@ def pack_patchify(videos: Sequence[torch.Tensor], patch_size, *, backend: str | 
             torch.cat([v.reshape(C, T//pt, pt, H//ph, ph, W//pw, pw)
                         .permute(1, 3, 5, 0, 2, 4, 6).reshape(-1, D) for v in videos])
 
-        On the GPU backends this is one kernel launch for the whole list.
+        On the GPU backends this is one kernel launch for the whole list (tokens and
+        positions), plus one small host-to-device copy of the metadata.
     """
     patch = check_patch_size(patch_size)
     videos = check_videos(videos, patch)
-    tokens = B.select("pack_patchify", PACK_BACKENDS, (videos, patch), backend).run(videos, patch)
+    tokens, positions = B.select("pack_patchify", PACK_BACKENDS, (videos, patch), backend).run(videos, patch)
     pt, ph, pw = patch
     grids = tuple((v.shape[1] // pt, v.shape[2] // ph, v.shape[3] // pw) for v in videos)
-    cu_seqlens, grid_sizes, positions, max_seqlen = packed_metadata(list(grids), tokens.device)
+    cu_seqlens, grid_sizes, max_seqlen = packed_metadata(grids, tokens.device)
     return Packed(tokens, cu_seqlens, positions, grid_sizes, max_seqlen, grids)
 
 

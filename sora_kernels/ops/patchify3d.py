@@ -37,7 +37,7 @@ def patchify3d_triton(x: torch.Tensor, patch_size: list[int]) -> torch.Tensor:
     tokens = _empty_tokens(x, patch_size)
     if x.shape[0] > 0:
         launch_triton(True, x.unbind(0), [x.shape[2:]] * x.shape[0], tokens.view(-1, tokens.shape[2]),
-                      x.shape[1], patch_size)
+                      x.shape[1], patch_size, positions=None)
     return tokens
 
 

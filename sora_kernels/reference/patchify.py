@@ -44,3 +44,9 @@ def unpack_unpatchify(tokens: torch.Tensor, patch_size: Sequence[int],
     lengths = [t * h * w for t, h, w in grids]
     return [unpatchify3d(chunk.unsqueeze(0), patch_size, g)[0]
             for chunk, g in zip(torch.split(tokens, lengths), grids)]
+
+
+def packed_positions(grids: Sequence[Sequence[int]], device=None) -> torch.Tensor:
+    """int32 [N, 3]: the (t, h, w) grid index of each token of videos with patch grids `grids`."""
+    return torch.cat([torch.stack(torch.meshgrid(*(torch.arange(n, device=device) for n in g), indexing="ij"),
+                                  dim=-1).reshape(-1, 3) for g in grids]).to(torch.int32)

@@ -24,12 +24,15 @@ def kernel_jobs(archs: list[int]) -> list[dict]:
     """One job per (kernel, config, element size, direction, arch)."""
     from sora_kernels.ops import pack_patchify as op
     jobs = []
+    # Launched as: pack with positions (pack_patchify), pack without (patchify3d), unpack.
+    variants = [(True, "*i32"), (True, None), (False, None)]
     for cfg in op.config_space():
         for itemsize in op.WORDS:
-            for pack in (True, False):
+            for pack, positions in variants:
                 for arch in archs:
                     jobs.append({"kernel": "patchify_tile_kernel", "arch": arch, "num_warps": op.NUM_WARPS,
-                                 "word": _TYPES[itemsize], "constexprs": {**cfg, "PACK": pack}})
+                                 "word": _TYPES[itemsize], "positions": positions,
+                                 "constexprs": {**cfg, "PACK": pack}})
     return jobs
 
 
@@ -44,12 +47,15 @@ def compile_job(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     from sora_kernels.ops.pack_patchify import patchify_tile_kernel
-    signature = {"slots_ptr": "*i64", "tokens_ptr": job["word"], "n_videos": "i32", "search_steps": "i32",
-                 "C": "i32", "pt": "i32", "ph": "i32", "pw": "i32",
+    constexprs = dict(job["constexprs"])
+    if job["positions"] is None:
+        constexprs["positions_ptr"] = None
+    signature = {"slots_ptr": "*i64", "tokens_ptr": job["word"], "positions_ptr": job["positions"] or "constexpr",
+                 "n_videos": "i32", "search_steps": "i32", "C": "i32", "pt": "i32", "ph": "i32", "pw": "i32",
                  **{name: "constexpr" for name in job["constexprs"]}}
     result = dict(job)
     try:
-        src = ASTSource(fn=patchify_tile_kernel, signature=signature, constexprs=job["constexprs"])
+        src = ASTSource(fn=patchify_tile_kernel, signature=signature, constexprs=constexprs)
         k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
