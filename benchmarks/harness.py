@@ -130,7 +130,8 @@ def git_revision() -> str:
                                capture_output=True, text=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without .git (a lent GPU machine): the caller may name the revision.
+        return os.environ.get("SORA_KERNELS_REVISION", "unknown")
 
 
 def environment(device: torch.device) -> dict:

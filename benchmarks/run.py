@@ -11,5 +11,7 @@ import pytest
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
     args = [here, "-o", "python_files=bench_*.py", "-p", "no:cacheprovider", "-q",
-            "--benchmark-disable-gc", "--benchmark-sort=name", "--benchmark-columns=median,iqr,rounds"]
+            "--benchmark-disable-gc", "--benchmark-sort=name", "--benchmark-columns=median,iqr,rounds",
+            # On CUDA the suite times with do_bench, not pytest-benchmark's fixture.
+            "-W", "ignore:Benchmark fixture was not used"]
     sys.exit(pytest.main(args + sys.argv[1:]))
