@@ -13,7 +13,6 @@ import torch
 
 import sora_kernels as sk
 from benchmarks import harness
-from sora_kernels import backends as B
 from sora_kernels.ops.pack_patchify import PACK_BACKENDS, UNPACK_BACKENDS
 from sora_kernels.reference import patchify as ref
 
@@ -54,17 +53,6 @@ def torch_loop_unpack(tokens, patch, sizes):
     return out
 
 
-def _skip_unless_usable(provider, backends, args, device):
-    if provider == "torch_loop":
-        return
-    if provider == "triton" and device.type == "cpu":
-        pytest.skip("triton on CPU runs only in the interpreter: not a timing")
-    backend = next(b for b in backends if b.name == provider)
-    reasons = backend.reasons(*args)
-    if reasons:
-        pytest.skip(f"{provider}: {'; '.join(reasons)}")
-
-
 @pytest.mark.parametrize("workload", ["mixed", "mixed_x16"])
 @pytest.mark.parametrize("mode", ["kernel", "op"])
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -73,14 +61,13 @@ def test_pack_patchify(suite, benchmark, workload, mode, provider):
     if repeat is None:
         pytest.skip(f"workload {workload} runs on CUDA only")
     videos = harness.mixed_batch(repeat, suite.device)
-    _skip_unless_usable(provider, PACK_BACKENDS, (videos, PATCH), suite.device)
+    run = harness.backend_runner(provider, PACK_BACKENDS, (videos, PATCH), suite.device)
     if provider == "torch_loop":
         fn = (lambda: torch_loop_pack(videos, PATCH)) if mode == "kernel" else \
              (lambda: (torch_loop_pack(videos, PATCH), torch_loop_metadata(videos, PATCH)))
         out = torch_loop_pack(videos, PATCH)
     elif mode == "kernel":
-        run = next(b for b in PACK_BACKENDS if b.name == provider).run
-        fn = lambda: run(videos, PATCH)  # noqa: E731
+        fn = run
         out = fn()[0]
     else:
         fn = lambda: sk.pack_patchify(videos, PATCH, backend=provider)  # noqa: E731
@@ -100,12 +87,8 @@ def test_unpack_unpatchify(suite, benchmark, workload, provider):
     videos = harness.mixed_batch(repeat, suite.device)
     tokens = ref.pack_patchify(videos, PATCH)
     sizes = [tuple(v.shape[1:]) for v in videos]
-    _skip_unless_usable(provider, UNPACK_BACKENDS, (tokens, PATCH, sizes), suite.device)
-    if provider == "torch_loop":
-        fn = lambda: torch_loop_unpack(tokens, PATCH, sizes)  # noqa: E731
-    else:
-        run = next(b for b in UNPACK_BACKENDS if b.name == provider).run
-        fn = lambda: run(tokens, PATCH, sizes)  # noqa: E731
+    fn = harness.backend_runner(provider, UNPACK_BACKENDS, (tokens, PATCH, sizes), suite.device) or \
+        (lambda: torch_loop_unpack(tokens, PATCH, sizes))
     assert all(torch.equal(a, b) for a, b in zip(fn(), videos)), f"{provider} disagrees with the input"
     nbytes = 2 * tokens.numel() * tokens.element_size()
     suite.run("unpack_unpatchify", "kernel", provider, workload, fn, nbytes, tokens.dtype, benchmark,

@@ -50,6 +50,22 @@ def workloads(device: torch.device) -> dict[str, int]:
     return {"mixed": 1, "mixed_x16": 16} if device.type == "cuda" else {"mixed": 1}
 
 
+def backend_runner(provider: str, backends, args: tuple, device: torch.device):
+    """A no-argument callable running `provider`'s backend on `args`, or None for a baseline
+    provider that is not a backend. Skips the benchmark (with the backend's reasons) when it
+    cannot run here; Triton on CPU runs only in the interpreter, which is not a timing."""
+    import pytest
+    backend = next((b for b in backends if b.name == provider), None)
+    if backend is None:
+        return None
+    if provider == "triton" and device.type == "cpu":
+        pytest.skip("triton on CPU runs only in the interpreter: not a timing")
+    reasons = backend.reasons(*args)
+    if reasons:
+        pytest.skip(f"{provider}: {'; '.join(reasons)}")
+    return lambda: backend.run(*args)
+
+
 # -----------------------------------------------------------------------------
 # Timing
 # -----------------------------------------------------------------------------

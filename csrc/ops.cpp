@@ -19,20 +19,6 @@ void patchify_engine_cpu(bool pack, std::vector<VideoSlot>& slots, const PatchDi
   patchify::patchify_copy_cpu(pack, slots.data(), n, rows, p, tokens.element_size(), tokens.data_ptr(), positions);
 }
 
-std::tuple<at::Tensor, at::Tensor> pack_patchify_cpu(at::TensorList videos, at::IntArrayRef patch_size) {
-  return patchify::pack_patchify_impl(videos, patch_size, patchify_engine_cpu);
-}
-std::vector<at::Tensor> unpack_unpatchify_cpu(const at::Tensor& tokens, at::IntArrayRef patch_size,
-                                              at::IntArrayRef sizes) {
-  return patchify::unpack_unpatchify_impl(tokens, patch_size, sizes, patchify_engine_cpu);
-}
-at::Tensor patchify3d_cpu(const at::Tensor& x, at::IntArrayRef patch_size) {
-  return patchify::patchify3d_impl(x, patch_size, patchify_engine_cpu);
-}
-at::Tensor unpatchify3d_cpu(const at::Tensor& tokens, at::IntArrayRef patch_size, at::IntArrayRef grid) {
-  return patchify::unpatchify3d_impl(tokens, patch_size, grid, patchify_engine_cpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY(sora_kernels, m) {
@@ -47,10 +33,7 @@ TORCH_LIBRARY(sora_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(sora_kernels, CPU, m) {
-  m.impl("patchify3d", &patchify3d_cpu);
-  m.impl("unpatchify3d", &unpatchify3d_cpu);
-  m.impl("pack_patchify", &pack_patchify_cpu);
-  m.impl("unpack_unpatchify", &unpack_unpatchify_cpu);
+  patchify::PatchifyOps<patchify_engine_cpu>::register_impls(m);
 }
 
 }  // namespace sora_kernels

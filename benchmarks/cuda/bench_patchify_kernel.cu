@@ -52,25 +52,32 @@ static void run(const Workload& w) {
     N = tok;
     return slots;
   };
+  struct Launch { VideoSlot* d_slots; int64_t n, tiles; PatchDims p; CudaPlan plan; };
+  auto prepare = [&](unsigned short* base) {  // plan the tiles and upload the slot table
+    std::vector<VideoSlot> slots = slots_for(base);
+    int64_t align = 16;
+    for (auto& s : slots) align = std::min({align, pow2_divisor(s.data), pow2_divisor(s.W * es)});
+    Launch l{nullptr, static_cast<int64_t>(slots.size()), 0, dims, plan_cuda(dims, es, align)};
+    l.tiles = assign_cuda_tiles(slots.data(), l.n, l.p, es, l.plan);
+    CHECK(cudaMalloc(&l.d_slots, slots.size() * sizeof(VideoSlot)));
+    CHECK(cudaMemcpy(l.d_slots, slots.data(), slots.size() * sizeof(VideoSlot), cudaMemcpyHostToDevice));
+    return l;
+  };
+  auto launch = [&](bool pack, const Launch& l) {
+    CHECK(static_cast<cudaError_t>(
+        launch_patchify_copy_cuda(pack, l.d_slots, l.n, l.tiles, l.p, l.plan, tokens, nullptr, nullptr)));
+  };
   float pack_ms = 0, unpack_ms = 0, copy_ms = 0;
   const int reps = 50;
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
   for (int pack = 1; pack >= 0; --pack) {
-    std::vector<VideoSlot> slots = slots_for(pack ? video : back);
-    int64_t align = 16;
-    for (auto& s : slots) align = std::min({align, pow2_divisor(s.data), pow2_divisor(s.W * es)});
-    CudaPlan plan = plan_cuda(dims, es, align);
-    PatchDims p = dims;
-    const int64_t tiles = assign_cuda_tiles(slots.data(), slots.size(), p, es, plan);
-    VideoSlot* d_slots;
-    CHECK(cudaMalloc(&d_slots, slots.size() * sizeof(VideoSlot)));
-    CHECK(cudaMemcpy(d_slots, slots.data(), slots.size() * sizeof(VideoSlot), cudaMemcpyHostToDevice));
+    const Launch l = prepare(pack ? video : back);
     std::vector<float> times;
     for (int r = 0; r < reps + 5; ++r) {
       cudaEventRecord(a);
-      CHECK(static_cast<cudaError_t>(launch_patchify_copy_cuda(pack, d_slots, slots.size(), tiles, p, plan, tokens, nullptr, nullptr)));
+      launch(pack, l);
       cudaEventRecord(b);
       cudaEventSynchronize(b);
       if (r >= 5) times.push_back(time_ms(a, b));
@@ -78,9 +85,9 @@ static void run(const Workload& w) {
     std::sort(times.begin(), times.end());
     (pack ? pack_ms : unpack_ms) = times[times.size() / 2];
     if (pack) std::printf("  plan: unit %lld B, vec %lld, max tile tokens %lld, smem %lld B, %lld tiles\n",
-                          (long long)plan.unit_bytes, (long long)plan.vec, (long long)plan.max_tile_tokens,
-                          (long long)plan.smem_bytes, (long long)tiles);
-    cudaFree(d_slots);
+                          (long long)l.plan.unit_bytes, (long long)l.plan.vec, (long long)l.plan.max_tile_tokens,
+                          (long long)l.plan.smem_bytes, (long long)l.tiles);
+    cudaFree(l.d_slots);
   }
   std::vector<float> times;
   for (int r = 0; r < reps + 5; ++r) {
@@ -94,20 +101,11 @@ static void run(const Workload& w) {
   copy_ms = times[times.size() / 2];
   // Round trip check: pack then unpack into `back`.
   CHECK(cudaMemset(back, 0xff, total * es));
-  std::vector<VideoSlot> s1 = slots_for(video), s2 = slots_for(back);
   for (int pack = 1; pack >= 0; --pack) {
-    auto& slots = pack ? s1 : s2;
-    int64_t align = 16;
-    for (auto& s : slots) align = std::min({align, pow2_divisor(s.data), pow2_divisor(s.W * es)});
-    CudaPlan plan = plan_cuda(dims, es, align);
-    PatchDims p = dims;
-    const int64_t tiles = assign_cuda_tiles(slots.data(), slots.size(), p, es, plan);
-    VideoSlot* d_slots;
-    CHECK(cudaMalloc(&d_slots, slots.size() * sizeof(VideoSlot)));
-    CHECK(cudaMemcpy(d_slots, slots.data(), slots.size() * sizeof(VideoSlot), cudaMemcpyHostToDevice));
-    CHECK(static_cast<cudaError_t>(launch_patchify_copy_cuda(pack, d_slots, slots.size(), tiles, p, plan, tokens, nullptr, nullptr)));
+    const Launch l = prepare(pack ? video : back);
+    launch(pack, l);
     CHECK(cudaDeviceSynchronize());
-    cudaFree(d_slots);
+    cudaFree(l.d_slots);
   }
   std::vector<unsigned short> got(total);
   CHECK(cudaMemcpy(got.data(), back, total * es, cudaMemcpyDeviceToHost));

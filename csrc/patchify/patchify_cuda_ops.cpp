@@ -39,27 +39,10 @@ void patchify_engine_cuda(bool pack, std::vector<VideoSlot>& slots, const PatchD
               " (", tiles, " tiles)");
 }
 
-std::tuple<at::Tensor, at::Tensor> pack_patchify_cuda(at::TensorList videos, at::IntArrayRef patch_size) {
-  return patchify::pack_patchify_impl(videos, patch_size, patchify_engine_cuda);
-}
-std::vector<at::Tensor> unpack_unpatchify_cuda(const at::Tensor& tokens, at::IntArrayRef patch_size,
-                                               at::IntArrayRef sizes) {
-  return patchify::unpack_unpatchify_impl(tokens, patch_size, sizes, patchify_engine_cuda);
-}
-at::Tensor patchify3d_cuda(const at::Tensor& x, at::IntArrayRef patch_size) {
-  return patchify::patchify3d_impl(x, patch_size, patchify_engine_cuda);
-}
-at::Tensor unpatchify3d_cuda(const at::Tensor& tokens, at::IntArrayRef patch_size, at::IntArrayRef grid) {
-  return patchify::unpatchify3d_impl(tokens, patch_size, grid, patchify_engine_cuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sora_kernels, CUDA, m) {
-  m.impl("patchify3d", &patchify3d_cuda);
-  m.impl("unpatchify3d", &unpatchify3d_cuda);
-  m.impl("pack_patchify", &pack_patchify_cuda);
-  m.impl("unpack_unpatchify", &unpack_unpatchify_cuda);
+  patchify::PatchifyOps<patchify_engine_cuda>::register_impls(m);
 }
 
 }  // namespace sora_kernels

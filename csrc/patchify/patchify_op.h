@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
+#include <torch/library.h>
 
 #include <tuple>
 #include <vector>
@@ -141,6 +142,31 @@ at::Tensor unpatchify3d_impl(const at::Tensor& tokens, at::IntArrayRef patch_siz
   if (B > 0) engine(false, slots, p, tok, nullptr);
   return x;
 }
+
+// The four ops over one device's engine (a function, as a template argument so that
+// each registration gets plain function pointers).
+template <auto engine>
+struct PatchifyOps {
+  static std::tuple<at::Tensor, at::Tensor> pack(at::TensorList videos, at::IntArrayRef patch_size) {
+    return pack_patchify_impl(videos, patch_size, engine);
+  }
+  static std::vector<at::Tensor> unpack(const at::Tensor& tokens, at::IntArrayRef patch_size, at::IntArrayRef sizes) {
+    return unpack_unpatchify_impl(tokens, patch_size, sizes, engine);
+  }
+  static at::Tensor patchify(const at::Tensor& x, at::IntArrayRef patch_size) {
+    return patchify3d_impl(x, patch_size, engine);
+  }
+  static at::Tensor unpatchify(const at::Tensor& tokens, at::IntArrayRef patch_size, at::IntArrayRef grid) {
+    return unpatchify3d_impl(tokens, patch_size, grid, engine);
+  }
+  // Registers the four ops for one dispatch key (inside TORCH_LIBRARY_IMPL).
+  static void register_impls(torch::Library& m) {
+    m.impl("patchify3d", &patchify);
+    m.impl("unpatchify3d", &unpatchify);
+    m.impl("pack_patchify", &pack);
+    m.impl("unpack_unpatchify", &unpack);
+  }
+};
 
 }  // namespace patchify
 }  // namespace sora_kernels

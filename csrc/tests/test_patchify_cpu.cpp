@@ -67,6 +67,9 @@ int main() {
   errors += check<uint32_t>({3, 2, 3, 5}, {{2, 3, 5}, {4, 9, 20}}, 2);
   errors += check<uint8_t>({5, 1, 1, 3}, {{1, 1, 3}, {3, 7, 9}}, 3);
   errors += check<uint64_t>({2, 1, 4, 1}, {{2, 8, 3}}, 4);
+  // 4-byte runs take the 4x4 transpose path: R and Wg with remainders modulo 4.
+  errors += check<uint16_t>({3, 1, 1, 2}, {{2, 3, 14}, {1, 5, 6}}, 5);
+  errors += check<uint32_t>({5, 1, 2, 1}, {{3, 4, 9}, {1, 2, 40}}, 6);
   std::printf(errors ? "FAILED: %d errors\n" : "all patchify CPU checks passed\n", errors);
   return errors ? 1 : 0;
 }
