@@ -58,8 +58,18 @@ def test_many_small_videos_next_to_a_large_one(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_wide_rows_span_several_tiles(backend):
-    # Rows wider than one tile (the CUDA and Triton kernels cut them) and odd widths.
-    check_roundtrip(backend, make_videos([(1, 2, 2 * 300), (2, 4, 2 * 129)], 2, torch.float16), (1, 2, 2))
+    # Rows wider than one tile, which the CUDA (96 tokens of 128 B) and Triton (64) kernels
+    # cut, with partial last tiles, and odd widths.
+    check_roundtrip(backend, make_videos([(1, 2, 2 * 300), (2, 4, 2 * 129)], 16, torch.float16), (1, 2, 2))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_misaligned_storage(backend):
+    # A video whose data starts 2 bytes into its storage: the CUDA kernel drops to narrow units.
+    g = torch.Generator().manual_seed(3)
+    shape = (16, 2, 4, 2 * 100)
+    flat = torch.randn(16 * 2 * 4 * 200 + 1, generator=g).to(device=DEVICE, dtype=torch.float16)
+    check_roundtrip(backend, [flat[1:].view(shape), make_videos([(1, 2, 6)], 16, torch.float16)[0]], (1, 2, 2))
 
 
 video_sizes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5))
@@ -110,7 +120,7 @@ def test_backward_matches_reference(backend):
 
     tokens = ref.pack_patchify(base, patch).requires_grad_()
     outs = sk.unpack_unpatchify(tokens, packed, patch, backend=backend)
-    # Only two of three outputs feed the loss: the third contributes a zero gradient.
+    # Only outs[0] and outs[2] feed the loss: outs[1] contributes a zero gradient.
     (outs[0] * base[0]).sum().add_((outs[2] * 3).sum()).backward()
     expected = ref.pack_patchify([base[0], torch.zeros_like(base[1]), torch.full_like(base[2], 3.0)], patch)
     assert_bitwise_equal(tokens.grad, expected, f"{backend} unpack backward")
@@ -155,6 +165,7 @@ def test_torch_compile_inductor():
     ([torch.zeros(3, 1, 4, 4)], (1, 0, 2), r"patch_size\[1\]: expected a positive int, got 0"),
     ([torch.zeros(3, 1, 4, 4)], (1, 2), r"patch_size: expected an int or 3 ints"),
     ([torch.zeros(3, 0, 4, 4)], (1, 2, 2), r"videos\[0\]: expected T > 0, got T=0"),
+    ([torch.zeros(0, 1, 4, 4)], (1, 2, 2), r"videos\[0\]: expected C >= 1 channels, got C=0"),
 ])
 def test_bad_input_names_the_argument(videos, patch, message):
     with pytest.raises(ValueError, match=message):
@@ -172,7 +183,7 @@ def test_unpack_checks_token_count_and_width():
     packed = sk.pack_patchify(videos, (1, 2, 2))
     with pytest.raises(ValueError, match=r"tokens: expected N=5 tokens to match packed.cu_seqlens\[-1\], got N=4"):
         sk.unpack_unpatchify(packed.tokens[:4], packed, (1, 2, 2))
-    with pytest.raises(ValueError, match=r"tokens: expected D divisible by pt\*ph\*pw=4, got D=10"):
+    with pytest.raises(ValueError, match=r"tokens: expected D a positive multiple of pt\*ph\*pw=4, got D=10"):
         sk.unpack_unpatchify(torch.zeros(5, 10), packed, (1, 2, 2))
     with pytest.raises(ValueError, match=r"tokens: expected a 2-dim tensor \[N, D\], got \(5, 12, 1\)"):
         sk.unpack_unpatchify(torch.zeros(5, 12, 1), packed, (1, 2, 2))

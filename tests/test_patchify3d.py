@@ -95,7 +95,10 @@ def test_torch_compile_fullgraph(backend):
     (lambda: sk.unpatchify3d(torch.zeros(1, 5, 12), (1, 2, 2), (1, 2, 2)),
      r"tokens: expected L=4 tokens for grid \(1, 2, 2\), got L=5"),
     (lambda: sk.unpatchify3d(torch.zeros(1, 4, 10), (1, 2, 2), (1, 2, 2)),
-     r"tokens: expected D divisible by pt\*ph\*pw=4, got D=10"),
+     r"tokens: expected D a positive multiple of pt\*ph\*pw=4, got D=10"),
+    (lambda: sk.unpatchify3d(torch.zeros(1, 4, 0), (1, 2, 2), (1, 2, 2)),
+     r"tokens: expected D a positive multiple of pt\*ph\*pw=4, got D=0"),
+    (lambda: sk.patchify3d(torch.zeros(1, 0, 2, 4, 4), 2), r"x: expected C >= 1 channels, got C=0"),
     (lambda: sk.unpatchify3d(torch.zeros(1, 4, 12), (1, 2, 2), (1, 2)), r"grid: expected 3 positive ints"),
 ])
 def test_bad_input_names_the_argument(call, message):

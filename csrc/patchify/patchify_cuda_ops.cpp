@@ -25,7 +25,7 @@ void patchify_engine_cuda(bool pack, std::vector<VideoSlot>& slots, const PatchD
   for (const VideoSlot& s : slots)
     align = std::min({align, patchify::pow2_divisor(s.data), patchify::pow2_divisor(s.W * es)});
   patchify::CudaPlan plan = patchify::plan_cuda(dims, es, align);
-  TORCH_CHECK(plan.max_tile_tokens >= 1, "tokens: D*itemsize=", dims.dim() * es,
+  TORCH_CHECK(plan.max_tile_tokens >= 1, "patch_size and dtype: tokens of D*itemsize=", dims.dim() * es,
               " bytes per token do not fit the cuda backend's 48 KB shared-memory tile");
   PatchDims p = dims;
   const int64_t tiles = patchify::assign_cuda_tiles(slots.data(), n, p, es, plan);

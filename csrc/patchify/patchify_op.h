@@ -9,6 +9,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -18,18 +19,21 @@ namespace sora_kernels {
 namespace patchify {
 
 inline PatchDims check_patch(at::IntArrayRef patch_size, int64_t C) {
+  TORCH_CHECK(C >= 1, "channels: expected C >= 1 (tokens: D a positive multiple of pt*ph*pw), got C=", C);
   TORCH_CHECK(patch_size.size() == 3, "patch_size: expected 3 values (pt, ph, pw), got ", patch_size.size());
   for (const auto i : c10::irange(3))
     TORCH_CHECK(patch_size[i] > 0, "patch_size[", i, "]: expected a positive size, got ", patch_size[i]);
   return PatchDims{C, patch_size[0], patch_size[1], patch_size[2]};
 }
 
+// `index` < 0: the argument is a single tensor (no "[i]" in the message).
 inline void check_divisible(const char* name, int64_t index, int64_t T, int64_t H, int64_t W, const PatchDims& p) {
   const int64_t sizes[3] = {T, H, W}, patch[3] = {p.pt, p.ph, p.pw};
   const char* axes[3] = {"T", "H", "W"};
+  const std::string arg = index < 0 ? std::string(name) : c10::str(name, "[", index, "]");
   for (const auto a : c10::irange(3)) {
-    TORCH_CHECK(sizes[a] > 0, name, "[", index, "]: expected ", axes[a], " > 0, got ", sizes[a]);
-    TORCH_CHECK(sizes[a] % patch[a] == 0, name, "[", index, "]: ", axes[a], "=", sizes[a],
+    TORCH_CHECK(sizes[a] > 0, arg, ": expected ", axes[a], " > 0, got ", sizes[a]);
+    TORCH_CHECK(sizes[a] % patch[a] == 0, arg, ": ", axes[a], "=", sizes[a],
                 " is not divisible by patch_size[", a, "]=", patch[a]);
   }
 }
@@ -107,7 +111,7 @@ at::Tensor patchify3d_impl(const at::Tensor& x, at::IntArrayRef patch_size, Engi
   TORCH_CHECK(x.dim() == 5, "x: expected 5 dims [B, C, T, H, W], got ", x.sizes());
   const PatchDims p = check_patch(patch_size, x.size(1));
   const int64_t B = x.size(0), T = x.size(2), H = x.size(3), W = x.size(4);
-  check_divisible("x", 0, T, H, W, p);
+  check_divisible("x", -1, T, H, W, p);
   const at::Tensor xc = x.contiguous();
   const int64_t L = video_tokens(T, H, W, p);
   at::Tensor tokens = at::empty({B, L, p.dim()}, x.options());

@@ -175,7 +175,8 @@ def cuda_reasons(itemsize: int, dim: int) -> list[str]:
 
 @torch.library.custom_op("sora_kernels::pack_patchify_triton", mutates_args=())
 def pack_patchify_triton(videos: list[torch.Tensor], patch_size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    videos = [v.contiguous() for v in videos]
+    videos = [v.contiguous() for v in check_videos(videos, check_patch_size(patch_size))]
+    _check_triton_dtype(videos[0])
     sizes = [tuple(v.shape[1:]) for v in videos]
     tokens, positions = _empty_tokens(videos, patch_size)
     launch_triton(True, videos, sizes, tokens, videos[0].shape[0], patch_size, positions)
@@ -184,10 +185,24 @@ def pack_patchify_triton(videos: list[torch.Tensor], patch_size: list[int]) -> t
 
 @torch.library.custom_op("sora_kernels::unpack_unpatchify_triton", mutates_args=())
 def unpack_unpatchify_triton(tokens: torch.Tensor, patch_size: list[int], sizes: list[int]) -> list[torch.Tensor]:
+    patch = check_patch_size(patch_size)
+    if tokens.dim() != 2 or len(sizes) == 0 or len(sizes) % 3 != 0:
+        raise ValueError(f"tokens, sizes: expected [N, D] tokens and (T, H, W) per video, got {tuple(tokens.shape)} "
+                         f"and {len(sizes)} sizes")
+    for v in range(len(sizes) // 3):
+        check_divisible(f"sizes[{v}]", sizes[3 * v:3 * v + 3], patch)
+    check_unpack_sizes(tokens, patch, [sizes[i:i + 3] for i in range(0, len(sizes), 3)])
+    _check_triton_dtype(tokens)
     tokens = tokens.contiguous()
     videos = _empty_videos(tokens, patch_size, sizes)
     launch_triton(False, videos, [tuple(v.shape[1:]) for v in videos], tokens, videos[0].shape[0], patch_size)
     return videos
+
+
+def _check_triton_dtype(t: torch.Tensor) -> None:
+    if t.element_size() not in WORDS:
+        raise ValueError(f"{'tokens' if t.dim() == 2 else 'videos'}: the triton backend moves 2- or 4-byte "
+                         f"elements, got {t.dtype}")
 
 
 def _empty_tokens(videos, patch_size):
@@ -225,20 +240,14 @@ def _register_autograd(pack_name: str, unpack_name: str) -> None:
         return list(unpack_op(grad, ctx.patch_size, ctx.sizes)), None
 
     def unpack_setup(ctx, inputs, output):
-        ctx.patch_size, ctx.shapes = inputs[1], [v.shape for v in output]
+        ctx.patch_size = inputs[1]
 
     def unpack_backward(ctx, grads):
-        # Outputs that took no part in the loss have no gradient: they contribute zeros.
-        grads = [g if g is not None else torch.zeros(s, dtype=ctx.dtype, device=ctx.device)
-                 for g, s in zip(grads, ctx.shapes)]
-        return pack_op(grads, ctx.patch_size)[0], None, None
-
-    def unpack_setup_full(ctx, inputs, output):
-        unpack_setup(ctx, inputs, output)
-        ctx.dtype, ctx.device = inputs[0].dtype, inputs[0].device
+        # Autograd materialises the gradients of unused outputs as zeros.
+        return pack_op(list(grads), ctx.patch_size)[0], None, None
 
     torch.library.register_autograd(f"sora_kernels::{pack_name}", pack_backward, setup_context=pack_setup)
-    torch.library.register_autograd(f"sora_kernels::{unpack_name}", unpack_backward, setup_context=unpack_setup_full)
+    torch.library.register_autograd(f"sora_kernels::{unpack_name}", unpack_backward, setup_context=unpack_setup)
 
 
 if B.COMPILED_MISSING is None:
@@ -283,6 +292,8 @@ def check_videos(videos, patch: Sequence[int]) -> list[torch.Tensor]:
         if not isinstance(v, torch.Tensor) or v.dim() != 4:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"videos[{i}]: expected a 4-dim tensor [C, T, H, W], got {got}")
+        if v.shape[0] < 1:
+            raise ValueError(f"videos[{i}]: expected C >= 1 channels, got C={v.shape[0]}")
         if v.shape[0] != first.shape[0]:
             raise ValueError(f"videos[{i}]: expected C={first.shape[0]} channels like videos[0], got C={v.shape[0]}")
         if v.dtype != first.dtype:
@@ -291,6 +302,21 @@ def check_videos(videos, patch: Sequence[int]) -> list[torch.Tensor]:
             raise ValueError(f"videos[{i}]: expected device {first.device} like videos[0], got {v.device}")
         check_divisible(f"videos[{i}]", v.shape[1:], patch)
     return list(videos)
+
+
+def check_token_width(dim: int, patch: Sequence[int]) -> None:
+    """ValueError naming `tokens` unless D is a positive multiple of pt*ph*pw."""
+    per_channel = patch[0] * patch[1] * patch[2]
+    if dim < 1 or dim % per_channel != 0:
+        raise ValueError(f"tokens: expected D a positive multiple of pt*ph*pw={per_channel}, got D={dim}")
+
+
+def check_unpack_sizes(tokens: torch.Tensor, patch: Sequence[int], sizes: Sequence[Sequence[int]]) -> None:
+    """ValueError naming `tokens` unless it holds exactly the tokens of videos of `sizes`."""
+    check_token_width(tokens.shape[-1], patch)
+    n_tokens = sum((t // patch[0]) * (h // patch[1]) * (w // patch[2]) for t, h, w in sizes)
+    if tokens.shape[0] != n_tokens:
+        raise ValueError(f"tokens: expected N={n_tokens} tokens for the given sizes, got N={tokens.shape[0]}")
 
 
 # -----------------------------------------------------------------------------
@@ -367,7 +393,8 @@ def pack_patchify(videos: Sequence[torch.Tensor], patch_size, *, backend: str | 
                         .permute(1, 3, 5, 0, 2, 4, 6).reshape(-1, D) for v in videos])
 
         On the GPU backends this is one kernel launch for the whole list (tokens and
-        positions), plus one small host-to-device copy of the metadata.
+        positions), plus two small host-to-device copies (the kernel's table of videos,
+        and cu_seqlens with grid_sizes).
     """
     patch = check_patch_size(patch_size)
     videos = check_videos(videos, patch)
@@ -396,8 +423,6 @@ def unpack_unpatchify(tokens: torch.Tensor, packed: Packed, patch_size, *,
     if tokens.shape[0] != n_tokens:
         raise ValueError(f"tokens: expected N={n_tokens} tokens to match packed.cu_seqlens[-1], "
                          f"got N={tokens.shape[0]}")
-    per_channel = patch[0] * patch[1] * patch[2]
-    if tokens.shape[1] % per_channel != 0:
-        raise ValueError(f"tokens: expected D divisible by pt*ph*pw={per_channel}, got D={tokens.shape[1]}")
+    check_token_width(tokens.shape[1], patch)
     sizes = [(t * patch[0], h * patch[1], w * patch[2]) for t, h, w in packed.grids]
     return B.select("unpack_unpatchify", UNPACK_BACKENDS, (tokens, patch, sizes), backend).run(tokens, patch, sizes)

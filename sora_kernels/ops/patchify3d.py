@@ -11,8 +11,36 @@ from typing import Sequence
 import torch
 
 from sora_kernels import backends as B
-from sora_kernels.ops.pack_patchify import check_divisible, check_patch_size, kernel_reasons, launch_triton
+from sora_kernels.ops.pack_patchify import (check_divisible, check_patch_size, check_token_width, kernel_reasons,
+                                            launch_triton)
 from sora_kernels.reference import patchify as ref
+
+# -----------------------------------------------------------------------------
+# Input checks (the public functions and the Triton ops)
+# -----------------------------------------------------------------------------
+
+
+def _check_batch(x, patch) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a 5-dim tensor [B, C, T, H, W], got {got}")
+    if x.shape[1] < 1:
+        raise ValueError(f"x: expected C >= 1 channels, got C={x.shape[1]}")
+    check_divisible("x", x.shape[2:], patch)
+
+
+def _check_tokens(tokens, patch, grid) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens: expected a 3-dim tensor [B, L, D], got {got}")
+    grid = tuple(grid)
+    if len(grid) != 3 or any(not isinstance(g, int) or g <= 0 for g in grid):
+        raise ValueError(f"grid: expected 3 positive ints (T/pt, H/ph, W/pw), got {grid!r}")
+    if tokens.shape[1] != grid[0] * grid[1] * grid[2]:
+        raise ValueError(f"tokens: expected L={grid[0] * grid[1] * grid[2]} tokens for grid {grid}, "
+                         f"got L={tokens.shape[1]}")
+    check_token_width(tokens.shape[2], patch)
+
 
 # -----------------------------------------------------------------------------
 # Custom ops (Triton) and autograd
@@ -33,6 +61,7 @@ def _empty_video(tokens: torch.Tensor, patch_size: Sequence[int], grid: Sequence
 
 @torch.library.custom_op("sora_kernels::patchify3d_triton", mutates_args=())
 def patchify3d_triton(x: torch.Tensor, patch_size: list[int]) -> torch.Tensor:
+    _check_batch(x, check_patch_size(patch_size))
     x = x.contiguous()
     tokens = _empty_tokens(x, patch_size)
     if x.shape[0] > 0:
@@ -43,6 +72,7 @@ def patchify3d_triton(x: torch.Tensor, patch_size: list[int]) -> torch.Tensor:
 
 @torch.library.custom_op("sora_kernels::unpatchify3d_triton", mutates_args=())
 def unpatchify3d_triton(tokens: torch.Tensor, patch_size: list[int], grid: list[int]) -> torch.Tensor:
+    _check_tokens(tokens, check_patch_size(patch_size), grid)
     tokens = tokens.contiguous()
     x = _empty_video(tokens, patch_size, grid)
     if x.shape[0] > 0:
@@ -130,10 +160,7 @@ def patchify3d(x: torch.Tensor, patch_size, *, backend: str | None = None) -> to
         backend: force "cuda", "triton", "cpu" or "reference" (or set SORA_KERNELS_BACKEND).
     """
     patch = check_patch_size(patch_size)
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x: expected a 5-dim tensor [B, C, T, H, W], got {got}")
-    check_divisible("x", x.shape[2:], patch)
+    _check_batch(x, patch)
     return B.select("patchify3d", PATCHIFY_BACKENDS, (x, patch), backend).run(x, patch)
 
 
@@ -148,16 +175,6 @@ def unpatchify3d(tokens: torch.Tensor, patch_size, grid: Sequence[int], *,
         backend: as for patchify3d.
     """
     patch = check_patch_size(patch_size)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
-        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"tokens: expected a 3-dim tensor [B, L, D], got {got}")
     grid = tuple(grid)
-    if len(grid) != 3 or any(not isinstance(g, int) or g <= 0 for g in grid):
-        raise ValueError(f"grid: expected 3 positive ints (T/pt, H/ph, W/pw), got {grid!r}")
-    if tokens.shape[1] != grid[0] * grid[1] * grid[2]:
-        raise ValueError(f"tokens: expected L={grid[0] * grid[1] * grid[2]} tokens for grid {grid}, "
-                         f"got L={tokens.shape[1]}")
-    per_channel = patch[0] * patch[1] * patch[2]
-    if tokens.shape[2] % per_channel != 0:
-        raise ValueError(f"tokens: expected D divisible by pt*ph*pw={per_channel}, got D={tokens.shape[2]}")
+    _check_tokens(tokens, patch, grid)
     return B.select("unpatchify3d", UNPATCHIFY_BACKENDS, (tokens, patch, grid), backend).run(tokens, patch, grid)
