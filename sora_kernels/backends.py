@@ -151,7 +151,3 @@ def select(op: str, backends: Sequence[Backend], args: tuple, backend: str | Non
         head += f" (forced to {forced!r})"
     raise NoBackendError(head + "\n" + "\n".join(report))
 
-
-def usable_backends(op: str, backends: Sequence[Backend], args: tuple) -> list[str]:
-    """Names of every backend that can run `args` (for tests and benchmarks)."""
-    return [b.name for b in backends if not b.reasons(*args)]
