@@ -23,21 +23,30 @@ class Suite:
         self.quick = config.getoption("--quick")
         self.profile = config.getoption("--profile")
         self.rows: list[harness.Row] = []
+        self.results_arg = config.getoption("--results")
 
     def copy_bw(self) -> float:
         return harness.copy_bandwidth_gbps(self.device, self.quick)
 
     def run(self, kernel: str, mode: str, provider: str, workload: str, fn, bytes_moved: int, dtype: torch.dtype,
-            benchmark=None, **extra) -> harness.Row:
-        """Times fn, records a row, and writes a profiler trace with --profile."""
+            benchmark=None, flops: int = 0, **extra) -> harness.Row:
+        """Times fn, records a row, and writes a profiler trace with --profile. `flops`, for
+        compute-bound ops, adds TFLOP/s to the row."""
         t = harness.measure(fn, self.device, benchmark, self.quick)
         gbps = bytes_moved / (t.median_ms * 1e-3) / 1e9
         row = harness.Row(kernel, mode, provider, workload, str(dtype).replace("torch.", ""), t.median_ms, t.p20_ms,
-                          t.p80_ms, bytes_moved, gbps, gbps / self.copy_bw(), extra)
+                          t.p80_ms, bytes_moved, gbps, gbps / self.copy_bw(), extra, flops,
+                          flops / (t.median_ms * 1e-3) / 1e12)
         self.rows.append(row)
+        self.write()  # after every row, so a run cut short keeps what it measured
         if self.profile:
             self._trace(f"{kernel}-{mode}-{provider}-{workload}", fn)
         return row
+
+    def write(self) -> str:
+        self.results_path = harness.write_results(self.rows, harness.environment(self.device), self.copy_bw(),
+                                                  self.results_arg)
+        return self.results_path
 
     def _trace(self, name: str, fn) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -67,7 +76,7 @@ def pytest_sessionfinish(session, exitstatus):
     if _SUITE is None or not _SUITE.rows:
         return
     env = harness.environment(_SUITE.device)
-    path = harness.write_results(_SUITE.rows, env, _SUITE.copy_bw(), session.config.getoption("--results"))
+    path = _SUITE.write()
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     text = (f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | rev {env['git_revision']}\n"
             f"measured copy bandwidth: {_SUITE.copy_bw():.1f} GB/s (read + write)\n"

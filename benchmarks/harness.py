@@ -136,6 +136,8 @@ class Row:
     gbps: float
     frac_copy_bw: float  # gbps over the device's measured copy bandwidth
     extra: dict = field(default_factory=dict)
+    flops: int = 0       # floating-point operations counted for compute-bound ops (attention), else 0
+    tflops: float = 0.0  # flops / median time
 
 
 def git_revision() -> str:
@@ -183,17 +185,48 @@ def write_results(rows: list[Row], env: dict, copy_bw: float, path: str | None =
     return path
 
 
+# The baseline each op's speedup column is taken against.
+BASELINES = {"varlen_attention": "sdpa_padded", "rope3d": "reference"}
+
+
 def format_table(rows: list[Row]) -> str:
-    head = ("kernel", "mode", "workload", "provider", "median ms", "p20-p80 ms", "GB/s", "of copy BW", "speedup")
-    lines = []
-    for r in rows:
-        base = next((b for b in rows if (b.kernel, b.mode, b.workload, b.dtype) == (r.kernel, r.mode, r.workload, r.dtype)
-                     and b.provider == "torch_loop"), None)
-        speedup = f"{base.median_ms / r.median_ms:.2f}x" if base else "-"
-        lines.append((r.kernel, r.mode, r.workload, r.provider, f"{r.median_ms:.4f}", f"{r.p20_ms:.4f}-{r.p80_ms:.4f}",
-                      f"{r.gbps:.1f}", f"{100 * r.frac_copy_bw:.0f}%", speedup))
+    """One table for memory-bound rows (GB/s, fraction of copy bandwidth, speedup over
+    torch_loop), one for compute-bound rows (TFLOP/s, speedup over BASELINES)."""
+    memory = [r for r in rows if not r.flops]
+    compute = [r for r in rows if r.flops]
+    tables = [_memory_table(memory)] if memory else []
+    if compute:
+        tables.append(_compute_table(compute))
+    return "\n\n".join(tables)
+
+
+def _speedup(rows: list[Row], r: Row, baseline: str) -> str:
+    base = next((b for b in rows if (b.kernel, b.mode, b.workload, b.dtype) == (r.kernel, r.mode, r.workload, r.dtype)
+                 and b.provider == baseline), None)
+    return f"{base.median_ms / r.median_ms:.2f}x" if base else "-"
+
+
+def _layout(head, lines) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line) for line in lines]
     return "\n".join(out)
+
+
+def _compute_table(rows: list[Row]) -> str:
+    head = ("kernel", "mode", "workload", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "speedup", "vs")
+    lines = [(r.kernel, r.mode, r.workload, r.provider, f"{r.median_ms:.3f}", f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
+              f"{r.tflops:.3g}", _speedup(rows, r, BASELINES.get(r.kernel, "torch_loop")),
+              BASELINES.get(r.kernel, "torch_loop")) for r in rows]
+    return _layout(head, lines)
+
+
+def _memory_table(rows: list[Row]) -> str:
+    head = ("kernel", "mode", "workload", "provider", "median ms", "p20-p80 ms", "GB/s", "of copy BW", "speedup")
+    lines = []
+    for r in rows:
+        speedup = _speedup(rows, r, BASELINES.get(r.kernel, "torch_loop"))
+        lines.append((r.kernel, r.mode, r.workload, r.provider, f"{r.median_ms:.4f}", f"{r.p20_ms:.4f}-{r.p80_ms:.4f}",
+                      f"{r.gbps:.1f}", f"{100 * r.frac_copy_bw:.0f}%", speedup))
+    return _layout(head, lines)

@@ -5,14 +5,19 @@ backends; see sora_kernels.backends for how one is picked):
 
     patchify3d, unpatchify3d             [B, C, T, H, W] <-> [B, L, C*pt*ph*pw]
     pack_patchify, unpack_unpatchify     list of [C, Ti, Hi, Wi] <-> one packed sequence (Packed)
+    varlen_attention                     attention over packed segments (cu_seqlens), optional fused rope
+    rope3d                               3D rotary embedding of [N, H, D] from (t, h, w) positions
 
 `python -m sora_kernels.info` prints what is built and usable here.
 """
 from sora_kernels.backends import NoBackendError
 from sora_kernels.ops.pack_patchify import pack_patchify, unpack_unpatchify
 from sora_kernels.ops.patchify3d import patchify3d, unpatchify3d
+from sora_kernels.ops.rope3d import rope3d
+from sora_kernels.ops.varlen_attention import Rope3D, varlen_attention
 from sora_kernels.packed import Packed
 
 __version__ = "0.1.0"
 
-__all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "Packed", "NoBackendError"]
+__all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "Packed", "varlen_attention",
+           "Rope3D", "rope3d", "NoBackendError"]

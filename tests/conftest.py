@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check results, not speed: attention kernels launch with their first config instead of
+# compiling and timing every candidate.
+os.environ.setdefault("SORA_KERNELS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -20,8 +20,8 @@ from concurrent.futures import ProcessPoolExecutor
 _TYPES = {2: "*i16", 4: "*i32"}
 
 
-def kernel_jobs(archs: list[int]) -> list[dict]:
-    """One job per (kernel, config, element size, direction, arch)."""
+def patchify_jobs(archs: list[int]) -> list[dict]:
+    """One job per (config, element size, direction, arch) of patchify_tile_kernel."""
     from sora_kernels.ops import pack_patchify as op
     jobs = []
     # Launched as: pack with positions (pack_patchify), pack without (patchify3d), unpack.
@@ -30,10 +30,60 @@ def kernel_jobs(archs: list[int]) -> list[dict]:
         for itemsize in op.WORDS:
             for pack, positions in variants:
                 for arch in archs:
-                    jobs.append({"kernel": "patchify_tile_kernel", "arch": arch, "num_warps": op.NUM_WARPS,
-                                 "word": _TYPES[itemsize], "positions": positions,
-                                 "constexprs": {**cfg, "PACK": pack}})
+                    constexprs = {**cfg, "PACK": pack}
+                    signature = {"slots_ptr": "*i64", "tokens_ptr": _TYPES[itemsize],
+                                 "positions_ptr": positions or "constexpr", "n_videos": "i32", "search_steps": "i32",
+                                 "C": "i32", "pt": "i32", "ph": "i32", "pw": "i32"}
+                    if positions is None:
+                        constexprs["positions_ptr"] = None
+                    jobs.append({"module": "sora_kernels.ops.pack_patchify", "kernel": "patchify_tile_kernel",
+                                 "arch": arch, "num_warps": op.NUM_WARPS, "num_stages": 3,
+                                 "signature": signature, "constexprs": constexprs})
     return jobs
+
+
+def _attention_signature(fn, dtype: str, constexprs: dict) -> dict:
+    """Argument types of a varlen_attention kernel, from its argument names."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("lse_ptr", "delta_ptr", "freq_ptr"):
+            signature[name] = "*fp32"
+        elif name.startswith(("cu_", "pos_")):
+            signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + dtype
+        elif name in ("scale_log2", "softmax_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def attention_jobs(archs: list[int]) -> list[dict]:
+    """One job per (kernel, config, padded head dim, arch) of the varlen_attention kernels, each
+    in its heaviest variant: bf16, causal, rope rotating both q and k tiles as they load."""
+    from sora_kernels.ops import varlen_attention as op
+    kernels = {"fwd": op.attn_fwd_kernel, "dkdv": op.attn_bwd_dkdv_kernel, "dq": op.attn_bwd_dq_kernel}
+    jobs = []
+    for kind, fn in kernels.items():
+        for BLOCK_D in op.HEAD_DIM_BLOCKS:
+            for cfg in op.configs_for(kind, BLOCK_D):
+                constexprs = {"CAUSAL": True, "ROT_Q": True, "ROT_K": True, "FAST": True,
+                              "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": BLOCK_D}
+                if kind != "fwd":
+                    constexprs["ROPE"] = True
+                for arch in archs:
+                    jobs.append({"module": "sora_kernels.ops.varlen_attention", "kernel": fn.__name__, "arch": arch,
+                                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                 "signature": _attention_signature(fn, "bf16", constexprs),
+                                 "constexprs": constexprs})
+    return jobs
+
+
+def kernel_jobs(archs: list[int]) -> list[dict]:
+    return patchify_jobs(archs) + attention_jobs(archs)
 
 
 def _cuobjdump() -> str:
@@ -42,29 +92,31 @@ def _cuobjdump() -> str:
 
 
 def compile_job(job: dict) -> dict:
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sora_kernels.ops.pack_patchify import patchify_tile_kernel
-    constexprs = dict(job["constexprs"])
-    if job["positions"] is None:
-        constexprs["positions_ptr"] = None
-    signature = {"slots_ptr": "*i64", "tokens_ptr": job["word"], "positions_ptr": job["positions"] or "constexpr",
-                 "n_videos": "i32", "search_steps": "i32", "C": "i32", "pt": "i32", "ph": "i32", "pw": "i32",
-                 **{name: "constexpr" for name in job["constexprs"]}}
-    result = dict(job)
+    fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+    result = {k: v for k, v in job.items() if k != "signature"}
     try:
-        src = ASTSource(fn=patchify_tile_kernel, signature=signature, constexprs=constexprs)
-        k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
+        src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"])
+        k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
+                           options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
-            usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
+            cuobjdump = _cuobjdump()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                    text=True, check=True).stdout
+            sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True,
+                                  check=True).stdout if job["module"].endswith("attention") else ""
         fields = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", usage))
         result.update(regs=int(fields["REG"]), local=int(fields["LOCAL"]), stack=int(fields["STACK"]),
                       shared_static=int(fields["SHARED"]), shared=k.metadata.shared, ok=True)
+        if sass:  # which matrix instructions the attention kernels use
+            result["mma"] = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "none"
         if job["arch"] >= 90:
             result["ptx_has_ld_global"] = "ld.global" in k.asm["ptx"]
     except Exception as e:  # report every failure, keep compiling the rest

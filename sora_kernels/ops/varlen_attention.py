@@ -1,0 +1,888 @@
+"""varlen_attention: attention over many packed sequences of different lengths, no padding.
+
+Order: Triton kernels (forward, backward preprocess, dk/dv, dq) -> configs and launchers ->
+custom ops and autograd (triton, cpu) -> checks -> backends -> public function.
+
+The Triton kernels are FlashAttention-2: each program owns one block of queries (forward,
+dq) or keys (dk/dv) of one segment and one head, streams the other side's blocks of the
+same segment through an online softmax in fp32, and saves the log-sum-exp for a backward
+that recomputes the probabilities. Segments come from cu_seqlens, so a batch of videos of
+different sizes runs in one launch with no padding. With rope, q and k tiles are rotated
+(ops/rope3d.py rotate_tile) as they are loaded, and the gradients are rotated back before
+they are stored.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sora_kernels import backends as B
+from sora_kernels.ops.rope3d import (block_d, check_positions, check_sections, check_theta, fast_trig, launch_rope3d,
+                                     rope_table)
+from sora_kernels.reference import attention as ref
+from sora_kernels.reference import rope as ref_rope
+
+if B.TRITON_MISSING is None:
+    import triton
+    import triton.language as tl
+
+    from sora_kernels.ops.rope3d import rotate_tile
+
+MAX_HEAD_DIM = 256
+HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)  # the padded head dims (block_d) the kernels are compiled for
+LOG2E = 1.4426950408889634
+
+# -----------------------------------------------------------------------------
+# Triton kernels
+# -----------------------------------------------------------------------------
+
+if B.TRITON_MISSING is None:
+
+    @triton.jit
+    def _load_rows(ptr, rows, row_mask, stride_n, head, stride_h, head_dim, BLOCK_D: tl.constexpr):
+        """Tile [len(rows), BLOCK_D] of head `head` of tokens `rows` (int64), zeros outside."""
+        d = tl.arange(0, BLOCK_D)
+        return tl.load(ptr + rows[:, None] * stride_n + head * stride_h + d[None, :],
+                       mask=row_mask[:, None] & (d < head_dim)[None, :], other=0.0)
+
+    @triton.jit
+    def _load_rotated(ptr, rows, row_mask, stride_n, head, stride_h, head_dim, pos_ptr, freq_ptr,
+                      ROTATE: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr):
+        """_load_rows, then rotated by the rows' 3D positions when ROTATE (same dtype back)."""
+        x = _load_rows(ptr, rows, row_mask, stride_n, head, stride_h, head_dim, BLOCK_D)
+        if ROTATE:
+            x = rotate_tile(x.to(tl.float32), pos_ptr, rows, row_mask, freq_ptr, False, FAST, BLOCK_D).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _store_rows(ptr, x, rows, row_mask, stride_n, head, stride_h, head_dim, BLOCK_D: tl.constexpr):
+        d = tl.arange(0, BLOCK_D)
+        tl.store(ptr + rows[:, None] * stride_n + head * stride_h + d[None, :], x.to(ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (d < head_dim)[None, :])
+
+    @triton.jit
+    def _segment(cu_ptr, seq):
+        start = tl.load(cu_ptr + seq)
+        return start, tl.load(cu_ptr + seq + 1) - start
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, pos_k_ptr, k_start, lo, hi, offs_m, Lk, diag, kv_head,
+                   stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, freq_ptr,
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, ROT_K: tl.constexpr, FAST: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Online softmax over key blocks lo..hi of one segment; MASK: blocks that need the
+        length / causal mask, else every (query, key) pair of the blocks is allowed."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_mask = cols < Lk
+            rows = (k_start + cols).to(tl.int64)
+            k = _load_rotated(k_ptr, rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, pos_k_ptr, freq_ptr,
+                              ROT_K, FAST, BLOCK_D)
+            qk = tl.dot(q, tl.trans(k)) * scale_log2    # [BLOCK_M, BLOCK_N], log2 units
+            if MASK:
+                allowed = col_mask[None, :]
+                if CAUSAL:
+                    allowed = allowed & (cols[None, :] <= offs_m[:, None] + diag)
+                qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: nothing to subtract
+            p = tl.exp2(qk - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_rows(v_ptr, rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _key_range(m_block, Lq, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(full, hi, diag) for query block m_block: key blocks [0, full) need no mask,
+        [full, hi) need one; query i sees keys j <= i + diag when causal."""
+        diag = Lk - Lq
+        hi = Lk
+        full = (Lk // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            hi = tl.minimum(Lk, tl.maximum(0, (m_block + 1) * BLOCK_M + diag))
+            full = tl.minimum(full, tl.maximum(0, (m_block * BLOCK_M + diag + 1) // BLOCK_N * BLOCK_N))
+        return full, hi, diag
+
+    @triton.jit
+    def attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr,   # q [Nq, H, D]; k, v [Nk, Hkv, D]; unit stride along D
+        out_ptr,               # [Nq, H, D], contiguous
+        lse_ptr,               # fp32 [H, Nq]: natural-log log-sum-exp per query (-inf: no keys)
+        cu_q_ptr, cu_k_ptr,    # int32 [B+1] segment offsets
+        pos_q_ptr, pos_k_ptr,  # int32 [Nq, 3], [Nk, 3] (t, h, w) with rope, else None
+        freq_ptr,              # fp32 [2, BLOCK_D/2] rope_table with rope, else None
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+        n_q,                   # Nq (row stride of lse)
+        heads, group,          # H, H // Hkv
+        head_dim,              # D
+        scale_log2,            # softmax_scale * log2(e)
+        CAUSAL: tl.constexpr,
+        ROT_Q: tl.constexpr, ROT_K: tl.constexpr,  # rotate q / k tiles as they are loaded
+        FAST: tl.constexpr,                        # approximate sin / cos (rope3d._sincos)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Output and lse of BLOCK_M queries of one segment and one head (program_id: query
+        block, segment, head)."""
+        m_block = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        q_start, Lq = _segment(cu_q_ptr, seq)
+        if m_block * BLOCK_M >= Lq:
+            return
+        k_start, Lk = _segment(cu_k_ptr, seq)
+        kv_head = head // group
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < Lq
+        rows = (q_start + offs_m).to(tl.int64)
+        q = _load_rotated(q_ptr, rows, row_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
+                          ROT_Q, FAST, BLOCK_D)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        full, hi, diag = _key_range(m_block, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, pos_k_ptr, k_start, 0, full, offs_m, Lk, diag,
+                                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, freq_ptr,
+                                   False, CAUSAL, ROT_K, FAST, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, pos_k_ptr, k_start, full, hi, offs_m, Lk, diag,
+                                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, freq_ptr,
+                                   True, CAUSAL, ROT_K, FAST, BLOCK_N, BLOCK_D)
+        empty = l_i == 0.0  # a query with no keys: output 0, lse -inf
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+        _store_rows(out_ptr, out, rows, row_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
+        tl.store(lse_ptr + head.to(tl.int64) * n_q + rows, lse, mask=row_mask)
+
+    @triton.jit
+    def attn_bwd_preprocess_kernel(
+        out_ptr, dout_ptr,   # [Nq, H, D] contiguous
+        delta_ptr,           # fp32 [H, Nq]: rowsum(out * dout)
+        n_rows, heads, head_dim,
+        BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """delta = sum_d out * dout for BLOCK_ROWS (token, head) rows."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        d = tl.arange(0, BLOCK_D)
+        mask = (r < n_rows)[:, None] & (d < head_dim)[None, :]
+        o = tl.load(out_ptr + r[:, None] * head_dim + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(dout_ptr + r[:, None] * head_dim + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        token = r // heads
+        tl.store(delta_ptr + (r % heads) * (n_rows // heads) + token, tl.sum(o * do, 1), mask=r < n_rows)
+
+    @triton.jit
+    def attn_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, dout_ptr,  # q, dout [Nq, H, D] (dout contiguous); k, v [Nk, Hkv, D]
+        lse_ptr, delta_ptr,             # fp32 [H, Nq]
+        dk_ptr, dv_ptr,                 # [Nk, Hkv, D] contiguous
+        cu_q_ptr, cu_k_ptr, pos_q_ptr, pos_k_ptr, freq_ptr,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+        n_q, heads, kv_heads, group, head_dim,
+        scale_log2, softmax_scale,
+        CAUSAL: tl.constexpr,
+        ROPE: tl.constexpr,                        # rotate dk back (the kernel sees rotated keys)
+        ROT_Q: tl.constexpr, ROT_K: tl.constexpr, FAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dk and dv of BLOCK_N keys of one segment and one kv head, summed over the heads of
+        its group and every query block (program_id: key block, segment, kv head)."""
+        n_block = tl.program_id(0)
+        seq = tl.program_id(1)
+        kv_head = tl.program_id(2)
+        k_start, Lk = _segment(cu_k_ptr, seq)
+        if n_block * BLOCK_N >= Lk:
+            return
+        q_start, Lq = _segment(cu_q_ptr, seq)
+        diag = Lk - Lq
+        cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < Lk
+        k_rows = (k_start + cols).to(tl.int64)
+        k = _load_rotated(k_ptr, k_rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, pos_k_ptr, freq_ptr,
+                          ROT_K, FAST, BLOCK_D)
+        v = _load_rows(v_ptr, k_rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        lo = 0
+        if CAUSAL:  # key j is seen by queries i >= j - diag
+            lo = tl.maximum(0, n_block * BLOCK_N - diag) // BLOCK_M * BLOCK_M
+        offs_m = tl.arange(0, BLOCK_M)
+        for g in range(group):
+            head = kv_head * group + g
+            for start_m in range(lo, Lq, BLOCK_M):
+                qi = start_m + offs_m
+                q_mask = qi < Lq
+                rows = (q_start + qi).to(tl.int64)
+                q = _load_rotated(q_ptr, rows, q_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
+                                  ROT_Q, FAST, BLOCK_D)
+                do = _load_rows(dout_ptr, rows, q_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
+                lse = tl.load(lse_ptr + head.to(tl.int64) * n_q + rows, mask=q_mask, other=float("inf"))
+                lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # no keys: p = 0
+                delta = tl.load(delta_ptr + head.to(tl.int64) * n_q + rows, mask=q_mask, other=0.0)
+                qkT = tl.dot(k, tl.trans(q)) * scale_log2   # [BLOCK_N, BLOCK_M]
+                pT = tl.exp2(qkT - lse[None, :])
+                allowed = col_mask[:, None] & q_mask[None, :]
+                if CAUSAL:
+                    allowed = allowed & (cols[:, None] <= qi[None, :] + diag)
+                pT = tl.where(allowed, pT, 0.0)
+                dv += tl.dot(pT.to(do.dtype), do)
+                dpT = tl.dot(v, tl.trans(do))
+                dsT = pT * (dpT - delta[None, :])
+                dk += tl.dot(dsT.to(q.dtype), q)
+        dk = dk * softmax_scale
+        if ROPE:  # gradient of the rotated keys -> gradient of the keys
+            dk = rotate_tile(dk, pos_k_ptr, k_rows, col_mask, freq_ptr, True, FAST, BLOCK_D)
+        _store_rows(dk_ptr, dk, k_rows, col_mask, kv_heads * head_dim, kv_head, head_dim, head_dim, BLOCK_D)
+        _store_rows(dv_ptr, dv, k_rows, col_mask, kv_heads * head_dim, kv_head, head_dim, head_dim, BLOCK_D)
+
+    @triton.jit
+    def attn_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,
+        dq_ptr,                         # [Nq, H, D] contiguous
+        cu_q_ptr, cu_k_ptr, pos_q_ptr, pos_k_ptr, freq_ptr,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+        n_q, heads, group, head_dim,
+        scale_log2, softmax_scale,
+        CAUSAL: tl.constexpr,
+        ROPE: tl.constexpr,                        # rotate dq back (the kernel sees rotated queries)
+        ROT_Q: tl.constexpr, ROT_K: tl.constexpr, FAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dq of BLOCK_M queries of one segment and one head (program_id: query block,
+        segment, head)."""
+        m_block = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        q_start, Lq = _segment(cu_q_ptr, seq)
+        if m_block * BLOCK_M >= Lq:
+            return
+        k_start, Lk = _segment(cu_k_ptr, seq)
+        kv_head = head // group
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_mask = offs_m < Lq
+        rows = (q_start + offs_m).to(tl.int64)
+        q = _load_rotated(q_ptr, rows, q_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
+                          ROT_Q, FAST, BLOCK_D)
+        do = _load_rows(dout_ptr, rows, q_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
+        lse = tl.load(lse_ptr + head.to(tl.int64) * n_q + rows, mask=q_mask, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(delta_ptr + head.to(tl.int64) * n_q + rows, mask=q_mask, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        full, hi, diag = _key_range(m_block, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
+        offs_n = tl.arange(0, BLOCK_N)
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_mask = cols < Lk
+            k_rows = (k_start + cols).to(tl.int64)
+            k = _load_rotated(k_ptr, k_rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, pos_k_ptr, freq_ptr,
+                              ROT_K, FAST, BLOCK_D)
+            v = _load_rows(v_ptr, k_rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
+            qk = tl.dot(q, tl.trans(k)) * scale_log2
+            p = tl.exp2(qk - lse[:, None])
+            if start_n >= full:
+                allowed = col_mask[None, :]
+                if CAUSAL:
+                    allowed = allowed & (cols[None, :] <= offs_m[:, None] + diag)
+                p = tl.where(allowed, p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        dq = dq * softmax_scale
+        if ROPE:
+            dq = rotate_tile(dq, pos_q_ptr, rows, q_mask, freq_ptr, True, FAST, BLOCK_D)
+        _store_rows(dq_ptr, dq, rows, q_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
+
+
+# -----------------------------------------------------------------------------
+# Configs and launchers
+# -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch config of a kernel: block sizes, warps and software-pipelining stages."""
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+# Candidates per kernel, best guess first, pruned per padded head dim by fits(). On a GPU the
+# first AUTOTUNE_CANDIDATES are timed once per (kernel, head dim, causal, rope, dtype) and the
+# fastest kept, unless SORA_KERNELS_AUTOTUNE=0 (then, and under the interpreter, the first).
+FWD_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
+               [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)]]
+DKDV_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
+                [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 8, 2)]]
+DQ_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
+              [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]]
+KERNEL_CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+
+# fp32 accumulators the tiles of a program hold: at most this many per thread without spills
+# (checked for every config by the ahead-of-time compile test).
+_ACC_PER_THREAD = 160
+AUTOTUNE_CANDIDATES = 3
+AUTOTUNE_ENV = "SORA_KERNELS_AUTOTUNE"
+
+
+def fits(kind: str, cfg: KernelConfig, BLOCK_D: int) -> bool:
+    """Whether `cfg` keeps kernel `kind`'s fp32 accumulators at head dim BLOCK_D in registers."""
+    threads = 32 * cfg.num_warps
+    if kind == "fwd":
+        acc = cfg.BLOCK_M * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N
+    elif kind == "dkdv":
+        acc = 2 * cfg.BLOCK_N * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N
+    else:
+        acc = cfg.BLOCK_M * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N
+    return acc // threads <= _ACC_PER_THREAD
+
+
+def configs_for(kind: str, BLOCK_D: int) -> list[KernelConfig]:
+    return [c for c in KERNEL_CONFIGS[kind] if fits(kind, c, BLOCK_D)]
+
+
+_TUNED: dict = {}  # (kind, BLOCK_D, causal, ROT_Q, ROT_K, dtype, device index) -> KernelConfig
+
+
+def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dict, device: torch.device) -> None:
+    """Launches `kernel` with the best config for `key`: timed once per key on a GPU (outputs
+    are overwritten by every trial), the first fitting config under the interpreter."""
+    candidates = configs_for(kind, constexprs["BLOCK_D"])[:AUTOTUNE_CANDIDATES]
+    full_key = (kind,) + key + (device.index,)
+    cfg = _TUNED.get(full_key)
+    if cfg is None and (device.type != "cuda" or len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV) == "0"):
+        cfg = candidates[0]
+    if cfg is None:
+        timings = []
+        for c in candidates:
+            def run(c=c):
+                kernel[grid_of(c)](*args, **constexprs, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+                                   num_warps=c.num_warps, num_stages=c.num_stages)
+            try:
+                timings.append((triton.testing.do_bench(run, warmup=5, rep=20), c))
+            except triton.runtime.errors.OutOfResources:
+                continue
+        cfg = min(timings, key=lambda t: t[0])[1]
+        _TUNED[full_key] = cfg
+    kernel[grid_of(cfg)](*args, **constexprs, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
+
+
+@dataclass(frozen=True)
+class RopeArgs:
+    """What the kernels need to rotate: positions of queries and keys, and the frequencies."""
+    positions_q: torch.Tensor
+    positions_k: torch.Tensor
+    theta: float
+    sections: tuple[int, int, int]
+
+
+# How rope enters the Triton kernels:
+#   "fused": every q and k tile is rotated as it is loaded, also the tiles a program streams
+#            (each key block once per query block);
+#   "owned": a program rotates the tiles it owns (its query block in the forward and dq, its
+#            key block in dk/dv) as they are loaded, and streams tiles that the rope3d kernel
+#            rotated once beforehand.
+# Both compute the same function; benchmarks/bench_varlen_attention.py times both.
+ROPE_MODE = "owned"
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def _rope_launch(rope: RopeArgs | None, q: torch.Tensor, streamed: str):
+    """(positions_q, positions_k, table, ROT_Q, ROT_K, FAST, pre-rotated tensor or None) for a
+    kernel that streams `streamed` ("q" or "k") tiles."""
+    if rope is None:
+        return None, None, None, False, False, False, None
+    D = q.shape[2]
+    pos_q, pos_k = rope.positions_q.contiguous(), rope.positions_k.contiguous()
+    table = rope_table(D, rope.theta, rope.sections, q.device)
+    fast = fast_trig(q.dtype, q.device)
+    if ROPE_MODE == "fused":
+        return pos_q, pos_k, table, True, True, fast, None
+    return pos_q, pos_k, table, streamed != "q", streamed != "k", fast, streamed
+
+
+def _prerotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeArgs) -> torch.Tensor:
+    return launch_rope3d(x, positions, rope.theta, rope.sections, False)
+
+
+def attention_forward(q, k, v, cu_q, cu_k, max_q: int, scale: float, causal: bool, rope: RopeArgs | None):
+    """Triton forward: (out [Nq, H, D], lse fp32 [H, Nq])."""
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    Nq, H, D = q.shape
+    out = torch.empty((Nq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, Nq), dtype=torch.float32, device=q.device)
+    n_seqs = cu_q.shape[0] - 1
+    if Nq == 0 or n_seqs == 0 or max_q == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    pos_q, pos_k, table, rot_q, rot_k, fast, streamed = _rope_launch(rope, q, "k")
+    if streamed == "k":
+        k = _prerotate(k, pos_k, rope)
+    BLOCK_D = block_d(D)
+    args = (q, k, v, out, lse, cu_q, cu_k, pos_q, pos_k, table, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), Nq, H, H // k.shape[1], D, scale * LOG2E)
+    constexprs = dict(CAUSAL=causal, ROT_Q=rot_q, ROT_K=rot_k, FAST=fast, 
+                      BLOCK_D=BLOCK_D)
+    _launch("fwd", attn_fwd_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H), args,
+            (BLOCK_D, causal, rot_q, rot_k, q.dtype), constexprs, q.device)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool,
+                       rope: RopeArgs | None):
+    """Triton backward: (dq, dk, dv) like q, k, v."""
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    dout, out = dout.contiguous(), out.contiguous()
+    Nq, H, D = q.shape
+    Nk, Hkv, _ = k.shape
+    dq = torch.empty((Nq, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((Nk, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((Nk, Hkv, D), dtype=v.dtype, device=v.device)
+    n_seqs = cu_q.shape[0] - 1
+    if n_seqs == 0 or (Nq == 0 and Nk == 0):
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    BLOCK_D = block_d(D)
+    delta = torch.empty((H, Nq), dtype=torch.float32, device=q.device)
+    if Nq > 0:
+        attn_bwd_preprocess_kernel[(triton.cdiv(Nq * H, 32),)](out, dout, delta, Nq * H, H, D, BLOCK_ROWS=32,
+                                                                 BLOCK_D=BLOCK_D, num_warps=4)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    if Nk > 0 and max_k > 0:
+        pos_q, pos_k, table, rot_q, rot_k, fast, streamed = _rope_launch(rope, q, "q")
+        qs = _prerotate(q, pos_q, rope) if streamed == "q" else q
+        _launch("dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(max_k, c.BLOCK_N), n_seqs, Hkv),
+                (qs, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, pos_q, pos_k, table, *strides, Nq, H, Hkv, H // Hkv, D,
+                 scale * LOG2E, scale), (BLOCK_D, causal, rot_q, rot_k, q.dtype),
+                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=rot_q, ROT_K=rot_k, FAST=fast,
+                     BLOCK_D=BLOCK_D), q.device)
+    else:
+        dk.zero_(), dv.zero_()
+    if Nq > 0 and max_q > 0:
+        pos_q, pos_k, table, rot_q, rot_k, fast, streamed = _rope_launch(rope, q, "k")
+        ks = _prerotate(k, pos_k, rope) if streamed == "k" else k
+        _launch("dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H),
+                (q, ks, v, dout, lse, delta, dq, cu_q, cu_k, pos_q, pos_k, table, *strides, Nq, H, H // Hkv, D,
+                 scale * LOG2E, scale), (BLOCK_D, causal, rot_q, rot_k, q.dtype),
+                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=rot_q, ROT_K=rot_k, FAST=fast,
+                     BLOCK_D=BLOCK_D), q.device)
+    return dq, dk, dv
+
+
+# -----------------------------------------------------------------------------
+# CPU backend: PyTorch's fused CPU attention, one batched call per distinct segment shape
+# -----------------------------------------------------------------------------
+
+@dataclass
+class _Group:
+    """Segments of one (Lq, Lk) shape, run as one batch: their query rows (the ones that
+    see a key) and key rows, and the mask when causal needs one."""
+    n: int                      # segments
+    lq: int                     # queries per segment that see a key
+    lk: int
+    rows_q: torch.Tensor | slice  # int64 [n * lq], or a slice when the rows are consecutive
+    rows_k: torch.Tensor | slice
+    is_causal: bool             # top-left causal (aten's is_causal) suffices
+    mask: torch.Tensor | None   # bool [lq, lk], bottom-right causal with lq < lk
+
+
+def _cpu_groups(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool, device: torch.device) -> list[_Group]:
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for b in range(len(cq) - 1):
+        Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if Lq > 0 and Lk > 0:
+            shapes.setdefault((Lq, Lk), []).append(b)
+    groups = []
+    for (Lq, Lk), segs in shapes.items():
+        skip = Lq - Lk if causal and Lq > Lk else 0  # bottom-right causal: the first queries see no key
+        lq = Lq - skip
+        mask = None
+        if causal and lq < Lk:
+            i = torch.arange(lq, device=device)[:, None]
+            mask = torch.arange(Lk, device=device)[None, :] <= i + (Lk - lq)
+        groups.append(_Group(len(segs), lq, Lk, _rows([(cq[b] + skip, cq[b + 1]) for b in segs], device),
+                             _rows([(ck[b], ck[b + 1]) for b in segs], device), causal and mask is None, mask))
+    return groups
+
+
+def _rows(spans: list[tuple[int, int]], device: torch.device) -> torch.Tensor | slice:
+    """The rows of `spans`: a slice when they follow each other (equal segments packed in a
+    row, the dense case), else an index tensor."""
+    if all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        return slice(spans[0][0], spans[-1][1])
+    return torch.cat([torch.arange(a, b) for a, b in spans]).to(device)
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | slice, dim: int = 0) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return x[rows] if dim == 0 else x[:, rows]
+    return x.index_select(dim, rows)
+
+
+def _put(x: torch.Tensor, rows: torch.Tensor | slice, batch: torch.Tensor) -> None:
+    """Writes a batch [n, h, length, D] back to rows of packed x [N, h, D] (one copy)."""
+    n, h, length, D = batch.shape
+    if isinstance(rows, slice):
+        x[rows].view(n, length, h, D).copy_(batch.transpose(1, 2))
+    else:
+        x.index_copy_(0, rows, batch.transpose(1, 2).reshape(n * length, h, D))
+
+
+def _put_lse(lse: torch.Tensor, rows: torch.Tensor | slice, batch: torch.Tensor) -> None:
+    """Writes a batch [n, H, length] back to columns of lse [H, N]."""
+    n, H, length = batch.shape
+    if isinstance(rows, slice):
+        lse[:, rows].view(H, n, length).copy_(batch.transpose(0, 1))
+    else:
+        lse.index_copy_(1, rows, batch.transpose(0, 1).reshape(H, n * length).float())
+
+
+def _covers(groups: list[_Group], n_rows: int) -> bool:
+    """Whether the groups write every query row (no row needs its zero / -inf default)."""
+    return sum(g.n * g.lq for g in groups) == n_rows
+
+
+def _gather(x: torch.Tensor, rows: torch.Tensor, n: int, length: int, heads: int) -> torch.Tensor:
+    """Rows of packed x [N, h, D] as a batch [n, heads, length, D] (kv heads repeated to
+    `heads`); a view when the rows are consecutive and no heads are repeated."""
+    y = _take(x, rows).view(n, length, x.shape[1], x.shape[2]).transpose(1, 2)
+    return y.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else y
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """aten's CPU flash attention takes an additive mask of the query's dtype."""
+    return None if mask is None else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, float("-inf"))
+
+
+def _rotated(q, k, rope: RopeArgs | None, inverse: bool = False):
+    if rope is None:
+        return q, k
+    return (ref_rope.rope3d(q, rope.positions_q, rope.theta, rope.sections, inverse),
+            ref_rope.rope3d(k, rope.positions_k, rope.theta, rope.sections, inverse))
+
+
+def _cpu_work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # aten's CPU kernels run fp16 about 2x slower than fp32 here (no native fp16 arithmetic)
+    # and its fp16 backward is less accurate: half precision is computed in fp32.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def cpu_forward(q, k, v, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs | None):
+    """(out, lse): segments of equal (Lq, Lk) gathered into one batch each and run through
+    aten's flash-attention CPU kernel."""
+    Nq, H, D = q.shape
+    dtype, work = q.dtype, _cpu_work_dtype(q.dtype)
+    q, k = _rotated(q, k, rope)
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    groups = _cpu_groups(cu_q, cu_k, causal, q.device)
+    if _covers(groups, Nq):
+        out, lse = q.new_empty((Nq, H, D)), torch.empty((H, Nq), device=q.device)
+    else:
+        out, lse = q.new_zeros((Nq, H, D)), torch.full((H, Nq), float("-inf"), device=q.device)
+    for g in groups:
+        o, m = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _gather(q, g.rows_q, g.n, g.lq, H), _gather(k, g.rows_k, g.n, g.lk, H), _gather(v, g.rows_k, g.n, g.lk, H),
+            0.0, g.is_causal, attn_mask=_additive(g.mask, work), scale=scale)     # [n, H, lq, D], [n, H, lq]
+        _put(out, g.rows_q, o)
+        _put_lse(lse, g.rows_q, m)
+    return out.to(dtype), lse
+
+
+def cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs | None):
+    """(dq, dk, dv) with aten's flash-attention CPU backward, one batched call per group."""
+    Nq, H, D = q.shape
+    Hkv = k.shape[1]
+    dtype, work = q.dtype, _cpu_work_dtype(q.dtype)
+    q, k = _rotated(q, k, rope)
+    q, k, v, dout, out = (x.to(work) for x in (q, k, v, dout, out))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for g in _cpu_groups(cu_q, cu_k, causal, q.device):
+        lse_g = _take(lse, g.rows_q, dim=1).view(H, g.n, g.lq).transpose(0, 1).to(work).contiguous()
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _gather(dout, g.rows_q, g.n, g.lq, H), _gather(q, g.rows_q, g.n, g.lq, H),
+            _gather(k, g.rows_k, g.n, g.lk, H), _gather(v, g.rows_k, g.n, g.lk, H),
+            _gather(out, g.rows_q, g.n, g.lq, H), lse_g, 0.0, g.is_causal, attn_mask=_additive(g.mask, work),
+            scale=scale)
+        _put(dq, g.rows_q, gq)
+        # GQA: the heads of a group share their kv head, so their gradients add up.
+        _put(dk, g.rows_k, gk.view(g.n, Hkv, H // Hkv, g.lk, D).sum(2))
+        _put(dv, g.rows_k, gv.view(g.n, Hkv, H // Hkv, g.lk, D).sum(2))
+    dq, dk = _rotated(dq, dk, rope, inverse=True)  # gradients of the rotated q, k -> of q, k
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# Custom ops and autograd
+# -----------------------------------------------------------------------------
+
+def _rope_of(pos_q, pos_k, theta, sections) -> RopeArgs | None:
+    return None if pos_q is None else RopeArgs(pos_q, pos_k, theta, tuple(sections))
+
+
+@torch.library.custom_op("sora_kernels::varlen_attention_triton", mutates_args=())
+def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                            causal: bool, positions_q: torch.Tensor | None, positions_k: torch.Tensor | None,
+                            theta: float, sections: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    check_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal,
+                             _rope_of(positions_q, positions_k, theta, sections))
+
+
+@torch.library.custom_op("sora_kernels::varlen_attention_triton_backward", mutates_args=())
+def varlen_attention_triton_backward(
+        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+        softmax_scale: float, causal: bool, positions_q: torch.Tensor | None, positions_k: torch.Tensor | None,
+        theta: float, sections: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              softmax_scale, causal, _rope_of(positions_q, positions_k, theta, sections))
+
+
+@torch.library.custom_op("sora_kernels::varlen_attention_cpu", mutates_args=())
+def varlen_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                         causal: bool, positions_q: torch.Tensor | None, positions_k: torch.Tensor | None,
+                         theta: float, sections: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    check_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    return cpu_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                       _rope_of(positions_q, positions_k, theta, sections))
+
+
+@torch.library.custom_op("sora_kernels::varlen_attention_cpu_backward", mutates_args=())
+def varlen_attention_cpu_backward(
+        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+        softmax_scale: float, causal: bool, positions_q: torch.Tensor | None, positions_k: torch.Tensor | None,
+        theta: float, sections: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cpu_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                        _rope_of(positions_q, positions_k, theta, sections))
+
+
+def _fake_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                  positions_q, positions_k, theta, sections):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _fake_backward(dout, q, k, v, out, lse, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _register_autograd(forward_op: str, backward_op: str) -> None:
+    backward = getattr(torch.ops.sora_kernels, backward_op.split("::")[1])
+
+    def setup(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, pos_q, pos_k, theta, sections = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, pos_q, pos_k)
+        ctx.params = (max_q, max_k, scale, causal, theta, sections)
+        ctx.mark_non_differentiable(lse)
+
+    def autograd_backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k, pos_q, pos_k = ctx.saved_tensors
+        max_q, max_k, scale, causal, theta, sections = ctx.params
+        dq, dk, dv = backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, pos_q, pos_k,
+                                 theta, sections)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_fake(forward_op)(_fake_forward)
+    torch.library.register_fake(backward_op)(_fake_backward)
+    torch.library.register_autograd(forward_op, autograd_backward, setup_context=setup)
+
+
+_register_autograd("sora_kernels::varlen_attention_triton", "sora_kernels::varlen_attention_triton_backward")
+_register_autograd("sora_kernels::varlen_attention_cpu", "sora_kernels::varlen_attention_cpu_backward")
+
+
+# -----------------------------------------------------------------------------
+# Checks
+# -----------------------------------------------------------------------------
+
+def check_seqlens_values(cu_q: torch.Tensor, cu_k: torch.Tensor, n_q: int, n_k: int, max_q: int, max_k: int) -> None:
+    """ValueError naming the argument unless both cu_seqlens start at 0, never decrease, end at
+    the token count, and max_seqlen covers the longest segment. Reads cu_seqlens on the host
+    (one small device-to-host copy on a GPU)."""
+    for name, cu, n, max_name, max_len in (("cu_seqlens_q", cu_q, n_q, "max_seqlen_q", max_q),
+                                           ("cu_seqlens_k", cu_k, n_k, "max_seqlen_k", max_k)):
+        values = cu.tolist()
+        if values[0] != 0:
+            raise ValueError(f"{name}: expected cu_seqlens[0] == 0, got {values[0]}")
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        bad = next((i for i, length in enumerate(lengths) if length < 0), None)
+        if bad is not None:
+            raise ValueError(f"{name}: expected non-decreasing offsets, got {values[bad]} then {values[bad + 1]} "
+                             f"at index {bad}")
+        if values[-1] != n:
+            raise ValueError(f"{name}: expected the last entry to equal the token count {n}, got {values[-1]}")
+        longest = max(lengths, default=0)
+        if max_len < longest:
+            raise ValueError(f"{max_name}: expected at least the longest segment, {longest}, got {max_len}")
+
+
+def check_inputs(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
+    """Shapes, dtypes and devices (no device sync); values are checked by check_seqlens_values."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name}: expected a 3-dim tensor [N, heads, head_dim], got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} like q, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {x.device}")
+        if x.shape[2] != q.shape[2]:
+            raise ValueError(f"{name}: expected head_dim {q.shape[2]} like q, got {x.shape[2]}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v: expected [Nk, Hkv] = {tuple(k.shape[:2])} like k, got {tuple(v.shape[:2])}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"k: expected kv heads dividing the {q.shape[1]} query heads, got {k.shape[1]}")
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.shape[0] < 1:
+            got = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise ValueError(f"{name}: expected a 1-dim int32 tensor [batch + 1], got {got}")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {cu.device}")
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError(f"cu_seqlens_k: expected {cu_q.shape[0]} entries like cu_seqlens_q (one segment of keys "
+                         f"per segment of queries), got {cu_k.shape[0]}")
+    for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+        if not isinstance(m, int) or m < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {m!r}")
+
+
+# -----------------------------------------------------------------------------
+# Backends
+# -----------------------------------------------------------------------------
+
+# fp16 and bf16, as FlashAttention. In fp32 the kernels' exp2(s - lse) carries the rounding of
+# lse (~5e-7 at lse ~ 5) into every probability, 2-3x PyTorch's fp32 softmax error on dv: fp32
+# runs on the cpu and reference backends instead.
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _reasons(name: str):
+    def reasons(q, k, v, *_):
+        out = []
+        if name == "triton":
+            out += B.device_reasons("triton", q.device, "varlen_attention")
+            if q.shape[2] > MAX_HEAD_DIM:
+                out.append(f"compiled for head dims <= {MAX_HEAD_DIM}, got {q.shape[2]}")
+            if q.dtype not in TRITON_DTYPES:
+                out.append(f"runs fp16 and bf16, got {q.dtype}")
+        elif name == "cpu":
+            if q.device.type != "cpu":
+                out.append(f"runs on CPU tensors, got {q.device.type}")
+            if q.dtype not in CPU_DTYPES:
+                out.append(f"runs fp16, bf16, fp32 and fp64, got {q.dtype}")
+        return out
+    return reasons
+
+
+def _op_runner(op):
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, rope):
+        pos_q, pos_k, theta, sections = (None, None, 10000.0, []) if rope is None else \
+            (rope.positions_q, rope.positions_k, rope.theta, list(rope.sections))
+        return op(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, pos_q, pos_k, theta, sections)
+    return run
+
+
+def _reference_run(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, rope):
+    check_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+    if rope is not None:
+        q = ref_rope.rope3d(q, rope.positions_q, rope.theta, rope.sections)
+        k = ref_rope.rope3d(k, rope.positions_k, rope.theta, rope.sections)
+    return ref.varlen_attention(q, k, v, cu_q, cu_k, scale, causal)
+
+
+# Each run returns (out [Nq, H, D], lse fp32 [H, Nq]).
+ATTENTION_BACKENDS = (
+    B.Backend("triton", _reasons("triton"), _op_runner(varlen_attention_triton)),
+    B.Backend("cpu", _reasons("cpu"), _op_runner(varlen_attention_cpu)),
+    B.Backend("reference", _reasons("reference"), _reference_run),
+)
+
+
+# -----------------------------------------------------------------------------
+# Public function
+# -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rope3D:
+    """3D rotary embedding for varlen_attention(rope=...): queries rotate by positions_q,
+    keys by positions_k (default positions_q, for self-attention). See rope3d."""
+    positions_q: torch.Tensor
+    positions_k: torch.Tensor | None = None
+    theta: float = 10000.0
+    sections: tuple[int, int, int] | None = None
+
+
+def _rope_record(rope, q, k) -> RopeArgs | None:
+    if rope is None:
+        return None
+    if isinstance(rope, torch.Tensor):
+        rope = Rope3D(rope)
+    if not isinstance(rope, Rope3D):
+        raise ValueError(f"rope: expected None, an int32 positions tensor [N, 3] or a Rope3D, "
+                         f"got {type(rope).__name__}")
+    pos_k = rope.positions_k if rope.positions_k is not None else rope.positions_q
+    check_positions("rope.positions_q", rope.positions_q, q.shape[0], q.device)
+    check_positions("rope.positions_k" if rope.positions_k is not None else "rope.positions_q (used for the keys)",
+                    pos_k, k.shape[0], k.device)
+    return RopeArgs(rope.positions_q, pos_k, check_theta(rope.theta), check_sections(q.shape[2], rope.sections))
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                     softmax_scale: float | None = None, causal: bool = False, return_lse: bool = False,
+                     rope=None, backend: str | None = None):
+    """Attention over packed sequences of different lengths (block-diagonal), with no padding.
+
+    Arguments, shapes and semantics follow flash_attn_varlen_func:
+
+    Args:
+        q: [Nq, H, D] queries of every segment, one segment after another.
+        k, v: [Nk, Hkv, D] keys and values, H % Hkv == 0 (GQA / MQA when Hkv < H).
+        cu_seqlens_q, cu_seqlens_k: int32 [B+1] segment offsets (start at 0, non-decreasing,
+            end at Nq / Nk). Segment b's queries attend only to segment b's keys: the same
+            offsets for self-attention, different ones for cross-attention (video tokens to
+            their own sample's text tokens). Zero-length segments are allowed.
+        max_seqlen_q, max_seqlen_k: at least the longest segment (they size the GPU grid).
+        softmax_scale: default 1 / sqrt(D).
+        causal: mask aligned bottom-right: query i of a segment sees keys j <= i + Lk - Lq.
+        return_lse: also return the log-sum-exp, fp32 [H, Nq] (natural log).
+        rope: None; an int32 positions tensor [Nq, 3] of (t, h, w) (self-attention: keys use
+            the same); or a Rope3D(positions_q, positions_k, theta, sections). q and k are
+            rotated as rope3d would rotate them, fused into the kernel's loads.
+        backend: force "triton", "cpu" or "reference" (default: the first that can run;
+            SORA_KERNELS_BACKEND sets it too).
+
+    Returns out [Nq, H, D] in q.dtype, or (out, lse) with return_lse. A query that sees no
+    key (an empty key segment, or causal with Lq > Lk) outputs zeros and lse -inf.
+    Differentiable with respect to q, k and v. Equivalent PyTorch, per segment b::
+
+        s = (q_b @ k_b^T) * softmax_scale         # per head, k_b repeated over its group
+        out_b = softmax(s masked) @ v_b
+
+    The cu_seqlens values are checked on the host: one small device-to-host copy per call.
+    """
+    check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[2])
+    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
+    rope = _rope_record(rope, q, k)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(causal), rope)
+    out, lse = B.select("varlen_attention", ATTENTION_BACKENDS, args, backend).run(*args)
+    return (out, lse) if return_lse else out

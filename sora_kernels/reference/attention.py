@@ -1,0 +1,48 @@
+"""Reference variable-length attention: per-segment math, pure PyTorch."""
+from __future__ import annotations
+
+import torch
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool = False,
+                     upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-diagonal attention over packed segments, one segment at a time.
+
+    q [Nq, H, D], k and v [Nk, Hkv, D] (H % Hkv == 0); segment b is rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v.
+    Causal is aligned bottom-right: query i of a segment sees keys j <= i + Lk - Lq.
+    Math in fp32 or wider (upcast=True; float64 inputs stay float64) or in the inputs' dtype
+    (upcast=False: what plain PyTorch computes in low precision, the yardstick of the tests;
+    the softmax is in fp32 either way). Differentiable.
+
+    Returns (out [Nq, H, D] in q.dtype, lse fp32 [H, Nq]); a query with no keys gets out 0
+    and lse -inf.
+    """
+    Nq, H, D = q.shape
+    group = H // k.shape[1]
+    wide = torch.promote_types(q.dtype, torch.float32)
+    dtype = wide if upcast else q.dtype
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if Lq == 0:
+            continue
+        qs = q[cq[b]:cq[b + 1]].to(dtype).transpose(0, 1)                                    # [H, Lq, D]
+        ks = k[ck[b]:ck[b + 1]].to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Lk, D]
+        vs = v[ck[b]:ck[b + 1]].to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Lk, D]
+        scores = (qs @ ks.transpose(1, 2)).to(wide) * softmax_scale                         # [H, Lq, Lk]
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
+        allowed = (j <= i + (Lk - Lq)) if causal else torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+        has_keys = allowed.any(dim=1)                                                         # [Lq]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1).detach()                                        # [H, Lq]
+        # Rows with no keys: softmax of zeros, then zeroed, so no NaN reaches the gradients.
+        p = torch.softmax(torch.where(has_keys[:, None], scores, 0.0), dim=-1) * has_keys[:, None]
+        outs.append((p.to(dtype) @ vs).transpose(0, 1))                                      # [Lq, H, D]
+        lses.append(lse)
+    if not outs:
+        return q.new_zeros(q.shape), torch.full((H, Nq), float("-inf"), device=q.device)
+    return torch.cat(outs).to(q.dtype), torch.cat(lses, dim=1).float()

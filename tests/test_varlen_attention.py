@@ -1,0 +1,271 @@
+"""varlen_attention against the per-segment reference.
+
+Tolerance (FlashAttention's rule): each backend's error against a float64 oracle must be at
+most twice the error of plain PyTorch in the same dtype (reference with upcast=False), plus
+two units of rounding of the dtype at 0.3, for the output and for every gradient. The Triton
+backend runs fp16 and bf16 (fp32 is the cpu and reference backends'). Under the Triton
+interpreter (no GPU) its bf16 is left out: the interpreter computes tl.dot on bf16 operands
+wrongly; on a GPU both run.
+"""
+import math
+
+import pytest
+import torch
+
+import sora_kernels as sk
+from sora_kernels.ops import varlen_attention as op
+from sora_kernels.reference import attention as ref
+from sora_kernels.reference import rope as ref_rope
+from conftest import DEVICE, require_backend
+
+BACKENDS = ["triton", "cpu"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _skip_unsupported(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
+        pytest.skip("the Triton interpreter computes tl.dot on bf16 wrongly; bf16 is tested on a GPU")
+    if backend == "triton" and dtype == torch.float32:
+        pytest.skip("the triton backend runs fp16 and bf16 (test_backend_reasons checks it says so)")
+
+
+def make_case(lens_q, lens_k=None, heads=4, kv_heads=None, head_dim=64, dtype=torch.float16, seed=0, rope=False):
+    """Random packed q, k, v (leaves requiring grad), cu_seqlens and, with rope, positions."""
+    lens_k = lens_q if lens_k is None else lens_k
+    kv_heads = kv_heads or heads
+    g = torch.Generator().manual_seed(seed)
+    cu_q = torch.tensor([0] + list(lens_q)).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + list(lens_k)).cumsum(0).to(torch.int32)
+    nq, nk = int(cu_q[-1]), int(cu_k[-1])
+    q, k, v = (torch.randn(n, h, head_dim, generator=g).to(DEVICE, dtype).requires_grad_()
+               for n, h in ((nq, heads), (nk, kv_heads), (nk, kv_heads)))
+    case = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q.to(DEVICE), cu_seqlens_k=cu_k.to(DEVICE),
+                max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0))
+    if rope:
+        pos_q = torch.randint(0, 64, (nq, 3), generator=g, dtype=torch.int32).to(DEVICE)
+        pos_k = pos_q if lens_k == lens_q else torch.randint(0, 64, (nk, 3), generator=g, dtype=torch.int32).to(DEVICE)
+        case["rope"] = sk.Rope3D(pos_q, pos_k)
+    return case
+
+
+def run(case, causal=False, backend=None, dout=None, **kw):
+    """(out, lse, dq, dk, dv) of one backend on `case`."""
+    out, lse = sk.varlen_attention(**case, causal=causal, return_lse=True, backend=backend, **kw)
+    if dout is None:
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = torch.autograd.grad(out, (case["q"], case["k"], case["v"]), dout)
+    return (out, lse, *grads), dout
+
+
+def oracle(case, causal, dout, upcast_to=torch.float64):
+    """(out, lse, dq, dk, dv) of the reference: in float64 (the oracle), or with upcast_to=None
+    in the inputs' own dtype (plain PyTorch in low precision)."""
+    leaves = [x.detach().to(upcast_to or x.dtype).requires_grad_() for x in (case["q"], case["k"], case["v"])]
+    q, k, v = leaves
+    rope = case.get("rope")
+    if rope is not None:
+        q = ref_rope.rope3d(q, rope.positions_q, rope.theta, rope.sections)
+        k = ref_rope.rope3d(k, rope.positions_k if rope.positions_k is not None else rope.positions_q,
+                            rope.theta, rope.sections)
+    out, lse = ref.varlen_attention(q, k, v, case["cu_seqlens_q"], case["cu_seqlens_k"],
+                                    1.0 / math.sqrt(q.shape[2]), causal, upcast=upcast_to is not None)
+    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+    return (out, lse, *grads)
+
+
+def assert_within_2x(ours, case, causal, dout, what=""):
+    exact = oracle(case, causal, dout)
+    plain = oracle(case, causal, dout, upcast_to=None)
+    dtype = case["q"].dtype
+    for name, a, e, p in zip(("out", "lse", "dq", "dk", "dv"), ours, exact, plain):
+        assert a.shape == e.shape, f"{what} {name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        if name == "lse":
+            assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{what} lse: -inf rows differ"
+            a, e, p = (torch.where(torch.isinf(e), 0.0, x.double()) for x in (a, e, p))
+        assert not torch.isnan(a).any(), f"{what} {name}: NaN"
+        rounding = 2 * (e.to(dtype) + 0.3 - 0.3 - e.to(dtype)).abs().max().item() if e.numel() else 0.0
+        err = (a.double() - e.double()).abs().max().item() if a.numel() else 0.0
+        err_plain = (p.double() - e.double()).abs().max().item() if p.numel() else 0.0
+        assert err <= 2 * err_plain + rounding, \
+            f"{what} {name}: error {err:.3g} > 2 x PyTorch {dtype} error {err_plain:.3g} + {rounding:.3g}"
+
+
+CASES = {
+    # name: make_case kwargs, causal. Sized so the Triton interpreter runs them in seconds;
+    # test_long_segment has 1025 and 4099 tokens.
+    "lengths-1-2-17-97": (dict(lens_q=[1, 2, 17, 97], heads=2, head_dim=64), False),
+    "lengths-causal": (dict(lens_q=[1, 2, 17, 97], heads=2, head_dim=64), True),
+    "d40-mqa": (dict(lens_q=[17, 97], heads=2, kv_heads=1, head_dim=40), False),
+    "d72-gqa-causal": (dict(lens_q=[97, 33], heads=4, kv_heads=2, head_dim=72), True),
+    "d128": (dict(lens_q=[130, 17], heads=2, head_dim=128), False),
+    "image-and-clips": (dict(lens_q=[1, 300, 1, 1, 150, 1], heads=2, head_dim=64), False),
+    "cross-attention": (dict(lens_q=[97, 1, 120, 40], lens_k=[0, 77, 200, 3], heads=2, kv_heads=1,
+                             head_dim=64), False),
+    "cross-causal": (dict(lens_q=[97, 5, 20], lens_k=[30, 64, 0], heads=2, head_dim=64), True),
+    "zero-length-segments": (dict(lens_q=[0, 17, 0, 5, 0], lens_k=[3, 17, 0, 0, 0], heads=2, head_dim=32), False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case_name", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, case_name, dtype):
+    _skip_unsupported(backend, dtype)
+    kw, causal = CASES[case_name]
+    case = make_case(**kw, dtype=dtype)
+    require_backend(op.ATTENTION_BACKENDS, backend, (case["q"], case["k"], case["v"]))
+    ours, dout = run(case, causal, backend)
+    assert_within_2x(ours, case, causal, dout, f"{backend} {case_name} {dtype}")
+
+
+@pytest.mark.parametrize("length", [1025, 4099])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_segment(backend, causal, length):
+    """1025 and 4099 tokens: many key blocks, a ragged last block, a short segment beside it."""
+    if backend == "triton" and DEVICE.type == "cpu" and (length > 1025 or causal):
+        pytest.skip("minutes under the Triton interpreter: 1025 non-causal runs here, every size on a GPU")
+    dtype = torch.float16
+    case = make_case([length, 3], heads=2, head_dim=64, dtype=dtype)
+    require_backend(op.ATTENTION_BACKENDS, backend, (case["q"], case["k"], case["v"]))
+    ours, dout = run(case, causal, backend)
+    assert_within_2x(ours, case, causal, dout, f"{backend} {length}")
+
+
+@pytest.mark.parametrize("mode", ["owned", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_fused_equals_unfused(backend, dtype, mode, monkeypatch):
+    """rope= gives rope3d followed by attention (both within the 2x rule of the oracle, and
+    within it of each other), forward and gradients, in both ways the kernels fuse it."""
+    _skip_unsupported(backend, dtype)
+    if mode == "fused" and backend != "triton":
+        pytest.skip("the fusion mode is a Triton launcher choice")
+    monkeypatch.setattr(op, "ROPE_MODE", mode)
+    for causal, kw in ((False, dict(lens_q=[17, 97, 1], heads=4, kv_heads=2, head_dim=72)),
+                       (True, dict(lens_q=[33, 130], heads=2, head_dim=64))):
+        case = make_case(**kw, dtype=dtype, rope=True)
+        require_backend(op.ATTENTION_BACKENDS, backend, (case["q"], case["k"], case["v"]))
+        fused, dout = run(case, causal, backend)
+        assert_within_2x(fused, case, causal, dout, f"{backend} fused rope")
+        rope = case.pop("rope")
+        q, k = case["q"], case["k"]
+        case_unfused = dict(case, q=sk.rope3d(q, rope.positions_q), k=sk.rope3d(k, rope.positions_k))
+        out, lse = sk.varlen_attention(**case_unfused, causal=causal, return_lse=True, backend=backend)
+        unfused = (out, lse, *torch.autograd.grad(out, (q, k, case["v"]), dout))
+        plain = oracle(dict(case, rope=rope), causal, dout, upcast_to=None)
+        exact = oracle(dict(case, rope=rope), causal, dout)
+        for name, a, b, p, e in zip(("out", "lse", "dq", "dk", "dv"), fused, unfused, plain, exact):
+            if name == "lse":
+                continue
+            rounding = 2 * (e.to(dtype) + 0.3 - 0.3 - e.to(dtype)).abs().max().item()
+            gap = (a.double() - b.double()).abs().max().item()
+            err_plain = (p.double() - e.double()).abs().max().item()
+            assert gap <= 2 * err_plain + rounding, f"{name}: fused vs unfused {gap:.3g} > {2 * err_plain:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_rows_without_keys(backend):
+    """Zero-length segments produce nothing; queries with no key output 0 and lse -inf, and
+    send no gradient; causal with Lq > Lk leaves the first Lq - Lk queries without keys."""
+    case = make_case([0, 4, 6, 3], [2, 0, 2, 0], heads=2, head_dim=32, dtype=torch.float16)
+    require_backend(op.ATTENTION_BACKENDS, backend, (case["q"], case["k"], case["v"]))
+    (out, lse, dq, dk, dv), _ = run(case, True, backend)
+    no_keys = torch.tensor([1] * 4 + [1] * 4 + [0] * 2 + [1] * 3, dtype=torch.bool, device=DEVICE)
+    assert torch.equal(out[no_keys], torch.zeros_like(out[no_keys]))
+    assert torch.isneginf(lse[:, no_keys]).all() and torch.isfinite(lse[:, ~no_keys]).all()
+    assert torch.equal(dq[no_keys], torch.zeros_like(dq[no_keys]))
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+def test_default_backend_and_gradients_flow():
+    case = make_case([5, 9], heads=2, head_dim=32, dtype=torch.float32)
+    out = sk.varlen_attention(case["q"], case["k"], case["v"], case["cu_seqlens_q"], case["cu_seqlens_k"], 9, 9)
+    out.sum().backward()
+    assert case["q"].grad is not None and case["k"].grad is not None and case["v"].grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    case = make_case([17, 40], heads=2, kv_heads=1, head_dim=64, dtype=torch.float16, rope=True)
+    require_backend(op.ATTENTION_BACKENDS, backend, (case["q"], case["k"], case["v"]))
+    positions = case.pop("rope").positions_q
+
+    def f(q, k, v, cu, positions):
+        return sk.varlen_attention(q, k, v, cu, cu, 40, 40, causal=True, rope=positions, backend=backend)
+
+    args = (case["q"], case["k"], case["v"], case["cu_seqlens_q"], positions)
+    expected = f(*args)
+    g_expected = torch.autograd.grad(expected.sum(), args[:3])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    g = torch.autograd.grad(compiled.sum(), args[:3])
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=0)
+    for a, b in zip(g, g_expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_backend_reasons():
+    q = torch.zeros(4, 2, 300, dtype=torch.float64, device=DEVICE)
+    reasons = op.ATTENTION_BACKENDS[0].reasons(q, q, q)
+    assert any("head dims <= 256" in r for r in reasons) and any("float64" in r for r in reasons)
+    q32 = torch.zeros(4, 2, 64, dtype=torch.float32, device=DEVICE)
+    assert op.ATTENTION_BACKENDS[0].reasons(q32, q32, q32) == ["runs fp16 and bf16, got torch.float32"]
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(sk.NoBackendError, match="triton:.*head dims"):
+        sk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
+
+
+# -----------------------------------------------------------------------------
+# Errors
+# -----------------------------------------------------------------------------
+
+def _valid():
+    q = torch.randn(6, 4, 16, device=DEVICE, dtype=torch.float16)
+    kv = torch.randn(6, 2, 16, device=DEVICE, dtype=torch.float16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32, device=DEVICE)
+    return dict(q=q, k=kv, v=kv.clone(), cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=4, max_seqlen_k=4)
+
+
+def _cu(*values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+ERRORS = [
+    (dict(cu_seqlens_q=torch.tensor([0, 2, 6], device=DEVICE)), "cu_seqlens_q: expected dtype torch.int32"),
+    (dict(cu_seqlens_k=_cu(1, 2, 6)), r"cu_seqlens_k: expected cu_seqlens\[0\] == 0, got 1"),
+    (dict(cu_seqlens_q=_cu(0, 4, 2, 6), cu_seqlens_k=_cu(0, 2, 4, 6)),
+     "cu_seqlens_q: expected non-decreasing offsets, got 4 then 2"),
+    (dict(cu_seqlens_q=_cu(0, 2, 5)), "cu_seqlens_q: expected the last entry to equal the token count 6, got 5"),
+    (dict(max_seqlen_q=3), "max_seqlen_q: expected at least the longest segment, 4, got 3"),
+    (dict(max_seqlen_k=-1), "max_seqlen_k: expected a non-negative int"),
+    (dict(cu_seqlens_k=_cu(0, 6)), "cu_seqlens_k: expected 3 entries like cu_seqlens_q"),
+    (dict(k=torch.randn(6, 2, 8, device=DEVICE, dtype=torch.float16)), "k: expected head_dim 16 like q, got 8"),
+    (dict(v=torch.randn(6, 2, 8, device=DEVICE, dtype=torch.float16)), "v: expected head_dim 16 like q, got 8"),
+    (dict(k=torch.randn(6, 3, 16, device=DEVICE, dtype=torch.float16), v=torch.randn(6, 3, 16, device=DEVICE, dtype=torch.float16)),
+     "k: expected kv heads dividing the 4 query heads, got 3"),
+    (dict(v=torch.randn(6, 1, 16, device=DEVICE, dtype=torch.float16)), r"v: expected \[Nk, Hkv\] = \(6, 2\) like k"),
+    (dict(k=torch.randn(6, 2, 16, device=DEVICE)), "k: expected dtype torch.float16 like q, got torch.float32"),
+    (dict(q=torch.randn(6, 4, device=DEVICE, dtype=torch.float16)), "q: expected a 3-dim tensor"),
+    (dict(rope=torch.zeros(5, 3, dtype=torch.int32, device=DEVICE)), r"rope.positions_q: expected shape \(6, 3\)"),
+    (dict(rope=torch.zeros(6, 3, device=DEVICE)), "rope.positions_q: expected dtype torch.int32"),
+    (dict(rope=sk.Rope3D(torch.zeros(6, 3, dtype=torch.int32, device=DEVICE), torch.zeros(6, 2, dtype=torch.int32,
+                                                                                           device=DEVICE))),
+     r"rope.positions_k: expected shape \(6, 3\)"),
+    (dict(rope=sk.Rope3D(torch.zeros(6, 3, dtype=torch.int32, device=DEVICE), sections=(8, 4, 2))),
+     r"sections: expected \(t, h, w\) summing to the head dim 16"),
+    (dict(rope="positions"), "rope: expected None, an int32 positions tensor"),
+    (dict(softmax_scale=float("nan")), "softmax_scale: expected a finite number"),
+]
+if DEVICE.type == "cuda":
+    ERRORS.append((dict(k=torch.randn(6, 2, 16, dtype=torch.float16), v=torch.randn(6, 2, 16, dtype=torch.float16)),
+                   "k: expected device"))
+else:
+    ERRORS.append((dict(cu_seqlens_q=torch.zeros(3, dtype=torch.int32, device="meta")), "cu_seqlens_q: expected device"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("change,message", ERRORS, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(ERRORS)])
+def test_errors(change, message, backend):
+    args = {**_valid(), **change}
+    with pytest.raises(ValueError, match=message):
+        sk.varlen_attention(**args, backend=backend)
