@@ -222,7 +222,7 @@ def _flex_document(lens_q, lens_k, causal, device):
             same = same & ((ki - start_k[ki]) <= (qi - start_q[qi]) + (len_k[ki] - len_q[qi]))
         return same
 
-    block_mask = create_block_mask(mask_mod, None, None, len(doc_q), len(doc_k), device=device)
+    block_mask = create_block_mask(mask_mod, None, None, len(doc_q), len(doc_k), device=device, _compile=True)
     flex = torch.compile(flex_attention, dynamic=False)
 
     def fn(q, k, v):
