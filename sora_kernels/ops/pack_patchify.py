@@ -218,9 +218,11 @@ def _empty_videos(tokens, patch_size, sizes):
     return [tokens.new_empty(C, *sizes[i:i + 3]) for i in range(0, len(sizes), 3)]
 
 
-for _name in ("pack_patchify", "pack_patchify_triton"):  # -> (tokens, positions)
+# The compiled ops exist only when sora_kernels._C is built (the package imports without it).
+_COMPILED_SUFFIXES = ("", "_triton") if B.COMPILED_MISSING is None else ("_triton",)
+for _name in (f"pack_patchify{s}" for s in _COMPILED_SUFFIXES):  # -> (tokens, positions)
     torch.library.register_fake(f"sora_kernels::{_name}")(lambda videos, patch_size: _empty_tokens(videos, patch_size))
-for _name in ("unpack_unpatchify", "unpack_unpatchify_triton"):
+for _name in (f"unpack_unpatchify{s}" for s in _COMPILED_SUFFIXES):
     torch.library.register_fake(f"sora_kernels::{_name}")(
         lambda tokens, patch_size, sizes: _empty_videos(tokens, patch_size, sizes))
 

@@ -81,7 +81,7 @@ def unpatchify3d_triton(tokens: torch.Tensor, patch_size: list[int], grid: list[
     return x
 
 
-for _suffix in ("", "_triton"):
+for _suffix in (("", "_triton") if B.COMPILED_MISSING is None else ("_triton",)):
     torch.library.register_fake(f"sora_kernels::patchify3d{_suffix}")(_empty_tokens)
     torch.library.register_fake(f"sora_kernels::unpatchify3d{_suffix}")(_empty_video)
 
