@@ -352,19 +352,19 @@ def tuned_configs() -> dict:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant", ["no-rope", "rope-owned", "rope-fused", "rope3d+attention"])
+@pytest.mark.parametrize("variant", ["no-rope"] + [f"rope-{m}" for m in op.ROPE_MODES] + ["rope3d+attention"])
 def test_rope_fusion(suite, benchmark, variant, mode, monkeypatch):
-    """The mixed batch with 3D rope: fused into the kernel (both ROPE_MODEs), or rope3d on q and
-    k followed by attention, against attention with no rope at all."""
+    """The mixed batch with 3D rope: through rope= (each ROPE_MODE), or rope3d on q and k
+    followed by attention, against attention with no rope at all."""
     backend = "triton" if suite.device.type == "cuda" else "cpu"
     lens, _, heads, kv_heads, head_dim, _ = workloads(suite.device)["mixed"]
     dtype = _dtype(suite.device)
     q, k, v, cu, _, max_len, _ = make_inputs(lens, None, heads, kv_heads, head_dim, suite.device, dtype)
     positions = torch.cat([torch.randint(0, 64, (n, 3), dtype=torch.int32) for n in lens]).to(suite.device)
-    if variant in ("rope-owned", "rope-fused"):
-        if backend != "triton":
+    if variant.startswith("rope-"):
+        if backend != "triton" and variant != f"rope-{op.ROPE_MODE}":
             pytest.skip("the fusion modes are the Triton launcher's")
-        monkeypatch.setattr(op, "ROPE_MODE", variant.split("-")[1])
+        monkeypatch.setattr(op, "ROPE_MODE", variant.split("-", 1)[1])
         fn = lambda q, k, v: sk.varlen_attention(q, k, v, cu, cu, max_len, max_len, rope=positions,  # noqa: E731
                                                  backend=backend)
     elif variant == "rope3d+attention":

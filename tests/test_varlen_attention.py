@@ -132,14 +132,14 @@ def test_long_segment(backend, causal, length):
     assert_within_2x(ours, case, causal, dout, f"{backend} {length}")
 
 
-@pytest.mark.parametrize("mode", ["owned", "fused"])
+@pytest.mark.parametrize("mode", op.ROPE_MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rope_fused_equals_unfused(backend, dtype, mode, monkeypatch):
     """rope= gives rope3d followed by attention (both within the 2x rule of the oracle, and
     within it of each other), forward and gradients, in both ways the kernels fuse it."""
     _skip_unsupported(backend, dtype)
-    if mode == "fused" and backend != "triton":
+    if mode != op.ROPE_MODE and backend != "triton":
         pytest.skip("the fusion mode is a Triton launcher choice")
     monkeypatch.setattr(op, "ROPE_MODE", mode)
     for causal, kw in ((False, dict(lens_q=[17, 97, 1], heads=4, kv_heads=2, head_dim=72)),
@@ -266,6 +266,8 @@ else:
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("change,message", ERRORS, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(ERRORS)])
 def test_errors(change, message, backend):
-    args = {**_valid(), **change}
+    valid = _valid()
+    require_backend(op.ATTENTION_BACKENDS, backend, (valid["q"], valid["k"], valid["v"]))
+    args = {**valid, **change}
     with pytest.raises(ValueError, match=message):
         sk.varlen_attention(**args, backend=backend)

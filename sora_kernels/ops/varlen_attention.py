@@ -344,7 +344,7 @@ def configs_for(kind: str, BLOCK_D: int) -> list[KernelConfig]:
     return [c for c in KERNEL_CONFIGS[kind] if fits(kind, c, BLOCK_D)]
 
 
-_TUNED: dict = {}  # (kind, BLOCK_D, causal, ROT_Q, ROT_K, dtype, device index) -> KernelConfig
+_TUNED: dict = {}  # (kind, BLOCK_D, causal, [rope,] ROT_Q, ROT_K, dtype, device index) -> KernelConfig
 
 
 def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dict, device: torch.device) -> None:
@@ -380,36 +380,64 @@ class RopeArgs:
     sections: tuple[int, int, int]
 
 
-# How rope enters the Triton kernels:
-#   "fused": every q and k tile is rotated as it is loaded, also the tiles a program streams
-#            (each key block once per query block);
-#   "owned": a program rotates the tiles it owns (its query block in the forward and dq, its
-#            key block in dk/dv) as they are loaded, and streams tiles that the rope3d kernel
-#            rotated once beforehand.
-# Both compute the same function; benchmarks/bench_varlen_attention.py times both.
-ROPE_MODE = "owned"
+# How rope enters the Triton kernels (all compute the same function):
+#   "prerotate": the rope3d kernel rotates q and k once before the attention kernels, which
+#                rotate only their gradients back, as they store dq and dk;
+#   "owned":     a program rotates the tiles it owns (its query block in the forward and dq,
+#                its key block in dk/dv) as they are loaded, and streams tiles that the rope3d
+#                kernel rotated once beforehand;
+#   "fused":     every q and k tile is rotated as it is loaded, also the streamed ones (each
+#                key block once per query block).
+# Measured on an H200 (bf16, D=128, mixed batch; docs/NOTES-attention.md), against no rope:
+# prerotate-like cost 3% of the forward, owned 9%, fused 2x; so "prerotate" is the default.
+# benchmarks/bench_varlen_attention.py (test_rope_fusion) times all three.
+ROPE_MODES = ("prerotate", "owned", "fused")
+ROPE_MODE = "prerotate"
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 else x.contiguous()
 
 
-def _rope_launch(rope: RopeArgs | None, q: torch.Tensor, streamed: str):
-    """(positions_q, positions_k, table, ROT_Q, ROT_K, FAST, pre-rotated tensor or None) for a
-    kernel that streams `streamed` ("q" or "k") tiles."""
+@dataclass(frozen=True)
+class _RopeLaunch:
+    """How one kernel launch sees rope: the kernel arguments and which operands the launcher
+    rotates beforehand."""
+    positions_q: torch.Tensor | None = None
+    positions_k: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+    ROT_Q: bool = False      # the kernel rotates q tiles as it loads them
+    ROT_K: bool = False
+    FAST: bool = False
+    prerotate_q: bool = False  # the launcher passes rope3d(q) instead of q
+    prerotate_k: bool = False
+
+
+def _rope_launch(rope: RopeArgs | None, q: torch.Tensor, streamed: str) -> _RopeLaunch:
+    """The rope part of a launch of a kernel that streams `streamed` ("q" or "k") tiles."""
     if rope is None:
-        return None, None, None, False, False, False, None
-    D = q.shape[2]
-    pos_q, pos_k = rope.positions_q.contiguous(), rope.positions_k.contiguous()
-    table = rope_table(D, rope.theta, rope.sections, q.device)
-    fast = fast_trig(q.dtype, q.device)
+        return _RopeLaunch()
+    if ROPE_MODE not in ROPE_MODES:
+        raise ValueError(f"ROPE_MODE: expected one of {ROPE_MODES}, got {ROPE_MODE!r}")
+    common = dict(positions_q=rope.positions_q.contiguous(), positions_k=rope.positions_k.contiguous(),
+                  table=rope_table(q.shape[2], rope.theta, rope.sections, q.device),
+                  FAST=fast_trig(q.dtype, q.device))
     if ROPE_MODE == "fused":
-        return pos_q, pos_k, table, True, True, fast, None
-    return pos_q, pos_k, table, streamed != "q", streamed != "k", fast, streamed
+        return _RopeLaunch(**common, ROT_Q=True, ROT_K=True)
+    if ROPE_MODE == "owned":
+        return _RopeLaunch(**common, ROT_Q=streamed != "q", ROT_K=streamed != "k", prerotate_q=streamed == "q",
+                           prerotate_k=streamed == "k")
+    return _RopeLaunch(**common, prerotate_q=True, prerotate_k=True)
 
 
-def _prerotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeArgs) -> torch.Tensor:
-    return launch_rope3d(x, positions, rope.theta, rope.sections, False)
+def _operands(q: torch.Tensor, k: torch.Tensor, rope: RopeArgs | None, launch: _RopeLaunch, cache: dict):
+    """q and k as the kernel reads them: rotated by the rope3d kernel where the launch says
+    (once per call: `cache` keeps them for the next kernel of the same call)."""
+    if launch.prerotate_q and "q" not in cache:
+        cache["q"] = launch_rope3d(q, launch.positions_q, rope.theta, rope.sections, False)
+    if launch.prerotate_k and "k" not in cache:
+        cache["k"] = launch_rope3d(k, launch.positions_k, rope.theta, rope.sections, False)
+    return cache["q"] if launch.prerotate_q else q, cache["k"] if launch.prerotate_k else k
 
 
 def attention_forward(q, k, v, cu_q, cu_k, max_q: int, scale: float, causal: bool, rope: RopeArgs | None):
@@ -421,16 +449,14 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, scale: float, causal: boo
     n_seqs = cu_q.shape[0] - 1
     if Nq == 0 or n_seqs == 0 or max_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    pos_q, pos_k, table, rot_q, rot_k, fast, streamed = _rope_launch(rope, q, "k")
-    if streamed == "k":
-        k = _prerotate(k, pos_k, rope)
+    r = _rope_launch(rope, q, "k")
+    q, k = _operands(q, k, rope, r, {})
     BLOCK_D = block_d(D)
-    args = (q, k, v, out, lse, cu_q, cu_k, pos_q, pos_k, table, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), Nq, H, H // k.shape[1], D, scale * LOG2E)
-    constexprs = dict(CAUSAL=causal, ROT_Q=rot_q, ROT_K=rot_k, FAST=fast, 
-                      BLOCK_D=BLOCK_D)
+    args = (q, k, v, out, lse, cu_q, cu_k, r.positions_q, r.positions_k, r.table, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), Nq, H, H // k.shape[1], D, scale * LOG2E)
+    constexprs = dict(CAUSAL=causal, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D)
     _launch("fwd", attn_fwd_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H), args,
-            (BLOCK_D, causal, rot_q, rot_k, q.dtype), constexprs, q.device)
+            (BLOCK_D, causal, r.ROT_Q, r.ROT_K, q.dtype), constexprs, q.device)
     return out, lse
 
 
@@ -453,24 +479,25 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
         attn_bwd_preprocess_kernel[(triton.cdiv(Nq * H, 32),)](out, dout, delta, Nq * H, H, D, BLOCK_ROWS=32,
                                                                  BLOCK_D=BLOCK_D, num_warps=4)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    rotated: dict = {}  # q, k rotated by rope3d, shared by the two kernels
     if Nk > 0 and max_k > 0:
-        pos_q, pos_k, table, rot_q, rot_k, fast, streamed = _rope_launch(rope, q, "q")
-        qs = _prerotate(q, pos_q, rope) if streamed == "q" else q
+        r = _rope_launch(rope, q, "q")
+        qs, ks = _operands(q, k, rope, r, rotated)
         _launch("dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(max_k, c.BLOCK_N), n_seqs, Hkv),
-                (qs, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, pos_q, pos_k, table, *strides, Nq, H, Hkv, H // Hkv, D,
-                 scale * LOG2E, scale), (BLOCK_D, causal, rot_q, rot_k, q.dtype),
-                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=rot_q, ROT_K=rot_k, FAST=fast,
-                     BLOCK_D=BLOCK_D), q.device)
+                (qs, ks, v, dout, lse, delta, dk, dv, cu_q, cu_k, r.positions_q, r.positions_k, r.table, *strides, Nq,
+                 H, Hkv, H // Hkv, D, scale * LOG2E, scale), (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
+                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D),
+                q.device)
     else:
         dk.zero_(), dv.zero_()
     if Nq > 0 and max_q > 0:
-        pos_q, pos_k, table, rot_q, rot_k, fast, streamed = _rope_launch(rope, q, "k")
-        ks = _prerotate(k, pos_k, rope) if streamed == "k" else k
+        r = _rope_launch(rope, q, "k")
+        qs, ks = _operands(q, k, rope, r, rotated)
         _launch("dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H),
-                (q, ks, v, dout, lse, delta, dq, cu_q, cu_k, pos_q, pos_k, table, *strides, Nq, H, H // Hkv, D,
-                 scale * LOG2E, scale), (BLOCK_D, causal, rot_q, rot_k, q.dtype),
-                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=rot_q, ROT_K=rot_k, FAST=fast,
-                     BLOCK_D=BLOCK_D), q.device)
+                (qs, ks, v, dout, lse, delta, dq, cu_q, cu_k, r.positions_q, r.positions_k, r.table, *strides, Nq, H,
+                 H // Hkv, D, scale * LOG2E, scale), (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
+                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D),
+                q.device)
     return dq, dk, dv
 
 
