@@ -305,6 +305,15 @@ def _check_against_reference(out, inputs, causal):
             return
 
 
+def timed_call(fn, q, k, v, out, mode: str):
+    """What a mode times: fn(q, k, v), or ("fwd+bwd") it and the gradients of q, k, v."""
+    if mode == "fwd":
+        return lambda: fn(q, k, v)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    dout = torch.randn_like(out)
+    return lambda: torch.autograd.grad(fn(*leaves), leaves, dout)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("workload", ["dense-16k", "dense-16k-causal", "dense-2k-d64", "dense-512", "mixed",
@@ -329,15 +338,7 @@ def test_varlen_attention(suite, benchmark, workload, provider, mode):
     except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as e:  # a provider that fails here
         pytest.skip(f"{provider} failed on {workload}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     _check_against_reference(out, inputs, causal)
-    if mode == "fwd":
-        run = lambda: fn(q, k, v)  # noqa: E731
-    else:
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        dout = torch.randn_like(out)
-
-        def run():
-            o = fn(*leaves)
-            torch.autograd.grad(o, leaves, dout)
+    run = timed_call(fn, q, k, v, out, mode)
     nbytes = sum(x.numel() * x.element_size() for x in (q, k, v)) + out.numel() * out.element_size()
     suite.run("varlen_attention", mode, provider, workload, run, nbytes, dtype, benchmark,
               flops=attention_flops(lens_q, lens_k, heads, head_dim, causal, mode), segments=len(lens_q),
@@ -372,15 +373,7 @@ def test_rope_fusion(suite, benchmark, variant, mode, monkeypatch):
                                                  cu, cu, max_len, max_len, backend=backend)
     else:
         fn = lambda q, k, v: sk.varlen_attention(q, k, v, cu, cu, max_len, max_len, backend=backend)  # noqa: E731
-    out = fn(q, k, v)
-    if mode == "fwd":
-        run = lambda: fn(q, k, v)  # noqa: E731
-    else:
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        dout = torch.randn_like(out)
-
-        def run():
-            torch.autograd.grad(fn(*leaves), leaves, dout)
+    run = timed_call(fn, q, k, v, fn(q, k, v), mode)
     nbytes = 4 * q.numel() * q.element_size()
     suite.run("varlen_attention", mode, f"{backend}:{variant}", "mixed+rope", run, nbytes, dtype, benchmark,
               flops=attention_flops(lens, None, heads, head_dim, False, mode))

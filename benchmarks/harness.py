@@ -141,6 +141,10 @@ class Row:
 
 
 def git_revision() -> str:
+    """SORA_KERNELS_REVISION when set (a copy of the tree on another machine may carry a stale
+    .git), else git's HEAD, '-dirty' with uncommitted changes."""
+    if os.environ.get("SORA_KERNELS_REVISION"):
+        return os.environ["SORA_KERNELS_REVISION"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -148,8 +152,7 @@ def git_revision() -> str:
                                capture_output=True, text=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (a lent GPU machine): the caller may name the revision.
-        return os.environ.get("SORA_KERNELS_REVISION", "unknown")
+        return "unknown"
 
 
 def environment(device: torch.device) -> dict:

@@ -11,6 +11,8 @@ import sora_kernels
 from sora_kernels import backends as B
 from sora_kernels.ops.pack_patchify import PACK_BACKENDS, UNPACK_BACKENDS
 from sora_kernels.ops.patchify3d import PATCHIFY_BACKENDS, UNPATCHIFY_BACKENDS
+from sora_kernels.ops.rope3d import ROPE_BACKENDS
+from sora_kernels.ops.varlen_attention import ATTENTION_BACKENDS
 
 
 def _sample_calls(device: torch.device) -> dict:
@@ -18,11 +20,15 @@ def _sample_calls(device: torch.device) -> dict:
     x = torch.zeros(1, 4, 1, 2, 2, device=device, dtype=torch.bfloat16)
     videos = [x[0]]
     tokens = torch.zeros(1, 16, device=device, dtype=torch.bfloat16)
+    qkv = torch.zeros(1, 2, 64, device=device, dtype=torch.bfloat16)
+    positions = torch.zeros(1, 3, device=device, dtype=torch.int32)
     return {
         "patchify3d": (PATCHIFY_BACKENDS, (x, (1, 2, 2))),
         "unpatchify3d": (UNPATCHIFY_BACKENDS, (tokens[None], (1, 2, 2), (1, 1, 1))),
         "pack_patchify": (PACK_BACKENDS, (videos, (1, 2, 2))),
         "unpack_unpatchify": (UNPACK_BACKENDS, (tokens, (1, 2, 2), [(1, 2, 2)])),
+        "varlen_attention (bf16, D=64)": (ATTENTION_BACKENDS, (qkv, qkv, qkv)),
+        "rope3d (bf16, D=64)": (ROPE_BACKENDS, (qkv, positions, 10000.0, (20, 22, 22))),
     }
 
 

@@ -69,6 +69,27 @@ if B.TRITON_MISSING is None:
         return start, tl.load(cu_ptr + seq + 1) - start
 
     @triton.jit
+    def _query_block(q_ptr, pos_q_ptr, freq_ptr, m_block, q_start, Lq, head, stride_qn, stride_qh, head_dim,
+                     ROT_Q: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(offs_m, row_mask, rows, q): a program's query block, its indices in the segment,
+        which exist, their packed rows (int64), and the tile (rotated when ROT_Q)."""
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < Lq
+        rows = (q_start + offs_m).to(tl.int64)
+        q = _load_rotated(q_ptr, rows, row_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
+                          ROT_Q, FAST, BLOCK_D)
+        return offs_m, row_mask, rows, q
+
+    @triton.jit
+    def _row_stats(lse_ptr, delta_ptr, head, n_q, rows, row_mask):
+        """(lse in log2 units, delta) of query rows for the backward; a row with no key (lse
+        -inf) or past its segment gets lse +inf, so its probabilities are 0."""
+        lse = tl.load(lse_ptr + head.to(tl.int64) * n_q + rows, mask=row_mask, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(delta_ptr + head.to(tl.int64) * n_q + rows, mask=row_mask, other=0.0)
+        return lse, delta
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, pos_k_ptr, k_start, lo, hi, offs_m, Lk, diag, kv_head,
                    stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, freq_ptr,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, ROT_K: tl.constexpr, FAST: tl.constexpr,
@@ -138,11 +159,8 @@ if B.TRITON_MISSING is None:
             return
         k_start, Lk = _segment(cu_k_ptr, seq)
         kv_head = head // group
-        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = offs_m < Lq
-        rows = (q_start + offs_m).to(tl.int64)
-        q = _load_rotated(q_ptr, rows, row_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
-                          ROT_Q, FAST, BLOCK_D)
+        offs_m, row_mask, rows, q = _query_block(q_ptr, pos_q_ptr, freq_ptr, m_block, q_start, Lq, head, stride_qn,
+                                                 stride_qh, head_dim, ROT_Q, FAST, BLOCK_M, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -220,9 +238,7 @@ if B.TRITON_MISSING is None:
                 q = _load_rotated(q_ptr, rows, q_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
                                   ROT_Q, FAST, BLOCK_D)
                 do = _load_rows(dout_ptr, rows, q_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
-                lse = tl.load(lse_ptr + head.to(tl.int64) * n_q + rows, mask=q_mask, other=float("inf"))
-                lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # no keys: p = 0
-                delta = tl.load(delta_ptr + head.to(tl.int64) * n_q + rows, mask=q_mask, other=0.0)
+                lse, delta = _row_stats(lse_ptr, delta_ptr, head, n_q, rows, q_mask)
                 qkT = tl.dot(k, tl.trans(q)) * scale_log2   # [BLOCK_N, BLOCK_M]
                 pT = tl.exp2(qkT - lse[None, :])
                 allowed = col_mask[:, None] & q_mask[None, :]
@@ -262,15 +278,10 @@ if B.TRITON_MISSING is None:
             return
         k_start, Lk = _segment(cu_k_ptr, seq)
         kv_head = head // group
-        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        q_mask = offs_m < Lq
-        rows = (q_start + offs_m).to(tl.int64)
-        q = _load_rotated(q_ptr, rows, q_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
-                          ROT_Q, FAST, BLOCK_D)
+        offs_m, q_mask, rows, q = _query_block(q_ptr, pos_q_ptr, freq_ptr, m_block, q_start, Lq, head, stride_qn,
+                                               stride_qh, head_dim, ROT_Q, FAST, BLOCK_M, BLOCK_D)
         do = _load_rows(dout_ptr, rows, q_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
-        lse = tl.load(lse_ptr + head.to(tl.int64) * n_q + rows, mask=q_mask, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-        delta = tl.load(delta_ptr + head.to(tl.int64) * n_q + rows, mask=q_mask, other=0.0)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, head, n_q, rows, q_mask)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         full, hi, diag = _key_range(m_block, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
         offs_n = tl.arange(0, BLOCK_N)
