@@ -27,11 +27,11 @@ import pytest
 import torch
 
 import sora_kernels as sk
-from benchmarks import harness
 from sora_kernels.ops import varlen_attention as op
 from sora_kernels.reference import attention as ref
 
-PROVIDERS = ["triton", "cpu", "sdpa_padded", "sdpa_loop", "sdpa_nested", "varlen_attn", "flex_document", "flash_attn", "xformers"]
+PROVIDERS = ["triton", "cpu", "sdpa_padded", "sdpa_loop", "sdpa_nested", "varlen_attn", "flex_document", "flash_attn",
+             "xformers"]
 MODES = ["fwd", "fwd+bwd"]
 
 
@@ -55,6 +55,7 @@ def workloads(device: torch.device) -> dict:
         text = torch.randint(0, 513, (64,), generator=gen).tolist()
         return {
             "dense-16k": ([16384] * 4, None, 16, 16, 128, False),
+            "dense-128k": ([16384] * 8, None, 16, 16, 128, False),
             "dense-16k-causal": ([16384] * 4, None, 16, 16, 128, True),
             "dense-2k-d64": ([2048] * 32, None, 16, 16, 64, False),
             "mixed": (_mixed_lengths(device), None, 16, 16, 128, False),
@@ -154,7 +155,8 @@ def _sdpa_loop(lens_q, lens_k, causal):
                     i = torch.arange(lq, device=q.device)[:, None]
                     mask = torch.arange(lk, device=q.device)[None, :] <= i + (lk - lq)
                 o = torch.nn.functional.scaled_dot_product_attention(
-                    qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=ks.shape[1] != qs.shape[1])
+                    qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
+                    enable_gqa=ks.shape[1] != qs.shape[1])
                 outs.append(o[0].transpose(0, 1))
             sq, sk_ = sq + lq, sk_ + lk
         return torch.cat(outs)
@@ -316,8 +318,8 @@ def timed_call(fn, q, k, v, out, mode: str):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("workload", ["dense-16k", "dense-16k-causal", "dense-2k-d64", "dense-512", "mixed",
-                                      "cross-text"])
+@pytest.mark.parametrize("workload", ["dense-16k", "dense-16k-causal", "dense-128k", "dense-2k-d64", "dense-512",
+                                      "mixed", "cross-text"])
 def test_varlen_attention(suite, benchmark, workload, provider, mode):
     all_workloads = workloads(suite.device)
     if workload not in all_workloads:

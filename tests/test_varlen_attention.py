@@ -98,6 +98,8 @@ CASES = {
     "d40-mqa": (dict(lens_q=[17, 97], heads=2, kv_heads=1, head_dim=40), False),
     "d72-gqa-causal": (dict(lens_q=[97, 33], heads=4, kv_heads=2, head_dim=72), True),
     "d128": (dict(lens_q=[130, 17], heads=2, head_dim=128), False),
+    "d32-causal": (dict(lens_q=[17, 97], heads=2, head_dim=32), True),
+    "d256": (dict(lens_q=[70, 17], heads=2, head_dim=256), False),
     "image-and-clips": (dict(lens_q=[1, 300, 1, 1, 150, 1], heads=2, head_dim=64), False),
     "cross-attention": (dict(lens_q=[97, 1, 120, 40], lens_k=[0, 77, 200, 3], heads=2, kv_heads=1,
                              head_dim=64), False),
@@ -241,7 +243,8 @@ ERRORS = [
     (dict(cu_seqlens_k=_cu(0, 6)), "cu_seqlens_k: expected 3 entries like cu_seqlens_q"),
     (dict(k=torch.randn(6, 2, 8, device=DEVICE, dtype=torch.float16)), "k: expected head_dim 16 like q, got 8"),
     (dict(v=torch.randn(6, 2, 8, device=DEVICE, dtype=torch.float16)), "v: expected head_dim 16 like q, got 8"),
-    (dict(k=torch.randn(6, 3, 16, device=DEVICE, dtype=torch.float16), v=torch.randn(6, 3, 16, device=DEVICE, dtype=torch.float16)),
+    (dict(k=torch.randn(6, 3, 16, device=DEVICE, dtype=torch.float16),
+          v=torch.randn(6, 3, 16, device=DEVICE, dtype=torch.float16)),
      "k: expected kv heads dividing the 4 query heads, got 3"),
     (dict(v=torch.randn(6, 1, 16, device=DEVICE, dtype=torch.float16)), r"v: expected \[Nk, Hkv\] = \(6, 2\) like k"),
     (dict(k=torch.randn(6, 2, 16, device=DEVICE)), "k: expected dtype torch.float16 like q, got torch.float32"),
@@ -260,7 +263,8 @@ if DEVICE.type == "cuda":
     ERRORS.append((dict(k=torch.randn(6, 2, 16, dtype=torch.float16), v=torch.randn(6, 2, 16, dtype=torch.float16)),
                    "k: expected device"))
 else:
-    ERRORS.append((dict(cu_seqlens_q=torch.zeros(3, dtype=torch.int32, device="meta")), "cu_seqlens_q: expected device"))
+    ERRORS.append((dict(cu_seqlens_q=torch.zeros(3, dtype=torch.int32, device="meta")),
+                   "cu_seqlens_q: expected device"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])

@@ -496,7 +496,8 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
         qs, ks = _operands(q, k, rope, r, rotated)
         _launch("dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(max_k, c.BLOCK_N), n_seqs, Hkv),
                 (qs, ks, v, dout, lse, delta, dk, dv, cu_q, cu_k, r.positions_q, r.positions_k, r.table, *strides, Nq,
-                 H, Hkv, H // Hkv, D, scale * LOG2E, scale), (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
+                 H, Hkv, H // Hkv, D, scale * LOG2E, scale),
+                (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
                 dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D),
                 q.device)
     else:
