@@ -189,7 +189,8 @@ def write_results(rows: list[Row], env: dict, copy_bw: float, path: str | None =
 
 
 # The baseline each op's speedup column is taken against.
-BASELINES = {"varlen_attention": "sdpa_padded", "rope3d": "reference"}
+BASELINES = {"varlen_attention": "sdpa_padded", "rope3d": "reference", "adaln_norm": "eager",
+             "gated_residual_adaln": "eager"}
 
 
 def format_table(rows: list[Row]) -> str:

@@ -7,10 +7,16 @@ backends; see sora_kernels.backends for how one is picked):
     pack_patchify, unpack_unpatchify     list of [C, Ti, Hi, Wi] <-> one packed sequence (Packed)
     varlen_attention                     attention over packed segments (cu_seqlens), optional fused rope
     rope3d                               3D rotary embedding of [N, H, D] from (t, h, w) positions
+    adaln_norm, gated_residual,          segment-aware adaLN and gated residual on packed tokens
+    gated_residual_adaln                 (the fused residual -> norm -> modulate)
+    rms_norm                             RMSNorm of the last dim (QK-norm)
 
 `python -m sora_kernels.info` prints what is built and usable here.
 """
 from sora_kernels.backends import NoBackendError
+from sora_kernels.ops.adaln_norm import adaln_norm, gated_residual_adaln
+from sora_kernels.ops.gated_residual import gated_residual
+from sora_kernels.ops.rms_norm import rms_norm
 from sora_kernels.ops.pack_patchify import pack_patchify, unpack_unpatchify
 from sora_kernels.ops.patchify3d import patchify3d, unpatchify3d
 from sora_kernels.ops.rope3d import rope3d
@@ -20,4 +26,5 @@ from sora_kernels.packed import Packed
 __version__ = "0.1.0"
 
 __all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "Packed", "varlen_attention",
-           "Rope3D", "rope3d", "NoBackendError"]
+           "Rope3D", "rope3d", "adaln_norm", "gated_residual", "gated_residual_adaln", "rms_norm",
+           "NoBackendError"]

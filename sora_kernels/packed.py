@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -28,6 +29,13 @@ class Packed:
     @property
     def num_videos(self) -> int:
         return len(self.grids)
+
+    @cached_property
+    def segment_ids(self) -> torch.Tensor:
+        """int32 [N]: the video of each token, computed once per batch and reused by every
+        layer's segment-aware ops (adaln_norm, gated_residual)."""
+        from sora_kernels.reference.dit_ops import segment_ids
+        return segment_ids(self.cu_seqlens, self.tokens.shape[0])
 
 
 def packed_metadata(grids, device: torch.device):

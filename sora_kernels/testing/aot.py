@@ -82,8 +82,55 @@ def attention_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
+def _pointer_signature(fn, constexprs: dict, none: set, dtype: str) -> dict:
+    """Argument types of a row kernel: *_ptr arguments are pointers (fp32 for the saved
+    statistics and accumulators, int32 for segment ids), the rest i32 or fp32 (eps)."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs or name in none:
+            signature[name] = "constexpr"
+        elif name in ("mean_ptr", "rstd_ptr", "dgate_ptr", "dshift_ptr", "dscale_ptr", "dw_ptr"):
+            signature[name] = "*fp32"
+        elif name == "seg_ptr":
+            signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + dtype
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    return signature
+
+
+def dit_jobs(archs: list[int]) -> list[dict]:
+    """One job per (kernel, variant, tile config, arch) of the DiT row kernels in bf16:
+    adaln_norm / gated_residual_adaln / rms_norm forward and backward, gated_residual."""
+    from sora_kernels.ops import adaln_norm as op
+    from sora_kernels.ops import gated_residual as gr
+    variants = []  # (kernel, constexprs, arguments passed as None)
+    for residual, layer in ((False, True), (False, False), (True, True), (True, False)):
+        no_res = set() if residual else {"y_ptr", "gate_ptr", "h_ptr", "dh_ptr", "dy_ptr", "dgate_ptr"}
+        no_mean = set() if layer else {"mean_ptr"}
+        for fn in (op.adaln_fwd_kernel, op.adaln_bwd_kernel):
+            variants.append((fn, {"RESIDUAL": residual, "LAYER": layer}, (no_res | no_mean) & set(fn.arg_names)))
+    rms_none = {"y_ptr", "gate_ptr", "h_ptr", "dh_ptr", "dy_ptr", "dgate_ptr", "shift_ptr", "scale_ptr", "seg_ptr",
+                "mean_ptr", "dshift_ptr", "dscale_ptr"}
+    for fn in (op.adaln_fwd_kernel, op.adaln_bwd_kernel):  # rms_norm: no modulation
+        variants.append((fn, {"RESIDUAL": False, "LAYER": False}, rms_none & set(fn.arg_names)))
+    for backward in (False, True):
+        variants.append((gr.gated_residual_kernel, {"BACKWARD": backward}, set() if backward else {"dgate_ptr"}))
+    jobs = []
+    for fn, flags, none in variants:
+        for cfg in op.config_space():
+            constexprs = {**flags, **cfg, **{name: None for name in none}}
+            for arch in archs:
+                jobs.append({"module": fn.__module__, "kernel": fn.__name__, "arch": arch,
+                             "num_warps": op.num_warps(cfg["BLOCK_D"]) if fn is not gr.gated_residual_kernel else 4,
+                             "num_stages": 3, "signature": _pointer_signature(fn, constexprs, none, "bf16"),
+                             "constexprs": constexprs})
+    return jobs
+
+
 def kernel_jobs(archs: list[int]) -> list[dict]:
-    return patchify_jobs(archs) + attention_jobs(archs)
+    return patchify_jobs(archs) + attention_jobs(archs) + dit_jobs(archs)
 
 
 def _cuobjdump() -> str:

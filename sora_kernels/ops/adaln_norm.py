@@ -1,0 +1,471 @@
+"""adaln_norm and gated_residual_adaln: segment-aware adaLN on packed tokens.
+
+Order: Triton kernels -> launchers -> custom ops and autograd -> checks -> backends ->
+public functions.
+
+In a packed batch each segment (sample) has its own shift, scale and gate rows, so a token
+reads row segment_ids[token] of each. One program normalises ROWS tokens (a [ROWS, BLOCK_D]
+tile) in one pass: the fused variant first forms the residual h = x + gate * y, stores it,
+and normalises it without reading it back. The backward reduces the per-segment gradients
+(shift, scale, gate) in fp32 with one atomic add per column per program when its rows lie in
+one segment (the common case), per row otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sora_kernels import backends as B
+from sora_kernels.reference import dit_ops as ref
+
+if B.TRITON_MISSING is None:
+    import triton
+    import triton.language as tl
+
+MAX_D = 16384          # widest row the kernels are compiled for
+TILE_ELEMENTS = 4096   # elements of one program's tile: ROWS = TILE_ELEMENTS // BLOCK_D
+NORMS = ("layer", "rms")
+
+# -----------------------------------------------------------------------------
+# Triton kernels
+# -----------------------------------------------------------------------------
+
+if B.TRITON_MISSING is None:
+
+    @triton.jit
+    def _segment_add(acc_ptr, seg, row_mask, cols, col_mask, contrib, D):
+        """acc[seg[r], :] += contrib[r, :] (fp32 atomics): one add per column when all rows of
+        the tile are in one segment, else one per row."""
+        first = tl.min(tl.where(row_mask, seg, 2147483647))
+        last = tl.max(tl.where(row_mask, seg, -1))
+        if first == last:
+            tl.atomic_add(acc_ptr + first.to(tl.int64) * D + cols, tl.sum(contrib, 0), mask=col_mask)
+        else:
+            tl.atomic_add(acc_ptr + seg.to(tl.int64)[:, None] * D + cols[None, :], contrib,
+                          mask=row_mask[:, None] & col_mask[None, :])
+
+    @triton.jit
+    def adaln_fwd_kernel(
+        x_ptr,                 # [N, D] input (the residual stream when RESIDUAL)
+        y_ptr, gate_ptr,       # RESIDUAL: [N, D] branch output and [n, D] gates, else None
+        h_ptr,                 # RESIDUAL: [N, D] output h = x + gate[seg] * y, else None
+        shift_ptr, scale_ptr,  # [n, D] per segment, or None (no modulation: rms_norm)
+        w_ptr,                 # [D] norm weight, or None
+        seg_ptr,               # int32 [N] segment of each token, or None without modulation
+        out_ptr,               # [N, D] norm(h or x) * (1 + scale) + shift
+        mean_ptr, rstd_ptr,    # fp32 [N] saved for the backward (mean only for LAYER)
+        N, D, eps,
+        RESIDUAL: tl.constexpr, LAYER: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Modulated LayerNorm / RMSNorm of ROWS tokens, after the gated residual if RESIDUAL."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_mask = rows < N
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        seg_offs = offs
+        if seg_ptr is not None:
+            seg = tl.load(seg_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+            seg_offs = seg[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32)
+            h = (x + g * y).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + offs, h, mask=mask)
+            x = h.to(tl.float32)  # normalise h as stored, as the unfused ops would
+        if LAYER:
+            mean = tl.sum(x, 1) / D
+            x = tl.where(mask, x - mean[:, None], 0.0)
+            tl.store(mean_ptr + rows, mean, mask=row_mask)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+        xhat = x * rstd[:, None]
+        if w_ptr is not None:
+            xhat = xhat * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if scale_ptr is not None:
+            shift = tl.load(shift_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = xhat * (1.0 + scale) + shift
+        tl.store(out_ptr + offs, xhat.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def adaln_bwd_kernel(
+        x_ptr,                 # [N, D] what was normalised (h when RESIDUAL)
+        dout_ptr,              # [N, D] gradient of the modulated norm
+        dh_ptr,                # RESIDUAL: [N, D] gradient of h from its other uses, else None
+        y_ptr, gate_ptr,       # RESIDUAL: as in the forward, else None
+        scale_ptr, w_ptr, seg_ptr,  # scale and seg None without modulation (rms_norm)
+        mean_ptr, rstd_ptr,
+        dx_ptr,                # [N, D] gradient of x (of the residual input when RESIDUAL)
+        dy_ptr,                # RESIDUAL: [N, D] gradient of y, else None
+        dgate_ptr,             # RESIDUAL: fp32 [n, D] accumulator, else None
+        dshift_ptr, dscale_ptr,  # fp32 [n, D] accumulators, or None without modulation
+        dw_ptr,                # fp32 [D] accumulator, or None
+        N, D,
+        RESIDUAL: tl.constexpr, LAYER: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Gradients of ROWS tokens; per-segment and weight gradients added to fp32 accumulators."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_mask = rows < N
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if LAYER:
+            x = tl.where(mask, x - tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
+        xhat = x * tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = 1.0
+        if w_ptr is not None:
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        g = dout                                     # gradient of the weighted xhat
+        if scale_ptr is not None:
+            seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
+            seg_offs = seg.to(tl.int64)[:, None] * D + cols[None, :]
+            g = dout * (1.0 + tl.load(scale_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32))
+            _segment_add(dscale_ptr, seg, row_mask, cols, col_mask, dout * xhat * w, D)
+            _segment_add(dshift_ptr, seg, row_mask, cols, col_mask, dout, D)
+        if w_ptr is not None:
+            tl.atomic_add(dw_ptr + cols, tl.sum(g * xhat, 0), mask=col_mask)
+            g = g * w
+        c2 = tl.sum(g * xhat, 1) / D
+        if LAYER:
+            dx = g - (tl.sum(g, 1) / D)[:, None] - xhat * c2[:, None]
+        else:
+            dx = g - xhat * c2[:, None]
+        dx = tl.where(mask, dx * tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
+        if RESIDUAL:  # h = x + gate * y: dx = dh, dy = dh * gate, dgate = sum dh * y
+            dx += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            _segment_add(dgate_ptr, seg, row_mask, cols, col_mask, dx * y, D)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# -----------------------------------------------------------------------------
+# Launchers
+# -----------------------------------------------------------------------------
+
+def block_d(D: int) -> int:
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def tile_config(D: int) -> dict:
+    """Compile-time tile for rows of D elements: every config this returns is compiled ahead of
+    time in the tests (config_space)."""
+    bd = block_d(D)
+    return {"ROWS": max(1, TILE_ELEMENTS // bd), "BLOCK_D": bd}
+
+
+def config_space() -> list[dict]:
+    return [tile_config(1 << p) for p in range(4, MAX_D.bit_length())]
+
+
+def num_warps(bd: int) -> int:
+    return 4 if bd <= 2048 else 8 if bd <= 8192 else 16
+
+
+def adaln_forward(x, y, gate, shift, scale, weight, seg, eps: float, layer: bool):
+    """(h or None, out, mean [N] or empty, rstd [N]); shift, scale and seg None: a plain norm."""
+    N, D = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    h = torch.empty_like(x) if y is not None else None
+    mean = torch.empty(N if layer else 0, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    if N > 0:
+        cfg = tile_config(D)
+        adaln_fwd_kernel[(triton.cdiv(N, cfg["ROWS"]),)](
+            x, y.contiguous() if y is not None else None, gate.contiguous() if gate is not None else None, h,
+            _contiguous(shift), _contiguous(scale), _contiguous(weight), seg, out, mean if layer else None, rstd, N, D,
+            eps,
+            RESIDUAL=y is not None, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"]), **cfg)
+    return h, out, mean, rstd
+
+
+def _contiguous(t):
+    return t.contiguous() if t is not None else None
+
+
+def adaln_backward(x, dout, dh, y, gate, scale, weight, seg, mean, rstd, n_segments: int, layer: bool):
+    """(dx, dy or None, dgate or None, dshift, dscale, dweight or None): x is what was
+    normalised (h for the fused op), dh the gradient of h from its other uses; scale and seg
+    None for a plain norm (dshift, dscale None then)."""
+    N, D = x.shape
+    residual = y is not None
+    modulated = scale is not None
+    # Separate fp32 accumulators (returned as they are for fp32 parameters: they must not alias).
+    acc = [torch.zeros((n_segments, D), dtype=torch.float32, device=x.device)
+           for _ in range((2 if modulated else 0) + residual)]
+    acc += [None] * (3 - len(acc))
+    dw = torch.zeros(D, dtype=torch.float32, device=x.device) if weight is not None else None
+    dx = torch.empty_like(x)
+    dy = torch.empty_like(y) if residual else None
+    if N > 0:
+        cfg = tile_config(D)
+        adaln_bwd_kernel[(triton.cdiv(N, cfg["ROWS"]),)](
+            x.contiguous(), dout.contiguous(), dh.contiguous() if residual else None,
+            y.contiguous() if residual else None, gate.contiguous() if residual else None, _contiguous(scale),
+            _contiguous(weight), seg, mean if layer else None, rstd, dx, dy, acc[2] if residual else None, acc[0],
+            acc[1], dw, N, D,
+            RESIDUAL=residual, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"]), **cfg)
+    dshift, dscale = (acc[0].to(scale.dtype), acc[1].to(scale.dtype)) if modulated else (None, None)
+    dgate = acc[2].to(gate.dtype) if residual else None
+    return dx, dy, dgate, dshift, dscale, dw.to(weight.dtype) if dw is not None else None
+
+
+# -----------------------------------------------------------------------------
+# Custom ops and autograd
+# -----------------------------------------------------------------------------
+
+@torch.library.custom_op("sora_kernels::adaln_norm_triton", mutates_args=())
+def adaln_norm_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None,
+                      segment_ids: torch.Tensor, eps: float, layer: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, out, mean, rstd = adaln_forward(x, None, None, shift, scale, weight, segment_ids, eps, layer)
+    return out, mean, rstd
+
+
+@torch.library.custom_op("sora_kernels::adaln_norm_triton_backward", mutates_args=())
+def adaln_norm_triton_backward(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                               weight: torch.Tensor | None, segment_ids: torch.Tensor, mean: torch.Tensor,
+                               rstd: torch.Tensor, layer: bool) -> list[torch.Tensor]:
+    dx, _, _, dshift, dscale, dw = adaln_backward(x, dout, None, None, None, scale, weight, segment_ids, mean, rstd,
+                                                  scale.shape[0], layer)
+    return [dx, dshift, dscale] + ([dw] if dw is not None else [])
+
+
+@torch.library.custom_op("sora_kernels::gated_residual_adaln_triton", mutates_args=())
+def gated_residual_adaln_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                                scale: torch.Tensor, weight: torch.Tensor | None, segment_ids: torch.Tensor,
+                                eps: float, layer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, out, mean, rstd = adaln_forward(x, y, gate, shift, scale, weight, segment_ids, eps, layer)
+    return h, out, mean, rstd
+
+
+@torch.library.custom_op("sora_kernels::gated_residual_adaln_triton_backward", mutates_args=())
+def gated_residual_adaln_triton_backward(dh: torch.Tensor, dout: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
+                                         gate: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None,
+                                         segment_ids: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                                         layer: bool) -> list[torch.Tensor]:
+    dx, dy, dgate, dshift, dscale, dw = adaln_backward(h, dout, dh, y, gate, scale, weight, segment_ids, mean, rstd,
+                                                       scale.shape[0], layer)
+    return [dx, dy, dgate, dshift, dscale] + ([dw] if dw is not None else [])
+
+
+@adaln_norm_triton.register_fake
+def _(x, shift, scale, weight, segment_ids, eps, layer):
+    return (torch.empty_like(x), x.new_empty(x.shape[0] if layer else 0, dtype=torch.float32),
+            x.new_empty(x.shape[0], dtype=torch.float32))
+
+
+@adaln_norm_triton_backward.register_fake
+def _(dout, x, scale, weight, segment_ids, mean, rstd, layer):
+    return [torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)] + \
+        ([torch.empty_like(weight)] if weight is not None else [])
+
+
+@gated_residual_adaln_triton.register_fake
+def _(x, y, gate, shift, scale, weight, segment_ids, eps, layer):
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[0] if layer else 0, dtype=torch.float32),
+            x.new_empty(x.shape[0], dtype=torch.float32))
+
+
+@gated_residual_adaln_triton_backward.register_fake
+def _(dh, dout, h, y, gate, scale, weight, segment_ids, mean, rstd, layer):
+    return [torch.empty_like(h), torch.empty_like(y), torch.empty_like(gate), torch.empty_like(scale),
+            torch.empty_like(scale)] + ([torch.empty_like(weight)] if weight is not None else [])
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, shift, scale, weight, seg, eps, ctx.layer = inputs
+    _, mean, rstd = output
+    ctx.has_weight = weight is not None
+    ctx.save_for_backward(x, scale, weight, seg, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _adaln_backward(ctx, dout, _dmean, _drstd):
+    x, scale, weight, seg, mean, rstd = ctx.saved_tensors
+    grads = adaln_norm_triton_backward(dout, x, scale, weight, seg, mean, rstd, ctx.layer)
+    dx, dshift, dscale = grads[:3]
+    return dx, dshift, dscale, grads[3] if ctx.has_weight else None, None, None, None
+
+
+def _fused_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, weight, seg, eps, ctx.layer = inputs
+    h, _, mean, rstd = output
+    ctx.has_weight = weight is not None
+    ctx.save_for_backward(h, y, gate, scale, weight, seg, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _fused_backward(ctx, dh, dout, _dmean, _drstd):
+    h, y, gate, scale, weight, seg, mean, rstd = ctx.saved_tensors
+    grads = gated_residual_adaln_triton_backward(dh, dout, h, y, gate, scale, weight, seg, mean, rstd, ctx.layer)
+    dx, dy, dgate, dshift, dscale = grads[:5]
+    return dx, dy, dgate, dshift, dscale, grads[5] if ctx.has_weight else None, None, None, None
+
+
+adaln_norm_triton.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+gated_residual_adaln_triton.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# -----------------------------------------------------------------------------
+# Checks (shared with gated_residual)
+# -----------------------------------------------------------------------------
+
+def check_tokens(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a 2-dim tensor [N, D] of packed tokens, got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+
+
+def check_like(name: str, t, x: torch.Tensor, shape: tuple) -> None:
+    """ValueError naming `name` unless t is a tensor of `shape` with x's dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor of shape {shape}, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise ValueError(f"{name}: expected dtype {x.dtype} like x, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} like x, got {t.device}")
+
+
+def check_segments(x: torch.Tensor, cu_seqlens, segment_ids) -> tuple[int, torch.Tensor]:
+    """(segments, int32 segment id per token) from cu_seqlens, checked against x (no device
+    sync: the count of tokens is compared through cu_seqlens' last entry only on the host
+    when cu_seqlens is on the CPU, else by the shape of segment_ids)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        got = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens: expected a 1-dim int32 tensor [segments + 1], got {got}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens: expected dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"cu_seqlens: expected device {x.device} like x, got {cu_seqlens.device}")
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        last = int(cu_seqlens[-1])
+        if last != x.shape[0]:
+            raise ValueError(f"cu_seqlens: expected the last entry to equal the token count {x.shape[0]}, got {last}")
+    n = cu_seqlens.shape[0] - 1
+    if segment_ids is None:
+        return n, ref.segment_ids(cu_seqlens, x.shape[0])
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype != torch.int32 or \
+            tuple(segment_ids.shape) != (x.shape[0],) or segment_ids.device != x.device:
+        got = (tuple(segment_ids.shape), segment_ids.dtype, str(segment_ids.device)) \
+            if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+        raise ValueError(f"segment_ids: expected int32 [{x.shape[0]}] on {x.device}, got {got}")
+    return n, segment_ids
+
+
+def check_norm(norm, eps) -> bool:
+    """True for LayerNorm, False for RMSNorm."""
+    if norm not in NORMS:
+        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    return norm == "layer"
+
+
+def check_adaln_args(x, shift, scale, weight, n: int) -> None:
+    D = x.shape[1]
+    check_like("shift", shift, x, (n, D))
+    check_like("scale", scale, x, (n, D))
+    if weight is not None:
+        check_like("weight", weight, x, (D,))
+
+
+# -----------------------------------------------------------------------------
+# Backends
+# -----------------------------------------------------------------------------
+
+def triton_reasons(x: torch.Tensor, op: str) -> list[str]:
+    reasons = B.device_reasons("triton", x.device, op)
+    if x.shape[-1] > MAX_D:
+        reasons.append(f"compiled for rows of at most {MAX_D} elements, got D={x.shape[-1]}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
+    return reasons
+
+
+ADALN_BACKENDS = (
+    B.Backend("triton", lambda x, *rest: triton_reasons(x, "adaln_norm"),
+              lambda x, shift, scale, weight, seg, eps, layer:
+              adaln_norm_triton(x, shift, scale, weight, seg, eps, layer)[0]),
+    B.Backend("reference", lambda *args: [],
+              lambda x, shift, scale, weight, seg, eps, layer:
+              ref.adaln_norm(x, shift, scale, seg, eps, "layer" if layer else "rms", weight)),
+)
+FUSED_BACKENDS = (
+    B.Backend("triton", lambda x, *rest: triton_reasons(x, "gated_residual_adaln"),
+              lambda x, y, gate, shift, scale, weight, seg, eps, layer:
+              gated_residual_adaln_triton(x, y, gate, shift, scale, weight, seg, eps, layer)[:2]),
+    B.Backend("reference", lambda *args: [],
+              lambda x, y, gate, shift, scale, weight, seg, eps, layer:
+              ref.gated_residual_adaln(x, y, gate, shift, scale, seg, eps, "layer" if layer else "rms", weight)),
+)
+
+
+# -----------------------------------------------------------------------------
+# Public functions
+# -----------------------------------------------------------------------------
+
+def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cu_seqlens: torch.Tensor, *,
+               eps: float = 1e-6, norm: str = "layer", weight: torch.Tensor | None = None,
+               segment_ids: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Segment-aware adaLN: y = norm(x) * (1 + scale[segment]) + shift[segment].
+
+    Args:
+        x: [N, D] packed tokens; segment s is rows cu_seqlens[s]:cu_seqlens[s+1].
+        shift, scale: [n, D], one row per segment (each sample's own conditioning).
+        cu_seqlens: int32 [n+1] (Packed.cu_seqlens).
+        eps: added to the variance (mean square for "rms").
+        norm: "layer" (LayerNorm without bias) or "rms" (RMSNorm).
+        weight: optional [D] norm weight (applied before the modulation).
+        segment_ids: optional int32 [N] segment of each token (Packed.segment_ids, computed
+            once per batch); by default derived from cu_seqlens.
+        backend: force "triton" or "reference".
+
+    Returns [N, D] in x.dtype (math in fp32). Differentiable in x, shift, scale and weight.
+    Equivalent PyTorch::
+
+        seg = torch.repeat_interleave(torch.arange(n), cu_seqlens.diff())
+        F.layer_norm(x, (D,), weight, eps=eps) * (1 + scale[seg]) + shift[seg]
+    """
+    check_tokens("x", x)
+    layer = check_norm(norm, eps)
+    n, seg = check_segments(x, cu_seqlens, segment_ids)
+    check_adaln_args(x, shift, scale, weight, n)
+    args = (x, shift, scale, weight, seg, float(eps), layer)
+    return B.select("adaln_norm", ADALN_BACKENDS, args, backend).run(*args)
+
+
+def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                         scale: torch.Tensor, cu_seqlens: torch.Tensor, *, eps: float = 1e-6, norm: str = "layer",
+                         weight: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DiT pattern residual -> norm -> modulate in one pass:
+    h = x + gate[segment] * y, then adaln_norm(h, shift, scale).
+
+    Args as adaln_norm, plus y [N, D] (the branch output: attention or MLP) and gate [n, D].
+    Returns (h, adaln_norm(h)), both [N, D] in x.dtype; the norm reads h as rounded to
+    x.dtype, exactly as gated_residual followed by adaln_norm. Differentiable in x, y, gate,
+    shift, scale and weight (h may feed later layers too: its gradients add up).
+    """
+    check_tokens("x", x)
+    layer = check_norm(norm, eps)
+    n, seg = check_segments(x, cu_seqlens, segment_ids)
+    check_like("y", y, x, tuple(x.shape))
+    check_like("gate", gate, x, (n, x.shape[1]))
+    check_adaln_args(x, shift, scale, weight, n)
+    args = (x, y, gate, shift, scale, weight, seg, float(eps), layer)
+    h, out = B.select("gated_residual_adaln", FUSED_BACKENDS, args, backend).run(*args)
+    return h, out

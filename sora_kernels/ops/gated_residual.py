@@ -1,0 +1,116 @@
+"""gated_residual: x + gate[segment] * y on packed tokens (the DiT block's gated skip).
+
+Order: Triton kernels -> launchers -> custom ops and autograd -> backends -> public function.
+The fused variant that also normalises the result is gated_residual_adaln (ops/adaln_norm.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from sora_kernels import backends as B
+from sora_kernels.ops.adaln_norm import check_like, check_segments, check_tokens, tile_config, triton_reasons
+from sora_kernels.reference import dit_ops as ref
+
+if B.TRITON_MISSING is None:
+    import triton
+    import triton.language as tl
+
+    from sora_kernels.ops.adaln_norm import _segment_add
+
+    @triton.jit
+    def gated_residual_kernel(
+        x_ptr, y_ptr,      # [N, D]; in the backward x_ptr is the output gradient
+        gate_ptr,          # [n, D] per segment
+        seg_ptr,           # int32 [N]
+        out_ptr,           # [N, D]: x + gate * y (forward), dy = dout * gate (backward)
+        dgate_ptr,         # backward: fp32 [n, D] accumulator of dout * y, else None
+        N, D,
+        BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """ROWS tokens of the gated residual (forward) or of its gradients (backward)."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_mask = rows < N
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
+        gate = tl.load(gate_ptr + seg.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            tl.store(out_ptr + offs, (x * gate).to(out_ptr.dtype.element_ty), mask=mask)
+            _segment_add(dgate_ptr, seg, row_mask, cols, col_mask, x * y, D)
+        else:
+            tl.store(out_ptr + offs, (x + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(x, y, gate, seg, backward: bool):
+    """Forward: x + gate[seg] * y. Backward (x = dout): (dout * gate[seg], fp32 sum of dout * y
+    per segment)."""
+    N, D = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    out = torch.empty_like(y if backward else x)
+    dgate = torch.zeros(gate.shape, dtype=torch.float32, device=x.device) if backward else None
+    if N > 0:
+        cfg = tile_config(D)
+        gated_residual_kernel[(triton.cdiv(N, cfg["ROWS"]),)](x, y, gate.contiguous(), seg, out, dgate, N, D,
+                                                              BACKWARD=backward, num_warps=4, **cfg)
+    return out, dgate
+
+
+@torch.library.custom_op("sora_kernels::gated_residual_triton", mutates_args=())
+def gated_residual_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, segment_ids: torch.Tensor
+                          ) -> torch.Tensor:
+    return launch(x, y, gate, segment_ids, False)[0]
+
+
+@torch.library.custom_op("sora_kernels::gated_residual_triton_backward", mutates_args=())
+def gated_residual_triton_backward(dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                                   segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dy, dgate = launch(dout, y, gate, segment_ids, True)
+    return dy, dgate.to(gate.dtype) if gate.dtype != torch.float32 else dgate
+
+
+@gated_residual_triton.register_fake
+def _(x, y, gate, segment_ids):
+    return torch.empty_like(x)
+
+
+@gated_residual_triton_backward.register_fake
+def _(dout, y, gate, segment_ids):
+    return torch.empty_like(y), torch.empty_like(gate)
+
+
+def _setup(ctx, inputs, output):
+    _, y, gate, seg = inputs
+    ctx.save_for_backward(y, gate, seg)
+
+
+def _backward(ctx, dout):
+    y, gate, seg = ctx.saved_tensors
+    dy, dgate = gated_residual_triton_backward(dout, y, gate, seg)
+    return dout, dy, dgate, None
+
+
+gated_residual_triton.register_autograd(_backward, setup_context=_setup)
+
+GATED_RESIDUAL_BACKENDS = (
+    B.Backend("triton", lambda x, *rest: triton_reasons(x, "gated_residual"), gated_residual_triton),
+    B.Backend("reference", lambda *args: [], ref.gated_residual),
+)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                   segment_ids: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """x + gate[segment] * y for packed tokens x, y [N, D] and per-segment gates [n, D].
+
+    Args as adaln_norm (cu_seqlens, segment_ids, backend). Returns [N, D] in x.dtype (math in
+    fp32). Differentiable in x, y and gate. Equivalent PyTorch: ``x + gate[seg] * y``.
+    """
+    check_tokens("x", x)
+    n, seg = check_segments(x, cu_seqlens, segment_ids)
+    check_like("y", y, x, tuple(x.shape))
+    check_like("gate", gate, x, (n, x.shape[1]))
+    args = (x, y, gate, seg)
+    return B.select("gated_residual", GATED_RESIDUAL_BACKENDS, args, backend).run(*args)

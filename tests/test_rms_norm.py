@@ -1,0 +1,69 @@
+"""rms_norm (QK-norm) against the reference, and gated_residual alone: the rules of
+tests/test_adaln_norm.py."""
+import pytest
+import torch
+
+import sora_kernels as sk
+from conftest import DEVICE, require_backend
+from sora_kernels.ops.gated_residual import GATED_RESIDUAL_BACKENDS
+from sora_kernels.ops.rms_norm import RMS_NORM_BACKENDS
+
+
+def _check(ours, plain, exact, dtype, what):
+    for i, (a, p, e) in enumerate(zip(ours, plain, exact)):
+        err = (a.double() - e).abs().max().item()
+        if dtype == torch.float32:
+            bound = 1e-5 * max(1.0, e.abs().max().item())
+        else:
+            bound = 2 * (p.double() - e).abs().max().item() + 2 * (e.to(dtype) + 1 - 1 - e.to(dtype)).abs().max().item()
+        assert err <= bound, f"{what} {i}: error {err:.3g} > {bound:.3g}"
+
+
+def _grads(fn, leaves, dout, **kw):
+    out = fn(*leaves, **kw)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, dout.to(out.dtype)))
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 72), (3, 2, 128), (7, 1152), (2, 3080)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_rms_norm(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(DEVICE, dtype).requires_grad_()
+    require_backend(RMS_NORM_BACKENDS, "triton", (x, w, 1e-6))
+    dout = torch.randn(shape, generator=g).to(DEVICE)
+    ours = _grads(sk.rms_norm, [x, w], dout, backend="triton")
+    plain = _grads(sk.rms_norm, [x, w], dout, backend="reference")
+    wide = [t.detach().double().requires_grad_() for t in (x, w)]
+    exact = _grads(sk.rms_norm, wide, dout.double(), backend="reference")
+    _check(ours, plain, exact, dtype, f"rms_norm {shape}")
+    torch.testing.assert_close(ours[0].float(), torch.nn.functional.rms_norm(x.float(), (shape[-1],), w.float(),
+                                                                             1e-6), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("D", [72, 3080])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gated_residual(dtype, D):
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, 9, 1, 30]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
+    x, y = (torch.randn(sum(lengths), D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    gate = torch.randn(len(lengths), D, generator=g).to(DEVICE, dtype).requires_grad_()
+    require_backend(GATED_RESIDUAL_BACKENDS, "triton", (x,))
+    dout = torch.randn(x.shape, generator=g).to(DEVICE)
+    ours = _grads(sk.gated_residual, [x, y, gate], dout, cu_seqlens=cu, backend="triton")
+    plain = _grads(sk.gated_residual, [x, y, gate], dout, cu_seqlens=cu, backend="reference")
+    wide = [t.detach().double().requires_grad_() for t in (x, y, gate)]
+    exact = _grads(sk.gated_residual, wide, dout.double(), cu_seqlens=cu, backend="reference")
+    _check(ours, plain, exact, dtype, "gated_residual")
+
+
+def test_errors():
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(8,\), got \(4,\)"):
+        sk.rms_norm(x, torch.ones(4, device=DEVICE))
+    cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"gate: expected shape \(2, 8\), got \(3, 8\)"):
+        sk.gated_residual(x, x, torch.ones(3, 8, device=DEVICE), cu)
+    with pytest.raises(ValueError, match=r"y: expected shape \(4, 8\)"):
+        sk.gated_residual(x, x[:3], torch.ones(2, 8, device=DEVICE), cu)
