@@ -10,10 +10,12 @@ backends; see sora_kernels.backends for how one is picked):
     adaln_norm, gated_residual,          segment-aware adaLN and gated residual on packed tokens
     gated_residual_adaln                 (the fused residual -> norm -> modulate)
     rms_norm                             RMSNorm of the last dim (QK-norm)
+    gelu_tanh, swiglu                    fused MLP activations
 
 `python -m sora_kernels.info` prints what is built and usable here.
 """
 from sora_kernels.backends import NoBackendError
+from sora_kernels.ops.activations import gelu_tanh, swiglu
 from sora_kernels.ops.adaln_norm import adaln_norm, gated_residual_adaln
 from sora_kernels.ops.gated_residual import gated_residual
 from sora_kernels.ops.rms_norm import rms_norm
@@ -26,5 +28,6 @@ from sora_kernels.packed import Packed
 __version__ = "0.1.0"
 
 __all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "Packed", "varlen_attention",
-           "Rope3D", "rope3d", "adaln_norm", "gated_residual", "gated_residual_adaln", "rms_norm",
+           "Rope3D", "rope3d", "adaln_norm", "gated_residual", "gated_residual_adaln", "rms_norm", "gelu_tanh",
+           "swiglu",
            "NoBackendError"]

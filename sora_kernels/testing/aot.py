@@ -126,6 +126,16 @@ def dit_jobs(archs: list[int]) -> list[dict]:
                              "num_warps": op.num_warps(cfg["BLOCK_D"]) if fn is not gr.gated_residual_kernel else 4,
                              "num_stages": 3, "signature": _pointer_signature(fn, constexprs, none, "bf16"),
                              "constexprs": constexprs})
+    from sora_kernels.ops import activations as act
+    for kind in (0, 1):
+        for backward in (False, True):
+            none = ({"b_ptr", "db_ptr"} if kind == 0 else set()) | (set() if backward else {"db_ptr", "dout_ptr"})
+            constexprs = {"KIND": kind, "BACKWARD": backward, "BLOCK": act.BLOCK, **{name: None for name in none}}
+            for arch in archs:
+                jobs.append({"module": act.__name__, "kernel": "activation_kernel", "arch": arch, "num_warps": 4,
+                             "num_stages": 3, "signature": _pointer_signature(act.activation_kernel, constexprs, none,
+                                                                              "bf16"),
+                             "constexprs": constexprs})
     return jobs
 
 

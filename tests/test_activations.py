@@ -1,0 +1,54 @@
+"""gelu_tanh and swiglu against the reference (the 2x rule in fp16 / bf16, tight in fp32) and
+against torch's own functions."""
+import pytest
+import torch
+
+import sora_kernels as sk
+from conftest import DEVICE, require_backend
+from sora_kernels.ops.activations import GELU_BACKENDS, SWIGLU_BACKENDS
+
+
+def _grads(fn, leaves, dout, **kw):
+    out = fn(*leaves, **kw)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, dout.to(out.dtype)))
+
+
+def _check(fn, leaves, dtype):
+    dout = torch.randn(leaves[0].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ours = _grads(fn, leaves, dout, backend="triton")
+    plain = _grads(fn, leaves, dout, backend="reference")
+    exact = _grads(fn, [t.detach().double().requires_grad_() for t in leaves], dout.double(), backend="reference")
+    for i, (a, p, e) in enumerate(zip(ours, plain, exact)):
+        err = (a.double() - e).abs().max().item()
+        if dtype == torch.float32:
+            bound = 2e-6 * max(1.0, e.abs().max().item())
+        else:
+            bound = 2 * (p.double() - e).abs().max().item() + 2 * (e.to(dtype) + 1 - 1 - e.to(dtype)).abs().max().item()
+        assert err <= bound, f"{i}: error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("shape", [(37, 72), (5, 3080)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gelu_tanh(dtype, shape):
+    x = (3 * torch.randn(*shape, generator=torch.Generator().manual_seed(0))).to(DEVICE, dtype).requires_grad_()
+    require_backend(GELU_BACKENDS, "triton", (x,))
+    _check(sk.gelu_tanh, [x], dtype)
+    torch.testing.assert_close(sk.gelu_tanh(x).float(), torch.nn.functional.gelu(x.float(), approximate="tanh"),
+                               rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(37, 72), (5, 3080)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_swiglu(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    gate, up = ((3 * torch.randn(*shape, generator=g)).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    require_backend(SWIGLU_BACKENDS, "triton", (gate, up))
+    _check(sk.swiglu, [gate, up], dtype)
+
+
+def test_errors():
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="up: expected shape"):
+        sk.swiglu(x, x[:2])
+    with pytest.raises(ValueError, match="x: expected a floating-point tensor"):
+        sk.gelu_tanh(torch.zeros(3, dtype=torch.int32))
