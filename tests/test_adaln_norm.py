@@ -146,3 +146,17 @@ def test_errors(change, message):
     x, shift, scale, cu_seqlens = (args.pop(k) for k in ("x", "shift", "scale", "cu_seqlens"))
     with pytest.raises(ValueError, match=message):
         sk.adaln_norm(x, shift, scale, cu_seqlens, **args)
+
+
+def test_permuted_inputs():
+    """A transposed (dense but permuted) x gets gradients in x's own shape and values."""
+    args, cu = make(LENGTHS, 72, torch.float32, residual=True)
+    xt = args["x"].detach().t().contiguous().t().requires_grad_()  # same values, column-major
+    assert not xt.is_contiguous()
+    args_t = dict(args, x=xt)
+    dout = torch.randn(xt.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    for fn in (lambda a: sk.adaln_norm(a["x"], a["shift"], a["scale"], cu, weight=a["weight"]),
+               lambda a: sk.gated_residual_adaln(**a, cu_seqlens=cu)[1]):
+        (g,) = torch.autograd.grad(fn(args_t), xt, dout)
+        (g_ref,) = torch.autograd.grad(fn(args), args["x"], dout)
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)

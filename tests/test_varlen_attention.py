@@ -275,3 +275,33 @@ def test_errors(change, message, backend):
     args = {**valid, **change}
     with pytest.raises(ValueError, match=message):
         sk.varlen_attention(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_with_rope(backend):
+    """q, k, v as views of one packed qkv projection ([N, 3, H, D] unbound, the layout a model
+    makes), with rope: the kernels read the strides of what they are given (the backward too,
+    where rope3d's rotated copies are contiguous and the other operand is not)."""
+    lengths = [17, 40, 1]
+    g = torch.Generator().manual_seed(0)
+    N, H, D = sum(lengths), 2, 64
+    qkv = torch.randn(N, 3, H, D, generator=g).to(DEVICE, torch.float16).requires_grad_()
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
+    positions = torch.randint(0, 30, (N, 3), generator=g, dtype=torch.int32).to(DEVICE)
+    require_backend(op.ATTENTION_BACKENDS, backend, (q, k, v))
+    out = sk.varlen_attention(q, k, v, cu, cu, 40, 40, rope=positions, backend=backend)
+    dout = torch.randn(out.shape, generator=g).to(out)
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    case = dict(q=q.detach().contiguous().requires_grad_(), k=k.detach().contiguous().requires_grad_(),
+                v=v.detach().contiguous().requires_grad_(), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=40,
+                max_seqlen_k=40, rope=sk.Rope3D(positions))
+    ours = (out, None, *grad.unbind(1))
+    exact = oracle(case, False, dout)
+    plain = oracle(case, False, dout, upcast_to=None)
+    for name, a, e, p in zip(("out", "lse", "dq", "dk", "dv"), ours, exact, plain):
+        if a is None:
+            continue
+        rounding = 2 * (e.to(a.dtype) + 0.3 - 0.3 - e.to(a.dtype)).abs().max().item()
+        err, err_plain = (a.double() - e.double()).abs().max().item(), (p.double() - e.double()).abs().max().item()
+        assert err <= 2 * err_plain + rounding, f"{name}: {err:.3g} > 2 x {err_plain:.3g} + {rounding:.3g}"

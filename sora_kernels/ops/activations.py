@@ -68,11 +68,12 @@ if B.TRITON_MISSING is None:
 def launch(kind: int, a, b=None, dout=None):
     """Forward: the activation. Backward (dout given): (grad of a, grad of b or None)."""
     a = a.contiguous()
+    b = b.contiguous() if b is not None else None
     out = torch.empty_like(a)
     db = torch.empty_like(b) if (b is not None and dout is not None) else None
     if a.numel():
         activation_kernel[(triton.cdiv(a.numel(), BLOCK),)](
-            a, b.contiguous() if b is not None else None, dout.contiguous() if dout is not None else None, out, db,
+            a, b, dout.contiguous() if dout is not None else None, out, db,
             a.numel(), KIND=kind, BACKWARD=dout is not None, BLOCK=BLOCK, num_warps=4)
     return out, db
 
@@ -98,10 +99,15 @@ def swiglu_triton_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Ten
     return launch(1, gate, up, dout)
 
 
-gelu_tanh_triton.register_fake(lambda x: torch.empty_like(x))
-gelu_tanh_triton_backward.register_fake(lambda dout, x: torch.empty_like(x))
-swiglu_triton.register_fake(lambda gate, up: torch.empty_like(gate))
-swiglu_triton_backward.register_fake(lambda dout, gate, up: (torch.empty_like(gate), torch.empty_like(up)))
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor like x: the layout every kernel output has."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+gelu_tanh_triton.register_fake(lambda x: _empty(x))
+gelu_tanh_triton_backward.register_fake(lambda dout, x: _empty(x))
+swiglu_triton.register_fake(lambda gate, up: _empty(gate))
+swiglu_triton_backward.register_fake(lambda dout, gate, up: (_empty(gate), _empty(up)))
 
 
 def _save_inputs(ctx, inputs, output):

@@ -197,6 +197,8 @@ def adaln_backward(x, dout, dh, y, gate, scale, weight, seg, mean, rstd, n_segme
     normalised (h for the fused op), dh the gradient of h from its other uses; scale and seg
     None for a plain norm (dshift, dscale None then)."""
     N, D = x.shape
+    x, dout = x.contiguous(), dout.contiguous()
+    y = y.contiguous() if y is not None else None
     residual = y is not None
     modulated = scale is not None
     # Separate fp32 accumulators (returned as they are for fp32 parameters: they must not alias).
@@ -243,7 +245,8 @@ def adaln_norm_triton_backward(dout: torch.Tensor, x: torch.Tensor, scale: torch
 @torch.library.custom_op("sora_kernels::gated_residual_adaln_triton", mutates_args=())
 def gated_residual_adaln_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                 scale: torch.Tensor, weight: torch.Tensor | None, segment_ids: torch.Tensor,
-                                eps: float, layer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                eps: float, layer: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     h, out, mean, rstd = adaln_forward(x, y, gate, shift, scale, weight, segment_ids, eps, layer)
     return h, out, mean, rstd
 
@@ -258,28 +261,32 @@ def gated_residual_adaln_triton_backward(dh: torch.Tensor, dout: torch.Tensor, h
     return [dx, dy, dgate, dshift, dscale] + ([dw] if dw is not None else [])
 
 
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor like x: the layout every kernel output has."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @adaln_norm_triton.register_fake
 def _(x, shift, scale, weight, segment_ids, eps, layer):
-    return (torch.empty_like(x), x.new_empty(x.shape[0] if layer else 0, dtype=torch.float32),
+    return (_empty(x), x.new_empty(x.shape[0] if layer else 0, dtype=torch.float32),
             x.new_empty(x.shape[0], dtype=torch.float32))
 
 
 @adaln_norm_triton_backward.register_fake
 def _(dout, x, scale, weight, segment_ids, mean, rstd, layer):
-    return [torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)] + \
-        ([torch.empty_like(weight)] if weight is not None else [])
+    return [_empty(x), _empty(scale), _empty(scale)] + ([_empty(weight)] if weight is not None else [])
 
 
 @gated_residual_adaln_triton.register_fake
 def _(x, y, gate, shift, scale, weight, segment_ids, eps, layer):
-    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[0] if layer else 0, dtype=torch.float32),
+    return (_empty(x), _empty(x), x.new_empty(x.shape[0] if layer else 0, dtype=torch.float32),
             x.new_empty(x.shape[0], dtype=torch.float32))
 
 
 @gated_residual_adaln_triton_backward.register_fake
 def _(dh, dout, h, y, gate, scale, weight, segment_ids, mean, rstd, layer):
-    return [torch.empty_like(h), torch.empty_like(y), torch.empty_like(gate), torch.empty_like(scale),
-            torch.empty_like(scale)] + ([torch.empty_like(weight)] if weight is not None else [])
+    return [_empty(h), _empty(y), _empty(gate), _empty(scale), _empty(scale)] + \
+        ([_empty(weight)] if weight is not None else [])
 
 
 def _adaln_setup(ctx, inputs, output):

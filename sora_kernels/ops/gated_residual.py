@@ -74,12 +74,13 @@ def gated_residual_triton_backward(dout: torch.Tensor, y: torch.Tensor, gate: to
 
 @gated_residual_triton.register_fake
 def _(x, y, gate, segment_ids):
-    return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @gated_residual_triton_backward.register_fake
 def _(dout, y, gate, segment_ids):
-    return torch.empty_like(y), torch.empty_like(gate)
+    return (torch.empty(y.shape, dtype=y.dtype, device=y.device),
+            torch.empty(gate.shape, dtype=gate.dtype, device=gate.device))
 
 
 def _setup(ctx, inputs, output):

@@ -33,12 +33,14 @@ def rms_norm_triton_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.
 
 @rms_norm_triton.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x), x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(x.numel() // x.shape[-1],
+                                                                             dtype=torch.float32)
 
 
 @rms_norm_triton_backward.register_fake
 def _(dout, x, weight, rstd):
-    return torch.empty_like(x), torch.empty_like(weight)
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device))
 
 
 def _setup(ctx, inputs, output):
@@ -82,7 +84,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, backen
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight: expected shape ({D},), got {got}")
     if weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"weight: expected dtype {x.dtype} on {x.device} like x, got {weight.dtype} on {weight.device}")
+        raise ValueError(f"weight: expected dtype {x.dtype} on {x.device} like x, "
+                         f"got {weight.dtype} on {weight.device}")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     args = (x, weight, float(eps))

@@ -116,7 +116,7 @@ def rope_table(head_dim: int, theta: float, sections, device: torch.device) -> t
 def fast_trig(dtype: torch.dtype, device: torch.device) -> bool:
     """Approximate sin/cos (hardware instructions) for half-precision inputs on a GPU, where
     their ~1e-6 error is far below the rounding of the result; accurate ones otherwise."""
-    return device.type == "cuda" and dtype != torch.float32
+    return device.type == "cuda" and torch.version.hip is None and dtype != torch.float32  # PTX: NVIDIA only
 
 
 def launch_rope3d(x: torch.Tensor, positions: torch.Tensor, theta: float, sections, inverse: bool) -> torch.Tensor:

@@ -33,6 +33,7 @@ if B.TRITON_MISSING is None:
 
 MAX_HEAD_DIM = 256
 HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)  # the padded head dims (block_d) the kernels are compiled for
+MAX_GRID_YZ = 65535  # CUDA's limit on the grid's y and z sizes (segments, heads)
 LOG2E = 1.4426950408889634
 
 # -----------------------------------------------------------------------------
@@ -364,7 +365,8 @@ def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dic
     candidates = configs_for(kind, constexprs["BLOCK_D"])[:AUTOTUNE_CANDIDATES]
     full_key = (kind,) + key + (device.index,)
     cfg = _TUNED.get(full_key)
-    if cfg is None and (device.type != "cuda" or len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV) == "0"):
+    if cfg is None and (device.type != "cuda" or len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV) == "0"
+                        or torch.cuda.is_current_stream_capturing()):  # timing syncs: not while capturing a graph
         cfg = candidates[0]
     if cfg is None:
         timings = []
@@ -376,6 +378,8 @@ def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dic
                 timings.append((triton.testing.do_bench(run, warmup=5, rep=20), c))
             except triton.runtime.errors.OutOfResources:
                 continue
+        if not timings:
+            raise RuntimeError(f"varlen_attention: no {kind} config fits this GPU's resources for {key}")
         cfg = min(timings, key=lambda t: t[0])[1]
         _TUNED[full_key] = cfg
     kernel[grid_of(cfg)](*args, **constexprs, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
@@ -489,14 +493,16 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
     if Nq > 0:
         attn_bwd_preprocess_kernel[(triton.cdiv(Nq * H, 32),)](out, dout, delta, Nq * H, H, D, BLOCK_ROWS=32,
                                                                  BLOCK_D=BLOCK_D, num_warps=4)
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     rotated: dict = {}  # q, k rotated by rope3d, shared by the two kernels
+
+    def strides(qs, ks):  # of the tensors a kernel reads (rope3d's copies are contiguous)
+        return qs.stride(0), qs.stride(1), ks.stride(0), ks.stride(1), v.stride(0), v.stride(1)
     if Nk > 0 and max_k > 0:
         r = _rope_launch(rope, q, "q")
         qs, ks = _operands(q, k, rope, r, rotated)
         _launch("dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(max_k, c.BLOCK_N), n_seqs, Hkv),
-                (qs, ks, v, dout, lse, delta, dk, dv, cu_q, cu_k, r.positions_q, r.positions_k, r.table, *strides, Nq,
-                 H, Hkv, H // Hkv, D, scale * LOG2E, scale),
+                (qs, ks, v, dout, lse, delta, dk, dv, cu_q, cu_k, r.positions_q, r.positions_k, r.table,
+                 *strides(qs, ks), Nq, H, Hkv, H // Hkv, D, scale * LOG2E, scale),
                 (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
                 dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D),
                 q.device)
@@ -506,8 +512,8 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
         r = _rope_launch(rope, q, "k")
         qs, ks = _operands(q, k, rope, r, rotated)
         _launch("dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H),
-                (qs, ks, v, dout, lse, delta, dq, cu_q, cu_k, r.positions_q, r.positions_k, r.table, *strides, Nq, H,
-                 H // Hkv, D, scale * LOG2E, scale), (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
+                (qs, ks, v, dout, lse, delta, dq, cu_q, cu_k, r.positions_q, r.positions_k, r.table,
+                 *strides(qs, ks), Nq, H, H // Hkv, D, scale * LOG2E, scale), (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
                 dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D),
                 q.device)
     return dq, dk, dv
@@ -705,13 +711,18 @@ def varlen_attention_cpu_backward(
                         _rope_of(positions_q, positions_k, theta, sections))
 
 
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor like x: the layout every kernel output has."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _fake_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                   positions_q, positions_k, theta, sections):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return _empty(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 def _fake_backward(dout, q, k, v, out, lse, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _empty(q), _empty(k), _empty(v)
 
 
 def _register_autograd(forward_op: str, backward_op: str) -> None:
@@ -812,7 +823,7 @@ CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _reasons(name: str):
-    def reasons(q, k, v, *_):
+    def reasons(q, k, v, cu_q=None, *_):
         out = []
         if name == "triton":
             out += B.device_reasons("triton", q.device, "varlen_attention")
@@ -820,6 +831,11 @@ def _reasons(name: str):
                 out.append(f"compiled for head dims <= {MAX_HEAD_DIM}, got {q.shape[2]}")
             if q.dtype not in TRITON_DTYPES:
                 out.append(f"runs fp16 and bf16, got {q.dtype}")
+            if q.shape[1] > MAX_GRID_YZ:
+                out.append(f"launches one program row per head: at most {MAX_GRID_YZ} heads, got {q.shape[1]}")
+            if cu_q is not None and cu_q.shape[0] - 1 > MAX_GRID_YZ:
+                out.append(f"launches one program column per segment: at most {MAX_GRID_YZ} segments, "
+                           f"got {cu_q.shape[0] - 1}")
         elif name == "cpu":
             if q.device.type != "cpu":
                 out.append(f"runs on CPU tensors, got {q.device.type}")
