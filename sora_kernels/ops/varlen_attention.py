@@ -513,7 +513,8 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
         qs, ks = _operands(q, k, rope, r, rotated)
         _launch("dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H),
                 (qs, ks, v, dout, lse, delta, dq, cu_q, cu_k, r.positions_q, r.positions_k, r.table,
-                 *strides(qs, ks), Nq, H, H // Hkv, D, scale * LOG2E, scale), (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
+                 *strides(qs, ks), Nq, H, H // Hkv, D, scale * LOG2E, scale),
+                (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
                 dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D),
                 q.device)
     return dq, dk, dv
