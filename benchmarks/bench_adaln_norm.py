@@ -1,7 +1,7 @@
 """Benchmarks of adaln_norm and gated_residual_adaln (the fused residual -> norm -> modulate)
 on a packed batch, against what one would write instead.
 
-Providers: `triton` (ours), `eager` (the PyTorch a DiT writes: F.layer_norm, then modulate
+Providers: `triton` and `cpu` (ours), `eager` (the PyTorch a DiT writes: F.layer_norm, then modulate
 with per-token rows gathered by segment; for the fused op the gated residual before it),
 `compile` (torch.compile of that eager code), `liger` (Liger-Kernel's LayerNorm, then the
 same modulation, when liger-kernel is installed). Bytes moved: each [N, D] input read once
@@ -15,7 +15,7 @@ import sora_kernels as sk
 from sora_kernels.ops import adaln_norm as op
 from sora_kernels.reference import dit_ops as ref
 
-PROVIDERS = ["triton", "eager", "compile", "liger"]
+PROVIDERS = ["triton", "cpu", "eager", "compile", "liger"]
 MODES = ["fwd", "fwd+bwd"]
 D = 1152  # DiT-XL width
 
@@ -71,6 +71,14 @@ def _provider(provider, fused, cu, seg, device):
         if fused:
             return lambda a: sk.gated_residual_adaln(**a, cu_seqlens=cu, segment_ids=seg, backend="triton")
         return lambda a: sk.adaln_norm(**a, cu_seqlens=cu, segment_ids=seg, backend="triton")
+    if provider == "cpu":
+        x = torch.empty(0, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        reasons = op.cpu_reasons(x)
+        if reasons:
+            pytest.skip("cpu: " + "; ".join(reasons))
+        if fused:
+            return lambda a: sk.gated_residual_adaln(**a, cu_seqlens=cu, segment_ids=seg, backend="cpu")
+        return lambda a: sk.adaln_norm(**a, cu_seqlens=cu, segment_ids=seg, backend="cpu")
     if provider == "liger":
         if fused:
             pytest.skip("Liger-Kernel has no fused gated residual + adaLN")

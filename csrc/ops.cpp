@@ -3,6 +3,7 @@
 // next to each op's .cu (compiled only in CUDA builds).
 #include <torch/library.h>
 
+#include "dit/adaln_op.h"
 #include "patchify/patchify_cpu.h"
 #include "patchify/patchify_op.h"
 
@@ -30,10 +31,12 @@ TORCH_LIBRARY(sora_kernels, m) {
   m.def("pack_patchify(Tensor[] videos, int[] patch_size) -> (Tensor, Tensor)");
   // tokens [N, D] -> list of [C, Ti, Hi, Wi]; sizes = (T0, H0, W0, T1, H1, W1, ...)
   m.def("unpack_unpatchify(Tensor tokens, int[] patch_size, int[] sizes) -> Tensor[]");
+  dit::define_adaln(m);
 }
 
 TORCH_LIBRARY_IMPL(sora_kernels, CPU, m) {
   patchify::PatchifyOps<patchify_engine_cpu>::register_impls(m);
+  dit::register_adaln_cpu(m);
 }
 
 }  // namespace sora_kernels

@@ -9,7 +9,7 @@ from conftest import DEVICE, require_backend
 from sora_kernels.ops import adaln_norm as op
 from sora_kernels.reference import dit_ops as ref
 
-BACKENDS = ["triton"]
+BACKENDS = ["triton", "cpu"]
 LENGTHS = [1, 7, 1, 40, 1]  # 1-token segments (images) next to longer ones
 
 
@@ -37,12 +37,12 @@ def _run(fn, args, cu, grads_out, **kw):
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, _leaves(args)))
 
 
-def _compare(fn, args, cu, dtype, what, **kw):
+def _compare(fn, args, cu, dtype, what, backend, **kw):
     """Ours vs the reference in float64 (oracle) and in dtype (plain PyTorch)."""
     outs = fn(**args, cu_seqlens=cu, backend="reference", **kw)
     outs = outs if isinstance(outs, tuple) else (outs,)
     grads_out = [torch.randn(o.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE) for o in outs]
-    ours = _run(fn, args, cu, grads_out, backend="triton", **kw)
+    ours = _run(fn, args, cu, grads_out, backend=backend, **kw)
     plain = _run(fn, args, cu, grads_out, backend="reference", **kw)
     wide = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     exact = _run(fn, wide, cu, [g.double() for g in grads_out], backend="reference", **kw)
@@ -63,8 +63,8 @@ def _compare(fn, args, cu, dtype, what, **kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adaln_norm(backend, dtype, D, norm, weight):
     args, cu = make(LENGTHS, D, dtype, weight=weight)
-    require_backend(op.ADALN_BACKENDS, backend, (args["x"],))
-    _compare(sk.adaln_norm, args, cu, dtype, f"adaln_norm {norm}", norm=norm)
+    require_backend(op.ADALN_BACKENDS, backend, (args["x"],))  # cpu: float32 only
+    _compare(sk.adaln_norm, args, cu, dtype, f"adaln_norm {norm}", backend, norm=norm)
 
 
 @pytest.mark.parametrize("weight", [True, False])
@@ -75,7 +75,7 @@ def test_adaln_norm(backend, dtype, D, norm, weight):
 def test_gated_residual_adaln(backend, dtype, D, norm, weight):
     args, cu = make(LENGTHS, D, dtype, weight=weight, residual=True)
     require_backend(op.FUSED_BACKENDS, backend, (args["x"],))
-    _compare(sk.gated_residual_adaln, args, cu, dtype, f"gated_residual_adaln {norm}", norm=norm)
+    _compare(sk.gated_residual_adaln, args, cu, dtype, f"gated_residual_adaln {norm}", backend, norm=norm)
 
 
 def test_fused_equals_unfused():

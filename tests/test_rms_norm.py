@@ -26,13 +26,14 @@ def _grads(fn, leaves, dout, **kw):
 
 @pytest.mark.parametrize("shape", [(5, 4, 72), (3, 2, 128), (7, 1152), (2, 3080)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_rms_norm(dtype, shape):
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_rms_norm(backend, dtype, shape):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_()
     w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(DEVICE, dtype).requires_grad_()
-    require_backend(RMS_NORM_BACKENDS, "triton", (x, w, 1e-6))
+    require_backend(RMS_NORM_BACKENDS, backend, (x, w, 1e-6))
     dout = torch.randn(shape, generator=g).to(DEVICE)
-    ours = _grads(sk.rms_norm, [x, w], dout, backend="triton")
+    ours = _grads(sk.rms_norm, [x, w], dout, backend=backend)
     plain = _grads(sk.rms_norm, [x, w], dout, backend="reference")
     wide = [t.detach().double().requires_grad_() for t in (x, w)]
     exact = _grads(sk.rms_norm, wide, dout.double(), backend="reference")

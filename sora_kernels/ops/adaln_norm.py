@@ -323,6 +323,49 @@ adaln_norm_triton.register_autograd(_adaln_backward, setup_context=_adaln_setup)
 gated_residual_adaln_triton.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
+# The C++ CPU kernels (csrc/dit/adaln_cpu.cpp): one compiled op "sora_kernels::adaln" covers
+# adaln_norm, gated_residual_adaln and rms_norm (optional residual, modulation and weight).
+
+def _compiled_fake(x, y, gate, shift, scale, weight, segment_ids, eps, layer):
+    N, D = x.shape
+    return (x.new_empty((N if y is not None else 0, D)), x.new_empty((N, D)), x.new_empty(N if layer else 0),
+            x.new_empty(N))
+
+
+def _compiled_backward_fake(x, dout, dh, y, gate, shift, scale, weight, segment_ids, mean, rstd, layer):
+    N, D = x.shape
+    n = scale.shape[0] if scale is not None else 0
+    r = y is not None
+    return [x.new_empty((N, D)), x.new_empty((N if r else 0, D)), x.new_empty((n if r else 0, D)),
+            x.new_empty((n, D)), x.new_empty((n, D)), x.new_empty(D if weight is not None else 0)]
+
+
+def _compiled_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, weight, seg, _, ctx.layer = inputs
+    h, _, mean, rstd = output
+    ctx.present = tuple(t is not None for t in (y, gate, shift, scale, weight))
+    ctx.save_for_backward(h if y is not None else x, y, gate, shift, scale, weight, seg, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _compiled_backward(ctx, dh, dout, _dmean, _drstd):
+    normed, y, gate, shift, scale, weight, seg, mean, rstd = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(normed)
+    if y is not None and dh is None:
+        dh = torch.zeros_like(normed)
+    dx, dy, dgate, dshift, dscale, dw = torch.ops.sora_kernels.adaln_backward(
+        normed, dout, dh if y is not None else None, y, gate, shift, scale, weight, seg, mean, rstd, ctx.layer)
+    grads = [g if present else None for g, present in zip((dy, dgate, dshift, dscale, dw), ctx.present)]
+    return (dx, *grads, None, None, None)
+
+
+if B.compiled_has("adaln", "CPU"):
+    torch.library.register_fake("sora_kernels::adaln")(_compiled_fake)
+    torch.library.register_fake("sora_kernels::adaln_backward")(_compiled_backward_fake)
+    torch.library.register_autograd("sora_kernels::adaln", _compiled_backward, setup_context=_compiled_setup)
+
+
 # -----------------------------------------------------------------------------
 # Checks (shared with gated_residual)
 # -----------------------------------------------------------------------------
@@ -403,10 +446,20 @@ def triton_reasons(x: torch.Tensor, op: str) -> list[str]:
     return reasons
 
 
+def cpu_reasons(x: torch.Tensor) -> list[str]:
+    reasons = B.device_reasons("cpu", x.device, "adaln")
+    if x.dtype != torch.float32:
+        reasons.append(f"the C++ kernels run float32, got {x.dtype}")
+    return reasons
+
+
 ADALN_BACKENDS = (
     B.Backend("triton", lambda x, *rest: triton_reasons(x, "adaln_norm"),
               lambda x, shift, scale, weight, seg, eps, layer:
               adaln_norm_triton(x, shift, scale, weight, seg, eps, layer)[0]),
+    B.Backend("cpu", lambda x, *rest: cpu_reasons(x),
+              lambda x, shift, scale, weight, seg, eps, layer:
+              torch.ops.sora_kernels.adaln(x, None, None, shift, scale, weight, seg, eps, layer)[1]),
     B.Backend("reference", lambda *args: [],
               lambda x, shift, scale, weight, seg, eps, layer:
               ref.adaln_norm(x, shift, scale, seg, eps, "layer" if layer else "rms", weight)),
@@ -415,6 +468,9 @@ FUSED_BACKENDS = (
     B.Backend("triton", lambda x, *rest: triton_reasons(x, "gated_residual_adaln"),
               lambda x, y, gate, shift, scale, weight, seg, eps, layer:
               gated_residual_adaln_triton(x, y, gate, shift, scale, weight, seg, eps, layer)[:2]),
+    B.Backend("cpu", lambda x, *rest: cpu_reasons(x),
+              lambda x, y, gate, shift, scale, weight, seg, eps, layer:
+              torch.ops.sora_kernels.adaln(x, y, gate, shift, scale, weight, seg, eps, layer)[:2]),
     B.Backend("reference", lambda *args: [],
               lambda x, y, gate, shift, scale, weight, seg, eps, layer:
               ref.gated_residual_adaln(x, y, gate, shift, scale, seg, eps, "layer" if layer else "rms", weight)),

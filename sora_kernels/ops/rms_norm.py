@@ -11,7 +11,7 @@ import math
 import torch
 
 from sora_kernels import backends as B
-from sora_kernels.ops.adaln_norm import adaln_backward, adaln_forward, triton_reasons
+from sora_kernels.ops.adaln_norm import adaln_backward, adaln_forward, cpu_reasons, triton_reasons
 from sora_kernels.reference import dit_ops as ref
 
 
@@ -60,6 +60,9 @@ rms_norm_triton.register_autograd(_backward, setup_context=_setup)
 RMS_NORM_BACKENDS = (
     B.Backend("triton", lambda x, *rest: triton_reasons(x, "rms_norm"),
               lambda x, weight, eps: rms_norm_triton(x, weight, eps)[0]),
+    B.Backend("cpu", lambda x, *rest: cpu_reasons(x),
+              lambda x, weight, eps: torch.ops.sora_kernels.adaln(
+                  x.reshape(-1, x.shape[-1]), None, None, None, None, weight, None, eps, False)[1].view(x.shape)),
     B.Backend("reference", lambda *args: [], ref.rms_norm),
 )
 
