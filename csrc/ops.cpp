@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "dit/adaln_op.h"
+#include "dit/gated_residual_op.h"
 #include "patchify/patchify_cpu.h"
 #include "patchify/patchify_op.h"
 
@@ -32,11 +33,13 @@ TORCH_LIBRARY(sora_kernels, m) {
   // tokens [N, D] -> list of [C, Ti, Hi, Wi]; sizes = (T0, H0, W0, T1, H1, W1, ...)
   m.def("unpack_unpatchify(Tensor tokens, int[] patch_size, int[] sizes) -> Tensor[]");
   dit::define_adaln(m);
+  dit::define_gated_residual(m);
 }
 
 TORCH_LIBRARY_IMPL(sora_kernels, CPU, m) {
   patchify::PatchifyOps<patchify_engine_cpu>::register_impls(m);
   dit::register_adaln_cpu(m);
+  dit::register_gated_residual_cpu(m);
 }
 
 }  // namespace sora_kernels

@@ -13,9 +13,9 @@ def _grads(fn, leaves, dout, **kw):
     return [out.detach()] + list(torch.autograd.grad(out, leaves, dout.to(out.dtype)))
 
 
-def _check(fn, leaves, dtype):
+def _check(fn, leaves, dtype, backend):
     dout = torch.randn(leaves[0].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    ours = _grads(fn, leaves, dout, backend="triton")
+    ours = _grads(fn, leaves, dout, backend=backend)
     plain = _grads(fn, leaves, dout, backend="reference")
     exact = _grads(fn, [t.detach().double().requires_grad_() for t in leaves], dout.double(), backend="reference")
     for i, (a, p, e) in enumerate(zip(ours, plain, exact)):
@@ -29,21 +29,24 @@ def _check(fn, leaves, dtype):
 
 @pytest.mark.parametrize("shape", [(37, 72), (5, 3080)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_gelu_tanh(dtype, shape):
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_gelu_tanh(backend, dtype, shape):
     x = (3 * torch.randn(*shape, generator=torch.Generator().manual_seed(0))).to(DEVICE, dtype).requires_grad_()
-    require_backend(GELU_BACKENDS, "triton", (x,))
-    _check(sk.gelu_tanh, [x], dtype)
-    torch.testing.assert_close(sk.gelu_tanh(x).float(), torch.nn.functional.gelu(x.float(), approximate="tanh"),
+    require_backend(GELU_BACKENDS, backend, (x,))
+    _check(sk.gelu_tanh, [x], dtype, backend)
+    torch.testing.assert_close(sk.gelu_tanh(x, backend=backend).float(),
+                               torch.nn.functional.gelu(x.float(), approximate="tanh"),
                                rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("shape", [(37, 72), (5, 3080)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_swiglu(dtype, shape):
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_swiglu(backend, dtype, shape):
     g = torch.Generator().manual_seed(0)
     gate, up = ((3 * torch.randn(*shape, generator=g)).to(DEVICE, dtype).requires_grad_() for _ in range(2))
-    require_backend(SWIGLU_BACKENDS, "triton", (gate, up))
-    _check(sk.swiglu, [gate, up], dtype)
+    require_backend(SWIGLU_BACKENDS, backend, (gate, up))
+    _check(sk.swiglu, [gate, up], dtype, backend)
 
 
 def test_errors():

@@ -44,15 +44,16 @@ def test_rms_norm(backend, dtype, shape):
 
 @pytest.mark.parametrize("D", [72, 3080])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gated_residual(dtype, D):
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_gated_residual(backend, dtype, D):
     g = torch.Generator().manual_seed(0)
     lengths = [1, 9, 1, 30]
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
     x, y = (torch.randn(sum(lengths), D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
     gate = torch.randn(len(lengths), D, generator=g).to(DEVICE, dtype).requires_grad_()
-    require_backend(GATED_RESIDUAL_BACKENDS, "triton", (x,))
+    require_backend(GATED_RESIDUAL_BACKENDS, backend, (x,))
     dout = torch.randn(x.shape, generator=g).to(DEVICE)
-    ours = _grads(sk.gated_residual, [x, y, gate], dout, cu_seqlens=cu, backend="triton")
+    ours = _grads(sk.gated_residual, [x, y, gate], dout, cu_seqlens=cu, backend=backend)
     plain = _grads(sk.gated_residual, [x, y, gate], dout, cu_seqlens=cu, backend="reference")
     wide = [t.detach().double().requires_grad_() for t in (x, y, gate)]
     exact = _grads(sk.gated_residual, wide, dout.double(), cu_seqlens=cu, backend="reference")

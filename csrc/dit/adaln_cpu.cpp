@@ -1,4 +1,5 @@
 #include "dit/adaln_cpu.h"
+#include "dit/segment_sums.h"
 
 #include <omp.h>
 
@@ -58,33 +59,6 @@ void adaln_forward_cpu(const AdaLNArgs& a, float* h, float* out, float* mean, fl
   }
 }
 
-namespace {
-
-// Per-segment sums over a thread's contiguous rows: segments strictly inside the range belong
-// to this thread alone and are added to the output directly; the first and last (shared with
-// neighbouring threads) are kept and added serially after the parallel region.
-struct SegmentSums {
-  int64_t dim, parts;
-  std::vector<float> cur;               // [parts, D] sums of the current segment
-  int64_t cur_seg = -1;
-  int64_t first_seg = -1, last_seg = -1;
-  std::vector<float> first, last;       // [parts, D] sums of the boundary segments
-
-  SegmentSums(int64_t d, int64_t p) : dim(d), parts(p), cur(d * p, 0.f), first(d * p, 0.f), last(d * p, 0.f) {}
-
-  void flush(float* const* outputs) {
-    if (cur_seg < 0) return;
-    std::vector<float>* keep = cur_seg == first_seg ? &first : cur_seg == last_seg ? &last : nullptr;
-    for (int64_t p = 0; p < parts; ++p) {
-      float* dst = keep ? keep->data() + p * dim : outputs[p] + cur_seg * dim;
-      const float* src = cur.data() + p * dim;
-      for (int64_t c = 0; c < dim; ++c) dst[c] += src[c];
-    }
-    std::fill(cur.begin(), cur.end(), 0.f);
-  }
-};
-
-}  // namespace
 
 void adaln_backward_cpu(const AdaLNArgs& a, const float* dout, const float* dh, const float* mean,
                         const float* rstd, int64_t /*segments*/, const AdaLNGrads& g) {
@@ -158,15 +132,7 @@ void adaln_backward_cpu(const AdaLNArgs& a, const float* dout, const float* dh, 
     }
     if (modulated) sums.flush(outputs);
   }
-  for (auto& sums : boundary) {  // the boundary segments, serially
-    for (int which = 0; which < 2; ++which) {
-      const int64_t s = which == 0 ? sums.first_seg : sums.last_seg;
-      if (s < 0 || (which == 1 && s == sums.first_seg)) continue;
-      const std::vector<float>& src = which == 0 ? sums.first : sums.last;
-      for (int64_t p = 0; p < parts; ++p)
-        for (int64_t c = 0; c < D; ++c) outputs[p][s * D + c] += src[p * D + c];
-    }
-  }
+  for (auto& sums : boundary) sums.add_boundary(outputs);
   if (a.weight) {  // (computed unconditionally above, against a weight of ones)
     for (int t = 0; t < threads; ++t)
       for (int64_t c = 0; c < D; ++c) g.dweight[c] += dweight_parts[static_cast<size_t>(t) * D + c];

@@ -120,6 +120,31 @@ swiglu_triton.register_autograd(
     lambda ctx, dout: swiglu_triton_backward(dout, *ctx.saved_tensors), setup_context=_save_inputs)
 
 
+def _compiled_setup(ctx, inputs, output):
+    ctx.kind, a, b = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _compiled_backward(ctx, dout):  # the C++ CPU op (csrc/dit/gated_residual_cpu.cpp)
+    a, b = ctx.saved_tensors
+    da, db = torch.ops.sora_kernels.activation_backward(ctx.kind, dout, a, b)
+    return None, da, db if b is not None else None
+
+
+if B.compiled_has("activation", "CPU"):
+    torch.library.register_fake("sora_kernels::activation")(lambda kind, a, b: _empty(a))
+    torch.library.register_fake("sora_kernels::activation_backward")(
+        lambda kind, dout, a, b: (_empty(a), a.new_empty(a.shape if b is not None else (0,))))
+    torch.library.register_autograd("sora_kernels::activation", _compiled_backward, setup_context=_compiled_setup)
+
+
+def _cpu_reasons(x: torch.Tensor) -> list[str]:
+    reasons = B.device_reasons("cpu", x.device, "activation")
+    if x.dtype != torch.float32:
+        reasons.append(f"the C++ kernels run float32, got {x.dtype}")
+    return reasons
+
+
 def _reasons(x: torch.Tensor, op: str) -> list[str]:
     reasons = B.device_reasons("triton", x.device, op)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -129,10 +154,13 @@ def _reasons(x: torch.Tensor, op: str) -> list[str]:
 
 GELU_BACKENDS = (
     B.Backend("triton", lambda x: _reasons(x, "gelu_tanh"), gelu_tanh_triton),
+    B.Backend("cpu", _cpu_reasons, lambda x: torch.ops.sora_kernels.activation(0, x, None)),
     B.Backend("reference", lambda x: [], ref.gelu_tanh),
 )
 SWIGLU_BACKENDS = (
     B.Backend("triton", lambda gate, up: _reasons(gate, "swiglu"), swiglu_triton),
+    B.Backend("cpu", lambda gate, up: _cpu_reasons(gate),
+              lambda gate, up: torch.ops.sora_kernels.activation(1, gate, up)),
     B.Backend("reference", lambda gate, up: [], ref.swiglu),
 )
 

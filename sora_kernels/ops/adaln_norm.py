@@ -446,8 +446,9 @@ def triton_reasons(x: torch.Tensor, op: str) -> list[str]:
     return reasons
 
 
-def cpu_reasons(x: torch.Tensor) -> list[str]:
-    reasons = B.device_reasons("cpu", x.device, "adaln")
+def cpu_reasons(x: torch.Tensor, compiled_op: str = "adaln") -> list[str]:
+    """Why the C++ CPU kernels (sora_kernels._C op `compiled_op`) cannot run on x."""
+    reasons = B.device_reasons("cpu", x.device, compiled_op)
     if x.dtype != torch.float32:
         reasons.append(f"the C++ kernels run float32, got {x.dtype}")
     return reasons

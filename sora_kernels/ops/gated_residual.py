@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from sora_kernels import backends as B
-from sora_kernels.ops.adaln_norm import check_like, check_segments, check_tokens, tile_config, triton_reasons
+from sora_kernels.ops.adaln_norm import (check_like, check_segments, check_tokens, cpu_reasons, tile_config,
+                                         triton_reasons)
 from sora_kernels.reference import dit_ops as ref
 
 if B.TRITON_MISSING is None:
@@ -96,8 +97,25 @@ def _backward(ctx, dout):
 
 gated_residual_triton.register_autograd(_backward, setup_context=_setup)
 
+
+def _compiled_backward(ctx, dout):  # the C++ CPU op (csrc/dit/gated_residual_cpu.cpp)
+    y, gate, seg = ctx.saved_tensors
+    dy, dgate = torch.ops.sora_kernels.gated_residual_backward(dout, y, gate, seg)
+    return dout, dy, dgate, None
+
+
+if B.compiled_has("gated_residual", "CPU"):
+    torch.library.register_fake("sora_kernels::gated_residual")(
+        lambda x, y, gate, segment_ids: torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    torch.library.register_fake("sora_kernels::gated_residual_backward")(
+        lambda dout, y, gate, segment_ids: (torch.empty(y.shape, dtype=y.dtype, device=y.device),
+                                            torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)))
+    torch.library.register_autograd("sora_kernels::gated_residual", _compiled_backward, setup_context=_setup)
+
 GATED_RESIDUAL_BACKENDS = (
     B.Backend("triton", lambda x, *rest: triton_reasons(x, "gated_residual"), gated_residual_triton),
+    B.Backend("cpu", lambda x, *rest: cpu_reasons(x, "gated_residual"),
+              lambda x, y, gate, seg: torch.ops.sora_kernels.gated_residual(x, y, gate, seg)),
     B.Backend("reference", lambda *args: [], ref.gated_residual),
 )
 
