@@ -10,7 +10,11 @@ import torch
 import sora_kernels
 from sora_kernels import backends as B
 from sora_kernels.ops.pack_patchify import PACK_BACKENDS, UNPACK_BACKENDS
+from sora_kernels.ops.activations import GELU_BACKENDS, SWIGLU_BACKENDS
+from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, FUSED_BACKENDS
+from sora_kernels.ops.gated_residual import GATED_RESIDUAL_BACKENDS
 from sora_kernels.ops.patchify3d import PATCHIFY_BACKENDS, UNPATCHIFY_BACKENDS
+from sora_kernels.ops.rms_norm import RMS_NORM_BACKENDS
 from sora_kernels.ops.rope3d import ROPE_BACKENDS
 from sora_kernels.ops.varlen_attention import ATTENTION_BACKENDS
 
@@ -22,6 +26,7 @@ def _sample_calls(device: torch.device) -> dict:
     tokens = torch.zeros(1, 16, device=device, dtype=torch.bfloat16)
     qkv = torch.zeros(1, 2, 64, device=device, dtype=torch.bfloat16)
     positions = torch.zeros(1, 3, device=device, dtype=torch.int32)
+    rows = torch.zeros(2, 72, device=device)
     return {
         "patchify3d": (PATCHIFY_BACKENDS, (x, (1, 2, 2))),
         "unpatchify3d": (UNPATCHIFY_BACKENDS, (tokens[None], (1, 2, 2), (1, 1, 1))),
@@ -29,6 +34,12 @@ def _sample_calls(device: torch.device) -> dict:
         "unpack_unpatchify": (UNPACK_BACKENDS, (tokens, (1, 2, 2), [(1, 2, 2)])),
         "varlen_attention (bf16, D=64)": (ATTENTION_BACKENDS, (qkv, qkv, qkv)),
         "rope3d (bf16, D=64)": (ROPE_BACKENDS, (qkv, positions, 10000.0, (20, 22, 22))),
+        "adaln_norm (fp32)": (ADALN_BACKENDS, (rows,)),
+        "gated_residual_adaln (fp32)": (FUSED_BACKENDS, (rows,)),
+        "gated_residual (fp32)": (GATED_RESIDUAL_BACKENDS, (rows,)),
+        "rms_norm (fp32)": (RMS_NORM_BACKENDS, (rows,)),
+        "gelu_tanh (fp32)": (GELU_BACKENDS, (rows,)),
+        "swiglu (fp32)": (SWIGLU_BACKENDS, (rows, rows)),
     }
 
 
