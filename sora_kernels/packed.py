@@ -48,3 +48,15 @@ def packed_metadata(grids, device: torch.device):
     meta = torch.tensor(cu + [x for g in grids for x in g], dtype=torch.int32).to(device, non_blocking=True)
     n = len(grids)
     return meta[: n + 1], meta[n + 1:].view(n, 3), max(lengths)
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, min_entries: int = 1) -> None:
+    """ValueError naming `name` unless cu is a 1-dim int32 tensor of at least `min_entries`
+    entries on `device` (its values are checked where they are read)."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.shape[0] < min_entries:
+        got = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise ValueError(f"{name}: expected a 1-dim int32 tensor [segments + 1], got {got}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name}: expected device {device} like the tokens, got {cu.device}")

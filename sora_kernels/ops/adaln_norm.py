@@ -17,6 +17,7 @@ import math
 import torch
 
 from sora_kernels import backends as B
+from sora_kernels.packed import check_cu_seqlens
 from sora_kernels.reference import dit_ops as ref
 
 if B.TRITON_MISSING is None:
@@ -32,6 +33,15 @@ NORMS = ("layer", "rms")
 # -----------------------------------------------------------------------------
 
 if B.TRITON_MISSING is None:
+
+    @triton.jit
+    def _row_tile(N, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's tile of packed rows: (rows int64, cols, row_mask, col_mask, mask, offsets)."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_mask = rows < N
+        col_mask = cols < D
+        return rows, cols, row_mask, col_mask, row_mask[:, None] & col_mask[None, :], rows[:, None] * D + cols[None, :]
 
     @triton.jit
     def _segment_add(acc_ptr, seg, row_mask, cols, col_mask, contrib, D):
@@ -59,12 +69,7 @@ if B.TRITON_MISSING is None:
         RESIDUAL: tl.constexpr, LAYER: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Modulated LayerNorm / RMSNorm of ROWS tokens, after the gated residual if RESIDUAL."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_D)
-        row_mask = rows < N
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
+        rows, cols, row_mask, col_mask, mask, offs = _row_tile(N, D, ROWS, BLOCK_D)
         seg_offs = offs
         if seg_ptr is not None:
             seg = tl.load(seg_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -108,12 +113,7 @@ if B.TRITON_MISSING is None:
         RESIDUAL: tl.constexpr, LAYER: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Gradients of ROWS tokens; per-segment and weight gradients added to fp32 accumulators."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_D)
-        row_mask = rows < N
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
+        rows, cols, row_mask, col_mask, mask, offs = _row_tile(N, D, ROWS, BLOCK_D)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if LAYER:
             x = tl.where(mask, x - tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
@@ -394,13 +394,7 @@ def check_segments(x: torch.Tensor, cu_seqlens, segment_ids) -> tuple[int, torch
     """(segments, int32 segment id per token) from cu_seqlens, checked against x (no device
     sync: the count of tokens is compared through cu_seqlens' last entry only on the host
     when cu_seqlens is on the CPU, else by the shape of segment_ids)."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        got = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
-        raise ValueError(f"cu_seqlens: expected a 1-dim int32 tensor [segments + 1], got {got}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens: expected dtype torch.int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != x.device:
-        raise ValueError(f"cu_seqlens: expected device {x.device} like x, got {cu_seqlens.device}")
+    check_cu_seqlens("cu_seqlens", cu_seqlens, x.device, min_entries=2)
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         last = int(cu_seqlens[-1])
         if last != x.shape[0]:

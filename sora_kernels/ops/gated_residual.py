@@ -16,7 +16,7 @@ if B.TRITON_MISSING is None:
     import triton
     import triton.language as tl
 
-    from sora_kernels.ops.adaln_norm import _segment_add
+    from sora_kernels.ops.adaln_norm import _row_tile, _segment_add
 
     @triton.jit
     def gated_residual_kernel(
@@ -29,12 +29,7 @@ if B.TRITON_MISSING is None:
         BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """ROWS tokens of the gated residual (forward) or of its gradients (backward)."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_D)
-        row_mask = rows < N
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
+        rows, cols, row_mask, col_mask, mask, offs = _row_tile(N, D, ROWS, BLOCK_D)
         seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
         gate = tl.load(gate_ptr + seg.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from sora_kernels import backends as B
+from sora_kernels.packed import check_cu_seqlens
 from sora_kernels.ops.rope3d import (block_d, check_positions, check_sections, check_theta, fast_trig, launch_rope3d,
                                      rope_table)
 from sora_kernels.reference import attention as ref
@@ -797,13 +798,7 @@ def check_inputs(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k: expected kv heads dividing the {q.shape[1]} query heads, got {k.shape[1]}")
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.shape[0] < 1:
-            got = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
-            raise ValueError(f"{name}: expected a 1-dim int32 tensor [batch + 1], got {got}")
-        if cu.dtype != torch.int32:
-            raise ValueError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
-        if cu.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} like q, got {cu.device}")
+        check_cu_seqlens(name, cu, q.device)
     if cu_q.shape[0] != cu_k.shape[0]:
         raise ValueError(f"cu_seqlens_k: expected {cu_q.shape[0]} entries like cu_seqlens_q (one segment of keys "
                          f"per segment of queries), got {cu_k.shape[0]}")
