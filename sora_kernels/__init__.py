@@ -5,6 +5,7 @@ backends; see sora_kernels.backends for how one is picked):
 
     patchify3d, unpatchify3d             [B, C, T, H, W] <-> [B, L, C*pt*ph*pw]
     pack_patchify, unpack_unpatchify     list of [C, Ti, Hi, Wi] <-> one packed sequence (Packed)
+    patch_embed3d                        pack_patchify fused with the patch projection (Conv3d per video)
     varlen_attention                     attention over packed segments (cu_seqlens), optional fused rope
     rope3d                               3D rotary embedding of [N, H, D] from (t, h, w) positions
     adaln_norm, gated_residual,          segment-aware adaLN and gated residual on packed tokens
@@ -20,6 +21,7 @@ from sora_kernels.ops.adaln_norm import adaln_norm, gated_residual_adaln
 from sora_kernels.ops.gated_residual import gated_residual
 from sora_kernels.ops.rms_norm import rms_norm
 from sora_kernels.ops.pack_patchify import pack_patchify, unpack_unpatchify
+from sora_kernels.ops.patch_embed3d import patch_embed3d
 from sora_kernels.ops.patchify3d import patchify3d, unpatchify3d
 from sora_kernels.ops.rope3d import rope3d
 from sora_kernels.ops.varlen_attention import Rope3D, varlen_attention
@@ -27,7 +29,7 @@ from sora_kernels.packed import Packed
 
 __version__ = "0.1.0"
 
-__all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "Packed", "varlen_attention",
+__all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "patch_embed3d", "Packed", "varlen_attention",
            "Rope3D", "rope3d", "adaln_norm", "gated_residual", "gated_residual_adaln", "rms_norm", "gelu_tanh",
            "swiglu",
            "NoBackendError"]

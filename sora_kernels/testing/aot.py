@@ -139,8 +139,27 @@ def dit_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
+def patch_embed_jobs(archs: list[int]) -> list[dict]:
+    """patch_embed_kernel in bf16 (tensor cores) and fp32 (ieee products), with and without bias."""
+    from sora_kernels.ops import patch_embed3d as op
+    jobs = []
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        for bias in (True, False):
+            none = set() if bias else {"bias_ptr"}
+            constexprs = {"PRECISION": precision, **{k: v for k, v in op.CONFIG.items() if k.startswith("BLOCK")},
+                          **{name: None for name in none}}
+            signature = {name: "constexpr" if name in constexprs else
+                         "*i64" if name == "slots_ptr" else "*" + dtype if name.endswith("_ptr") else "i32"
+                         for name in op.patch_embed_kernel.arg_names}
+            for arch in archs:
+                jobs.append({"module": op.__name__, "kernel": "patch_embed_kernel", "arch": arch,
+                             "num_warps": op.CONFIG["num_warps"], "num_stages": op.CONFIG["num_stages"],
+                             "signature": signature, "constexprs": constexprs})
+    return jobs
+
+
 def kernel_jobs(archs: list[int]) -> list[dict]:
-    return patchify_jobs(archs) + attention_jobs(archs) + dit_jobs(archs)
+    return patchify_jobs(archs) + attention_jobs(archs) + dit_jobs(archs) + patch_embed_jobs(archs)
 
 
 def _cuobjdump() -> str:

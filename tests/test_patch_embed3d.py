@@ -1,0 +1,62 @@
+"""patch_embed3d equals Conv3d(kernel = stride = patch) on each video, packed; gradients too
+(2x rule in fp16 / bf16 against float64, tight in fp32)."""
+import pytest
+import torch
+
+import sora_kernels as sk
+from conftest import DEVICE, require_backend
+from sora_kernels.ops.patch_embed3d import PATCH_EMBED_BACKENDS
+
+SIZES = [(3, 8, 12), (1, 6, 4), (1, 2, 2), (2, 10, 70)]  # clips, images, a 1-token image, a wide row
+
+
+def _conv(videos, weight, bias, patch):
+    return torch.cat([torch.nn.functional.conv3d(v[None], weight, bias, stride=patch).flatten(2).transpose(1, 2)[0]
+                      for v in videos])
+
+
+def _run(fn, leaves, n_videos, dout):
+    out = fn(leaves[:n_videos], *leaves[n_videos:])
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, dout.to(out.dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_matches_conv3d(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
+        pytest.skip("the Triton interpreter computes tl.dot on bf16 wrongly; bf16 is tested on a GPU")
+    g = torch.Generator().manual_seed(0)
+    patch = (1, 2, 2)
+    videos = [torch.randn(4, *s, generator=g).to(DEVICE, dtype).requires_grad_() for s in SIZES]
+    weight = (0.2 * torch.randn(40, 4, *patch, generator=g)).to(DEVICE, dtype).requires_grad_()
+    bias = torch.randn(40, generator=g).to(DEVICE, dtype).requires_grad_()
+    require_backend(PATCH_EMBED_BACKENDS, backend, (videos, weight.reshape(40, -1), bias, patch))
+    leaves = videos + [weight, bias]
+    n_tokens = sum(t * (h // 2) * (w // 2) for t, h, w in SIZES)
+    dout = torch.randn(n_tokens, 40, generator=g).to(DEVICE)
+    ours = _run(lambda v, w, b: sk.patch_embed3d(v, w, b, patch, backend=backend).tokens, leaves, len(videos), dout)
+    plain = _run(lambda v, w, b: _conv(v, w, b, patch), leaves, len(videos), dout)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    exact = _run(lambda v, w, b: _conv(v, w, b, patch), wide, len(videos), dout.double())
+    for i, (a, p, e) in enumerate(zip(ours, plain, exact)):
+        err = (a.double() - e).abs().max().item()
+        if dtype == torch.float32:
+            bound = 1e-5 * max(1.0, e.abs().max().item())
+        else:
+            bound = 2 * (p.double() - e).abs().max().item() + 2 * (e.to(dtype) + 1 - 1 - e.to(dtype)).abs().max().item()
+        assert err <= bound, f"output/grad {i}: error {err:.3g} > {bound:.3g}"
+
+
+def test_packed_metadata_and_errors():
+    videos = [torch.randn(4, 1, 4, 4, device=DEVICE), torch.randn(4, 2, 2, 2, device=DEVICE)]
+    weight = torch.randn(8, 16, device=DEVICE)
+    p = sk.patch_embed3d(videos, weight, None, (1, 2, 2))
+    q = sk.pack_patchify(videos, (1, 2, 2))
+    assert p.tokens.shape == (6, 8) and p.grids == q.grids
+    assert torch.equal(p.cu_seqlens, q.cu_seqlens) and torch.equal(p.positions, q.positions)
+    with pytest.raises(ValueError, match=r"weight: expected \[E, 4, 1, 2, 2\] or \[E, 16\], got \(8, 15\)"):
+        sk.patch_embed3d(videos, torch.randn(8, 15, device=DEVICE), None, (1, 2, 2))
+    with pytest.raises(ValueError, match=r"bias: expected \[8\]"):
+        sk.patch_embed3d(videos, weight, torch.randn(7, device=DEVICE), (1, 2, 2))
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        sk.patch_embed3d([torch.randn(4, 1, 3, 4, device=DEVICE)], weight, None, (1, 2, 2))
