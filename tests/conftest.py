@@ -41,3 +41,18 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     bad = (a != e).nonzero()
     assert bad.numel() == 0, (f"{what}: {bad.shape[0]} of {a.numel()} elements differ; first at "
                               f"{bad[:5].tolist()}: {actual[tuple(bad[0])].item()} vs {expected[tuple(bad[0])].item()}")
+
+
+def assert_2x_rule(ours, plain, exact, dtype, what: str = "", fp32_rtol: float = 1e-5) -> None:
+    """FlashAttention's rule, output by output: the error of `ours` against the float64 `exact`
+    is at most twice that of `plain` (PyTorch in the same low precision) plus two units of
+    rounding at 1 in that dtype; in fp32 (where PyTorch is the oracle's own precision) at most
+    fp32_rtol times the largest magnitude."""
+    for i, (a, p, e) in enumerate(zip(ours, plain, exact)):
+        err = (a.double() - e.double()).abs().max().item()
+        if dtype == torch.float32:
+            bound = fp32_rtol * max(1.0, e.abs().max().item())
+        else:
+            rounding = 2 * (e.to(dtype) + 1 - 1 - e.to(dtype)).abs().max().item()
+            bound = 2 * (p.double() - e.double()).abs().max().item() + rounding
+        assert err <= bound, f"{what} output/grad {i}: error {err:.3g} > {bound:.3g}"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, require_backend
+from conftest import DEVICE, assert_2x_rule, require_backend
 from sora_kernels.ops.activations import GELU_BACKENDS, SWIGLU_BACKENDS
 
 
@@ -18,13 +18,7 @@ def _check(fn, leaves, dtype, backend):
     ours = _grads(fn, leaves, dout, backend=backend)
     plain = _grads(fn, leaves, dout, backend="reference")
     exact = _grads(fn, [t.detach().double().requires_grad_() for t in leaves], dout.double(), backend="reference")
-    for i, (a, p, e) in enumerate(zip(ours, plain, exact)):
-        err = (a.double() - e).abs().max().item()
-        if dtype == torch.float32:
-            bound = 2e-6 * max(1.0, e.abs().max().item())
-        else:
-            bound = 2 * (p.double() - e).abs().max().item() + 2 * (e.to(dtype) + 1 - 1 - e.to(dtype)).abs().max().item()
-        assert err <= bound, f"{i}: error {err:.3g} > {bound:.3g}"
+    assert_2x_rule(ours, plain, exact, dtype, fp32_rtol=2e-6)
 
 
 @pytest.mark.parametrize("shape", [(37, 72), (5, 3080)])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, require_backend
+from conftest import DEVICE, assert_2x_rule, require_backend
 from sora_kernels.ops.patch_embed3d import PATCH_EMBED_BACKENDS
 
 SIZES = [(3, 8, 12), (1, 6, 4), (1, 2, 2), (2, 10, 70)]  # clips, images, a 1-token image, a wide row
@@ -38,13 +38,7 @@ def test_matches_conv3d(backend, dtype):
     plain = _run(lambda v, w, b: _conv(v, w, b, patch), leaves, len(videos), dout)
     wide = [t.detach().double().requires_grad_() for t in leaves]
     exact = _run(lambda v, w, b: _conv(v, w, b, patch), wide, len(videos), dout.double())
-    for i, (a, p, e) in enumerate(zip(ours, plain, exact)):
-        err = (a.double() - e).abs().max().item()
-        if dtype == torch.float32:
-            bound = 1e-5 * max(1.0, e.abs().max().item())
-        else:
-            bound = 2 * (p.double() - e).abs().max().item() + 2 * (e.to(dtype) + 1 - 1 - e.to(dtype)).abs().max().item()
-        assert err <= bound, f"output/grad {i}: error {err:.3g} > {bound:.3g}"
+    assert_2x_rule(ours, plain, exact, dtype, "patch_embed3d")
 
 
 def test_packed_metadata_and_errors():

@@ -32,6 +32,19 @@ MAX_PW = 16          # widest patch along W the Triton kernel is compiled for
 if B.TRITON_MISSING is None:
 
     @triton.jit
+    def owner_slot(slots_ptr, tile, n_videos, search_steps):
+        """Pointer to the slot-table row (int64 [6]: data address, T, H, W, first token, first
+        tile) of the video that owns `tile`: the last v with first_tile[v] <= tile (binary search)."""
+        lo = tl.zeros((), dtype=tl.int32)
+        hi = tl.zeros((), dtype=tl.int32) + n_videos
+        for _ in range(search_steps):
+            mid = (lo + hi) // 2
+            right = tl.load(slots_ptr + mid.to(tl.int64) * 6 + 5) <= tile
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        return slots_ptr + lo.to(tl.int64) * 6
+
+    @triton.jit
     def patchify_tile_kernel(
         slots_ptr,     # int64 [n, 6]: data address, T, H, W, first token, first tile of each video
         tokens_ptr,    # [N, D] packed tokens (integer words): written when PACK, read otherwise
@@ -52,15 +65,7 @@ if B.TRITON_MISSING is None:
         the other, so both sides are accessed along contiguous memory.
         """
         tile = tl.program_id(0).to(tl.int64)
-        # Owner video: the last v with first_tile[v] <= tile (binary search).
-        lo = tl.zeros((), dtype=tl.int32)
-        hi = tl.zeros((), dtype=tl.int32) + n_videos
-        for _ in range(search_steps):
-            mid = (lo + hi) // 2
-            right = tl.load(slots_ptr + mid.to(tl.int64) * 6 + 5) <= tile
-            lo = tl.where(right, mid, lo)
-            hi = tl.where(right, hi, mid)
-        slot = slots_ptr + lo.to(tl.int64) * 6
+        slot = owner_slot(slots_ptr, tile, n_videos, search_steps)
         video_ptr = tl.load(slot).to(tl.pointer_type(tokens_ptr.dtype.element_ty))
         T = tl.load(slot + 1)
         H = tl.load(slot + 2)

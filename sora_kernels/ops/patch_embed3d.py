@@ -20,6 +20,8 @@ if B.TRITON_MISSING is None:
     import triton
     import triton.language as tl
 
+    from sora_kernels.ops.pack_patchify import owner_slot
+
 # (BLOCK_M tokens of one grid row, BLOCK_N output features, BLOCK_K patch features, warps)
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 
@@ -39,14 +41,7 @@ if B.TRITON_MISSING is None:
         """out[tokens of one tile, BLOCK_N features] = patches @ weight^T + bias, the patches
         gathered from the video: a tile is BLOCK_M tokens of one grid row (tt, hh)."""
         tile = tl.program_id(0).to(tl.int64)
-        lo = tl.zeros((), dtype=tl.int32)
-        hi = tl.zeros((), dtype=tl.int32) + n_videos
-        for _ in range(search_steps):  # owner video: the last v with first_tile[v] <= tile
-            mid = (lo + hi) // 2
-            right = tl.load(slots_ptr + mid.to(tl.int64) * 6 + 5) <= tile
-            lo = tl.where(right, mid, lo)
-            hi = tl.where(right, hi, mid)
-        slot = slots_ptr + lo.to(tl.int64) * 6
+        slot = owner_slot(slots_ptr, tile, n_videos, search_steps)
         video_ptr = tl.load(slot).to(tl.pointer_type(weight_ptr.dtype.element_ty))
         T = tl.load(slot + 1)
         H = tl.load(slot + 2)
