@@ -484,7 +484,9 @@ def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cu_seq
     Args:
         x: [N, D] packed tokens; segment s is rows cu_seqlens[s]:cu_seqlens[s+1].
         shift, scale: [n, D], one row per segment (each sample's own conditioning).
-        cu_seqlens: int32 [n+1] (Packed.cu_seqlens).
+        cu_seqlens: int32 [n+1] (Packed.cu_seqlens), ending at N: checked when cu_seqlens is on
+            the CPU; on a GPU the check would cost a device sync, so there it is the caller's
+            contract (Packed records always satisfy it).
         eps: added to the variance (mean square for "rms").
         norm: "layer" (LayerNorm without bias) or "rms" (RMSNorm).
         weight: optional [D] norm weight (applied before the modulation).
