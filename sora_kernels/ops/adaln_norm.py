@@ -17,6 +17,7 @@ import math
 import torch
 
 from sora_kernels import backends as B
+from sora_kernels.ops.rope3d import block_d
 from sora_kernels.packed import check_cu_seqlens
 from sora_kernels.reference import dit_ops as ref
 
@@ -150,10 +151,6 @@ if B.TRITON_MISSING is None:
 # -----------------------------------------------------------------------------
 # Launchers
 # -----------------------------------------------------------------------------
-
-def block_d(D: int) -> int:
-    return max(16, 1 << (D - 1).bit_length())
-
 
 def tile_config(D: int) -> dict:
     """Compile-time tile for rows of D elements: every config this returns is compiled ahead of

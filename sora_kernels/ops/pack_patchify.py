@@ -45,6 +45,21 @@ if B.TRITON_MISSING is None:
         return slots_ptr + lo.to(tl.int64) * 6
 
     @triton.jit
+    def tile_in_video(slot, tile, ph, pw, TW: tl.constexpr):
+        """(T, H, W, Wg, tt, hh, w0, tok0) of `tile` in the video of `slot`: the video's size,
+        its grid width, the grid row (tt, hh), the first grid column w0 of the tile's TW
+        tokens, and the packed index of its first token."""
+        T = tl.load(slot + 1)
+        H = tl.load(slot + 2)
+        W = tl.load(slot + 3)
+        Wg = W // pw
+        wtiles = tl.cdiv(Wg, TW)
+        local = tile - tl.load(slot + 5)
+        row = local // wtiles           # grid row (tt, hh) inside the video
+        w0 = (local - row * wtiles) * TW
+        return T, H, W, Wg, row // (H // ph), row % (H // ph), w0, tl.load(slot + 4) + row * Wg + w0
+
+    @triton.jit
     def patchify_tile_kernel(
         slots_ptr,     # int64 [n, 6]: data address, T, H, W, first token, first tile of each video
         tokens_ptr,    # [N, D] packed tokens (integer words): written when PACK, read otherwise
@@ -67,19 +82,8 @@ if B.TRITON_MISSING is None:
         tile = tl.program_id(0).to(tl.int64)
         slot = owner_slot(slots_ptr, tile, n_videos, search_steps)
         video_ptr = tl.load(slot).to(tl.pointer_type(tokens_ptr.dtype.element_ty))
-        T = tl.load(slot + 1)
-        H = tl.load(slot + 2)
-        W = tl.load(slot + 3)
-        Hg = H // ph
-        Wg = W // pw
-        wtiles = tl.cdiv(Wg, TW)
-        local = tile - tl.load(slot + 5)
-        row = local // wtiles           # grid row (tt, hh) inside the video
-        w0 = (local - row * wtiles) * TW
-        hh = row % Hg
-        tt = row // Hg
+        T, H, W, Wg, tt, hh, w0, tok0 = tile_in_video(slot, tile, ph, pw, TW)
         tw = tl.minimum(Wg - w0, TW)    # tokens in this tile
-        tok0 = tl.load(slot + 4) + row * Wg + w0
         R = C * pt * ph
         D = R * pw
 

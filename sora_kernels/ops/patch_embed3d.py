@@ -20,7 +20,7 @@ if B.TRITON_MISSING is None:
     import triton
     import triton.language as tl
 
-    from sora_kernels.ops.pack_patchify import owner_slot
+    from sora_kernels.ops.pack_patchify import owner_slot, tile_in_video
 
 # (BLOCK_M tokens of one grid row, BLOCK_N output features, BLOCK_K patch features, warps)
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
@@ -43,17 +43,7 @@ if B.TRITON_MISSING is None:
         tile = tl.program_id(0).to(tl.int64)
         slot = owner_slot(slots_ptr, tile, n_videos, search_steps)
         video_ptr = tl.load(slot).to(tl.pointer_type(weight_ptr.dtype.element_ty))
-        T = tl.load(slot + 1)
-        H = tl.load(slot + 2)
-        W = tl.load(slot + 3)
-        Wg = W // pw
-        wtiles = tl.cdiv(Wg, BLOCK_M)
-        local = tile - tl.load(slot + 5)
-        row = local // wtiles            # grid row (tt, hh)
-        w0 = (local - row * wtiles) * BLOCK_M
-        hh = row % (H // ph)
-        tt = row // (H // ph)
-        tok0 = tl.load(slot + 4) + row * Wg + w0
+        T, H, W, Wg, tt, hh, w0, tok0 = tile_in_video(slot, tile, ph, pw, BLOCK_M)
         m = tl.arange(0, BLOCK_M)
         m_mask = w0 + m < Wg
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
