@@ -217,6 +217,26 @@ def test_backend_reasons():
         sk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
 
 
+@pytest.mark.skipif(op.B.TRITON_MISSING is not None, reason="triton is not installed")
+def test_launch_skips_configs_over_shared_memory():
+    """Without autotuning the launcher takes the first candidate the GPU can launch: on an
+    H200, D=256 with 3 stages asked for 256 KiB of shared memory (limit 227 KiB) and raised."""
+    import triton
+    launched = []
+
+    def launch(c):
+        if c.num_stages == 3:
+            raise triton.runtime.errors.OutOfResources(262144, 232448, "shared memory")
+        launched.append(c)
+
+    candidates = op.configs_for("fwd", 256)[:op.AUTOTUNE_CANDIDATES]
+    assert candidates[0].num_stages == 3 and any(c.num_stages == 2 for c in candidates)
+    chosen = op.launch_first_that_fits("fwd", ("key",), candidates, launch)
+    assert launched == [chosen] and chosen == next(c for c in candidates if c.num_stages == 2)
+    with pytest.raises(RuntimeError, match="no fwd config .* fits this GPU's resources"):
+        op.launch_first_that_fits("fwd", ("key",), candidates[:1], launch)
+
+
 # -----------------------------------------------------------------------------
 # Errors
 # -----------------------------------------------------------------------------

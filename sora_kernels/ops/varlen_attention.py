@@ -362,29 +362,44 @@ _TUNED: dict = {}  # (kind, BLOCK_D, causal, [rope,] ROT_Q, ROT_K, dtype, device
 
 def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dict, device: torch.device) -> None:
     """Launches `kernel` with the best config for `key`: timed once per key on a GPU (outputs
-    are overwritten by every trial), the first fitting config under the interpreter."""
+    are overwritten by every trial), else the first candidate that fits the GPU's shared memory
+    (Triton raises OutOfResources before launching one that does not: D=256 with 3 stages needs
+    256 KiB under Triton 3.6, over an H100's 227 KiB)."""
     candidates = configs_for(kind, constexprs["BLOCK_D"])[:AUTOTUNE_CANDIDATES]
     full_key = (kind,) + key + (device.index,)
+
+    def launch(c: KernelConfig) -> None:
+        kernel[grid_of(c)](*args, **constexprs, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps,
+                           num_stages=c.num_stages)
+
     cfg = _TUNED.get(full_key)
-    if cfg is None and (device.type != "cuda" or len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV) == "0"
-                        or torch.cuda.is_current_stream_capturing()):  # timing syncs: not while capturing a graph
-        cfg = candidates[0]
-    if cfg is None:
-        timings = []
-        for c in candidates:
-            def run(c=c):
-                kernel[grid_of(c)](*args, **constexprs, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
-                                   num_warps=c.num_warps, num_stages=c.num_stages)
-            try:
-                timings.append((triton.testing.do_bench(run, warmup=5, rep=20), c))
-            except triton.runtime.errors.OutOfResources:
-                continue
-        if not timings:
-            raise RuntimeError(f"varlen_attention: no {kind} config fits this GPU's resources for {key}")
-        cfg = min(timings, key=lambda t: t[0])[1]
-        _TUNED[full_key] = cfg
-    kernel[grid_of(cfg)](*args, **constexprs, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages)
+    if cfg is not None:
+        return launch(cfg)
+    if device.type != "cuda" or len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV) == "0" \
+            or torch.cuda.is_current_stream_capturing():  # timing syncs: not while capturing a graph
+        return launch_first_that_fits(kind, key, candidates, launch)
+    timings = []
+    for c in candidates:
+        try:
+            timings.append((triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20), c))
+        except triton.runtime.errors.OutOfResources:
+            continue
+    if not timings:
+        raise RuntimeError(f"varlen_attention: no {kind} config of {candidates} fits this GPU's resources for {key}")
+    _TUNED[full_key] = cfg = min(timings, key=lambda t: t[0])[1]
+    launch(cfg)
+
+
+def launch_first_that_fits(kind: str, key: tuple, candidates: list[KernelConfig], launch) -> KernelConfig:
+    """Calls launch(c) for the candidates in order until one does not raise OutOfResources;
+    returns that config."""
+    for c in candidates:
+        try:
+            launch(c)
+            return c
+        except triton.runtime.errors.OutOfResources:
+            continue
+    raise RuntimeError(f"varlen_attention: no {kind} config of {candidates} fits this GPU's resources for {key}")
 
 
 @dataclass(frozen=True)
