@@ -64,3 +64,11 @@ def swiglu(gate, up):
     """silu(gate) * up."""
     g = gate.to(_wide(gate))
     return (g * torch.sigmoid(g) * up.to(g.dtype)).to(gate.dtype)
+
+
+def final_layer_unpatchify(x, shift, scale, weight, bias, seg, patch_size, sizes, eps=1e-6, norm="layer"):
+    """DiT's final layer, then unpack_unpatchify: videos [C, Ti, Hi, Wi] from
+    linear(adaln_norm(x), weight, bias) (the linear in x.dtype, as nn.Linear)."""
+    from sora_kernels.reference.patchify import unpack_unpatchify
+    tokens = torch.nn.functional.linear(adaln_norm(x, shift, scale, seg, eps, norm), weight, bias)
+    return unpack_unpatchify(tokens, patch_size, sizes)

@@ -158,8 +158,28 @@ def patch_embed_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
+def final_layer_jobs(archs: list[int]) -> list[dict]:
+    """final_layer_kernel for every BLOCK_P, LayerNorm and RMSNorm, in bf16 (with bias) and
+    fp32 (ieee products, without bias)."""
+    from sora_kernels.ops import final_layer_unpatchify as op
+    jobs = []
+    for dtype, precision, none in (("bf16", "tf32", set()), ("fp32", "ieee", {"bias_ptr"})):
+        for layer in (True, False):
+            for cfg in op.config_space():
+                constexprs = {"LAYER": layer, "PRECISION": precision,
+                              **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}, **{n: None for n in none}}
+                signature = _pointer_signature(op.final_layer_kernel, constexprs, none, dtype)
+                signature["slots_ptr"] = "*i64"
+                for arch in archs:
+                    jobs.append({"module": op.__name__, "kernel": "final_layer_kernel", "arch": arch,
+                                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                                 "signature": signature, "constexprs": constexprs})
+    return jobs
+
+
 def kernel_jobs(archs: list[int]) -> list[dict]:
-    return patchify_jobs(archs) + attention_jobs(archs) + dit_jobs(archs) + patch_embed_jobs(archs)
+    return (patchify_jobs(archs) + attention_jobs(archs) + dit_jobs(archs) + patch_embed_jobs(archs)
+            + final_layer_jobs(archs))
 
 
 def _cuobjdump() -> str:

@@ -1,0 +1,290 @@
+"""final_layer_unpatchify: DiT's final layer on packed tokens, then unpack_unpatchify.
+
+Per segment s (one video): norm(x) * (1 + scale[s]) + shift[s], then the linear projection to
+C*pt*ph*pw patch features, then the patches written back into the video [C, T, H, W]. The
+Triton kernel does it in one pass: a program takes BLOCK_M tokens of one grid row of one video
+(one segment: its shift and scale are vectors), computes the row statistics over D in chunks,
+then normalises, modulates and multiplies the same chunks with the weight, and stores the
+patches straight into the videos (the mirror of patch_embed3d). Neither the modulated [N, D]
+activations nor the [N, C*pt*ph*pw] patch matrix is written.
+
+Order: Triton kernel -> launcher -> custom op and autograd -> backends -> public function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from sora_kernels import backends as B
+from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, MAX_D, adaln_backward, adaln_forward, check_like, check_norm, \
+    check_tokens
+from sora_kernels.ops.pack_patchify import check_patch_size, pack_patchify, unpack_unpatchify
+from sora_kernels.packed import Packed
+from sora_kernels.reference import dit_ops as ref
+
+if B.TRITON_MISSING is None:
+    import triton
+    import triton.language as tl
+
+    from sora_kernels.ops.pack_patchify import owner_slot, tile_in_video
+
+# BLOCK_M tokens of one grid row x BLOCK_P patch features; BLOCK_K of D per step. BLOCK_P is
+# the patch width rounded up to a power of two (at least 16, tl.dot's minimum), at most
+# MAX_BLOCK_P (wider patches take several programs along the grid's second axis).
+CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+MAX_BLOCK_P = 128
+
+if B.TRITON_MISSING is None:
+
+    @triton.jit
+    def final_layer_kernel(
+        x_ptr,                 # [N, D] packed tokens
+        shift_ptr, scale_ptr,  # [n, D] per video
+        weight_ptr,            # [P, D] projection, P = C*pt*ph*pw in (c, i, j, k) order
+        bias_ptr,              # [P], or None
+        seg_ptr,               # int32 [N] video of each token
+        slots_ptr,             # int64 [n, 6]: output address, T, H, W, first token, first tile
+        n_videos, search_steps,
+        D, P, pt, ph, pw, eps,
+        LAYER: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """videos[tokens of one tile, BLOCK_P patch features] =
+        (norm(x) * (1 + scale) + shift) @ weight^T + bias, scattered into the tile's video."""
+        tile = tl.program_id(0).to(tl.int64)
+        slot = owner_slot(slots_ptr, tile, n_videos, search_steps)
+        video_ptr = tl.load(slot).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        T, H, W, Wg, tt, hh, w0, tok0 = tile_in_video(slot, tile, ph, pw, BLOCK_M)
+        m = tl.arange(0, BLOCK_M)
+        m_mask = w0 + m < Wg
+        x_tile = x_ptr + tok0.to(tl.int64) * D       # the tile's rows, at int32 offsets m * D + k
+        seg = tl.load(seg_ptr + tok0).to(tl.int64)   # every token of the tile is in one video
+        shift_row = shift_ptr + seg * D
+        scale_row = scale_ptr + seg * D
+
+        # Row statistics over D in chunks, merged with Chan's formula (no E[x^2] - E[x]^2).
+        mean = tl.zeros([BLOCK_M], tl.float32)
+        m2 = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mask = m_mask[:, None] & (kk < D)[None, :]
+            x = tl.load(x_tile + m[:, None] * D + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+            if LAYER:
+                nb = tl.minimum(D - k0, BLOCK_K) * 1.0   # elements of this chunk, as a float
+                chunk_mean = tl.sum(x, 1) / nb
+                d = tl.where(mask, x - chunk_mean[:, None], 0.0)
+                na = k0 * 1.0                            # elements merged so far
+                delta = chunk_mean - mean
+                mean += delta * (nb / (na + nb))
+                m2 += tl.sum(d * d, 1) + delta * delta * (na * nb / (na + nb))
+            else:
+                m2 += tl.sum(x * x, 1)
+        rstd = 1.0 / tl.sqrt(m2 / D + eps)
+
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < P
+        acc = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = kk < D
+            mask = m_mask[:, None] & k_mask[None, :]
+            x = tl.load(x_tile + m[:, None] * D + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+            shift = tl.load(shift_row + kk, mask=k_mask, other=0.0).to(tl.float32)
+            scale = tl.load(scale_row + kk, mask=k_mask, other=0.0).to(tl.float32)
+            if LAYER:
+                x = x - mean[:, None]
+            a = x * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+            a = tl.where(mask, a, 0.0).to(x_ptr.dtype.element_ty)   # rounded as adaln_norm's output
+            w = tl.load(weight_ptr + p[None, :] * D + kk[:, None],
+                        mask=k_mask[:, None] & p_mask[None, :], other=0.0)             # [BLOCK_K, BLOCK_P]
+            acc += tl.dot(a, w, input_precision=PRECISION)
+        if bias_ptr is not None:
+            acc += tl.load(bias_ptr + p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
+        acc = acc.to(x_ptr.dtype.element_ty)   # rounded as the linear layer's output
+
+        c = p // (pt * ph * pw)
+        i = (p // (ph * pw)) % pt
+        j = (p // pw) % ph
+        k = p % pw
+        # int32 offsets from the tile's first element: a video row (c, i, j) is H*W elements apart
+        row0 = video_ptr + ((tt * pt) * H + hh * ph) * W + w0 * pw
+        offs = ((c * T + i) * H + j) * W + k                                                  # [BLOCK_P]
+        tl.store(row0 + offs[None, :] + (m * pw)[:, None], acc, mask=m_mask[:, None] & p_mask[None, :])
+
+
+def block_p(P: int) -> int:
+    return min(MAX_BLOCK_P, max(16, 1 << (P - 1).bit_length()))
+
+
+def config_space() -> list[dict]:
+    """Every compile-time config the launcher can produce (compiled ahead of time in the tests)."""
+    return [dict(CONFIG, BLOCK_P=1 << p) for p in range(4, MAX_BLOCK_P.bit_length())]
+
+
+def launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None, seg: torch.Tensor, patch: Sequence[int], sizes: Sequence[Sequence[int]],
+           eps: float, layer: bool) -> list[torch.Tensor]:
+    """The videos [C, T, H, W] (sizes[v] = (T, H, W)) from contiguous tokens x [N, D], in one launch."""
+    pt, ph, pw = patch
+    P, D = weight.shape
+    C = P // (pt * ph * pw)
+    videos = [torch.empty((C, T, H, W), dtype=x.dtype, device=x.device) for T, H, W in sizes]
+    rows, first_token, first_tile = [], 0, 0
+    for v, (T, H, W) in zip(videos, sizes):
+        rows.append([v.data_ptr(), T, H, W, first_token, first_tile])
+        grid = (T // pt, H // ph, W // pw)
+        first_token += grid[0] * grid[1] * grid[2]
+        first_tile += grid[0] * grid[1] * triton.cdiv(grid[2], CONFIG["BLOCK_M"])
+    if first_tile == 0:
+        return videos
+    slots = torch.tensor(rows, dtype=torch.int64).to(x.device, non_blocking=True)
+    n = len(rows)
+    bp = block_p(P)
+    final_layer_kernel[(first_tile, triton.cdiv(P, bp))](
+        x, shift, scale, weight, bias, seg, slots, n, max(1, math.ceil(math.log2(n))) if n > 1 else 0,
+        D, P, pt, ph, pw, eps, LAYER=layer, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_P=bp, **CONFIG)
+    return videos
+
+
+# -----------------------------------------------------------------------------
+# Custom op and autograd
+# -----------------------------------------------------------------------------
+
+def _unflatten(flat: Sequence[int]) -> list[tuple[int, int, int]]:
+    return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
+@torch.library.custom_op("sora_kernels::final_layer_unpatchify_triton", mutates_args=())
+def final_layer_unpatchify_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                                  bias: torch.Tensor | None, segment_ids: torch.Tensor, patch_size: list[int],
+                                  sizes: list[int], eps: float, layer: bool) -> list[torch.Tensor]:
+    return launch(x.contiguous(), shift.contiguous(), scale.contiguous(), weight.contiguous(),
+                  bias.contiguous() if bias is not None else None, segment_ids, patch_size, _unflatten(sizes), eps, layer)
+
+
+@final_layer_unpatchify_triton.register_fake
+def _(x, shift, scale, weight, bias, segment_ids, patch_size, sizes, eps, layer):
+    C = weight.shape[0] // (patch_size[0] * patch_size[1] * patch_size[2])
+    return [x.new_empty((C, T, H, W)) for T, H, W in _unflatten(sizes)]
+
+
+def _setup(ctx, inputs, output):
+    x, shift, scale, weight, bias, seg, ctx.patch_size, _, ctx.eps, ctx.layer = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, shift, scale, weight, seg)
+
+
+def _backward(ctx, grads):
+    # The patch gradients are packed once (the copy kernel); the modulated norm is recomputed
+    # (one read of x) for the weight gradient, and its backward is adaln_norm's kernel.
+    x, shift, scale, weight, seg = ctx.saved_tensors
+    dpatches = pack_patchify(list(grads), ctx.patch_size).tokens                  # [N, P]
+    _, normed, mean, rstd = adaln_forward(x, None, None, shift, scale, None, seg, ctx.eps, ctx.layer)
+    dweight = dpatches.t() @ normed if ctx.needs_input_grad[3] else None
+    dbias = dpatches.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    dx, _, _, dshift, dscale, _ = adaln_backward(x, dpatches @ weight, None, None, None, scale, None, seg, mean, rstd,
+                                                 shift.shape[0], ctx.layer)
+    return dx, dshift, dscale, dweight, dbias, None, None, None, None, None
+
+
+final_layer_unpatchify_triton.register_autograd(_backward, setup_context=_setup)
+
+
+# -----------------------------------------------------------------------------
+# Backends
+# -----------------------------------------------------------------------------
+
+def _triton_reasons(x, shift, scale, weight, bias, seg, patch, packed, eps, layer) -> list[str]:
+    reasons = B.device_reasons("triton", x.device, "final_layer_unpatchify")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
+    if x.shape[1] > MAX_D:  # the backward runs adaln_norm's kernels
+        reasons.append(f"compiled for rows of at most {MAX_D} elements, got D={x.shape[1]}")
+    return reasons
+
+
+def _unfused(backend: str):
+    """adaln_norm on `backend`, the projection, then unpack_unpatchify (its best backend here)."""
+    adaln = next(b for b in ADALN_BACKENDS if b.name == backend)
+
+    def reasons(x, shift, scale, weight, bias, seg, patch, packed, eps, layer):
+        return adaln.reasons(x, shift, scale, None, seg, eps, layer)
+
+    def run(x, shift, scale, weight, bias, seg, patch, packed, eps, layer):
+        if backend == "reference":
+            return ref.final_layer_unpatchify(x, shift, scale, weight, bias, seg, patch, _sizes(packed, patch), eps,
+                                              "layer" if layer else "rms")
+        tokens = torch.nn.functional.linear(adaln.run(x, shift, scale, None, seg, eps, layer), weight, bias)
+        return unpack_unpatchify(tokens, packed, patch)
+    return B.Backend(backend, reasons, run)
+
+
+def _sizes(packed: Packed, patch) -> list[tuple[int, int, int]]:
+    """(T, H, W) of each video of `packed`."""
+    return [(t * patch[0], h * patch[1], w * patch[2]) for t, h, w in packed.grids]
+
+
+FINAL_LAYER_BACKENDS = (
+    B.Backend("triton", _triton_reasons,
+              lambda x, shift, scale, weight, bias, seg, patch, packed, eps, layer:
+              final_layer_unpatchify_triton(x, shift, scale, weight, bias, seg, list(patch),
+                                            [s for size in _sizes(packed, patch) for s in size], eps, layer)),
+    _unfused("cpu"),
+    _unfused("reference"),
+)
+
+
+# -----------------------------------------------------------------------------
+# Public function
+# -----------------------------------------------------------------------------
+
+def final_layer_unpatchify(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor | None, packed: Packed, patch_size, *, eps: float = 1e-6,
+                           norm: str = "layer", backend: str | None = None) -> list[torch.Tensor]:
+    """DiT's final layer and unpatchify, fused: each video's latent from the packed tokens.
+
+    Args:
+        x: [N, D] packed tokens in the layout of `packed` (the last block's output).
+        shift, scale: [n, D], one row per video (its adaLN modulation).
+        weight: [C*pt*ph*pw, D] (an nn.Linear weight; output features in (C, pt, ph, pw)
+            order, as pack_patchify's tokens).
+        bias: [C*pt*ph*pw] or None.
+        packed: the Packed record of the batch (pack_patchify / patch_embed3d): its grids give
+            each video's size, its segment_ids each token's video.
+        patch_size: (pt, ph, pw) or one int.
+        eps, norm: as adaln_norm ("layer": LayerNorm without affine, as DiT; or "rms").
+        backend: "triton" (one fused kernel), "cpu" (adaln_norm's C++ kernel, a matrix product,
+            unpack_unpatchify) or "reference".
+
+    Returns a list of [C, Ti, Hi, Wi] in x.dtype, one per video. Differentiable in x, shift,
+    scale, weight and bias. Equivalent PyTorch::
+
+        tokens = F.linear(adaln_norm(x, shift, scale, packed.cu_seqlens), weight, bias)
+        unpack_unpatchify(tokens, packed, patch_size)
+    """
+    check_tokens("x", x)
+    layer = check_norm(norm, eps)
+    patch = check_patch_size(patch_size)
+    if not isinstance(packed, Packed):
+        raise ValueError(f"packed: expected a Packed record (pack_patchify, patch_embed3d), got {type(packed).__name__}")
+    n, D = len(packed.grids), x.shape[1]
+    n_tokens = sum(t * h * w for t, h, w in packed.grids)
+    if x.shape[0] != n_tokens:
+        raise ValueError(f"x: expected N={n_tokens} tokens (the sum of packed.grids), got N={x.shape[0]}")
+    check_like("shift", shift, x, (n, D))
+    check_like("scale", scale, x, (n, D))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != D \
+            or weight.shape[0] == 0 or weight.shape[0] % (patch[0] * patch[1] * patch[2]):
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight: expected [C*pt*ph*pw, D] = [C*{patch[0] * patch[1] * patch[2]}, {D}], got {got}")
+    check_like("weight", weight, x, tuple(weight.shape))
+    if bias is not None:
+        check_like("bias", bias, x, (weight.shape[0],))
+    if packed.cu_seqlens.device != x.device:
+        raise ValueError(f"packed: expected its cu_seqlens on x's device {x.device}, got {packed.cu_seqlens.device}")
+    seg = packed.segment_ids if packed.tokens.shape[0] == n_tokens else ref.segment_ids(packed.cu_seqlens, n_tokens)
+    args = (x, shift, scale, weight, bias, seg, patch, packed, float(eps), layer)
+    return B.select("final_layer_unpatchify", FINAL_LAYER_BACKENDS, args, backend).run(*args)
