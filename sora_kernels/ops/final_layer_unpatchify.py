@@ -1,12 +1,20 @@
 """final_layer_unpatchify: DiT's final layer on packed tokens, then unpack_unpatchify.
 
 Per segment s (one video): norm(x) * (1 + scale[s]) + shift[s], then the linear projection to
-C*pt*ph*pw patch features, then the patches written back into the video [C, T, H, W]. The
-Triton kernel does it in one pass: a program takes BLOCK_M tokens of one grid row of one video
-(one segment: its shift and scale are vectors), computes the row statistics over D in chunks,
-then normalises, modulates and multiplies the same chunks with the weight, and stores the
-patches straight into the videos (the mirror of patch_embed3d). Neither the modulated [N, D]
-activations nor the [N, C*pt*ph*pw] patch matrix is written.
+P = C*pt*ph*pw patch features, then the patches written back into the video [C, T, H, W].
+
+The Triton kernel reads x once. The modulation folds into the weight: with W_s = W * (1 +
+scale[s]) (rounded to x's dtype), u_s = sum_k W_s[:, k] and c_s = W @ shift[s] + bias,
+
+    y = rstd * (x @ W_s^T - mean * u_s) + c_s,
+
+which is (x - mean) * rstd @ W_s^T + c_s exactly in real arithmetic (u_s sums the rounded W_s).
+So a program multiplies BLOCK_M raw tokens of one video with W_s (a grouped GEMM: the B matrix
+is its video's), gathers the row statistics from the same tiles (merged chunk by chunk with
+Chan's formula, no E[x^2] - E[x]^2), applies them in the epilogue and stores the patches
+straight into the video (the mirror of patch_embed3d). Neither the modulated [N, D]
+activations nor the [N, P] patch matrix is written. W_s, u_s and c_s ([n, P, D], [n, P],
+[n, P]) are computed per call with a few small PyTorch ops.
 
 Order: Triton kernel -> launcher -> custom op and autograd -> backends -> public function.
 """
@@ -28,12 +36,12 @@ if B.TRITON_MISSING is None:
     import triton
     import triton.language as tl
 
-    from sora_kernels.ops.pack_patchify import owner_slot, tile_in_video
+    from sora_kernels.ops.pack_patchify import owner_slot
 
-# BLOCK_M tokens of one grid row x BLOCK_P patch features; BLOCK_K of D per step. BLOCK_P is
-# the patch width rounded up to a power of two (at least 16, tl.dot's minimum), at most
-# MAX_BLOCK_P (wider patches take several programs along the grid's second axis).
-CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+# BLOCK_M consecutive tokens of one video x BLOCK_P patch features; BLOCK_K of D per step.
+# BLOCK_P is the patch width rounded up to a power of two (at least 16, tl.dot's minimum), at
+# most MAX_BLOCK_P (wider patches take several programs along the grid's second axis).
+CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 MAX_BLOCK_P = 128
 
 if B.TRITON_MISSING is None:
@@ -41,9 +49,8 @@ if B.TRITON_MISSING is None:
     @triton.jit
     def final_layer_kernel(
         x_ptr,                 # [N, D] packed tokens
-        shift_ptr, scale_ptr,  # [n, D] per video
-        weight_ptr,            # [P, D] projection, P = C*pt*ph*pw in (c, i, j, k) order
-        bias_ptr,              # [P], or None
+        wmod_ptr,              # [n, P, D] W * (1 + scale[s]) per video, P = C*pt*ph*pw in (c, i, j, k) order
+        u_ptr, c_ptr,          # fp32 [n, P]: sum over D of wmod; W @ shift[s] + bias
         seg_ptr,               # int32 [N] video of each token
         slots_ptr,             # int64 [n, 6]: output address, T, H, W, first token, first tile
         n_videos, search_steps,
@@ -51,67 +58,66 @@ if B.TRITON_MISSING is None:
         LAYER: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """videos[tokens of one tile, BLOCK_P patch features] =
-        (norm(x) * (1 + scale) + shift) @ weight^T + bias, scattered into the tile's video."""
+        """videos[BLOCK_M tokens, BLOCK_P patch features] = rstd * (x @ W_s^T - mean * u_s) + c_s,
+        scattered into the tokens' video."""
         tile = tl.program_id(0).to(tl.int64)
         slot = owner_slot(slots_ptr, tile, n_videos, search_steps)
         video_ptr = tl.load(slot).to(tl.pointer_type(x_ptr.dtype.element_ty))
-        T, H, W, Wg, tt, hh, w0, tok0 = tile_in_video(slot, tile, ph, pw, BLOCK_M)
+        T = tl.load(slot + 1)
+        H = tl.load(slot + 2)
+        W = tl.load(slot + 3)
+        Hg = H // ph
+        Wg = W // pw
+        local = (tile - tl.load(slot + 5)) * BLOCK_M    # first token of the tile inside its video
+        tok0 = tl.load(slot + 4) + local
         m = tl.arange(0, BLOCK_M)
-        m_mask = w0 + m < Wg
-        x_tile = x_ptr + tok0.to(tl.int64) * D       # the tile's rows, at int32 offsets m * D + k
-        seg = tl.load(seg_ptr + tok0).to(tl.int64)   # every token of the tile is in one video
-        shift_row = shift_ptr + seg * D
-        scale_row = scale_ptr + seg * D
+        m_mask = local + m < (T // pt) * Hg * Wg
+        seg = tl.load(seg_ptr + tok0).to(tl.int64)      # every token of the tile is in one video
+        x_tile = x_ptr + tok0 * D                       # the tile's rows, at offsets m * D + k
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < P
+        w_rows = wmod_ptr + seg * P * D + p[None, :] * D
 
-        # Row statistics over D in chunks, merged with Chan's formula (no E[x^2] - E[x]^2).
+        acc = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
         mean = tl.zeros([BLOCK_M], tl.float32)
         m2 = tl.zeros([BLOCK_M], tl.float32)
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            mask = m_mask[:, None] & (kk < D)[None, :]
-            x = tl.load(x_tile + m[:, None] * D + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-            if LAYER:
+            k_mask = kk < D
+            mask = m_mask[:, None] & k_mask[None, :]
+            x = tl.load(x_tile + m[:, None] * D + kk[None, :], mask=mask, other=0.0)          # [BLOCK_M, BLOCK_K]
+            w = tl.load(w_rows + kk[:, None], mask=k_mask[:, None] & p_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_P]
+            acc += tl.dot(x, w, input_precision=PRECISION)
+            xf = x.to(tl.float32)
+            if LAYER:  # Chan's merge of this chunk's (mean, M2) into the running ones
                 nb = tl.minimum(D - k0, BLOCK_K) * 1.0   # elements of this chunk, as a float
-                chunk_mean = tl.sum(x, 1) / nb
-                d = tl.where(mask, x - chunk_mean[:, None], 0.0)
+                chunk_mean = tl.sum(xf, 1) / nb
+                d = tl.where(mask, xf - chunk_mean[:, None], 0.0)
                 na = k0 * 1.0                            # elements merged so far
                 delta = chunk_mean - mean
                 mean += delta * (nb / (na + nb))
                 m2 += tl.sum(d * d, 1) + delta * delta * (na * nb / (na + nb))
             else:
-                m2 += tl.sum(x * x, 1)
+                m2 += tl.sum(xf * xf, 1)
         rstd = 1.0 / tl.sqrt(m2 / D + eps)
+        u = tl.load(u_ptr + seg * P + p, mask=p_mask, other=0.0)
+        c = tl.load(c_ptr + seg * P + p, mask=p_mask, other=0.0)
+        y = rstd[:, None] * (acc - mean[:, None] * u[None, :]) + c[None, :]
 
-        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_mask = p < P
-        acc = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = kk < D
-            mask = m_mask[:, None] & k_mask[None, :]
-            x = tl.load(x_tile + m[:, None] * D + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-            shift = tl.load(shift_row + kk, mask=k_mask, other=0.0).to(tl.float32)
-            scale = tl.load(scale_row + kk, mask=k_mask, other=0.0).to(tl.float32)
-            if LAYER:
-                x = x - mean[:, None]
-            a = x * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
-            a = tl.where(mask, a, 0.0).to(x_ptr.dtype.element_ty)   # rounded as adaln_norm's output
-            w = tl.load(weight_ptr + p[None, :] * D + kk[:, None],
-                        mask=k_mask[:, None] & p_mask[None, :], other=0.0)             # [BLOCK_K, BLOCK_P]
-            acc += tl.dot(a, w, input_precision=PRECISION)
-        if bias_ptr is not None:
-            acc += tl.load(bias_ptr + p, mask=p_mask, other=0.0).to(tl.float32)[None, :]
-        acc = acc.to(x_ptr.dtype.element_ty)   # rounded as the linear layer's output
-
-        c = p // (pt * ph * pw)
+        # token (tt, hh, ww) of the video, patch feature (ch, i, j, k): element
+        # [ch, tt*pt + i, hh*ph + j, ww*pw + k] of the video
+        t_loc = local + m
+        ww = t_loc % Wg
+        hh = (t_loc // Wg) % Hg
+        tt = t_loc // (Wg * Hg)
+        token_off = ((tt * pt) * H + hh * ph) * W + ww * pw                                 # [BLOCK_M]
+        ch = p // (pt * ph * pw)
         i = (p // (ph * pw)) % pt
         j = (p // pw) % ph
         k = p % pw
-        # int32 offsets from the tile's first element: a video row (c, i, j) is H*W elements apart
-        row0 = video_ptr + ((tt * pt) * H + hh * ph) * W + w0 * pw
-        offs = ((c * T + i) * H + j) * W + k                                                  # [BLOCK_P]
-        tl.store(row0 + offs[None, :] + (m * pw)[:, None], acc, mask=m_mask[:, None] & p_mask[None, :])
+        feature_off = ((ch * T + i) * H + j) * W + k                                        # [BLOCK_P]
+        tl.store(video_ptr + token_off[:, None] + feature_off[None, :], y.to(x_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & p_mask[None, :])
 
 
 def block_p(P: int) -> int:
@@ -123,6 +129,18 @@ def config_space() -> list[dict]:
     return [dict(CONFIG, BLOCK_P=1 << p) for p in range(4, MAX_BLOCK_P.bit_length())]
 
 
+def folded_weights(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor):
+    """(W_s [n, P, D] in weight's dtype, u_s fp32 [n, P], c_s fp32 [n, P]): the modulation
+    folded into the projection, per video."""
+    wf = weight.float()
+    wmod = (wf[None] * (1 + scale.float())[:, None, :]).to(weight.dtype)
+    u = wmod.float().sum(-1)
+    c = shift.float() @ wf.t()
+    if bias is not None:
+        c = c + bias.float()
+    return wmod, u, c
+
+
 def launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None, seg: torch.Tensor, patch: Sequence[int], sizes: Sequence[Sequence[int]],
            eps: float, layer: bool) -> list[torch.Tensor]:
@@ -131,19 +149,21 @@ def launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: to
     P, D = weight.shape
     C = P // (pt * ph * pw)
     videos = [torch.empty((C, T, H, W), dtype=x.dtype, device=x.device) for T, H, W in sizes]
+    bm = CONFIG["BLOCK_M"]
     rows, first_token, first_tile = [], 0, 0
     for v, (T, H, W) in zip(videos, sizes):
         rows.append([v.data_ptr(), T, H, W, first_token, first_tile])
-        grid = (T // pt, H // ph, W // pw)
-        first_token += grid[0] * grid[1] * grid[2]
-        first_tile += grid[0] * grid[1] * triton.cdiv(grid[2], CONFIG["BLOCK_M"])
+        L = (T // pt) * (H // ph) * (W // pw)
+        first_token += L
+        first_tile += triton.cdiv(L, bm)
     if first_tile == 0:
         return videos
     slots = torch.tensor(rows, dtype=torch.int64).to(x.device, non_blocking=True)
+    wmod, u, c = folded_weights(weight, bias, shift, scale)
     n = len(rows)
     bp = block_p(P)
     final_layer_kernel[(first_tile, triton.cdiv(P, bp))](
-        x, shift, scale, weight, bias, seg, slots, n, max(1, math.ceil(math.log2(n))) if n > 1 else 0,
+        x, wmod, u, c, seg, slots, n, max(1, math.ceil(math.log2(n))) if n > 1 else 0,
         D, P, pt, ph, pw, eps, LAYER=layer, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_P=bp, **CONFIG)
     return videos

@@ -119,7 +119,7 @@ def dit_jobs(archs: list[int]) -> list[dict]:
         variants.append((gr.gated_residual_kernel, {"BACKWARD": backward}, set() if backward else {"dgate_ptr"}))
     jobs = []
     for fn, flags, none in variants:
-        for cfg in op.config_space():
+        for cfg in op.config_space(backward=fn is op.adaln_bwd_kernel):
             constexprs = {**flags, **cfg, **{name: None for name in none}}
             for arch in archs:
                 jobs.append({"module": fn.__module__, "kernel": fn.__name__, "arch": arch,
@@ -159,17 +159,17 @@ def patch_embed_jobs(archs: list[int]) -> list[dict]:
 
 
 def final_layer_jobs(archs: list[int]) -> list[dict]:
-    """final_layer_kernel for every BLOCK_P, LayerNorm and RMSNorm, in bf16 (with bias) and
-    fp32 (ieee products, without bias)."""
+    """final_layer_kernel for every BLOCK_P, LayerNorm and RMSNorm, in bf16 (tensor cores) and
+    fp32 (ieee products)."""
     from sora_kernels.ops import final_layer_unpatchify as op
     jobs = []
-    for dtype, precision, none in (("bf16", "tf32", set()), ("fp32", "ieee", {"bias_ptr"})):
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for layer in (True, False):
             for cfg in op.config_space():
                 constexprs = {"LAYER": layer, "PRECISION": precision,
-                              **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}, **{n: None for n in none}}
-                signature = _pointer_signature(op.final_layer_kernel, constexprs, none, dtype)
-                signature["slots_ptr"] = "*i64"
+                              **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}}
+                signature = _pointer_signature(op.final_layer_kernel, constexprs, set(), dtype)
+                signature.update(slots_ptr="*i64", u_ptr="*fp32", c_ptr="*fp32")
                 for arch in archs:
                     jobs.append({"module": op.__name__, "kernel": "final_layer_kernel", "arch": arch,
                                  "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
