@@ -12,6 +12,7 @@ from sora_kernels import backends as B
 from sora_kernels.ops.pack_patchify import PACK_BACKENDS, UNPACK_BACKENDS
 from sora_kernels.ops.activations import GELU_BACKENDS, SWIGLU_BACKENDS
 from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, FUSED_BACKENDS
+from sora_kernels.ops.final_layer_unpatchify import FINAL_LAYER_BACKENDS
 from sora_kernels.ops.gated_residual import GATED_RESIDUAL_BACKENDS
 from sora_kernels.ops.patchify3d import PATCHIFY_BACKENDS, UNPATCHIFY_BACKENDS
 from sora_kernels.ops.rms_norm import RMS_NORM_BACKENDS
@@ -40,6 +41,7 @@ def _sample_calls(device: torch.device) -> dict:
         "rms_norm (fp32)": (RMS_NORM_BACKENDS, (rows,)),
         "gelu_tanh (fp32)": (GELU_BACKENDS, (rows,)),
         "swiglu (fp32)": (SWIGLU_BACKENDS, (rows, rows)),
+        "final_layer_unpatchify (fp32)": (FINAL_LAYER_BACKENDS, (rows, *[None] * 8, True)),
     }
 
 

@@ -1,5 +1,7 @@
 """final_layer_unpatchify equals adaln_norm -> linear -> unpack_unpatchify (the reference),
 outputs and gradients (2x rule in fp16 / bf16 against float64, tight in fp32)."""
+import math
+
 import pytest
 import torch
 
@@ -61,12 +63,17 @@ def test_matches_reference(backend, dtype, norm):
     assert_2x_rule(ours, plain, exact, dtype, f"final_layer_unpatchify {norm}")
 
 
+# P = 160 (three P blocks, the last partial), 128 (two full ones, with temporal patches), 24, and 1
+# (BLOCK_P padded to 16).
+PATCH_CASES = [(40, (1, 2, 2)), (16, (2, 2, 2)), (3, (2, 2, 2)), (1, (1, 1, 1))]
+
+
 @pytest.mark.parametrize("D", [40, 1152])
-@pytest.mark.parametrize("channels, patch", [(40, (1, 2, 2)), (3, (2, 2, 2)), (1, (1, 1, 1))])
+@pytest.mark.parametrize("channels, patch", PATCH_CASES)
 def test_patch_shapes_and_widths(channels, patch, D):
     """Patch widths over MAX_BLOCK_P (several programs per tile), temporal patches, 1-element
-    patches (P=1: BLOCK_P is padded to 16); D not a multiple of the K block."""
-    assert channels * patch[0] * patch[1] * patch[2] > MAX_BLOCK_P or channels < 16
+    patches; D under one K block and D not a multiple of it."""
+    assert sum(c * math.prod(p) > MAX_BLOCK_P for c, p in PATCH_CASES) >= 2
     sizes = [(2, 4, 6), (2, 2, 4)] if D > 100 else [(4, 4, 6), (2, 2, 140)]
     dtype = torch.float16
     leaves, packed, douts = make(sizes, channels, patch, D, dtype, seed=1)

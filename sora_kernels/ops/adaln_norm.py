@@ -27,9 +27,10 @@ if B.TRITON_MISSING is None:
 
 MAX_D = 16384          # widest row the kernels are compiled for
 # Elements of one program's tile (ROWS = TILE_ELEMENTS // BLOCK_D rows). The backward takes
-# tiles twice as large: half the per-segment atomics. Measured on an H200 (bf16, D=1152, mixed
-# batch; benchmarks/results/cuda-nvidia-h200.dit_tiles.json): forward fastest at 4096 elements
-# and 4 warps, backward at 8192 (fwd+bwd 0.82 -> 0.67 ms for adaln_norm, 1.10 -> 0.96 ms fused).
+# tiles twice as large: half the per-segment atomics. Swept on an H200 (bf16, D=1152, mixed
+# batch; benchmarks/results/cuda-nvidia-h200.adaln_tiles.json): forward fastest at 4096 elements
+# and 4 warps, backward at 8192; the benchmark's fwd+bwd went 0.75 -> 0.60 ms (adaln_norm) and
+# 1.09 -> 0.96 ms (gated_residual_adaln).
 TILE_ELEMENTS = 4096
 TILE_ELEMENTS_BACKWARD = 8192
 NORMS = ("layer", "rms")

@@ -40,9 +40,13 @@ if B.TRITON_MISSING is None:
 
 # BLOCK_M consecutive tokens of one video x BLOCK_P patch features; BLOCK_K of D per step.
 # BLOCK_P is the patch width rounded up to a power of two (at least 16, tl.dot's minimum), at
-# most MAX_BLOCK_P (wider patches take several programs along the grid's second axis).
+# most MAX_BLOCK_P: wider patches take several consecutive programs per tile (they read the
+# same x rows, from L2 for all but the first). Measured on an H200 (bf16, D=1152, P=64, mixed
+# batch; benchmarks/results/cuda-nvidia-h200.final_layer_tiles.json): 64 x 64 x 64, 4 warps, 3
+# stages within 3% of the best of ten configs. BLOCK_P=128 gave wrong results on the H200
+# (P=160, D=1152; correct under the interpreter), so it is not used until that is understood.
 CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-MAX_BLOCK_P = 128
+MAX_BLOCK_P = 64
 
 if B.TRITON_MISSING is None:
 
@@ -60,7 +64,9 @@ if B.TRITON_MISSING is None:
     ):
         """videos[BLOCK_M tokens, BLOCK_P patch features] = rstd * (x @ W_s^T - mean * u_s) + c_s,
         scattered into the tokens' video."""
-        tile = tl.program_id(0).to(tl.int64)
+        p_blocks = tl.cdiv(P, BLOCK_P)
+        tile = tl.program_id(0).to(tl.int64) // p_blocks   # the P blocks of a tile run side by side
+        p = (tl.program_id(0) % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
         slot = owner_slot(slots_ptr, tile, n_videos, search_steps)
         video_ptr = tl.load(slot).to(tl.pointer_type(x_ptr.dtype.element_ty))
         T = tl.load(slot + 1)
@@ -74,7 +80,6 @@ if B.TRITON_MISSING is None:
         m_mask = local + m < (T // pt) * Hg * Wg
         seg = tl.load(seg_ptr + tok0).to(tl.int64)      # every token of the tile is in one video
         x_tile = x_ptr + tok0 * D                       # the tile's rows, at offsets m * D + k
-        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = p < P
         w_rows = wmod_ptr + seg * P * D + p[None, :] * D
 
@@ -162,7 +167,7 @@ def launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: to
     wmod, u, c = folded_weights(weight, bias, shift, scale)
     n = len(rows)
     bp = block_p(P)
-    final_layer_kernel[(first_tile, triton.cdiv(P, bp))](
+    final_layer_kernel[(first_tile * triton.cdiv(P, bp),)](
         x, wmod, u, c, seg, slots, n, max(1, math.ceil(math.log2(n))) if n > 1 else 0,
         D, P, pt, ph, pw, eps, LAYER=layer, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_P=bp, **CONFIG)
