@@ -58,7 +58,9 @@ def _extensions():
     # csrc/<op>/ holds each op's kernels; csrc/tests/ holds C++ unit tests (CMake only).
     op_dirs = [d for d in sorted(glob.glob("csrc/*/")) if not d.startswith("csrc/tests")]
     sources = ["csrc/module.cpp", "csrc/ops.cpp", *(f for d in op_dirs for f in sorted(glob.glob(d + "*_cpu.cpp")))]
-    cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
+    # -fno-trapping-math: lets GCC if-convert float compares in `omp simd` loops (the clamps of
+    # group_norm_cpu.cpp's vectorised exp); no kernel relies on floating-point exceptions.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]  # torch adds the C++ standard it needs
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         reason = ("SORA_KERNELS_SKIP_CUDA_BUILD is set" if skip_cuda else

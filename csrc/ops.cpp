@@ -7,6 +7,7 @@
 #include "dit/gated_residual_op.h"
 #include "patchify/patchify_cpu.h"
 #include "patchify/patchify_op.h"
+#include "vae/group_norm_op.h"
 
 namespace sora_kernels {
 namespace {
@@ -34,12 +35,14 @@ TORCH_LIBRARY(sora_kernels, m) {
   m.def("unpack_unpatchify(Tensor tokens, int[] patch_size, int[] sizes) -> Tensor[]");
   dit::define_adaln(m);
   dit::define_gated_residual(m);
+  vae::define_group_norm(m);
 }
 
 TORCH_LIBRARY_IMPL(sora_kernels, CPU, m) {
   patchify::PatchifyOps<patchify_engine_cpu>::register_impls(m);
   dit::register_adaln_cpu(m);
   dit::register_gated_residual_cpu(m);
+  vae::register_group_norm_cpu(m);
 }
 
 }  // namespace sora_kernels

@@ -13,6 +13,7 @@ backends; see sora_kernels.backends for how one is picked):
     rms_norm                             RMSNorm of the last dim (QK-norm)
     gelu_tanh, swiglu                    fused MLP activations
     final_layer_unpatchify               DiT's final layer (modulated norm, linear) fused with unpack_unpatchify
+    group_norm_silu                      per-frame GroupNorm + SiLU of video activations (the VAE's norm)
 
 `python -m sora_kernels.info` prints what is built and usable here.
 """
@@ -21,6 +22,7 @@ from sora_kernels.ops.activations import gelu_tanh, swiglu
 from sora_kernels.ops.adaln_norm import adaln_norm, gated_residual_adaln
 from sora_kernels.ops.final_layer_unpatchify import final_layer_unpatchify
 from sora_kernels.ops.gated_residual import gated_residual
+from sora_kernels.ops.group_norm_silu import group_norm_silu
 from sora_kernels.ops.rms_norm import rms_norm
 from sora_kernels.ops.pack_patchify import pack_patchify, unpack_unpatchify
 from sora_kernels.ops.patch_embed3d import patch_embed3d
@@ -33,5 +35,5 @@ __version__ = "0.1.0"
 
 __all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "patch_embed3d", "Packed", "varlen_attention",
            "Rope3D", "rope3d", "adaln_norm", "gated_residual", "gated_residual_adaln", "rms_norm", "gelu_tanh",
-           "swiglu", "final_layer_unpatchify",
+           "swiglu", "final_layer_unpatchify", "group_norm_silu",
            "NoBackendError"]

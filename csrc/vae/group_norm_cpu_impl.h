@@ -1,0 +1,327 @@
+// The per-frame GroupNorm + SiLU kernels, included twice by group_norm_cpu.cpp: once for the
+// baseline x86-64 / any target, once under `#pragma GCC target("avx2,fma")`; each copy
+// inside its own namespace (so no include guard, and no #includes here).
+
+
+// exp for the SiLU, written so that `omp simd` loops vectorise it (libm's expf, nearbyintf
+// and floorf are calls without -ffast-math / SSE4.1): e^z = 2^k * e^r with k = round(z / ln 2)
+// (rounded by adding and subtracting 1.5 * 2^23), |r| <= ln2 / 2, e^r by a degree-7 Taylor
+// polynomial (relative error < 2e-7 in float), 2^k built in the exponent bits. z is clamped
+// to [-87, 88], where 2^k stays a normal float.
+inline float exp_approx(float z) {
+  z = z < -87.f ? -87.f : (z > 88.f ? 88.f : z);
+  const float k = (z * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (z - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;  // ln 2 in two parts
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(float));
+  return p * two_k;
+}
+
+inline float sigmoid(float z) { return 1.f / (1.f + exp_approx(-z)); }
+
+// The loops below are templates on SILU, so the activation is no branch inside them.
+template <bool SILU>
+inline float activate(float z) {
+  if constexpr (SILU) return z * sigmoid(z);
+  return z;
+}
+
+// d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)
+template <bool SILU>
+inline float activation_grad(float z) {
+  if constexpr (SILU) {
+    const float s = sigmoid(z);
+    return s * (1.f + z * (1.f - s));
+  }
+  return 1.f;
+}
+
+constexpr int64_t kBlock = 256;  // positions summed in float before a double accumulator
+
+inline int64_t offset(const GroupNormArgs& a, int64_t b, int64_t c, int64_t t) {
+  return b * a.stride_b + c * a.stride_c + t * a.stride_t;
+}
+
+// Per-channel affine of one frame: z = x * scale[c] + shift[c], from the group statistics.
+inline void frame_affine(const GroupNormArgs& a, const float* mean, const float* rstd, float* scale, float* shift) {
+  const int64_t Cg = a.channels / a.groups;
+  for (int64_t c = 0; c < a.channels; ++c) {
+    const float w = a.weight ? a.weight[c] : 1.f, bias = a.bias ? a.bias[c] : 0.f;
+    scale[c] = rstd[c / Cg] * w;
+    shift[c] = bias - mean[c / Cg] * scale[c];
+  }
+}
+
+// ---- contiguous layout: each (b, c, t) plane is S contiguous positions --------------------
+
+inline double plane_sum(const float* p, int64_t S) {
+  double total = 0.0;
+  for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+    const int64_t s1 = s0 + kBlock < S ? s0 + kBlock : S;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t s = s0; s < s1; ++s) acc += p[s];
+    total += acc;
+  }
+  return total;
+}
+
+template <bool SILU>
+void forward_contiguous(const GroupNormArgs& a, float* y, float* mean, float* rstd) {
+  const int64_t G = a.groups, Cg = a.channels / G, S = a.positions;
+  const double n = static_cast<double>(Cg * S);
+  const int64_t tasks = a.batch * a.frames * G;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t g = task % G, bt = task / G, t = bt % a.frames, b = bt / a.frames;
+    double sum = 0.0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) sum += plane_sum(a.x + offset(a, b, c, t), S);
+    const float mu = static_cast<float>(sum / n);
+    double m2 = 0.0;  // centred second pass: no E[x^2] - E[x]^2 cancellation
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      const float* p = a.x + offset(a, b, c, t);
+      for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+        const int64_t s1 = s0 + kBlock < S ? s0 + kBlock : S;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t s = s0; s < s1; ++s) acc += (p[s] - mu) * (p[s] - mu);
+        m2 += acc;
+      }
+    }
+    const float r = static_cast<float>(1.0 / std::sqrt(m2 / n + a.eps));
+    mean[bt * G + g] = mu;
+    rstd[bt * G + g] = r;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      const float w = a.weight ? a.weight[c] : 1.f, bias = a.bias ? a.bias[c] : 0.f;
+      const float scale = r * w, shift = bias - mu * scale;
+      const int64_t o = offset(a, b, c, t);
+      const float* p = a.x + o;
+      float* q = y + o;
+#pragma omp simd
+      for (int64_t s = 0; s < S; ++s) q[s] = activate<SILU>(p[s] * scale + shift);
+    }
+  }
+}
+
+template <bool SILU>
+void backward_contiguous(const GroupNormArgs& a, const float* dy, const float* mean, const float* rstd, float* dx,
+                         float* dweight_rows, float* dbias_rows) {
+  const int64_t G = a.groups, Cg = a.channels / G, S = a.positions, C = a.channels;
+  const float inv_n = 1.f / static_cast<float>(Cg * S);
+  const int64_t tasks = a.batch * a.frames * G;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t g = task % G, bt = task / G, t = bt % a.frames, b = bt / a.frames;
+    const float mu = mean[bt * G + g], r = rstd[bt * G + g];
+    double sum_dzw = 0.0, sum_dzw_xhat = 0.0;  // over the group: dz * w, dz * w * xhat
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      const float w = a.weight ? a.weight[c] : 1.f, bias = a.bias ? a.bias[c] : 0.f;
+      const int64_t o = offset(a, b, c, t);
+      const float* p = a.x + o;
+      const float* d = dy + o;
+      double sdz = 0.0, sdzx = 0.0;
+      for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+        const int64_t s1 = s0 + kBlock < S ? s0 + kBlock : S;
+        float acc = 0.f, accx = 0.f;
+#pragma omp simd reduction(+ : acc, accx)
+        for (int64_t s = s0; s < s1; ++s) {
+          const float xhat = (p[s] - mu) * r;
+          const float dz = d[s] * activation_grad<SILU>(xhat * w + bias);
+          acc += dz;
+          accx += dz * xhat;
+        }
+        sdz += acc;
+        sdzx += accx;
+      }
+      dbias_rows[bt * C + c] = static_cast<float>(sdz);
+      dweight_rows[bt * C + c] = static_cast<float>(sdzx);
+      sum_dzw += sdz * w;
+      sum_dzw_xhat += sdzx * w;
+    }
+    const float m1 = static_cast<float>(sum_dzw) * inv_n, m2 = static_cast<float>(sum_dzw_xhat) * inv_n;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      const float w = a.weight ? a.weight[c] : 1.f, bias = a.bias ? a.bias[c] : 0.f;
+      const int64_t o = offset(a, b, c, t);
+      const float* p = a.x + o;
+      const float* d = dy + o;
+      float* q = dx + o;
+#pragma omp simd
+      for (int64_t s = 0; s < S; ++s) {
+        const float xhat = (p[s] - mu) * r;
+        const float dz = d[s] * activation_grad<SILU>(xhat * w + bias);
+        q[s] = r * (dz * w - m1 - xhat * m2);
+      }
+    }
+  }
+}
+
+// ---- channels-last layout: each position of a frame is C contiguous channels ---------------
+
+// Sums over the frame's positions of f(x[s, c]) per channel, into out[c] (double, in blocks).
+template <typename F>
+void channel_sums(const GroupNormArgs& a, const float* frame, F f, std::vector<float>& block, double* out) {
+  const int64_t C = a.channels, S = a.positions;
+  float* acc = block.data();
+  for (int64_t c = 0; c < C; ++c) out[c] = 0.0;
+  for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+    const int64_t s1 = s0 + kBlock < S ? s0 + kBlock : S;
+    std::fill(block.begin(), block.end(), 0.f);
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* row = frame + s * a.stride_s;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) acc[c] += f(row[c], c);
+    }
+    for (int64_t c = 0; c < C; ++c) out[c] += acc[c];
+  }
+}
+
+template <bool SILU>
+void forward_channels_last(const GroupNormArgs& a, float* y, float* mean, float* rstd) {
+  const int64_t G = a.groups, C = a.channels, Cg = C / G, S = a.positions;
+  const double n = static_cast<double>(Cg * S);
+  const int64_t frames = a.batch * a.frames;
+#pragma omp parallel
+  {
+    std::vector<float> block(C), mc(C), scale(C), shift(C);
+    std::vector<double> sums(C);
+#pragma omp for schedule(static)
+    for (int64_t bt = 0; bt < frames; ++bt) {
+      const int64_t t = bt % a.frames, b = bt / a.frames;
+      const float* frame = a.x + offset(a, b, 0, t);
+      float* mu = mean + bt * G;
+      float* r = rstd + bt * G;
+      channel_sums(a, frame, [](float v, int64_t) { return v; }, block, sums.data());
+      for (int64_t g = 0; g < G; ++g) {
+        double s = 0.0;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += sums[c];
+        mu[g] = static_cast<float>(s / n);
+      }
+      for (int64_t c = 0; c < C; ++c) mc[c] = mu[c / Cg];
+      const float* m = mc.data();
+      channel_sums(a, frame, [m](float v, int64_t c) { return (v - m[c]) * (v - m[c]); }, block, sums.data());
+      for (int64_t g = 0; g < G; ++g) {
+        double s = 0.0;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += sums[c];
+        r[g] = static_cast<float>(1.0 / std::sqrt(s / n + a.eps));
+      }
+      frame_affine(a, mu, r, scale.data(), shift.data());
+      const float* sc = scale.data();
+      const float* sh = shift.data();
+      float* out = y + offset(a, b, 0, t);
+      for (int64_t s = 0; s < S; ++s) {
+        const float* row = frame + s * a.stride_s;
+        float* q = out + s * a.stride_s;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) q[c] = activate<SILU>(row[c] * sc[c] + sh[c]);
+      }
+    }
+  }
+}
+
+template <bool SILU>
+void backward_channels_last(const GroupNormArgs& a, const float* dy, const float* mean, const float* rstd, float* dx,
+                            float* dweight_rows, float* dbias_rows) {
+  const int64_t G = a.groups, C = a.channels, Cg = C / G, S = a.positions;
+  const float inv_n = 1.f / static_cast<float>(Cg * S);
+  const int64_t frames = a.batch * a.frames;
+#pragma omp parallel
+  {
+    std::vector<float> mc(C), rc(C), w(C), bias(C), m1c(C), m2c(C), block(C), blockx(C);
+    std::vector<double> sdz(C), sdzx(C);
+#pragma omp for schedule(static)
+    for (int64_t bt = 0; bt < frames; ++bt) {
+      const int64_t t = bt % a.frames, b = bt / a.frames;
+      const int64_t o = offset(a, b, 0, t);
+      for (int64_t c = 0; c < C; ++c) {
+        mc[c] = mean[bt * G + c / Cg];
+        rc[c] = rstd[bt * G + c / Cg];
+        w[c] = a.weight ? a.weight[c] : 1.f;
+        bias[c] = a.bias ? a.bias[c] : 0.f;
+        sdz[c] = sdzx[c] = 0.0;
+      }
+      const float *m = mc.data(), *r = rc.data(), *wp = w.data(), *bp = bias.data();
+      for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+        const int64_t s1 = s0 + kBlock < S ? s0 + kBlock : S;
+        std::fill(block.begin(), block.end(), 0.f);
+        std::fill(blockx.begin(), blockx.end(), 0.f);
+        float *acc = block.data(), *accx = blockx.data();
+        for (int64_t s = s0; s < s1; ++s) {
+          const float* row = a.x + o + s * a.stride_s;
+          const float* d = dy + o + s * a.stride_s;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const float xhat = (row[c] - m[c]) * r[c];
+            const float dz = d[c] * activation_grad<SILU>(xhat * wp[c] + bp[c]);
+            acc[c] += dz;
+            accx[c] += dz * xhat;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          sdz[c] += acc[c];
+          sdzx[c] += accx[c];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          s1 += sdz[c] * wp[c];
+          s2 += sdzx[c] * wp[c];
+        }
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          m1c[c] = static_cast<float>(s1) * inv_n;
+          m2c[c] = static_cast<float>(s2) * inv_n;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        dbias_rows[bt * C + c] = static_cast<float>(sdz[c]);
+        dweight_rows[bt * C + c] = static_cast<float>(sdzx[c]);
+      }
+      const float *m1 = m1c.data(), *m2 = m2c.data();
+      for (int64_t s = 0; s < S; ++s) {
+        const float* row = a.x + o + s * a.stride_s;
+        const float* d = dy + o + s * a.stride_s;
+        float* q = dx + o + s * a.stride_s;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float xhat = (row[c] - m[c]) * r[c];
+          const float dz = d[c] * activation_grad<SILU>(xhat * wp[c] + bp[c]);
+          q[c] = r[c] * (dz * wp[c] - m1[c] - xhat * m2[c]);
+        }
+      }
+    }
+  }
+}
+
+// Channels-last when the channels are the unit-stride axis (C > 1); otherwise the positions
+// of a plane are (the glue makes x one of the two).
+inline bool channels_last(const GroupNormArgs& a) { return a.stride_c == 1 && a.channels > 1; }
+
+
+inline void forward(const GroupNormArgs& a, float* y, float* mean, float* rstd) {
+  if (channels_last(a)) {
+    a.silu ? forward_channels_last<true>(a, y, mean, rstd) : forward_channels_last<false>(a, y, mean, rstd);
+  } else {
+    a.silu ? forward_contiguous<true>(a, y, mean, rstd) : forward_contiguous<false>(a, y, mean, rstd);
+  }
+}
+
+inline void backward(const GroupNormArgs& a, const float* dy, const float* mean, const float* rstd,
+                             float* dx, float* dweight_rows, float* dbias_rows) {
+  if (channels_last(a)) {
+    a.silu ? backward_channels_last<true>(a, dy, mean, rstd, dx, dweight_rows, dbias_rows)
+           : backward_channels_last<false>(a, dy, mean, rstd, dx, dweight_rows, dbias_rows);
+  } else {
+    a.silu ? backward_contiguous<true>(a, dy, mean, rstd, dx, dweight_rows, dbias_rows)
+           : backward_contiguous<false>(a, dy, mean, rstd, dx, dweight_rows, dbias_rows);
+  }
+}
+

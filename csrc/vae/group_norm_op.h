@@ -1,0 +1,122 @@
+// Torch glue for the per-frame GroupNorm (+ SiLU) CPU kernels (group_norm_cpu.h): argument
+// checks naming the argument, layout handling, output allocation, and the dispatcher
+// registration (included by csrc/ops.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "vae/group_norm_cpu.h"
+
+namespace sora_kernels {
+namespace vae {
+
+// x in one of the two layouts the kernels read: channels-last-3d if it already is, else contiguous.
+inline at::Tensor dense_layout(const at::Tensor& t, bool channels_last) {
+  return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast3d) : t.contiguous();
+}
+
+inline bool is_channels_last(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast3d) && !x.is_contiguous();
+}
+
+struct Prepared {
+  GroupNormArgs args{};
+  std::vector<at::Tensor> keep;  // the tensors the raw pointers point into
+  bool channels_last = false;
+};
+
+inline Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, int64_t num_groups, double eps, bool silu) {
+  TORCH_CHECK(x.dim() == 5, "x: expected [B, C, T, H, W], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: the cpu kernels run float32, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(num_groups > 0 && C % num_groups == 0, "num_groups: expected a divisor of C=", C, ", got ", num_groups);
+  Prepared p;
+  p.channels_last = is_channels_last(x);
+  p.keep.push_back(dense_layout(x, p.channels_last));
+  const at::Tensor xc = p.keep.back();  // a handle: keep may reallocate below
+  p.args.x = xc.data_ptr<float>();
+  for (const auto& [t, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->dim() == 1 && (*t)->size(0) == C, name,
+                ": expected float32 [", C, "], got ", (*t)->scalar_type(), " ", (*t)->sizes());
+    p.keep.push_back((*t)->contiguous());
+  }
+  size_t i = 1;
+  p.args.weight = weight.has_value() ? p.keep[i++].data_ptr<float>() : nullptr;
+  p.args.bias = bias.has_value() ? p.keep[i++].data_ptr<float>() : nullptr;
+  p.args.batch = x.size(0);
+  p.args.channels = C;
+  p.args.frames = x.size(2);
+  p.args.positions = x.size(3) * x.size(4);
+  p.args.stride_b = xc.stride(0);
+  p.args.stride_c = xc.stride(1);
+  p.args.stride_t = xc.stride(2);
+  p.args.stride_s = xc.stride(4);
+  p.args.groups = num_groups;
+  p.args.eps = static_cast<float>(eps);
+  p.args.silu = silu;
+  return p;
+}
+
+// -> (y [B, C, T, H, W] in x's layout, mean [B, T, G], rstd [B, T, G])
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    int64_t num_groups, double eps, bool silu) {
+  Prepared p = prepare(x, weight, bias, num_groups, eps, silu);
+  at::Tensor y = at::empty_like(p.keep[0]);
+  auto opts = x.options();
+  at::Tensor mean = at::empty({x.size(0), x.size(2), num_groups}, opts), rstd = at::empty_like(mean);
+  if (x.numel() > 0) group_norm_forward_cpu(p.args, y.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>());
+  return {y, mean, rstd};
+}
+
+// -> (dx in x's layout, dweight [C] or [0], dbias [C] or [0])
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+    bool silu) {
+  Prepared p = prepare(x, weight, bias, num_groups, 0.0, silu);
+  TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.sizes() == x.sizes(), "dy: expected float32 ", x.sizes(), ", got ",
+              dy.scalar_type(), " ", dy.sizes());
+  const int64_t B = x.size(0), C = x.size(1), T = x.size(2);
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == B * T * num_groups, name, ": expected float32 [", B,
+                ", ", T, ", ", num_groups, "], got ", t->sizes());
+  }
+  at::Tensor dyc = dense_layout(dy, p.channels_last), mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  at::Tensor dx = at::empty_like(p.keep[0]);
+  at::Tensor rows = at::empty({2, B * T, C}, x.options());
+  if (x.numel() > 0) {
+    group_norm_backward_cpu(p.args, dyc.data_ptr<float>(), mean_c.data_ptr<float>(), rstd_c.data_ptr<float>(),
+                            dx.data_ptr<float>(), rows[0].data_ptr<float>(), rows[1].data_ptr<float>());
+  }
+  at::Tensor sums = B * T > 0 ? rows.sum(1) : at::zeros({2, C}, x.options());
+  at::Tensor dweight = weight.has_value() ? sums[0] : at::empty({0}, x.options());
+  at::Tensor dbias = bias.has_value() ? sums[1] : at::empty({0}, x.options());
+  return {dx, dweight, dbias};
+}
+
+inline void define_group_norm(torch::Library& m) {
+  // Per-frame GroupNorm of x [B, C, T, H, W] (statistics per (b, t, group)), affine, optional
+  // SiLU -> (y in x's layout, mean [B, T, G], rstd [B, T, G]).
+  m.def("group_norm(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, bool silu) "
+        "-> (Tensor, Tensor, Tensor)");
+  // -> (dx, dweight or [0], dbias or [0])
+  m.def("group_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
+        "int num_groups, bool silu) -> (Tensor, Tensor, Tensor)");
+}
+
+inline void register_group_norm_cpu(torch::Library& m) {
+  m.impl("group_norm", &group_norm_forward);
+  m.impl("group_norm_backward", &group_norm_backward);
+}
+
+}  // namespace vae
+}  // namespace sora_kernels

@@ -1,0 +1,24 @@
+"""Reference video-autoencoder ops (pure PyTorch, math in fp32 or wider, result in the input
+dtype)."""
+from __future__ import annotations
+
+import torch
+
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-6, act="silu"):
+    """Per-frame GroupNorm of x [B, C, T, H, W]: statistics per (b, t, group) over the group's
+    channels and the frame's H x W positions; then weight / bias per channel; then SiLU
+    when act == "silu"."""
+    B, C, T, H, W = x.shape
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    g = wide.reshape(B, num_groups, C // num_groups, T, H * W)
+    mean = g.mean(dim=(2, 4), keepdim=True)
+    var = (g - mean).pow(2).mean(dim=(2, 4), keepdim=True)
+    y = ((g - mean) * torch.rsqrt(var + eps)).reshape(B, C, T, H, W)
+    if weight is not None:
+        y = y * weight.to(y.dtype).view(1, C, 1, 1, 1)
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, C, 1, 1, 1)
+    if act == "silu":
+        y = torch.nn.functional.silu(y)
+    return y.to(x.dtype)
