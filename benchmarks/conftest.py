@@ -29,10 +29,10 @@ class Suite:
         return harness.copy_bandwidth_gbps(self.device, self.quick)
 
     def run(self, kernel: str, mode: str, provider: str, workload: str, fn, bytes_moved: int, dtype: torch.dtype,
-            benchmark=None, flops: int = 0, **extra) -> harness.Row:
+            benchmark=None, flops: int = 0, rounds: int | None = None, **extra) -> harness.Row:
         """Times fn, records a row, and writes a profiler trace with --profile. `flops`, for
         compute-bound ops, adds TFLOP/s to the row."""
-        t = harness.measure(fn, self.device, benchmark, self.quick)
+        t = harness.measure(fn, self.device, benchmark, self.quick, rounds)
         gbps = bytes_moved / (t.median_ms * 1e-3) / 1e9
         row = harness.Row(kernel, mode, provider, workload, str(dtype).replace("torch.", ""), t.median_ms, t.p20_ms,
                           t.p80_ms, bytes_moved, gbps, gbps / self.copy_bw(), extra, flops,

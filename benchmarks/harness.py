@@ -82,20 +82,23 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[i]
 
 
-def measure(fn, device: torch.device, benchmark=None, quick: bool = False) -> Timing:
-    """Median and 20/80 percentiles of fn() in milliseconds."""
+def measure(fn, device: torch.device, benchmark=None, quick: bool = False, rounds: int | None = None) -> Timing:
+    """Median and 20/80 percentiles of fn() in milliseconds. rounds: for calls of seconds (on
+    CPU: that many timed calls after one warm-up; on CUDA at least that many)."""
     if device.type == "cuda":
         import triton
         med, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
                                                 quantiles=[0.5, 0.2, 0.8])
         return Timing(med, p20, p80)
+    if rounds is not None:
+        benchmark = None
     if benchmark is not None:  # pytest-benchmark's rounds
         benchmark.pedantic(fn, rounds=5 if quick else 20, warmup_rounds=1 if quick else 3, iterations=1)
         data = sorted(benchmark.stats.stats.data)
     else:
         fn()
         data = []
-        for _ in range(5 if quick else 20):
+        for _ in range(rounds or (5 if quick else 20)):
             t0 = time.perf_counter()
             fn()
             data.append(time.perf_counter() - t0)
@@ -192,7 +195,7 @@ def write_results(rows: list[Row], env: dict, copy_bw: float, path: str | None =
 # The baseline each op's speedup column is taken against.
 BASELINES = {"varlen_attention": "sdpa_padded", "rope3d": "reference", "adaln_norm": "eager",
              "gated_residual_adaln": "eager", "patch_embed3d": "conv3d_loop", "final_layer_unpatchify": "eager",
-             "group_norm_silu": "eager"}
+             "group_norm_silu": "eager", "vae_decode": "eager_full"}
 
 
 def format_table(rows: list[Row]) -> str:

@@ -1,0 +1,80 @@
+"""Benchmarks of the video autoencoder's decode (sora_model/vae.py): frames per second and peak
+tensor memory, full decode against the streaming (chunked causal) decode.
+
+Providers:
+  eager_full  the whole latent at once, GroupNorm + SiLU in plain PyTorch (the reference
+              backend, forced through SORA_KERNELS_BACKEND): what an open video VAE does;
+  full        the whole latent at once with our kernels (group_norm_silu);
+  streaming   decode_stream(chunk_frames=2) with our kernels, each chunk of frames turned
+              into uint8 as it comes (memory bounded by the chunk).
+Every provider ends with uint8 frames. The model is the "tiny" config with random weights
+on CPU (speed does not depend on the weights), "small" on GPU. Rows: median ms per decode;
+extra holds frames_per_s and peak_mb (peak tensor memory, sora_kernels.testing.memory).
+GB/s is of the uint8 frames written, for the table only.
+"""
+import contextlib
+import os
+
+import pytest
+import torch
+
+from sora_kernels import backends as B
+from sora_kernels.testing.memory import peak_bytes
+from sora_model.vae import VideoAutoencoder, to_uint8_frames, vae_config
+
+PROVIDERS = ["eager_full", "full", "streaming"]
+
+
+def workloads(device: torch.device) -> dict:
+    """name -> (video frames, height, width, config name)."""
+    if device.type == "cuda":
+        return {"129x720x1280": (129, 720, 1280, "small")}
+    return {f"{t}x256x256": (t, 256, 256, "tiny") for t in (5, 17, 65)}
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None):
+    old = os.environ.get(B.BACKEND_ENV)
+    if name is not None:
+        os.environ[B.BACKEND_ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(B.BACKEND_ENV, None)
+        else:
+            os.environ[B.BACKEND_ENV] = old
+
+
+def _decode(vae, z, provider):
+    def run():
+        with torch.no_grad(), forced_backend("reference" if provider == "eager_full" else None):
+            if provider == "streaming":
+                for chunk in vae.decode_stream(z, chunk_frames=2):
+                    for video in chunk:
+                        to_uint8_frames(video)
+            else:
+                for video in vae.decode(z):
+                    to_uint8_frames(video)
+    return run
+
+
+@pytest.mark.parametrize("workload", ["5x256x256", "17x256x256", "65x256x256", "129x720x1280"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_vae_decode(suite, benchmark, provider, workload):
+    sizes = workloads(suite.device)
+    if workload not in sizes:
+        pytest.skip(f"{workload} is a {'CPU' if suite.device.type == 'cuda' else 'GPU'} workload")
+    T, H, W, config = sizes[workload]
+    torch.manual_seed(0)
+    vae = VideoAutoencoder(vae_config(config)).to(suite.device).eval()
+    cfg = vae.cfg
+    z = torch.randn(1, cfg.latent_channels, 1 + (T - 1) // cfg.temporal_compression, H // cfg.spatial_compression,
+                    W // cfg.spatial_compression, device=suite.device)
+    run = _decode(vae, z, provider)
+    peak = peak_bytes(run, suite.device)
+    rounds = 1 if suite.quick else (2 if T > 20 else 3)
+    row = suite.run("vae_decode", "decode", provider, workload, run, T * H * W * 3, torch.float32, benchmark,
+                    rounds=rounds, peak_mb=round(peak / 2**20, 1), config=config)
+    row.extra["frames_per_s"] = round(T / (row.median_ms * 1e-3), 2)
+    suite.write()

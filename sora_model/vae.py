@@ -1,0 +1,376 @@
+"""A causal 3D convolutional video autoencoder, built so that decoding in temporal chunks is
+exact.
+
+Video [B, 3, T, H, W] with T = 1 + 4k <-> latent [B, 16, 1 + k, H/8, W/8] (by default). The
+first frame is encoded on its own, so an image is a 1-frame video.
+
+What makes chunked decoding exact (decode(latent, chunk_frames=n) equals decode(latent)):
+  - every convolution is causal in time: zero padding of (kernel - 1) frames on the left,
+    none on the right; in a chunked pass each one carries the last (kernel - 1) input frames
+    of the previous chunk instead of the zeros;
+  - normalisation statistics are per frame (sora_kernels.group_norm_silu);
+  - temporal up-sampling maps each latent frame to its own output frames (frame 0 to one,
+    every later frame to two), so it needs no neighbours;
+  - there is no attention, temporal or spatial.
+Peak memory of the chunked decode then depends on the chunk, not on T.
+
+Layout follows DiT's models.py: a dataclass config with named sizes, shape comments,
+explicit init.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sora_kernels as sk
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    latent_channels: int = 16
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 4, 4)   # one stage each; a 2x spatial down-sample between stages
+    temporal_down: tuple[bool, ...] = (True, True, False)  # which of those down-samples also halve time
+    num_res_blocks: int = 2
+    groups: int = 32
+    eps: float = 1e-6
+    # latent normalisation: z_model = (z - shift) * scale, undone before decoding
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.channel_mults) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(self.temporal_down)
+
+
+SIZES = {
+    "tiny": VAEConfig(base_channels=16, channel_mults=(1, 2, 2, 2), num_res_blocks=1, groups=8),
+    "small": VAEConfig(base_channels=64, channel_mults=(1, 2, 4, 4), num_res_blocks=1, groups=32),
+    "base": VAEConfig(),
+}
+
+
+# -----------------------------------------------------------------------------
+# Layers
+# -----------------------------------------------------------------------------
+
+class CausalConv3d(nn.Module):
+    """Conv3d, causal in time (left zero padding of kernel_t - 1 frames), same in space.
+
+    forward(x, cache): with a cache dict (chunked decoding) the left padding is the last
+    kernel_t - 1 input frames of the previous chunk (zeros for the first), and the cache
+    keeps this chunk's last ones for the next.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1):
+        super().__init__()
+        self.pad_t = kernel - 1
+        self.stride = stride
+        self.pad_s = kernel // 2
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=(1, stride, stride),
+                              padding=(0, self.pad_s, self.pad_s) if stride == 1 else 0)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        # x: [B, C, T, H, W]
+        if self.pad_t:
+            if cache is not None and id(self) in cache:
+                left = cache[id(self)]
+            else:
+                left = x.new_zeros(x.shape[0], x.shape[1], self.pad_t, *x.shape[3:])
+            x = torch.cat([left, x], dim=2)
+            if cache is not None:
+                cache[id(self)] = x[:, :, -self.pad_t:].clone()
+        if self.stride > 1:  # stride-2 down-sample: pad right / bottom only (as in LDM)
+            x = F.pad(x, (0, 1, 0, 1))
+        if _cpu_inference(x):
+            # PyTorch's CPU conv3d takes its unblocked slow_conv3d path for inputs of at most 5
+            # frames (a chunked decode's), about 10x slower per frame than oneDNN here (32
+            # channels, 128 x 128: 75 ms vs 7 ms a frame); so oneDNN is called directly.
+            c = self.conv
+            return torch.mkldnn_convolution(x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation),
+                                            c.groups)
+        return self.conv(x)
+
+
+def _cpu_inference(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.is_available())
+
+
+class GroupNormSiLU(nn.Module):
+    """Per-frame GroupNorm (statistics over each frame's H x W and the group's channels), then
+    SiLU when act: sora_kernels.group_norm_silu."""
+
+    def __init__(self, channels: int, groups: int, eps: float, act: bool = True):
+        super().__init__()
+        self.groups, self.eps, self.act = groups, eps, "silu" if act else None
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sk.group_norm_silu(x, self.groups, self.weight, self.bias, eps=self.eps, act=self.act)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, cfg: VAEConfig):
+        super().__init__()
+        self.norm1 = GroupNormSiLU(in_channels, cfg.groups, cfg.eps)
+        self.conv1 = CausalConv3d(in_channels, out_channels)
+        self.norm2 = GroupNormSiLU(out_channels, cfg.groups, cfg.eps)
+        self.conv2 = CausalConv3d(out_channels, out_channels)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        h = self.conv1(self.norm1(x), cache)
+        h = self.conv2(self.norm2(h), cache)
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """2x spatially (strided conv); in time (when temporal) frame 0 kept and later frames
+    averaged in pairs: T = 1 + 2m -> 1 + m."""
+
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.temporal = temporal
+        self.conv = CausalConv3d(channels, channels, kernel=3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.temporal:
+            first, rest = x[:, :, :1], x[:, :, 1:]
+            B, C, T, H, W = rest.shape
+            rest = rest.reshape(B, C, T // 2, 2, H, W).mean(3)
+            x = torch.cat([first, rest], dim=2)
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """2x spatially (nearest, then a conv); in time (when temporal) frame 0 of the video to one
+    frame and every later frame to two: T = 1 + m -> 1 + 2m. Each latent frame's output
+    frames depend on it alone, so chunks up-sample independently (`first`: the chunk holds
+    frame 0)."""
+
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.temporal = temporal
+        self.conv = CausalConv3d(channels, channels)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None, first: bool = True) -> torch.Tensor:
+        if self.temporal:
+            if first:
+                x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
+            else:
+                x = x.repeat_interleave(2, dim=2)
+        B, C, T, H, W = x.shape
+        x = F.interpolate(x.reshape(B, C * T, H, W), scale_factor=2, mode="nearest").reshape(B, C, T, 2 * H, 2 * W)
+        return self.conv(x, cache)
+
+
+@dataclass
+class DiagonalGaussian:
+    """The posterior: mean and log-variance [B, latent, t, h, w]."""
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL to the standard normal, summed over latent elements, averaged over the batch."""
+        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        return kl.flatten(1).sum(1).mean()
+
+
+# -----------------------------------------------------------------------------
+# Encoder / decoder
+# -----------------------------------------------------------------------------
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans = [cfg.base_channels * m for m in cfg.channel_mults]
+        self.conv_in = CausalConv3d(cfg.in_channels, chans[0])
+        self.blocks = nn.ModuleList()
+        c = chans[0]
+        for i, out in enumerate(chans):
+            for _ in range(cfg.num_res_blocks):
+                self.blocks.append(ResBlock(c, out, cfg))
+                c = out
+            if i < len(chans) - 1:
+                self.blocks.append(Downsample(c, cfg.temporal_down[i]))
+        self.mid = nn.ModuleList([ResBlock(c, c, cfg), ResBlock(c, c, cfg)])
+        self.norm_out = GroupNormSiLU(c, cfg.groups, cfg.eps)
+        self.conv_out = CausalConv3d(c, 2 * cfg.latent_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, 3, T, H, W] -> [B, 2 * latent, 1 + (T - 1) / 4, H / 8, W / 8]
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = block(h)
+        for block in self.mid:
+            h = block(h)
+        return self.conv_out(self.norm_out(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans = [cfg.base_channels * m for m in cfg.channel_mults]
+        c = chans[-1]
+        self.conv_in = CausalConv3d(cfg.latent_channels, c)
+        self.mid = nn.ModuleList([ResBlock(c, c, cfg), ResBlock(c, c, cfg)])
+        self.blocks = nn.ModuleList()
+        for i in reversed(range(len(chans))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.blocks.append(ResBlock(c, chans[i], cfg))
+                c = chans[i]
+            if i > 0:
+                self.blocks.append(Upsample(c, cfg.temporal_down[i - 1]))
+        self.norm_out = GroupNormSiLU(c, cfg.groups, cfg.eps)
+        self.conv_out = CausalConv3d(c, cfg.in_channels)
+
+    def forward(self, z: torch.Tensor, cache: dict | None = None, first: bool = True) -> torch.Tensor:
+        # z: [B, latent, t, h, w] -> [B, 3, T, 8h, 8w] (T = 1 + 4(t - 1) when first, else 4t)
+        h = self.conv_in(z, cache)
+        for block in self.mid:
+            h = block(h, cache)
+        for block in self.blocks:
+            h = block(h, cache, first) if isinstance(block, Upsample) else block(h, cache)
+        return self.conv_out(self.norm_out(h), cache)
+
+
+# -----------------------------------------------------------------------------
+# The autoencoder
+# -----------------------------------------------------------------------------
+
+class VideoAutoencoder(nn.Module):
+    def __init__(self, cfg: VAEConfig = VAEConfig()):
+        super().__init__()
+        if len(cfg.temporal_down) != len(cfg.channel_mults) - 1:
+            raise ValueError(f"temporal_down: expected {len(cfg.channel_mults) - 1} flags (one per down-sample), "
+                             f"got {len(cfg.temporal_down)}")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
+                nn.init.zeros_(m.bias)
+        # Residual branches start near zero: each block begins close to the identity.
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.normal_(m.conv2.conv.weight, std=1e-3)
+
+    # ---- checks ----
+
+    def check_video(self, video: torch.Tensor) -> None:
+        cfg = self.cfg
+        if not isinstance(video, torch.Tensor) or video.dim() != 5:
+            got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"video: expected [B, {cfg.in_channels}, T, H, W], got {got}")
+        B, C, T, H, W = video.shape
+        if C != cfg.in_channels:
+            raise ValueError(f"video: expected {cfg.in_channels} channels, got {C} (shape {tuple(video.shape)})")
+        tc, sc = cfg.temporal_compression, cfg.spatial_compression
+        if T < 1 or (T - 1) % tc:
+            raise ValueError(f"video: expected T = 1 + {tc}k frames, got T={T}")
+        if H % sc or W % sc:
+            raise ValueError(f"video: expected H and W divisible by {sc}, got H={H}, W={W}")
+
+    def check_latent(self, z: torch.Tensor) -> None:
+        cfg = self.cfg
+        if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != cfg.latent_channels:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"latent: expected [B, {cfg.latent_channels}, t, h, w], got {got}")
+        if z.shape[2] < 1:
+            raise ValueError(f"latent: expected at least 1 frame, got {tuple(z.shape)}")
+        bad = torch.isnan(z)
+        if bad.any():
+            frames = sorted({int(t) for t in bad.nonzero()[:, 2].tolist()})
+            raise ValueError(f"latent: contains NaN ({int(bad.sum())} elements, in latent frames {frames[:8]}"
+                             f"{'...' if len(frames) > 8 else ''})")
+
+    # ---- encode ----
+
+    def encode(self, video: torch.Tensor) -> DiagonalGaussian:
+        """video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> the posterior over latents
+        [B, latent, 1 + k, H / 8, W / 8] (normalised: (z - shift_factor) * scaling_factor)."""
+        self.check_video(video)
+        moments = self.encoder(video)
+        mean, logvar = moments.chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        cfg = self.cfg
+        return DiagonalGaussian((mean - cfg.shift_factor) * cfg.scaling_factor,
+                                logvar + 2 * math.log(cfg.scaling_factor))
+
+    # ---- decode ----
+
+    def _denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.cfg.scaling_factor + self.cfg.shift_factor
+
+    def decode(self, z: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
+        """latent [B, latent, t, h, w] -> video [B, 3, 1 + 4(t - 1), 8h, 8w].
+
+        chunk_frames: decode that many latent frames at a time, carrying each causal
+        convolution's last frames between chunks: equal to the full decode (up to float
+        reassociation), with memory bounded by the chunk. None: all frames at once."""
+        self.check_latent(z)
+        if chunk_frames is None:
+            return self.decoder(self._denormalize(z))
+        return torch.cat(list(self.decode_stream(z, chunk_frames)), dim=2)
+
+    def decode_stream(self, z: torch.Tensor, chunk_frames: int = 1) -> Iterator[torch.Tensor]:
+        """Yields the decoded video in temporal chunks, [B, 3, frames, 8h, 8w] each (the
+        first chunk 1 + 4(n - 1) frames, later ones 4n), as soon as each is decoded."""
+        self.check_latent(z)
+        if not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool) or chunk_frames < 1:
+            raise ValueError(f"chunk_frames: expected a positive int, got {chunk_frames!r}")
+        cache: dict = {}
+        for t0 in range(0, z.shape[2], chunk_frames):
+            chunk = self._denormalize(z[:, :, t0:t0 + chunk_frames])
+            yield self.decoder(chunk, cache, first=t0 == 0)
+
+    def forward(self, video: torch.Tensor, sample: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(video)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decoder(self._denormalize(z)), posterior
+
+
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """video [3, T, H, W] (or [1, 3, T, H, W]) in [-1, 1] -> uint8 frames [T, H, W, 3] for a
+    video encoder: clamp, then round to 0..255."""
+    if video.dim() == 5:
+        if video.shape[0] != 1:
+            raise ValueError(f"video: expected one video [1, 3, T, H, W], got {tuple(video.shape)}")
+        video = video[0]
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"video: expected [3, T, H, W], got {tuple(video.shape)}")
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+def vae_config(name: str, **overrides) -> VAEConfig:
+    """A named size from SIZES, with fields overridden."""
+    if name not in SIZES:
+        raise ValueError(f"name: expected one of {sorted(SIZES)}, got {name!r}")
+    return replace(SIZES[name], **overrides)
+
+
+__all__ = ["VAEConfig", "SIZES", "vae_config", "VideoAutoencoder", "DiagonalGaussian", "CausalConv3d", "to_uint8_frames"]

@@ -1,0 +1,117 @@
+"""The causal video autoencoder: shapes for images and videos, chunked (streaming) decoding
+equal to the full decode, memory of the streaming decode flat in T, clear errors."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from sora_kernels.testing.memory import peak_bytes
+from sora_model.vae import VideoAutoencoder, to_uint8_frames, vae_config
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return VideoAutoencoder(vae_config("tiny", **overrides)).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("T, H, W", [(1, 16, 24), (5, 16, 16), (9, 8, 32)])
+def test_encode_decode_shapes(T, H, W):
+    vae = tiny()
+    video = torch.rand(2, 3, T, H, W, device=DEVICE) * 2 - 1
+    with torch.no_grad():
+        posterior = vae.encode(video)
+        assert posterior.mean.shape == (2, 16, 1 + (T - 1) // 4, H // 8, W // 8)
+        out = vae.decode(posterior.sample())
+    assert out.shape == video.shape
+    assert torch.isfinite(posterior.kl())
+
+
+def test_first_frame_is_encoded_on_its_own():
+    """An image is a 1-frame video: the latent of frame 0 does not depend on later frames."""
+    vae = tiny()
+    video = torch.randn(1, 3, 5, 16, 16, device=DEVICE)
+    with torch.no_grad():
+        image = vae.encode(video[:, :, :1]).mean
+        clip = vae.encode(video).mean
+    torch.testing.assert_close(clip[:, :, :1], image, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_streaming_decode_equals_full(chunk):
+    vae = tiny(seed=1)
+    z = torch.randn(1, 16, 5, 2, 3, device=DEVICE)
+    with torch.no_grad():
+        full = vae.decode(z)
+        chunks = list(vae.decode_stream(z, chunk_frames=chunk))
+        chunked = vae.decode(z, chunk_frames=chunk)
+    assert full.shape == (1, 3, 17, 16, 24)
+    sizes = [c.shape[2] for c in chunks]
+    assert sizes[0] == 1 + 4 * (min(chunk, 5) - 1) and sum(sizes) == 17
+    assert (chunked - full).abs().max().item() <= 1e-4
+    assert torch.equal(torch.cat(chunks, dim=2), chunked)
+
+
+def test_streaming_decode_is_causal():
+    """Decoded frames of the first latent frames do not change when later latent frames do."""
+    vae = tiny(seed=2)
+    z = torch.randn(1, 16, 4, 2, 2, device=DEVICE)
+    z2 = z.clone()
+    z2[:, :, 2:] = torch.randn_like(z2[:, :, 2:])
+    with torch.no_grad():
+        a, b = vae.decode(z), vae.decode(z2)
+    torch.testing.assert_close(a[:, :, :5], b[:, :, :5], rtol=0, atol=1e-6)
+    assert (a[:, :, 5:] - b[:, :, 5:]).abs().max() > 1e-3
+
+
+def test_streaming_memory_is_flat_in_frames():
+    """Streaming 16 latent frames (61 video frames) peaks at most 1.1x streaming 4 (13 video
+    frames), frames consumed as they come; the full decode of the same latents grows with T
+    (what shows the measurement sees the difference)."""
+    vae = tiny(seed=3)
+    z4, z16 = (torch.randn(1, 16, t, 2, 2, device=DEVICE) for t in (4, 16))
+
+    def stream(z):
+        with torch.no_grad():
+            for chunk in vae.decode_stream(z, chunk_frames=2):
+                to_uint8_frames(chunk)
+
+    def full(z):
+        with torch.no_grad():
+            to_uint8_frames(vae.decode(z))
+    short, long = peak_bytes(lambda: stream(z4), DEVICE), peak_bytes(lambda: stream(z16), DEVICE)
+    assert short > 0 and long <= 1.1 * short, (short, long)
+    assert peak_bytes(lambda: full(z16), DEVICE) > 2 * peak_bytes(lambda: full(z4), DEVICE)
+
+
+def test_uint8_frames():
+    video = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 5, 1, 1).expand(1, 3, 5, 1, 1)
+    frames = to_uint8_frames(video)
+    assert frames.shape == (5, 1, 1, 3) and frames.dtype == torch.uint8
+    assert frames[:, 0, 0, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+ERRORS = [
+    (torch.zeros(1, 3, 4, 16, 16), r"video: expected T = 1 \+ 4k frames, got T=4"),
+    (torch.zeros(1, 3, 5, 12, 16), "video: expected H and W divisible by 8, got H=12, W=16"),
+    (torch.zeros(1, 4, 5, 16, 16), "video: expected 3 channels, got 4"),
+    (torch.zeros(3, 5, 16, 16), r"video: expected \[B, 3, T, H, W\]"),
+]
+
+
+@pytest.mark.parametrize("video, message", ERRORS, ids=[e[1][:30] for e in ERRORS])
+def test_encode_errors(video, message):
+    with pytest.raises(ValueError, match=message):
+        tiny().encode(video.to(DEVICE))
+
+
+def test_decode_errors():
+    vae = tiny()
+    z = torch.zeros(1, 16, 3, 2, 2, device=DEVICE)
+    z[0, 3, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"latent: contains NaN \(1 elements, in latent frames \[1\]\)"):
+        vae.decode(z)
+    with pytest.raises(ValueError, match=r"latent: expected \[B, 16, t, h, w\], got \(1, 8, 3, 2, 2\)"):
+        vae.decode(torch.zeros(1, 8, 3, 2, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="chunk_frames: expected a positive int, got 0"):
+        list(vae.decode_stream(torch.zeros(1, 16, 3, 2, 2, device=DEVICE), chunk_frames=0))
+    with pytest.raises(ValueError, match="temporal_down: expected 3 flags"):
+        VideoAutoencoder(vae_config("tiny", temporal_down=(True,)))
