@@ -92,6 +92,8 @@ def _build_ext():
     return BuildExtension.with_options(use_ninja=True)
 
 
+MODEL_EXTRAS = ["av", "safetensors", "tqdm"]
+
 setup(
     name="sora-kernels",
     version="0.1.0",
@@ -100,7 +102,9 @@ setup(
     packages=find_packages(include=["sora_kernels", "sora_kernels.*", "sora_model", "sora_model.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"dev": ["pytest", "hypothesis", "pytest-benchmark", "ninja", "numpy"]},
+    # model: what sora_model's video I/O, checkpoints and training loop use (the tests need it too)
+    extras_require={"model": MODEL_EXTRAS,
+                    "dev": ["pytest", "hypothesis", "pytest-benchmark", "ninja", "numpy", *MODEL_EXTRAS]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
 )

@@ -24,6 +24,15 @@ def device() -> torch.device:
     return DEVICE
 
 
+@pytest.fixture
+def native_kernels(monkeypatch):
+    """Model tests on CPU run the kernels a CPU user gets (the C++ ones, else the reference),
+    not the Triton interpreter that TRITON_INTERPRET=1 puts first for the kernel tests."""
+    if DEVICE.type == "cpu":
+        from sora_kernels import backends as B
+        monkeypatch.setenv(B.BACKEND_ENV, "cpu" if B.COMPILED_MISSING is None else "reference")
+
+
 def require_backend(backends, name: str, args: tuple) -> None:
     """Skips the test, with the backend's own reasons, when `name` cannot run `args` here."""
     backend = next(b for b in backends if b.name == name)

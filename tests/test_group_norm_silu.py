@@ -36,7 +36,7 @@ def _run(fn, leaves, dy):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_matches_reference(backend, dtype, shape, channels_last, act):
     leaves, G, dy = make(shape, dtype, channels_last)
     require_backend(GROUP_NORM_BACKENDS, backend, (leaves[0], G, *leaves[1:], 1e-6, act))

@@ -7,6 +7,8 @@ from conftest import DEVICE
 from sora_kernels.testing.memory import peak_bytes
 from sora_model.vae import VideoAutoencoder, to_uint8_frames, vae_config
 
+pytestmark = pytest.mark.usefixtures("native_kernels")
+
 
 def tiny(seed=0, **overrides):
     torch.manual_seed(seed)

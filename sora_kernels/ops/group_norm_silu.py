@@ -4,9 +4,19 @@ in one pass, in the contiguous or the channels-last-3d layout.
 Statistics are per (b, t, group), so no frame's output depends on another frame: what lets
 the causal video decoder run in temporal chunks exactly (sora_model/vae.py).
 
-Order: custom op and autograd -> checks -> backends -> public function. The C++ CPU kernels
-are csrc/vae/group_norm_cpu.cpp (op `sora_kernels::group_norm`); Triton and CUDA kernels are
-not written yet (they are part of issue 5).
+The Triton kernels see x as [B, C, T, S] (S = H * W) through its strides, so one kernel serves
+both layouts (Triton specialises unit strides: the contiguous axis is read vectorised). A
+program takes a [BLOCK_C, BLOCK_S] tile of one (b, t, group): the group's channels x a chunk
+of the frame's positions.
+  forward:  stats kernel (count, mean, M2 per tile) -> Chan's merge over the chunks (PyTorch,
+            [B, T, G, chunks]) -> apply kernel (normalise, affine, SiLU)
+  backward: reduce kernel (per tile: sums of dz*w and dz*w*xhat per group, of dz and dz*xhat
+            per channel) -> sums over the chunks -> apply kernel (dx)
+The C++ CPU kernels are csrc/vae/group_norm_cpu.cpp (op `sora_kernels::group_norm`); CUDA
+C++ is not written yet.
+
+Order: Triton kernels -> launchers -> custom ops and autograd -> checks -> backends -> public
+function.
 """
 from __future__ import annotations
 
@@ -17,7 +27,234 @@ import torch
 from sora_kernels import backends as B
 from sora_kernels.reference import vae_ops as ref
 
+if B.TRITON_MISSING is None:
+    import triton
+    import triton.language as tl
+
 ACTS = ("silu", None)
+TILE_ELEMENTS = 4096     # BLOCK_C * BLOCK_S of one program
+MAX_GROUP_CHANNELS = 128  # C / num_groups the Triton kernels are compiled for
+
+
+# -----------------------------------------------------------------------------
+# Triton kernels
+# -----------------------------------------------------------------------------
+
+if B.TRITON_MISSING is None:
+
+    @triton.jit
+    def _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """This program's tile: (offsets [BLOCK_C, BLOCK_S] int64, mask, channels, bt, group, chunk)."""
+        chunk = tl.program_id(0)
+        g = tl.program_id(1)
+        bt = tl.program_id(2)
+        b = bt // T
+        t = bt % T
+        c = g * Cg + tl.arange(0, BLOCK_C)
+        s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (tl.arange(0, BLOCK_C) < Cg)[:, None] & (s < S)[None, :]
+        base = b.to(tl.int64) * sb + t.to(tl.int64) * st
+        offs = base + c.to(tl.int64)[:, None] * sc + s.to(tl.int64)[None, :] * ss
+        return offs, mask, c, bt, g, chunk
+
+    @triton.jit
+    def _silu_and_grad(z):
+        """(silu(z), d silu / dz) in fp32."""
+        sig = 1.0 / (1.0 + tl.exp(tl.minimum(-z, 80.0)))   # no overflow warning (masked lanes)
+        return z * sig, sig * (1.0 + z * (1.0 - sig))
+
+    @triton.jit
+    def gn_stats_kernel(x_ptr, part_ptr, C, T, S, Cg, G, n_chunks, sb, sc, st, ss,
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """part[bt, g, chunk] = (count, mean, M2) of the tile (fp32)."""
+        offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        n = tl.sum(tl.sum(mask.to(tl.float32), 1), 0)
+        mean = tl.sum(tl.sum(x, 1), 0) / n
+        d = tl.where(mask, x - mean, 0.0)
+        m2 = tl.sum(tl.sum(d * d, 1), 0)
+        out = part_ptr + ((bt * G + g) * n_chunks + chunk) * 3
+        tl.store(out, n)
+        tl.store(out + 1, mean)
+        tl.store(out + 2, m2)
+
+    @triton.jit
+    def gn_apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, C, T, S, Cg, G, sb, sc, st, ss,
+                        SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """y = act((x - mean) * rstd * w[c] + b[c]) for the tile (y with x's strides)."""
+        offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
+        c_mask = tl.arange(0, BLOCK_C) < Cg
+        mean = tl.load(mean_ptr + bt * G + g)
+        rstd = tl.load(rstd_ptr + bt * G + g)
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        scale = rstd * w
+        shift = bias - mean * scale
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = x * scale[:, None] + shift[:, None]
+        if SILU:
+            z, _ = _silu_and_grad(z)
+        tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, group_part_ptr, chan_part_ptr,
+                             C, T, S, Cg, G, n_chunks, sb, sc, st, ss,
+                             SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """group_part[bt, g, chunk] = (sum dz*w, sum dz*w*xhat) over the tile;
+        chan_part[bt, chunk, c] = (sum dz, sum dz*xhat) per channel (dz: gradient of z)."""
+        offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
+        c_mask = tl.arange(0, BLOCK_C) < Cg
+        mean = tl.load(mean_ptr + bt * G + g)
+        rstd = tl.load(rstd_ptr + bt * G + g)
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            _, grad = _silu_and_grad(xhat * w[:, None] + bias[:, None])
+            dz = dz * grad
+        sum_dz = tl.sum(dz, 1)                  # [BLOCK_C]
+        sum_dz_xhat = tl.sum(dz * xhat, 1)
+        out = group_part_ptr + ((bt * G + g) * n_chunks + chunk) * 2
+        tl.store(out, tl.sum(sum_dz * w, 0))
+        tl.store(out + 1, tl.sum(sum_dz_xhat * w, 0))
+        chan = chan_part_ptr + ((bt.to(tl.int64) * n_chunks + chunk) * C + c) * 2
+        tl.store(chan, sum_dz, mask=c_mask)
+        tl.store(chan + 1, sum_dz_xhat, mask=c_mask)
+
+    @triton.jit
+    def gn_bwd_apply_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, m1_ptr, m2_ptr,
+                            C, T, S, Cg, G, sb, sc, st, ss,
+                            SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """dx = rstd * (dz * w - m1 - xhat * m2), m1 / m2 the group means of dz*w and dz*w*xhat."""
+        offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
+        c_mask = tl.arange(0, BLOCK_C) < Cg
+        mean = tl.load(mean_ptr + bt * G + g)
+        rstd = tl.load(rstd_ptr + bt * G + g)
+        m1 = tl.load(m1_ptr + bt * G + g)
+        m2 = tl.load(m2_ptr + bt * G + g)
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        xhat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            _, grad = _silu_and_grad(xhat * w[:, None] + bias[:, None])
+            dz = dz * grad
+        dx = rstd * (dz * w[:, None] - m1 - xhat * m2)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# -----------------------------------------------------------------------------
+# Launchers
+# -----------------------------------------------------------------------------
+
+def tile_config(group_channels: int) -> dict:
+    bc = 1 << (group_channels - 1).bit_length()
+    return {"BLOCK_C": bc, "BLOCK_S": max(16, TILE_ELEMENTS // bc)}
+
+
+def config_space() -> list[dict]:
+    return [tile_config(1 << p) for p in range(MAX_GROUP_CHANNELS.bit_length())]
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x in one of the two layouts the kernels read fast: channels-last-3d if it is, else contiguous."""
+    return x if _channels_last(x) else x.contiguous()
+
+
+def _geometry(x: torch.Tensor, num_groups: int):
+    B_, C, T, H, W = x.shape
+    S = H * W
+    cfg = tile_config(C // num_groups)
+    n_chunks = triton.cdiv(S, cfg["BLOCK_S"])
+    strides = (x.stride(0), x.stride(1), x.stride(2), x.stride(4))
+    return (B_, C, T, S, C // num_groups, n_chunks, strides, cfg, (n_chunks, num_groups, B_ * T))
+
+
+def _affine(x, weight, bias):
+    C = x.shape[1]
+    w = weight.contiguous() if weight is not None else torch.ones(C, device=x.device, dtype=torch.float32)
+    b = bias.contiguous() if bias is not None else torch.zeros(C, device=x.device, dtype=torch.float32)
+    return w, b
+
+
+def triton_forward(x, weight, bias, num_groups: int, eps: float, silu: bool):
+    """(y like x, mean fp32 [B, T, G], rstd fp32 [B, T, G])."""
+    x = _dense(x)
+    B_, C, T, S, Cg, n_chunks, strides, cfg, grid = _geometry(x, num_groups)
+    y = torch.empty_like(x)
+    mean = torch.zeros((B_, T, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.zeros_like(mean)
+    if x.numel() == 0:
+        return y, mean, rstd
+    part = torch.empty((B_ * T, num_groups, n_chunks, 3), device=x.device, dtype=torch.float32)
+    gn_stats_kernel[grid](x, part, C, T, S, Cg, num_groups, n_chunks, *strides, **cfg)
+    n, m, m2 = part.unbind(-1)
+    count = n.sum(-1)
+    mu = (n * m).sum(-1) / count                                       # Chan's merge over the chunks
+    m2 = m2.sum(-1) + (n * (m - mu[..., None]) ** 2).sum(-1)
+    mean.copy_(mu.view(B_, T, num_groups))
+    rstd.copy_(torch.rsqrt(m2 / count + eps).view(B_, T, num_groups))
+    w, b = _affine(x, weight, bias)
+    gn_apply_kernel[grid](x, y, mean, rstd, w, b, C, T, S, Cg, num_groups, *strides, SILU=silu, **cfg)
+    return y, mean, rstd
+
+
+def triton_backward(dy, x, weight, bias, mean, rstd, num_groups: int, silu: bool):
+    """(dx like x, dweight fp32 [C], dbias fp32 [C])."""
+    x = _dense(x)
+    dy = dy.contiguous(memory_format=torch.channels_last_3d) if _channels_last(x) else dy.contiguous()
+    B_, C, T, S, Cg, n_chunks, strides, cfg, grid = _geometry(x, num_groups)
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        zeros = torch.zeros(C, device=x.device, dtype=torch.float32)
+        return dx, zeros, zeros.clone()
+    w, b = _affine(x, weight, bias)
+    group_part = torch.empty((B_ * T, num_groups, n_chunks, 2), device=x.device, dtype=torch.float32)
+    chan_part = torch.empty((B_ * T, n_chunks, C, 2), device=x.device, dtype=torch.float32)
+    gn_bwd_reduce_kernel[grid](x, dy, mean, rstd, w, b, group_part, chan_part, C, T, S, Cg, num_groups, n_chunks,
+                               *strides, SILU=silu, **cfg)
+    sums = group_part.sum(2) / (Cg * S)                                 # [B*T, G, 2]: group means
+    m1, m2 = sums[..., 0].contiguous(), sums[..., 1].contiguous()
+    gn_bwd_apply_kernel[grid](x, dy, dx, mean, rstd, w, b, m1, m2, C, T, S, Cg, num_groups, *strides, SILU=silu,
+                              **cfg)
+    chan = chan_part.sum((0, 1))                                         # [C, 2]
+    return dx, chan[:, 1], chan[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# Custom op and autograd (Triton)
+# -----------------------------------------------------------------------------
+
+@torch.library.custom_op("sora_kernels::group_norm_triton", mutates_args=())
+def group_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
+                      eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return triton_forward(x, weight, bias, num_groups, eps, silu)
+
+
+@group_norm_triton.register_fake
+def _(x, weight, bias, num_groups, eps, silu):
+    memory_format = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+    stats = x.new_empty((x.shape[0], x.shape[2], num_groups), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=memory_format), stats, torch.empty_like(stats)
+
+
+def _triton_setup(ctx, inputs, output):
+    x, weight, bias, ctx.num_groups, _, ctx.silu = inputs
+    _, mean, rstd = output
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _triton_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = triton_backward(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
+    return (dx, dweight.to(weight.dtype) if ctx.has_weight else None, dbias.to(bias.dtype) if ctx.has_bias else None,
+            None, None, None)
+
+
+group_norm_triton.register_autograd(_triton_backward, setup_context=_triton_setup)
 
 
 # -----------------------------------------------------------------------------
@@ -100,7 +337,21 @@ def _cpu_reasons(x, *rest) -> list[str]:
     return reasons
 
 
+def _triton_reasons(x, num_groups, *rest) -> list[str]:
+    reasons = B.device_reasons("triton", x.device, "group_norm_silu")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
+    if x.shape[1] // num_groups > MAX_GROUP_CHANNELS:
+        reasons.append(f"compiled for at most {MAX_GROUP_CHANNELS} channels per group, got {x.shape[1] // num_groups}")
+    if x.shape[0] * x.shape[2] > 65535:
+        reasons.append(f"B * T = {x.shape[0] * x.shape[2]} frames exceeds the grid's 65535")
+    return reasons
+
+
 GROUP_NORM_BACKENDS = (
+    B.Backend("triton", _triton_reasons,
+              lambda x, num_groups, weight, bias, eps, act:
+              group_norm_triton(x, weight, bias, num_groups, eps, act == "silu")[0]),
     B.Backend("cpu", _cpu_reasons,
               lambda x, num_groups, weight, bias, eps, act:
               torch.ops.sora_kernels.group_norm(x, weight, bias, num_groups, eps, act == "silu")[0]),
@@ -126,7 +377,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         weight, bias: [C] or None.
         eps: added to the variance.
         act: "silu" or None.
-        backend: "cpu" (C++, fp32) or "reference".
+        backend: "triton", "cpu" (C++, fp32) or "reference".
 
     Returns y like x (same shape, dtype and layout). Differentiable in x, weight and bias.
     Equivalent PyTorch (GroupNorm over each frame as an image)::

@@ -177,9 +177,27 @@ def final_layer_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
+def group_norm_jobs(archs: list[int]) -> list[dict]:
+    """The four group_norm_silu kernels for every tile config, bf16, with and without SiLU."""
+    from sora_kernels.ops import group_norm_silu as op
+    kernels = (op.gn_stats_kernel, op.gn_apply_kernel, op.gn_bwd_reduce_kernel, op.gn_bwd_apply_kernel)
+    fp32 = {"part_ptr", "group_part_ptr", "chan_part_ptr", "mean_ptr", "rstd_ptr", "m1_ptr", "m2_ptr", "w_ptr", "b_ptr"}
+    jobs = []
+    for fn in kernels:
+        for silu in ((False, True) if "SILU" in fn.arg_names else (None,)):
+            for cfg in op.config_space():
+                constexprs = dict(cfg) if silu is None else dict(cfg, SILU=silu)
+                signature = {name: "constexpr" if name in constexprs else "*fp32" if name in fp32 else
+                             "*bf16" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+                for arch in archs:
+                    jobs.append({"module": op.__name__, "kernel": fn.__name__, "arch": arch, "num_warps": 4,
+                                 "num_stages": 3, "signature": signature, "constexprs": constexprs})
+    return jobs
+
+
 def kernel_jobs(archs: list[int]) -> list[dict]:
     return (patchify_jobs(archs) + attention_jobs(archs) + dit_jobs(archs) + patch_embed_jobs(archs)
-            + final_layer_jobs(archs))
+            + final_layer_jobs(archs) + group_norm_jobs(archs))
 
 
 def _cuobjdump() -> str:

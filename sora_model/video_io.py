@@ -1,0 +1,78 @@
+"""Video files <-> tensors, through PyAV (any container FFmpeg reads; MP4 and GIF written).
+
+Frames are uint8 [T, H, W, 3] (RGB) on the file side; the model takes float [3, T, H, W] in
+[-1, 1] (to_model / from_model convert).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _av():
+    try:
+        import av
+    except ImportError as e:  # a clear error rather than a bare ImportError deep in a call
+        raise ImportError("video I/O needs PyAV: pip install av (or the project's [model] extra)") from e
+    return av
+
+
+def read_video(path: str, *, max_frames: int | None = None, start: int = 0) -> tuple[torch.Tensor, float]:
+    """(frames uint8 [T, H, W, 3], frames per second) of the first video stream of `path`,
+    from frame `start`, at most max_frames of them."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: no such file {path!r}")
+    av = _av()
+    frames = []
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"path: {path!r} has no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate) if stream.average_rate else 0.0
+        for i, frame in enumerate(container.decode(stream)):
+            if i < start:
+                continue
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+            frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+    if not frames:
+        raise ValueError(f"path: {path!r} has no frames from frame {start}")
+    return torch.stack(frames), fps
+
+
+def write_video(path: str, frames: torch.Tensor, *, fps: float = 24.0) -> None:
+    """Writes uint8 frames [T, H, W, 3] to `path`: .mp4 (H.264 where this FFmpeg has it, else
+    MPEG-4 part 2) or .gif (a fixed 3-3-2 bit palette, for previews; frame delays are whole
+    1/100 s, so 12 fps plays at 12.5)."""
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        got = (tuple(frames.shape), frames.dtype) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"frames: expected uint8 [T, H, W, 3], got {got}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".mp4", ".gif"):
+        raise ValueError(f"path: expected a .mp4 or .gif file name, got {path!r}")
+    av = _av()
+    from fractions import Fraction
+    T, H, W, _ = frames.shape
+    rate = Fraction(fps).limit_denominator(1000)
+    with av.open(path, mode="w") as container:
+        if ext == ".gif":
+            stream = container.add_stream("gif", rate=rate)
+            stream.pix_fmt = "rgb8"
+        else:
+            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+            stream = container.add_stream(codec, rate=rate)
+            stream.pix_fmt = "yuv420p"
+            if H % 2 or W % 2:
+                raise ValueError(f"frames: MP4 (yuv420p) needs even H and W, got H={H}, W={W}")
+        stream.width, stream.height = W, H
+        for frame in frames.cpu().numpy():
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def to_model(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""
+    return frames.permute(3, 0, 1, 2).float() / 127.5 - 1.0

@@ -1,0 +1,88 @@
+"""Video I/O (PyAV), the data sources and the VAE training entry point, on small videos the
+tests make themselves."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
+pytest.importorskip("safetensors")
+
+from sora_model import train_vae  # noqa: E402
+from sora_model.data import folder_videos, synthetic_video, synthetic_videos  # noqa: E402
+from sora_model.vae import to_uint8_frames  # noqa: E402
+from sora_model.video_io import read_video, to_model, write_video  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("native_kernels")
+
+
+def _clip(frames=9, height=32, width=48, seed=0):
+    video = synthetic_video(frames, height, width, torch.Generator().manual_seed(seed))
+    return to_uint8_frames(video)
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".gif"])
+def test_write_then_read(tmp_path, ext):
+    frames = _clip()
+    path = str(tmp_path / f"clip{ext}")
+    write_video(path, frames, fps=10)  # GIF stores frame delays in 1/100 s: 10 fps is exact
+    back, fps = read_video(path)
+    assert back.shape == frames.shape and back.dtype == torch.uint8
+    assert fps == pytest.approx(10, rel=0.01)
+    # lossy codecs: the flat synthetic colours come back close on average
+    err = (back.float() - frames.float()).abs().mean().item()
+    assert err < (25 if ext == ".gif" else 8), err  # GIF: a fixed 3-3-2 bit palette
+    part, _ = read_video(path, start=2, max_frames=3)
+    assert part.shape[0] == 3
+
+
+def test_io_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path: no such file"):
+        read_video(str(tmp_path / "missing.mp4"))
+    with pytest.raises(ValueError, match=r"frames: expected uint8 \[T, H, W, 3\]"):
+        write_video(str(tmp_path / "a.mp4"), torch.zeros(2, 8, 8, 3))
+    with pytest.raises(ValueError, match="expected a .mp4 or .gif"):
+        write_video(str(tmp_path / "a.avi"), torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="even H and W"):
+        write_video(str(tmp_path / "a.mp4"), torch.zeros(2, 7, 8, 3, dtype=torch.uint8))
+
+
+def test_data_sources(tmp_path):
+    video = next(synthetic_videos(5, 16, 24))
+    assert video.shape == (3, 5, 16, 24) and video.min() >= -1 and video.max() <= 1
+    for i in range(2):
+        write_video(str(tmp_path / f"v{i}.mp4"), _clip(frames=7, height=32, width=40, seed=i))
+    clips = folder_videos(str(tmp_path), frames=5, height=16, width=16)
+    for _ in range(3):
+        clip = next(clips)
+        assert clip.shape == (3, 5, 16, 16) and clip.dtype == torch.float32
+    with pytest.raises(ValueError, match="no video under .* has 9 frames"):
+        next(folder_videos(str(tmp_path), frames=9, height=16, width=16))
+    with pytest.raises(ValueError, match="root: expected a folder of video files"):
+        next(folder_videos(str(tmp_path / "missing"), 5, 16, 16))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="root: no video files"):
+        next(folder_videos(str(tmp_path / "empty"), 5, 16, 16))
+    torch.testing.assert_close(to_model(torch.full((1, 1, 1, 3), 255, dtype=torch.uint8)), torch.ones(3, 1, 1, 1))
+
+
+def test_train_and_checkpoint(tmp_path):
+    out = str(tmp_path / "vae.safetensors")
+    args = train_vae.parse_args(["--config", "tiny", "--frames", "5", "--size", "16", "--batch", "2", "--steps", "8",
+                                 "--lr", "1e-3", "--out", out, "--device", "cpu", "--no-progress"])
+    losses = train_vae.train(args)
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert os.path.exists(out)
+    vae = train_vae.load_checkpoint(out).eval()
+    assert vae.cfg == train_vae.vae_config("tiny")
+    video = next(synthetic_videos(5, 16, 16, seed=3))[None]
+    again = train_vae.load_checkpoint(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(vae.encode(video).mode()), again.decode(again.encode(video).mode()))
+
+
+def test_train_argument_errors():
+    with pytest.raises(SystemExit):
+        train_vae.parse_args(["--frames", "8"])
+    with pytest.raises(SystemExit):
+        train_vae.parse_args(["--size", "20"])
