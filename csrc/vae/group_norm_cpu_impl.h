@@ -63,16 +63,20 @@ inline void frame_affine(const GroupNormArgs& a, const float* mean, const float*
 
 // ---- contiguous layout: each (b, c, t) plane is S contiguous positions --------------------
 
-inline double plane_sum(const float* p, int64_t S) {
-  double total = 0.0;
+// Sums of d = p[s] - shift and of d * d over a plane (float within blocks, double across).
+inline void plane_shifted_sums(const float* p, int64_t S, float shift, double& sum, double& sum_sq) {
   for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
     const int64_t s1 = s0 + kBlock < S ? s0 + kBlock : S;
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t s = s0; s < s1; ++s) acc += p[s];
-    total += acc;
+    float acc = 0.f, acc_sq = 0.f;
+#pragma omp simd reduction(+ : acc, acc_sq)
+    for (int64_t s = s0; s < s1; ++s) {
+      const float d = p[s] - shift;
+      acc += d;
+      acc_sq += d * d;
+    }
+    sum += acc;
+    sum_sq += acc_sq;
   }
-  return total;
 }
 
 template <bool SILU>
@@ -83,21 +87,16 @@ void forward_contiguous(const GroupNormArgs& a, float* y, float* mean, float* rs
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t g = task % G, bt = task / G, t = bt % a.frames, b = bt / a.frames;
-    double sum = 0.0;
-    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) sum += plane_sum(a.x + offset(a, b, c, t), S);
-    const float mu = static_cast<float>(sum / n);
-    double m2 = 0.0;  // centred second pass: no E[x^2] - E[x]^2 cancellation
-    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-      const float* p = a.x + offset(a, b, c, t);
-      for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-        const int64_t s1 = s0 + kBlock < S ? s0 + kBlock : S;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t s = s0; s < s1; ++s) acc += (p[s] - mu) * (p[s] - mu);
-        m2 += acc;
-      }
-    }
-    const float r = static_cast<float>(1.0 / std::sqrt(m2 / n + a.eps));
+    // One pass: sums of x - k and (x - k)^2 with k a value of the group (its first), so the
+    // variance E[d^2] - E[d]^2 cancels only as much as k is off the mean (a sample is about
+    // a standard deviation off), not as much as the mean is off zero.
+    const float k = a.x[offset(a, b, g * Cg, t)];
+    double sum = 0.0, sum_sq = 0.0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) plane_shifted_sums(a.x + offset(a, b, c, t), S, k, sum, sum_sq);
+    const double dm = sum / n;
+    const float mu = static_cast<float>(k + dm);
+    const double var = sum_sq / n - dm * dm;
+    const float r = static_cast<float>(1.0 / std::sqrt((var > 0.0 ? var : 0.0) + a.eps));
     mean[bt * G + g] = mu;
     rstd[bt * G + g] = r;
     for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
@@ -166,21 +165,32 @@ void backward_contiguous(const GroupNormArgs& a, const float* dy, const float* m
 
 // ---- channels-last layout: each position of a frame is C contiguous channels ---------------
 
-// Sums over the frame's positions of f(x[s, c]) per channel, into out[c] (double, in blocks).
-template <typename F>
-void channel_sums(const GroupNormArgs& a, const float* frame, F f, std::vector<float>& block, double* out) {
+// Per channel, sums over the frame's positions of d = x[s, c] - k[c] and of d * d (float
+// within blocks of positions, double across).
+inline void channel_shifted_sums(const GroupNormArgs& a, const float* frame, const float* k,
+                                 std::vector<float>& block, std::vector<float>& block_sq, double* sum,
+                                 double* sum_sq) {
   const int64_t C = a.channels, S = a.positions;
   float* acc = block.data();
-  for (int64_t c = 0; c < C; ++c) out[c] = 0.0;
+  float* acc_sq = block_sq.data();
+  for (int64_t c = 0; c < C; ++c) sum[c] = sum_sq[c] = 0.0;
   for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
     const int64_t s1 = s0 + kBlock < S ? s0 + kBlock : S;
     std::fill(block.begin(), block.end(), 0.f);
+    std::fill(block_sq.begin(), block_sq.end(), 0.f);
     for (int64_t s = s0; s < s1; ++s) {
       const float* row = frame + s * a.stride_s;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) acc[c] += f(row[c], c);
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = row[c] - k[c];
+        acc[c] += d;
+        acc_sq[c] += d * d;
+      }
     }
-    for (int64_t c = 0; c < C; ++c) out[c] += acc[c];
+    for (int64_t c = 0; c < C; ++c) {
+      sum[c] += acc[c];
+      sum_sq[c] += acc_sq[c];
+    }
   }
 }
 
@@ -191,27 +201,29 @@ void forward_channels_last(const GroupNormArgs& a, float* y, float* mean, float*
   const int64_t frames = a.batch * a.frames;
 #pragma omp parallel
   {
-    std::vector<float> block(C), mc(C), scale(C), shift(C);
-    std::vector<double> sums(C);
+    std::vector<float> block(C), block_sq(C), scale(C), shift(C);
+    std::vector<double> sums(C), sums_sq(C);
 #pragma omp for schedule(static)
     for (int64_t bt = 0; bt < frames; ++bt) {
       const int64_t t = bt % a.frames, b = bt / a.frames;
       const float* frame = a.x + offset(a, b, 0, t);
       float* mu = mean + bt * G;
       float* r = rstd + bt * G;
-      channel_sums(a, frame, [](float v, int64_t) { return v; }, block, sums.data());
+      // One pass, per channel: sums of x - k_c and (x - k_c)^2 with k_c the frame's first value
+      // of the channel; the group's mean and centred M2 then follow exactly (in double).
+      const float* k = frame;
+      channel_shifted_sums(a, frame, k, block, block_sq, sums.data(), sums_sq.data());
       for (int64_t g = 0; g < G; ++g) {
-        double s = 0.0;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += sums[c];
-        mu[g] = static_cast<float>(s / n);
-      }
-      for (int64_t c = 0; c < C; ++c) mc[c] = mu[c / Cg];
-      const float* m = mc.data();
-      channel_sums(a, frame, [m](float v, int64_t c) { return (v - m[c]) * (v - m[c]); }, block, sums.data());
-      for (int64_t g = 0; g < G; ++g) {
-        double s = 0.0;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += sums[c];
-        r[g] = static_cast<float>(1.0 / std::sqrt(s / n + a.eps));
+        double s1 = 0.0;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s1 += S * static_cast<double>(k[c]) + sums[c];
+        const double m = s1 / n;
+        double m2 = 0.0;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          const double off = k[c] - m;  // sum of (x - m)^2 = sum d^2 + 2 off sum d + S off^2
+          m2 += sums_sq[c] + 2.0 * off * sums[c] + S * off * off;
+        }
+        mu[g] = static_cast<float>(m);
+        r[g] = static_cast<float>(1.0 / std::sqrt((m2 > 0.0 ? m2 : 0.0) / n + a.eps));
       }
       frame_affine(a, mu, r, scale.data(), shift.data());
       const float* sc = scale.data();
