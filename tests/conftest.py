@@ -33,6 +33,17 @@ def native_kernels(monkeypatch):
         monkeypatch.setenv(B.BACKEND_ENV, "cpu" if B.COMPILED_MISSING is None else "reference")
 
 
+def assert_compiles_exactly(f, *args) -> None:
+    """torch.compile(f, fullgraph=True) (aot_eager: the graph capture, not codegen) gives
+    f's outputs bit for bit."""
+    expected = f(*args)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    expected, got = ((t,) if isinstance(t, torch.Tensor) else t for t in (expected, got))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def require_backend(backends, name: str, args: tuple) -> None:
     """Skips the test, with the backend's own reasons, when `name` cannot run `args` here."""
     backend = next(b for b in backends if b.name == name)

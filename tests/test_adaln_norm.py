@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, require_backend
+from conftest import DEVICE, assert_compiles_exactly, require_backend
 from sora_kernels.ops import adaln_norm as op
 from sora_kernels.reference import dit_ops as ref
 
@@ -110,11 +110,7 @@ def test_segment_ids_cached_on_packed():
 
 def test_torch_compile_fullgraph():
     args, cu = make(LENGTHS, 72, torch.float32, residual=True)
-    f = lambda a: sk.gated_residual_adaln(**a, cu_seqlens=cu)  # noqa: E731
-    expected = f(args)
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(args)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_compiles_exactly(lambda a: sk.gated_residual_adaln(**a, cu_seqlens=cu), args)
 
 
 ERRORS = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, assert_2x_rule, require_backend
+from conftest import DEVICE, assert_2x_rule, assert_compiles_exactly, require_backend
 from sora_kernels.ops.final_layer_unpatchify import FINAL_LAYER_BACKENDS, MAX_BLOCK_P
 from sora_kernels.reference import dit_ops as ref
 
@@ -106,11 +106,7 @@ def test_torch_compile_fullgraph():
     patch = (1, 2, 2)
     leaves, packed, _ = make(SIZES[:3], 4, patch, 40, torch.float32)
     leaves = {k: v.detach() for k, v in leaves.items()}
-    f = lambda a: sk.final_layer_unpatchify(**a, packed=packed, patch_size=patch)  # noqa: E731
-    expected = f(leaves)
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(leaves)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_compiles_exactly(lambda a: sk.final_layer_unpatchify(**a, packed=packed, patch_size=patch), leaves)
 
 
 ERRORS = [

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, assert_2x_rule, require_backend
+from conftest import DEVICE, assert_2x_rule, assert_compiles_exactly, require_backend
 from sora_kernels.ops.group_norm_silu import GROUP_NORM_BACKENDS
 from sora_kernels.reference import vae_ops as ref
 
@@ -73,8 +73,7 @@ def test_no_affine_and_other_layouts():
 def test_torch_compile_fullgraph():
     leaves, G, _ = make((1, 8, 2, 4, 4, 2), torch.float32, True)
     args = [t.detach() for t in leaves]
-    f = lambda x, w, b: sk.group_norm_silu(x, G, w, b)  # noqa: E731
-    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(*args), f(*args), rtol=0, atol=0)
+    assert_compiles_exactly(lambda x, w, b: sk.group_norm_silu(x, G, w, b), *args)
 
 
 ERRORS = [

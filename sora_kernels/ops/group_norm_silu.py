@@ -64,6 +64,27 @@ if B.TRITON_MISSING is None:
         return z * sig, sig * (1.0 + z * (1.0 - sig))
 
     @triton.jit
+    def _gn_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, Cg, bt, g, G, BLOCK_C: tl.constexpr):
+        """(channel mask, the group's mean and rstd, the tile's weight and bias in fp32)."""
+        c_mask = tl.arange(0, BLOCK_C) < Cg
+        mean = tl.load(mean_ptr + bt * G + g)
+        rstd = tl.load(rstd_ptr + bt * G + g)
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        return c_mask, mean, rstd, w, bias
+
+    @triton.jit
+    def _gn_xhat_dz(x_ptr, dy_ptr, offs, mask, mean, rstd, w, bias, SILU: tl.constexpr):
+        """(xhat, dz) of the tile: the normalised input (0 off the mask) and the gradient of
+        z = xhat * w + b (through the SiLU when SILU)."""
+        xhat = tl.where(mask, (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            _, grad = _silu_and_grad(xhat * w[:, None] + bias[:, None])
+            dz = dz * grad
+        return xhat, dz
+
+    @triton.jit
     def gn_stats_kernel(x_ptr, part_ptr, C, T, S, Cg, G, n_chunks, sb, sc, st, ss,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """part[bt, g, chunk] = (count, mean, M2) of the tile (fp32)."""
@@ -83,11 +104,7 @@ if B.TRITON_MISSING is None:
                         SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """y = act((x - mean) * rstd * w[c] + b[c]) for the tile (y with x's strides)."""
         offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
-        c_mask = tl.arange(0, BLOCK_C) < Cg
-        mean = tl.load(mean_ptr + bt * G + g)
-        rstd = tl.load(rstd_ptr + bt * G + g)
-        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-        bias = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        c_mask, mean, rstd, w, bias = _gn_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, Cg, bt, g, G, BLOCK_C)
         scale = rstd * w
         shift = bias - mean * scale
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -103,16 +120,8 @@ if B.TRITON_MISSING is None:
         """group_part[bt, g, chunk] = (sum dz*w, sum dz*w*xhat) over the tile;
         chan_part[bt, chunk, c] = (sum dz, sum dz*xhat) per channel (dz: gradient of z)."""
         offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
-        c_mask = tl.arange(0, BLOCK_C) < Cg
-        mean = tl.load(mean_ptr + bt * G + g)
-        rstd = tl.load(rstd_ptr + bt * G + g)
-        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-        bias = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-        xhat = tl.where(mask, (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
-        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            _, grad = _silu_and_grad(xhat * w[:, None] + bias[:, None])
-            dz = dz * grad
+        c_mask, mean, rstd, w, bias = _gn_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, Cg, bt, g, G, BLOCK_C)
+        xhat, dz = _gn_xhat_dz(x_ptr, dy_ptr, offs, mask, mean, rstd, w, bias, SILU)
         sum_dz = tl.sum(dz, 1)                  # [BLOCK_C]
         sum_dz_xhat = tl.sum(dz * xhat, 1)
         out = group_part_ptr + ((bt * G + g) * n_chunks + chunk) * 2
@@ -128,18 +137,10 @@ if B.TRITON_MISSING is None:
                             SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """dx = rstd * (dz * w - m1 - xhat * m2), m1 / m2 the group means of dz*w and dz*w*xhat."""
         offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
-        c_mask = tl.arange(0, BLOCK_C) < Cg
-        mean = tl.load(mean_ptr + bt * G + g)
-        rstd = tl.load(rstd_ptr + bt * G + g)
+        c_mask, mean, rstd, w, bias = _gn_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, Cg, bt, g, G, BLOCK_C)
         m1 = tl.load(m1_ptr + bt * G + g)
         m2 = tl.load(m2_ptr + bt * G + g)
-        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-        bias = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-        xhat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            _, grad = _silu_and_grad(xhat * w[:, None] + bias[:, None])
-            dz = dz * grad
+        xhat, dz = _gn_xhat_dz(x_ptr, dy_ptr, offs, mask, mean, rstd, w, bias, SILU)
         dx = rstd * (dz * w[:, None] - m1 - xhat * m2)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -232,46 +233,10 @@ def group_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     return triton_forward(x, weight, bias, num_groups, eps, silu)
 
 
-@group_norm_triton.register_fake
-def _(x, weight, bias, num_groups, eps, silu):
+def _fake(x, weight, bias, num_groups, eps, silu):
     memory_format = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
     stats = x.new_empty((x.shape[0], x.shape[2], num_groups), dtype=torch.float32)
     return torch.empty_like(x, memory_format=memory_format), stats, torch.empty_like(stats)
-
-
-def _triton_setup(ctx, inputs, output):
-    x, weight, bias, ctx.num_groups, _, ctx.silu = inputs
-    _, mean, rstd = output
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _triton_backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = triton_backward(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
-    return (dx, dweight.to(weight.dtype) if ctx.has_weight else None, dbias.to(bias.dtype) if ctx.has_bias else None,
-            None, None, None)
-
-
-group_norm_triton.register_autograd(_triton_backward, setup_context=_triton_setup)
-
-
-# -----------------------------------------------------------------------------
-# Compiled op (C++ CPU): fake and autograd
-# -----------------------------------------------------------------------------
-
-def _fake(x, weight, bias, num_groups, eps, silu):
-    memory_format = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
-    stats = x.new_empty((x.shape[0], x.shape[2], num_groups))
-    return torch.empty_like(x, memory_format=memory_format), stats, torch.empty_like(stats)
-
-
-def _backward_fake(dy, x, weight, bias, mean, rstd, num_groups, silu):
-    memory_format = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
-    C = x.shape[1]
-    return (torch.empty_like(x, memory_format=memory_format), x.new_empty(C if weight is not None else 0),
-            x.new_empty(C if bias is not None else 0))
 
 
 def _setup(ctx, inputs, output):
@@ -282,17 +247,38 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.sora_kernels.group_norm_backward(dy, x, weight, bias, mean, rstd, ctx.num_groups,
-                                                                    ctx.silu)
-    return dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None, None, None
+def _backward_with(run):
+    """The autograd backward of a forward op whose backward op is `run` (same arguments for
+    the Triton launcher and the compiled op)."""
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = run(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
+        return (dx, dweight.to(weight.dtype) if ctx.has_weight else None,
+                dbias.to(bias.dtype) if ctx.has_bias else None, None, None, None)
+    return backward
+
+
+group_norm_triton.register_fake(_fake)
+group_norm_triton.register_autograd(_backward_with(triton_backward), setup_context=_setup)
+
+
+# -----------------------------------------------------------------------------
+# Compiled op (C++ CPU): fake and autograd
+# -----------------------------------------------------------------------------
+
+def _backward_fake(dy, x, weight, bias, mean, rstd, num_groups, silu):
+    memory_format = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+    C = x.shape[1]
+    return (torch.empty_like(x, memory_format=memory_format), x.new_empty(C if weight is not None else 0),
+            x.new_empty(C if bias is not None else 0))
 
 
 if B.compiled_has("group_norm", "CPU"):
     torch.library.register_fake("sora_kernels::group_norm")(_fake)
     torch.library.register_fake("sora_kernels::group_norm_backward")(_backward_fake)
-    torch.library.register_autograd("sora_kernels::group_norm", _backward, setup_context=_setup)
+    torch.library.register_autograd(
+        "sora_kernels::group_norm",
+        _backward_with(lambda *args: torch.ops.sora_kernels.group_norm_backward(*args)), setup_context=_setup)
 
 
 # -----------------------------------------------------------------------------
