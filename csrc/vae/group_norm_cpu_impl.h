@@ -165,19 +165,15 @@ void backward_contiguous(const GroupNormArgs& a, const float* dy, const float* m
 
 // ---- channels-last layout: each position of a frame is C contiguous channels ---------------
 
-// Per channel, sums over the frame's positions of d = x[s, c] - k[c] and of d * d (float
-// within blocks of positions, double across).
-inline void channel_shifted_sums(const GroupNormArgs& a, const float* frame, const float* k,
-                                 std::vector<float>& block, std::vector<float>& block_sq, double* sum,
-                                 double* sum_sq) {
-  const int64_t C = a.channels, S = a.positions;
-  float* acc = block.data();
-  float* acc_sq = block_sq.data();
-  for (int64_t c = 0; c < C; ++c) sum[c] = sum_sq[c] = 0.0;
-  for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-    const int64_t s1 = s0 + kBlock < S ? s0 + kBlock : S;
-    std::fill(block.begin(), block.end(), 0.f);
-    std::fill(block_sq.begin(), block_sq.end(), 0.f);
+// Per channel, sums over positions [s_begin, s_end) of a frame of d = x[s, c] - k[c] and of
+// d * d (float within blocks of positions, double across), added to sum and sum_sq.
+inline void channel_shifted_sums(const GroupNormArgs& a, const float* frame, const float* k, int64_t s_begin,
+                                 int64_t s_end, float* acc, float* acc_sq, double* sum, double* sum_sq) {
+  const int64_t C = a.channels;
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += kBlock) {
+    const int64_t s1 = s0 + kBlock < s_end ? s0 + kBlock : s_end;
+    std::fill(acc, acc + C, 0.f);
+    std::fill(acc_sq, acc_sq + C, 0.f);
     for (int64_t s = s0; s < s1; ++s) {
       const float* row = frame + s * a.stride_s;
 #pragma omp simd
@@ -194,47 +190,71 @@ inline void channel_shifted_sums(const GroupNormArgs& a, const float* frame, con
   }
 }
 
+// Positions per task of the channels-last forward: frames are split into chunks so that a
+// few frames (a chunked decode's) still keep every thread busy.
+constexpr int64_t kPositionChunk = 1024;
+
 template <bool SILU>
 void forward_channels_last(const GroupNormArgs& a, float* y, float* mean, float* rstd) {
   const int64_t G = a.groups, C = a.channels, Cg = C / G, S = a.positions;
   const double n = static_cast<double>(Cg * S);
-  const int64_t frames = a.batch * a.frames;
+  const int64_t frames = a.batch * a.frames, chunks = (S + kPositionChunk - 1) / kPositionChunk;
+  // Pass 1, (frame, chunk) tasks: per-channel sums of x - k_c and (x - k_c)^2, with k_c the
+  // frame's first value of the channel (shared by the frame's chunks, so the sums add up).
+  std::vector<double> sums(frames * chunks * C), sums_sq(frames * chunks * C);
 #pragma omp parallel
   {
-    std::vector<float> block(C), block_sq(C), scale(C), shift(C);
-    std::vector<double> sums(C), sums_sq(C);
+    std::vector<float> acc(C), acc_sq(C);
 #pragma omp for schedule(static)
-    for (int64_t bt = 0; bt < frames; ++bt) {
-      const int64_t t = bt % a.frames, b = bt / a.frames;
+    for (int64_t task = 0; task < frames * chunks; ++task) {
+      const int64_t bt = task / chunks, chunk = task % chunks, t = bt % a.frames, b = bt / a.frames;
       const float* frame = a.x + offset(a, b, 0, t);
-      float* mu = mean + bt * G;
-      float* r = rstd + bt * G;
-      // One pass, per channel: sums of x - k_c and (x - k_c)^2 with k_c the frame's first value
-      // of the channel; the group's mean and centred M2 then follow exactly (in double).
-      const float* k = frame;
-      channel_shifted_sums(a, frame, k, block, block_sq, sums.data(), sums_sq.data());
-      for (int64_t g = 0; g < G; ++g) {
-        double s1 = 0.0;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s1 += S * static_cast<double>(k[c]) + sums[c];
-        const double m = s1 / n;
-        double m2 = 0.0;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          const double off = k[c] - m;  // sum of (x - m)^2 = sum d^2 + 2 off sum d + S off^2
-          m2 += sums_sq[c] + 2.0 * off * sums[c] + S * off * off;
+      const int64_t s_begin = chunk * kPositionChunk, s_end = std::min(S, s_begin + kPositionChunk);
+      channel_shifted_sums(a, frame, frame, s_begin, s_end, acc.data(), acc_sq.data(), &sums[task * C],
+                           &sums_sq[task * C]);
+    }
+  }
+  // The group statistics of each frame: mean, then the centred M2 from the shifted sums.
+  std::vector<float> scale(frames * C), shift(frames * C);
+  for (int64_t bt = 0; bt < frames; ++bt) {
+    const int64_t t = bt % a.frames, b = bt / a.frames;
+    const float* k = a.x + offset(a, b, 0, t);
+    for (int64_t g = 0; g < G; ++g) {
+      double s1 = 0.0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        s1 += S * static_cast<double>(k[c]);
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) s1 += sums[(bt * chunks + chunk) * C + c];
+      }
+      const double m = s1 / n;
+      double m2 = 0.0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        double sd = 0.0, sd2 = 0.0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          sd += sums[(bt * chunks + chunk) * C + c];
+          sd2 += sums_sq[(bt * chunks + chunk) * C + c];
         }
-        mu[g] = static_cast<float>(m);
-        r[g] = static_cast<float>(1.0 / std::sqrt((m2 > 0.0 ? m2 : 0.0) / n + a.eps));
+        const double off = k[c] - m;  // sum of (x - m)^2 = sum d^2 + 2 off sum d + S off^2
+        m2 += sd2 + 2.0 * off * sd + S * off * off;
       }
-      frame_affine(a, mu, r, scale.data(), shift.data());
-      const float* sc = scale.data();
-      const float* sh = shift.data();
-      float* out = y + offset(a, b, 0, t);
-      for (int64_t s = 0; s < S; ++s) {
-        const float* row = frame + s * a.stride_s;
-        float* q = out + s * a.stride_s;
+      mean[bt * G + g] = static_cast<float>(m);
+      rstd[bt * G + g] = static_cast<float>(1.0 / std::sqrt((m2 > 0.0 ? m2 : 0.0) / n + a.eps));
+    }
+    frame_affine(a, mean + bt * G, rstd + bt * G, &scale[bt * C], &shift[bt * C]);
+  }
+  // Pass 2, (frame, chunk) tasks: y = act(x * scale[c] + shift[c]).
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < frames * chunks; ++task) {
+    const int64_t bt = task / chunks, chunk = task % chunks, t = bt % a.frames, b = bt / a.frames;
+    const float* frame = a.x + offset(a, b, 0, t);
+    float* out = y + offset(a, b, 0, t);
+    const float* sc = &scale[bt * C];
+    const float* sh = &shift[bt * C];
+    const int64_t s_end = std::min(S, (chunk + 1) * kPositionChunk);
+    for (int64_t s = chunk * kPositionChunk; s < s_end; ++s) {
+      const float* row = frame + s * a.stride_s;
+      float* q = out + s * a.stride_s;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) q[c] = activate<SILU>(row[c] * sc[c] + sh[c]);
-      }
+      for (int64_t c = 0; c < C; ++c) q[c] = activate<SILU>(row[c] * sc[c] + sh[c]);
     }
   }
 }
