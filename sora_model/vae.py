@@ -356,14 +356,14 @@ class VideoAutoencoder(nn.Module):
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     """video [3, T, H, W] (or [1, 3, T, H, W]) in [-1, 1] -> uint8 frames [T, H, W, 3] for a
-    video encoder: clamp, then round to 0..255."""
+    video encoder: clamp, then round to 0..255, in one pass (sora_kernels.frames_to_uint8)."""
     if video.dim() == 5:
         if video.shape[0] != 1:
             raise ValueError(f"video: expected one video [1, 3, T, H, W], got {tuple(video.shape)}")
         video = video[0]
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"video: expected [3, T, H, W], got {tuple(video.shape)}")
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+    return sk.frames_to_uint8(video)
 
 
 def vae_config(name: str, **overrides) -> VAEConfig:

@@ -195,9 +195,24 @@ def group_norm_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
+def frames_jobs(archs: list[int]) -> list[dict]:
+    """frames_to_uint8_kernel for every channel block, bf16 and fp32 input."""
+    from sora_kernels.ops import frames_to_uint8 as op
+    jobs = []
+    for dtype in ("bf16", "fp32"):
+        for p in range(1, op.MAX_CHANNELS.bit_length()):
+            constexprs = {"BLOCK_P": op.BLOCK_POSITIONS, "BLOCK_C": 1 << p}
+            signature = {"x_ptr": "*" + dtype, "out_ptr": "*u8", "P": "i32", "C": "i32", "BLOCK_P": "constexpr",
+                         "BLOCK_C": "constexpr"}
+            for arch in archs:
+                jobs.append({"module": op.__name__, "kernel": "frames_to_uint8_kernel", "arch": arch, "num_warps": 4,
+                             "num_stages": 3, "signature": signature, "constexprs": constexprs})
+    return jobs
+
+
 def kernel_jobs(archs: list[int]) -> list[dict]:
     return (patchify_jobs(archs) + attention_jobs(archs) + dit_jobs(archs) + patch_embed_jobs(archs)
-            + final_layer_jobs(archs) + group_norm_jobs(archs))
+            + final_layer_jobs(archs) + group_norm_jobs(archs) + frames_jobs(archs))
 
 
 def _cuobjdump() -> str:
