@@ -334,12 +334,17 @@ class VideoAutoencoder(nn.Module):
         self.check_latent(z)
         if chunk_frames is None:
             return self.decoder(self._denormalize(z))
-        return torch.cat(list(self.decode_stream(z, chunk_frames)), dim=2)
+        return torch.cat(list(self._stream(z, chunk_frames)), dim=2)
 
     def decode_stream(self, z: torch.Tensor, chunk_frames: int = 1) -> Iterator[torch.Tensor]:
         """Yields the decoded video in temporal chunks, [B, 3, frames, 8h, 8w] each (the
         first chunk 1 + 4(n - 1) frames, later ones 4n), as soon as each is decoded."""
         self.check_latent(z)
+        return self._stream(z, chunk_frames)
+
+    def _stream(self, z: torch.Tensor, chunk_frames: int) -> Iterator[torch.Tensor]:
+        """decode_stream after the latent check (a generator: the chunk size is checked here,
+        before the first chunk is decoded)."""
         if not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool) or chunk_frames < 1:
             raise ValueError(f"chunk_frames: expected a positive int, got {chunk_frames!r}")
         cache: dict = {}
