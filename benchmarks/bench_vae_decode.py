@@ -72,7 +72,11 @@ def test_vae_decode(suite, benchmark, provider, workload):
     z = torch.randn(1, cfg.latent_channels, 1 + (T - 1) // cfg.temporal_compression, H // cfg.spatial_compression,
                     W // cfg.spatial_compression, device=suite.device)
     run = _decode(vae, z, provider)
-    peak = peak_bytes(run, suite.device)
+    try:
+        peak = peak_bytes(run, suite.device)
+    except torch.cuda.OutOfMemoryError as e:  # what the streaming decode exists to avoid: a row, not a crash
+        torch.cuda.empty_cache()
+        pytest.skip(f"{provider} ran out of GPU memory at {workload}: {str(e).splitlines()[0]}")
     rounds = 1 if suite.quick else (2 if T > 20 else 3)
     row = suite.run("vae_decode", "decode", provider, workload, run, T * H * W * 3, torch.float32, benchmark,
                     rounds=rounds, peak_mb=round(peak / 2**20, 1), config=config)
