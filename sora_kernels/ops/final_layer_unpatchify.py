@@ -310,6 +310,5 @@ def final_layer_unpatchify(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
         check_like("bias", bias, x, (weight.shape[0],))
     if packed.cu_seqlens.device != x.device:
         raise ValueError(f"packed: expected its cu_seqlens on x's device {x.device}, got {packed.cu_seqlens.device}")
-    seg = packed.segment_ids if packed.tokens.shape[0] == n_tokens else ref.segment_ids(packed.cu_seqlens, n_tokens)
-    args = (x, shift, scale, weight, bias, seg, patch, packed, float(eps), layer)
+    args = (x, shift, scale, weight, bias, packed.segment_ids, patch, packed, float(eps), layer)
     return B.select("final_layer_unpatchify", FINAL_LAYER_BACKENDS, args, backend).run(*args)

@@ -184,18 +184,17 @@ def triton_forward(x, weight, bias, num_groups: int, eps: float, silu: bool):
     x = _dense(x)
     B_, C, T, S, Cg, n_chunks, strides, cfg, grid = _geometry(x, num_groups)
     y = torch.empty_like(x)
-    mean = torch.zeros((B_, T, num_groups), device=x.device, dtype=torch.float32)
-    rstd = torch.zeros_like(mean)
     if x.numel() == 0:
-        return y, mean, rstd
+        stats = torch.zeros((B_, T, num_groups), device=x.device, dtype=torch.float32)
+        return y, stats, stats.clone()
     part = torch.empty((B_ * T, num_groups, n_chunks, 3), device=x.device, dtype=torch.float32)
     gn_stats_kernel[grid](x, part, C, T, S, Cg, num_groups, n_chunks, *strides, **cfg)
     n, m, m2 = part.unbind(-1)
     count = n.sum(-1)
     mu = (n * m).sum(-1) / count                                       # Chan's merge over the chunks
     m2 = m2.sum(-1) + (n * (m - mu[..., None]) ** 2).sum(-1)
-    mean.copy_(mu.view(B_, T, num_groups))
-    rstd.copy_(torch.rsqrt(m2 / count + eps).view(B_, T, num_groups))
+    mean = mu.view(B_, T, num_groups)
+    rstd = torch.rsqrt(m2 / count + eps).view(B_, T, num_groups)
     w, b = _affine(x, weight, bias)
     gn_apply_kernel[grid](x, y, mean, rstd, w, b, C, T, S, Cg, num_groups, *strides, SILU=silu, **cfg)
     return y, mean, rstd

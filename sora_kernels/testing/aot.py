@@ -82,9 +82,15 @@ def attention_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
-def _pointer_signature(fn, constexprs: dict, none: set, dtype: str) -> dict:
-    """Argument types of a row kernel: *_ptr arguments are pointers (fp32 for the saved
-    statistics and accumulators, int32 for segment ids), the rest i32 or fp32 (eps)."""
+def _job(fn, arch: int, num_warps: int, num_stages: int, signature: dict, constexprs: dict) -> dict:
+    return {"module": fn.__module__, "kernel": fn.__name__, "arch": arch, "num_warps": num_warps,
+            "num_stages": num_stages, "signature": signature, "constexprs": constexprs}
+
+
+def _pointer_signature(fn, constexprs: dict, none: set, dtype: str, overrides: dict | None = None) -> dict:
+    """Argument types of a kernel from its argument names: *_ptr arguments are pointers (fp32
+    for the saved statistics and accumulators, int32 for segment ids, else `dtype`), the rest
+    i32 or fp32 (eps); `overrides` (name -> type) for the kernel's own exceptions."""
     signature = {}
     for name in fn.arg_names:
         if name in constexprs or name in none:
@@ -97,6 +103,7 @@ def _pointer_signature(fn, constexprs: dict, none: set, dtype: str) -> dict:
             signature[name] = "*" + dtype
         else:
             signature[name] = "fp32" if name == "eps" else "i32"
+    signature.update({k: v for k, v in (overrides or {}).items() if k in signature})
     return signature
 
 
@@ -148,13 +155,9 @@ def patch_embed_jobs(archs: list[int]) -> list[dict]:
             none = set() if bias else {"bias_ptr"}
             constexprs = {"PRECISION": precision, **{k: v for k, v in op.CONFIG.items() if k.startswith("BLOCK")},
                           **{name: None for name in none}}
-            signature = {name: "constexpr" if name in constexprs else
-                         "*i64" if name == "slots_ptr" else "*" + dtype if name.endswith("_ptr") else "i32"
-                         for name in op.patch_embed_kernel.arg_names}
-            for arch in archs:
-                jobs.append({"module": op.__name__, "kernel": "patch_embed_kernel", "arch": arch,
-                             "num_warps": op.CONFIG["num_warps"], "num_stages": op.CONFIG["num_stages"],
-                             "signature": signature, "constexprs": constexprs})
+            signature = _pointer_signature(op.patch_embed_kernel, constexprs, none, dtype, {"slots_ptr": "*i64"})
+            jobs += [_job(op.patch_embed_kernel, arch, op.CONFIG["num_warps"], op.CONFIG["num_stages"], signature,
+                          constexprs) for arch in archs]
     return jobs
 
 
@@ -168,12 +171,10 @@ def final_layer_jobs(archs: list[int]) -> list[dict]:
             for cfg in op.config_space():
                 constexprs = {"LAYER": layer, "PRECISION": precision,
                               **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}}
-                signature = _pointer_signature(op.final_layer_kernel, constexprs, set(), dtype)
-                signature.update(slots_ptr="*i64", u_ptr="*fp32", c_ptr="*fp32")
-                for arch in archs:
-                    jobs.append({"module": op.__name__, "kernel": "final_layer_kernel", "arch": arch,
-                                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                                 "signature": signature, "constexprs": constexprs})
+                signature = _pointer_signature(op.final_layer_kernel, constexprs, set(), dtype,
+                                               {"slots_ptr": "*i64", "u_ptr": "*fp32", "c_ptr": "*fp32"})
+                jobs += [_job(op.final_layer_kernel, arch, cfg["num_warps"], cfg["num_stages"], signature, constexprs)
+                         for arch in archs]
     return jobs
 
 
@@ -181,17 +182,15 @@ def group_norm_jobs(archs: list[int]) -> list[dict]:
     """The four group_norm_silu kernels for every tile config, bf16, with and without SiLU."""
     from sora_kernels.ops import group_norm_silu as op
     kernels = (op.gn_stats_kernel, op.gn_apply_kernel, op.gn_bwd_reduce_kernel, op.gn_bwd_apply_kernel)
-    fp32 = {"part_ptr", "group_part_ptr", "chan_part_ptr", "mean_ptr", "rstd_ptr", "m1_ptr", "m2_ptr", "w_ptr", "b_ptr"}
+    fp32 = {name: "*fp32" for name in ("part_ptr", "group_part_ptr", "chan_part_ptr", "m1_ptr", "m2_ptr", "w_ptr",
+                                        "b_ptr")}
     jobs = []
     for fn in kernels:
         for silu in ((False, True) if "SILU" in fn.arg_names else (None,)):
             for cfg in op.config_space():
                 constexprs = dict(cfg) if silu is None else dict(cfg, SILU=silu)
-                signature = {name: "constexpr" if name in constexprs else "*fp32" if name in fp32 else
-                             "*bf16" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
-                for arch in archs:
-                    jobs.append({"module": op.__name__, "kernel": fn.__name__, "arch": arch, "num_warps": 4,
-                                 "num_stages": 3, "signature": signature, "constexprs": constexprs})
+                signature = _pointer_signature(fn, constexprs, set(), "bf16", fp32)
+                jobs += [_job(fn, arch, 4, 3, signature, constexprs) for arch in archs]
     return jobs
 
 
@@ -202,11 +201,8 @@ def frames_jobs(archs: list[int]) -> list[dict]:
     for dtype in ("bf16", "fp32"):
         for p in range(1, op.MAX_CHANNELS.bit_length()):
             constexprs = {"BLOCK_P": op.BLOCK_POSITIONS, "BLOCK_C": 1 << p}
-            signature = {"x_ptr": "*" + dtype, "out_ptr": "*u8", "P": "i32", "C": "i32", "BLOCK_P": "constexpr",
-                         "BLOCK_C": "constexpr"}
-            for arch in archs:
-                jobs.append({"module": op.__name__, "kernel": "frames_to_uint8_kernel", "arch": arch, "num_warps": 4,
-                             "num_stages": 3, "signature": signature, "constexprs": constexprs})
+            signature = _pointer_signature(op.frames_to_uint8_kernel, constexprs, set(), dtype, {"out_ptr": "*u8"})
+            jobs += [_job(op.frames_to_uint8_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
     return jobs
 
 
