@@ -1,6 +1,6 @@
 """Benchmarks of group_norm_silu (per-frame GroupNorm + affine + SiLU of video activations).
 
-Providers: `cpu` (ours, C++), `eager` (what a causal video VAE writes: each frame as an image
+Providers: `triton` and `cpu` (ours: Triton on GPU, C++ on CPU), `eager` (what a causal video VAE writes: each frame as an image
 through F.group_norm, then F.silu, with the transposes that takes), `compile` (torch.compile
 of that eager code). Layouts: contiguous and channels-last-3d.
 
@@ -14,7 +14,7 @@ import sora_kernels as sk
 from benchmarks import harness
 from sora_kernels.ops.group_norm_silu import GROUP_NORM_BACKENDS
 
-PROVIDERS = ["cpu", "eager", "compile"]
+PROVIDERS = ["triton", "cpu", "eager", "compile"]
 MODES = ["fwd", "fwd+bwd"]
 GROUPS = 32
 

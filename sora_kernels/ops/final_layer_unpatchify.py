@@ -41,11 +41,16 @@ if B.TRITON_MISSING is None:
 # BLOCK_M consecutive tokens of one video x BLOCK_P patch features; BLOCK_K of D per step.
 # BLOCK_P is the patch width rounded up to a power of two (at least 16, tl.dot's minimum), at
 # most MAX_BLOCK_P: wider patches take several consecutive programs per tile (they read the
-# same x rows, from L2 for all but the first). Measured on an H200 (bf16, D=1152, P=64, mixed
-# batch; benchmarks/results/cuda-nvidia-h200.final_layer_tiles.json): 64 x 64 x 64, 4 warps, 3
-# stages within 3% of the best of ten configs. BLOCK_P=128 gave wrong results on the H200
-# (P=160, D=1152; correct under the interpreter), so it is not used until that is understood.
-CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+# same x rows, from L2 for all but the first).
+# num_stages=1: with Triton 3.6 on an H200 the software-pipelined loop (num_stages 2 or 3) gave
+# launch-to-launch different, wrong results at bench scale (0 to 6,353 of 3M elements, fp16 and
+# bf16; num_warps=8 worse), a compiler race (programs write disjoint outputs). Unpipelined,
+# 24 launches were bitwise repeatable and right; BLOCK_K=128 then measured 0.48 ms for the
+# kernel (bf16, D=1152, P=64, mixed batch x4; 0.61 ms for the op in the bench suite, against
+# 0.55 ms for the old pipelined 64 x 64 x 64 and 1.23 ms for torch.compile)
+# (benchmarks/results/cuda-nvidia-h200.final_layer_race.json). BLOCK_P=128 was also wrong on
+# the H200 (P=160) under the pipelined config; it stays off until measured unpipelined.
+CONFIG = {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
 MAX_BLOCK_P = 64
 
 if B.TRITON_MISSING is None:

@@ -28,7 +28,10 @@ if B.TRITON_MISSING is None:
         c = tl.arange(0, BLOCK_C)
         mask = (p < P)[:, None] & (c < C)[None, :]
         x = tl.load(x_ptr + c[None, :].to(tl.int64) * P + p[:, None], mask=mask, other=0.0).to(tl.float32)
-        v = (tl.minimum(tl.maximum(x, -1.0), 1.0) + 1.0) * 127.5
+        # Clamp after the multiply: the min/max between the product and the rounding add keeps
+        # the compiler from contracting them into one fma (whose unrounded product rounds ties
+        # differently from torch's rounded one; seen on an H200 in fp32).
+        v = tl.minimum(tl.maximum((x + 1.0) * 127.5, 0.0), 255.0)
         v = (v + 12582912.0) - 12582912.0   # round half to even (1.5 * 2^23), as torch.round
         tl.store(out_ptr + p[:, None] * C + c[None, :], v.to(tl.uint8), mask=mask)
 

@@ -242,6 +242,8 @@ def compile_job(job: dict) -> dict:
                       shared_static=int(fields["SHARED"]), shared=k.metadata.shared, ok=True)
         if sass:  # which matrix instructions the attention kernels use
             result["mma"] = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "none"
+        if job["kernel"] == "frames_to_uint8_kernel":  # the 1.5 * 2^23 rounding add fused with the product
+            result["fma_rounding"] = bool(re.search(r"fma\.rn\.f32\s[^;]*0f4B400000", k.asm["ptx"]))
         if job["arch"] >= 90:
             result["ptx_has_ld_global"] = "ld.global" in k.asm["ptx"]
     except Exception as e:  # report every failure, keep compiling the rest
