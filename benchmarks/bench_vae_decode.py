@@ -6,7 +6,11 @@ Providers:
               backend, forced through SORA_KERNELS_BACKEND): what an open video VAE does;
   full        the whole latent at once with our kernels (group_norm_silu);
   streaming   decode_stream(chunk_frames=2) with our kernels, each chunk of frames turned
-              into uint8 as it comes (memory bounded by the chunk).
+              into uint8 as it comes (memory bounded by the chunk);
+  tiled       decode_stream(chunk_frames=1, tile=half the frame each way): the exact
+              spatial tiling (4 tiles, whole-frame GroupNorm statistics from statistics
+              passes), what a memory budget picks when a frame does not fit. Run on the
+              17-frame CPU workload and on the GPU one (its passes are slow on 2 cores).
 Every provider ends with uint8 frames. The model is the "tiny" config with random weights
 on CPU (speed does not depend on the weights), "small" on GPU. Rows: median ms per decode;
 extra holds frames_per_s and peak_mb (peak tensor memory, sora_kernels.testing.memory).
@@ -22,7 +26,7 @@ from sora_kernels import backends as B
 from sora_kernels.testing.memory import peak_bytes
 from sora_model.vae import VideoAutoencoder, to_uint8_frames, vae_config
 
-PROVIDERS = ["eager_full", "full", "streaming"]
+PROVIDERS = ["eager_full", "full", "streaming", "tiled"]
 
 
 def workloads(device: torch.device) -> dict:
@@ -49,8 +53,9 @@ def forced_backend(name: str | None):
 def _decode(vae, z, provider):
     def run():
         with torch.no_grad(), forced_backend("reference" if provider == "eager_full" else None):
-            if provider == "streaming":
-                for chunk in vae.decode_stream(z, chunk_frames=2):
+            if provider in ("streaming", "tiled"):
+                tiled = dict(chunk_frames=1, tile=(-(-z.shape[3] // 2), -(-z.shape[4] // 2)))
+                for chunk in vae.decode_stream(z, **(tiled if provider == "tiled" else dict(chunk_frames=2))):
                     for video in chunk:
                         to_uint8_frames(video)
             else:
@@ -65,6 +70,8 @@ def test_vae_decode(suite, benchmark, provider, workload):
     sizes = workloads(suite.device)
     if workload not in sizes:
         pytest.skip(f"{workload} is a {'CPU' if suite.device.type == 'cuda' else 'GPU'} workload")
+    if provider == "tiled" and workload in ("5x256x256", "65x256x256"):
+        pytest.skip("tiled runs on one CPU workload (17 frames): its statistics passes take minutes on 2 cores")
     T, H, W, config = sizes[workload]
     torch.manual_seed(0)
     vae = VideoAutoencoder(vae_config(config)).to(suite.device).eval()

@@ -20,7 +20,7 @@ explicit init.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -64,11 +64,25 @@ SIZES = {
 # Layers
 # -----------------------------------------------------------------------------
 
+@dataclass
+class DecodeState:
+    """What a chunked decode carries from chunk to chunk, passed down the decoder's forward.
+
+    frames: each causal convolution's last (kernel - 1) input frames, by module id.
+    update: whether this pass stores them (the statistics passes of a tiled decode only read).
+    norms: a tiled decode's whole-frame GroupNorm statistics (vae_tiling.TileNorms); None:
+    each norm computes the statistics of the frames it is given.
+    """
+    frames: dict = field(default_factory=dict)
+    update: bool = True
+    norms: object | None = None
+
+
 class CausalConv3d(nn.Module):
     """Conv3d, causal in time (left zero padding of kernel_t - 1 frames), same in space.
 
-    forward(x, cache): with a cache dict (chunked decoding) the left padding is the last
-    kernel_t - 1 input frames of the previous chunk (zeros for the first), and the cache
+    forward(x, state): with a DecodeState (chunked decoding) the left padding is the last
+    kernel_t - 1 input frames of the previous chunk (zeros for the first), and the state
     keeps this chunk's last ones for the next.
     """
 
@@ -80,16 +94,15 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=(1, stride, stride),
                               padding=(0, self.pad_s, self.pad_s) if stride == 1 else 0)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
         # x: [B, C, T, H, W]
         if self.pad_t:
-            if cache is not None and id(self) in cache:
-                left = cache[id(self)]
-            else:
+            left = state.frames.get(id(self)) if state is not None else None
+            if left is None:
                 left = x.new_zeros(x.shape[0], x.shape[1], self.pad_t, *x.shape[3:])
             x = torch.cat([left, x], dim=2)
-            if cache is not None:
-                cache[id(self)] = x[:, :, -self.pad_t:].clone()
+            if state is not None and state.update:
+                state.frames[id(self)] = x[:, :, -self.pad_t:].clone()
         if self.stride > 1:  # stride-2 down-sample: pad right / bottom only (as in LDM)
             x = F.pad(x, (0, 1, 0, 1))
         if _cpu_inference(x):
@@ -109,7 +122,8 @@ def _cpu_inference(x: torch.Tensor) -> bool:
 
 class GroupNormSiLU(nn.Module):
     """Per-frame GroupNorm (statistics over each frame's H x W and the group's channels), then
-    SiLU when act: sora_kernels.group_norm_silu."""
+    SiLU when act: sora_kernels.group_norm_silu. In a tiled decode (state.norms set) the
+    statistics are the whole frame's, from the tiling's statistics passes."""
 
     def __init__(self, channels: int, groups: int, eps: float, act: bool = True):
         super().__init__()
@@ -117,7 +131,9 @@ class GroupNormSiLU(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
+        if state is not None and state.norms is not None:
+            return state.norms.run(self, x)
         return sk.group_norm_silu(x, self.groups, self.weight, self.bias, eps=self.eps, act=self.act)
 
 
@@ -130,9 +146,9 @@ class ResBlock(nn.Module):
         self.conv2 = CausalConv3d(out_channels, out_channels)
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        h = self.conv1(self.norm1(x), cache)
-        h = self.conv2(self.norm2(h), cache)
+    def forward(self, x: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
+        h = self.conv1(self.norm1(x, state), state)
+        h = self.conv2(self.norm2(h, state), state)
         return self.skip(x) + h
 
 
@@ -165,7 +181,7 @@ class Upsample(nn.Module):
         self.temporal = temporal
         self.conv = CausalConv3d(channels, channels)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None, first: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: DecodeState | None = None, first: bool = True) -> torch.Tensor:
         if self.temporal:
             if first:
                 x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
@@ -173,7 +189,7 @@ class Upsample(nn.Module):
                 x = x.repeat_interleave(2, dim=2)
         B, C, T, H, W = x.shape
         x = F.interpolate(x.reshape(B, C * T, H, W), scale_factor=2, mode="nearest").reshape(B, C, T, 2 * H, 2 * W)
-        return self.conv(x, cache)
+        return self.conv(x, state)
 
 
 @dataclass
@@ -243,14 +259,30 @@ class Decoder(nn.Module):
         self.norm_out = GroupNormSiLU(c, cfg.groups, cfg.eps)
         self.conv_out = CausalConv3d(c, cfg.in_channels)
 
-    def forward(self, z: torch.Tensor, cache: dict | None = None, first: bool = True) -> torch.Tensor:
+    def segments(self) -> list[list[nn.Module]]:
+        """The layers in order, split before each Upsample: segment s runs at 2^s times the
+        latent resolution. A tiled decode keeps whole frames only between segments, where
+        they are smallest (before the up-sampling)."""
+        out: list[list[nn.Module]] = [[]]
+        for layer in [self.conv_in, *self.mid, *self.blocks, self.norm_out, self.conv_out]:
+            if isinstance(layer, Upsample):
+                out.append([])
+            out[-1].append(layer)
+        return out
+
+    def forward(self, z: torch.Tensor, state: DecodeState | None = None, first: bool = True) -> torch.Tensor:
         # z: [B, latent, t, h, w] -> [B, 3, T, 8h, 8w] (T = 1 + 4(t - 1) when first, else 4t)
-        h = self.conv_in(z, cache)
-        for block in self.mid:
-            h = block(h, cache)
-        for block in self.blocks:
-            h = block(h, cache, first) if isinstance(block, Upsample) else block(h, cache)
-        return self.conv_out(self.norm_out(h), cache)
+        h = z
+        for layers in self.segments():
+            h = run_layers(layers, h, state, first)
+        return h
+
+
+def run_layers(layers: list[nn.Module], x: torch.Tensor, state: DecodeState | None, first: bool) -> torch.Tensor:
+    """x through a run of decoder layers (a segment, or a prefix of one)."""
+    for layer in layers:
+        x = layer(x, state, first) if isinstance(layer, Upsample) else layer(x, state)
+    return x
 
 
 # -----------------------------------------------------------------------------
@@ -325,32 +357,80 @@ class VideoAutoencoder(nn.Module):
     def _denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z / self.cfg.scaling_factor + self.cfg.shift_factor
 
-    def decode(self, z: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, chunk_frames: int | None = None, *, tile: tuple[int, int] | None = None,
+               max_memory_gb: float | None = None) -> torch.Tensor:
         """latent [B, latent, t, h, w] -> video [B, 3, 1 + 4(t - 1), 8h, 8w].
 
         chunk_frames: decode that many latent frames at a time, carrying each causal
-        convolution's last frames between chunks: equal to the full decode (up to float
-        reassociation), with memory bounded by the chunk. None: all frames at once."""
+        convolution's last frames between chunks. None: all frames at once.
+        tile: (th, tw) latent pixels: decode each frame in tiles of that size with halos equal
+        to the receptive field and GroupNorm statistics of the whole frame (statistics passes
+        first; sora_model/vae_tiling.py). Implies chunk_frames=1 unless given.
+        max_memory_gb: choose chunk_frames and tile (those not given) so that the estimated
+        peak, output included, fits; ValueError if no plan does.
+        Every plan equals the full decode up to float reassociation (<= 1e-4 in fp32, tested)."""
         self.check_latent(z)
-        if chunk_frames is None:
+        plan = self.plan_decode(z, chunk_frames, tile, max_memory_gb, keep_output=True)
+        if plan.chunk_frames is None and plan.tile is None:
             return self.decoder(self._denormalize(z))
-        return torch.cat(list(self._stream(z, chunk_frames)), dim=2)
+        B, _, t, h, w = z.shape
+        sc = self.cfg.spatial_compression
+        out = None
+        for chunk in self._stream(z, plan):
+            if out is None:
+                out = chunk.new_empty(B, chunk.shape[1], 1 + self.cfg.temporal_compression * (t - 1), h * sc, w * sc)
+                t0 = 0
+            out[:, :, t0:t0 + chunk.shape[2]] = chunk
+            t0 += chunk.shape[2]
+        return out
 
-    def decode_stream(self, z: torch.Tensor, chunk_frames: int = 1) -> Iterator[torch.Tensor]:
+    def decode_stream(self, z: torch.Tensor, chunk_frames: int | None = 1, *, tile: tuple[int, int] | None = None,
+                      max_memory_gb: float | None = None) -> Iterator[torch.Tensor]:
         """Yields the decoded video in temporal chunks, [B, 3, frames, 8h, 8w] each (the
-        first chunk 1 + 4(n - 1) frames, later ones 4n), as soon as each is decoded."""
+        first chunk 1 + 4(n - 1) frames, later ones 4n), as soon as each is decoded. tile and
+        max_memory_gb as in decode (the budget counts one yielded chunk, not the video;
+        chunk_frames=None lets the budget choose it)."""
         self.check_latent(z)
-        return self._stream(z, chunk_frames)
+        plan = self.plan_decode(z, chunk_frames, tile, max_memory_gb, keep_output=False)
+        return self._stream(z, plan)
 
-    def _stream(self, z: torch.Tensor, chunk_frames: int) -> Iterator[torch.Tensor]:
-        """decode_stream after the latent check (a generator: the chunk size is checked here,
-        before the first chunk is decoded)."""
-        if not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool) or chunk_frames < 1:
+    def plan_decode(self, z: torch.Tensor, chunk_frames: int | None = None, tile: tuple[int, int] | None = None,
+                    max_memory_gb: float | None = None, keep_output: bool = True):
+        """The chunk and tile sizes decode / decode_stream use (vae_tiling.DecodePlan)."""
+        from sora_model import vae_tiling
+        if chunk_frames is not None and (not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool)
+                                         or chunk_frames < 1):
             raise ValueError(f"chunk_frames: expected a positive int, got {chunk_frames!r}")
-        cache: dict = {}
+        if tile is not None:
+            if (not isinstance(tile, (tuple, list)) or len(tile) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in tile)):
+                raise ValueError(f"tile: expected two positive ints (th, tw) in latent pixels, got {tile!r}")
+            tile = (min(tile[0], z.shape[3]), min(tile[1], z.shape[4]))
+        if max_memory_gb is not None and not (isinstance(max_memory_gb, (int, float)) and max_memory_gb > 0):
+            raise ValueError(f"max_memory_gb: expected a positive number, got {max_memory_gb!r}")
+        return vae_tiling.plan_decode(self.decoder, tuple(z.shape), max_memory_gb, z.element_size(), chunk_frames,
+                                      tile, keep_output)
+
+    def _stream(self, z: torch.Tensor, plan) -> Iterator[torch.Tensor]:
+        from sora_model import vae_tiling
+        chunk_frames = plan.chunk_frames or z.shape[2]
+        if plan.tile is None:
+            state = DecodeState()
+            for t0 in range(0, z.shape[2], chunk_frames):
+                yield self.decoder(self._denormalize(z[:, :, t0:t0 + chunk_frames]), state, first=t0 == 0)
+            return
+        segs = vae_tiling.segments_of(self.decoder)
+        h, w = z.shape[3:]
+        tiles = [vae_tiling.make_tiles(seg, h, w, plan.tile) if tiled else None for seg, tiled in zip(segs, plan.tiled)]
+        states = [DecodeState() for _ in segs]       # the untiled segments' carried frames
         for t0 in range(0, z.shape[2], chunk_frames):
-            chunk = self._denormalize(z[:, :, t0:t0 + chunk_frames])
-            yield self.decoder(chunk, cache, first=t0 == 0)
+            x = self._denormalize(z[:, :, t0:t0 + chunk_frames])
+            for seg, seg_tiles, state in zip(segs, tiles, states):
+                if seg_tiles is None:
+                    x = run_layers(seg.layers, x, state, t0 == 0)
+                else:
+                    x = vae_tiling.run_tiled(seg, x, seg_tiles, t0 == 0)
+            yield x
 
     def forward(self, video: torch.Tensor, sample: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
@@ -378,4 +458,5 @@ def vae_config(name: str, **overrides) -> VAEConfig:
     return replace(SIZES[name], **overrides)
 
 
-__all__ = ["VAEConfig", "SIZES", "vae_config", "VideoAutoencoder", "DiagonalGaussian", "CausalConv3d", "to_uint8_frames"]
+__all__ = ["VAEConfig", "SIZES", "vae_config", "VideoAutoencoder", "DiagonalGaussian", "CausalConv3d", "DecodeState",
+           "to_uint8_frames"]

@@ -1,0 +1,280 @@
+"""Exact spatial tiling of the causal video decoder, and the memory planner behind
+`VideoAutoencoder.decode(z, max_memory_gb=...)`.
+
+Tiling. The decoder is split into segments (Decoder.segments: the layers between two
+up-samplings). A tiled segment keeps its input and its output as whole frames and runs
+everything in between tile by tile, each tile cropped from the input with a halo equal to
+the segment's receptive field (one pixel per 3x3 convolution, at the segment's resolution),
+so the tile's own pixels come out exactly as in the untiled decode. The one whole-frame
+dependency is GroupNorm: its statistics are over the frame. So a segment with n norms runs
+n statistics passes first: pass i runs every tile up to norm i (norms before it applying the
+whole-frame statistics already found), sums the input of norm i over the tile's own pixels
+(float64 sums per batch, frame and group), and stops; the sums give norm i's mean and rstd.
+A last pass runs every tile through the whole segment with all statistics known. No
+blending, no seams: the tiled decode equals the untiled one up to float reassociation.
+Cost: the statistics passes recompute prefixes of the segment (about n / 2 extra segment
+runs); the planner only tiles the segments that do not fit.
+
+Causal convolutions carry their last frames from chunk to chunk per tile (the statistics
+passes read them, the last pass stores them).
+
+Planning. `plan_decode` estimates the peak bytes of a decode for a chunk size and a tile size
+(the activations of the largest segment, the carried frames of every convolution, the whole
+frames kept between segments, and the output) and returns the fastest plan that fits the
+budget: untiled with the largest chunk, else tiled with the largest tile.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sora_model.vae import CausalConv3d, DecodeState, GroupNormSiLU, Upsample, run_layers
+
+
+class StopPass(Exception):
+    """Raised by the norm a statistics pass collects, to end the pass there."""
+
+
+class TileNorms:
+    """The GroupNorms of a tiled segment (DecodeState.norms): a norm whose whole-frame
+    statistics are known applies them; the target norm adds its input over the current tile's
+    own pixels to the sums and stops the pass."""
+
+    def __init__(self):
+        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(norm) -> mean, rstd fp32 [B, G, T]
+        self.target: GroupNormSiLU | None = None
+        self.region: tuple[int, int, int, int] = (0, 0, 0, 0)           # oy, ox, th, tw in the tile's tensor
+        self._sums: list[torch.Tensor] | None = None
+
+    def run(self, norm: GroupNormSiLU, x: torch.Tensor) -> torch.Tensor:
+        if norm is self.target:
+            self._collect(norm, x)
+            raise StopPass
+        if id(norm) not in self.stats:
+            raise RuntimeError("tiled decode: a GroupNorm ran before its statistics pass")
+        mean, rstd = self.stats[id(norm)]
+        return apply_group_norm(x, mean, rstd, norm)
+
+    def _collect(self, norm: GroupNormSiLU, x: torch.Tensor) -> None:
+        oy, ox, th, tw = self.region
+        own = x[..., oy:oy + th, ox:ox + tw].double()
+        B, C, T = own.shape[:3]
+        own = own.reshape(B, norm.groups, C // norm.groups, T, th * tw)
+        s1, s2 = own.sum((2, 4)), own.square().sum((2, 4))               # [B, G, T]
+        if self._sums is None:
+            self._sums = [s1, s2]
+        else:
+            self._sums[0] += s1
+            self._sums[1] += s2
+
+    def finish(self, norm: GroupNormSiLU, count: int) -> None:
+        """The target's statistics from the sums over all tiles (count elements per group)."""
+        s1, s2 = self._sums
+        mean = s1 / count
+        var = (s2 / count - mean.square()).clamp_min(0.0)
+        self.stats[id(norm)] = (mean.float(), torch.rsqrt(var + norm.eps).float())
+        self._sums, self.target = None, None
+
+
+def apply_group_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm: GroupNormSiLU) -> torch.Tensor:
+    """GroupNorm of x [B, C, T, H, W] with given statistics [B, G, T], affine, SiLU when the
+    norm has it; computed in fp32."""
+    B, C, T, H, W = x.shape
+    G = norm.groups
+    y = (x.float().reshape(B, G, C // G, T, H, W) - mean[:, :, None, :, None, None]) * rstd[:, :, None, :, None, None]
+    y = y.reshape(B, C, T, H, W) * norm.weight.float().view(1, C, 1, 1, 1) + norm.bias.float().view(1, C, 1, 1, 1)
+    if norm.act == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Segments and tiles
+# -----------------------------------------------------------------------------
+
+@dataclass
+class Segment:
+    """A run of decoder layers at `factor` times the latent resolution, reading its input at
+    factor / scale (scale 2 when it starts with an up-sampling)."""
+    layers: list[nn.Module]
+    factor: int
+    scale: int
+    halo: int                      # pixels at the segment's resolution: one per 3x3 convolution
+    norms: list[GroupNormSiLU]
+    convs: list[CausalConv3d]
+    temporal: bool                 # starts with a temporal up-sampling (frames double)
+    in_channels: int
+    out_channels: int
+    max_channels: int
+
+
+def segments_of(decoder: nn.Module) -> list[Segment]:
+    out, factor = [], 1
+    for layers in decoder.segments():
+        up = isinstance(layers[0], Upsample)
+        factor *= 2 if up else 1
+        convs = [m for layer in layers for m in layer.modules() if isinstance(m, CausalConv3d)]
+        channels = [c for conv in convs for c in (conv.conv.in_channels, conv.conv.out_channels)]
+        out.append(Segment(layers, factor, 2 if up else 1, sum(c.pad_s for c in convs),
+                           [m for layer in layers for m in layer.modules() if isinstance(m, GroupNormSiLU)], convs,
+                           up and layers[0].temporal, convs[0].conv.in_channels, convs[-1].conv.out_channels,
+                           max(channels)))
+    return out
+
+
+@dataclass
+class Tile:
+    rows: slice                    # input rows / columns to crop (the segment's input resolution)
+    cols: slice
+    region: tuple[int, int, int, int]  # oy, ox, th, tw: the tile's own pixels in its computed tensor
+    at: tuple[int, int]            # where they go in the segment's output frame
+    state: DecodeState = field(default_factory=DecodeState)
+
+
+def make_tiles(seg: Segment, h: int, w: int, tile: tuple[int, int]) -> list[Tile]:
+    """Tiles of tile = (th, tw) latent pixels over a latent frame h x w, at the segment's
+    resolution, with their halos."""
+    f, s, halo = seg.factor, seg.scale, seg.halo
+    H, W = h * f, w * f
+    tiles = []
+    for y0 in range(0, h, tile[0]):
+        for x0 in range(0, w, tile[1]):
+            Y0, Y1, X0, X1 = y0 * f, min(y0 + tile[0], h) * f, x0 * f, min(x0 + tile[1], w) * f
+            iy0, iy1 = max(0, Y0 - halo) // s, -(-min(H, Y1 + halo) // s)
+            ix0, ix1 = max(0, X0 - halo) // s, -(-min(W, X1 + halo) // s)
+            tiles.append(Tile(slice(iy0, iy1), slice(ix0, ix1), (Y0 - iy0 * s, X0 - ix0 * s, Y1 - Y0, X1 - X0),
+                              (Y0, X0)))
+    return tiles
+
+
+def run_tiled(seg: Segment, x: torch.Tensor, tiles: list[Tile], first: bool) -> torch.Tensor:
+    """The segment on x [B, C, F, h, w] (whole frames at its input resolution), tile by tile,
+    with whole-frame GroupNorm statistics: equal to run_layers(seg.layers, x)."""
+    H, W = x.shape[3] * seg.scale, x.shape[4] * seg.scale
+    norms = TileNorms()
+    for norm in seg.norms:              # statistics passes, in the order the norms run
+        norms.target = norm
+        for t in tiles:
+            t.state.update, t.state.norms, norms.region = False, norms, t.region
+            try:
+                run_layers(seg.layers, x[..., t.rows, t.cols], t.state, first)
+            except StopPass:
+                continue
+            raise RuntimeError("tiled decode: a statistics pass did not reach its GroupNorm")
+        norms.finish(norm, norm.weight.numel() // norm.groups * H * W)
+    out = None
+    for t in tiles:                     # the last pass: every norm's statistics known
+        t.state.update, t.state.norms, norms.region = True, norms, t.region
+        y = run_layers(seg.layers, x[..., t.rows, t.cols], t.state, first)
+        oy, ox, th, tw = t.region
+        if out is None:
+            out = y.new_empty(*y.shape[:3], H, W)
+        out[..., t.at[0]:t.at[0] + th, t.at[1]:t.at[1] + tw] = y[..., oy:oy + th, ox:ox + tw]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Memory planning
+# -----------------------------------------------------------------------------
+
+# Live tensors of a segment's width while a ResBlock runs (input, normalised, the padded conv
+# input, conv output, the skip, the sum), measured on CPU with the tiny config; the tiled
+# statistics pass adds a float64 copy of the tile.
+ACTIVATION_COPIES = 6
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    chunk_frames: int | None       # None: all latent frames at once
+    tile: tuple[int, int] | None   # latent pixels; None: whole frames
+    tiled: tuple[bool, ...] = ()   # per segment: runs in tiles
+    estimate_bytes: int = 0
+
+
+def _frames(segs: list[Segment], chunk: int) -> list[int]:
+    """Frames each segment holds for a chunk of latent frames (an upper bound: later chunks)."""
+    out, n = [], chunk
+    for seg in segs:
+        n *= 2 if seg.temporal else 1
+        out.append(n)
+    return out
+
+
+def estimate_bytes(segs: list[Segment], shape: tuple[int, ...], chunk: int, tile: tuple[int, int] | None,
+                   tiled: tuple[bool, ...], element_size: int, keep_output: bool) -> int:
+    """Estimated peak bytes of decoding a latent of `shape` [B, C, t, h, w]."""
+    B, _, t, h, w = shape
+    frames = _frames(segs, chunk)
+    total_frames = _frames(segs, t)[-1]
+    out_frames = total_frames if keep_output else frames[-1]
+    output = B * 3 * out_frames * h * w * segs[-1].factor ** 2 * element_size
+    carried, peak_segment = 0, 0
+    for seg, n, tiles_it in zip(segs, frames, tiled):
+        H, W = h * seg.factor, w * seg.factor
+        if tiles_it:
+            th = min(H, tile[0] * seg.factor + 2 * seg.halo + seg.scale)
+            tw = min(W, tile[1] * seg.factor + 2 * seg.halo + seg.scale)
+            area = th * tw
+            n_tiles = math.ceil(h / tile[0]) * math.ceil(w / tile[1])
+            carried_area = n_tiles * area
+            whole = (seg.in_channels * (n // (2 if seg.temporal else 1)) * H * W // seg.scale ** 2
+                     + seg.out_channels * n * H * W)
+            work = (ACTIVATION_COPIES + 2) * seg.max_channels * (n + 2) * area
+        else:
+            carried_area, whole = H * W, 0
+            work = ACTIVATION_COPIES * seg.max_channels * (n + 2) * H * W
+        carried += sum(conv.pad_t * conv.conv.in_channels for conv in seg.convs) * carried_area * B
+        peak_segment = max(peak_segment, (work + whole) * B)
+    return output + (carried + peak_segment) * element_size
+
+
+def _tile_sides(n: int) -> list[int]:
+    sides = {n} | {s for s in (64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1) if s < n}
+    return sorted(sides, reverse=True)
+
+
+def plan_decode(decoder: nn.Module, shape: tuple[int, ...], max_memory_gb: float | None, element_size: int,
+                chunk_frames: int | None = None, tile: tuple[int, int] | None = None,
+                keep_output: bool = True) -> DecodePlan:
+    """The decode plan for a latent of `shape`: chunk_frames and tile as given; with a budget,
+    those not given chosen so the estimated peak fits (largest chunk untiled, else the largest
+    tile, tiling only the segments that need it). ValueError when nothing fits."""
+    segs = segments_of(decoder)
+    t, h, w = shape[2:]
+    if max_memory_gb is None:
+        if tile is None:
+            return DecodePlan(chunk_frames, None, (False,) * len(segs))
+        return DecodePlan(chunk_frames or 1, tile, (True,) * len(segs))
+    budget = max_memory_gb * 2 ** 30
+    chunks = [chunk_frames] if chunk_frames is not None else sorted({t} | {c for c in (16, 8, 4, 2, 1) if c < t},
+                                                                    reverse=True)
+    if tile is not None:
+        tiles = [tile]
+    else:
+        tiles = [None] + [(th, tw) for th, tw in zip(_tile_sides(h), _tile_sides(w)) if (th, tw) != (h, w)]
+    smallest = None
+    for tl in tiles:
+        for chunk in chunks:
+            if tl is None:
+                tiled = (False,) * len(segs)
+            else:  # tile the segments, from the highest resolution down, until the estimate fits
+                tiled = [False] * len(segs)
+                for s in reversed(range(len(segs))):
+                    if estimate_bytes(segs, shape, chunk, tl, tuple(tiled), element_size, keep_output) <= budget:
+                        break
+                    tiled[s] = True
+                tiled = tuple(tiled)
+            est = estimate_bytes(segs, shape, chunk, tl, tiled, element_size, keep_output)
+            if est <= budget:
+                whole = tl is None and chunk == t and chunk_frames is None
+                return DecodePlan(None if whole else chunk, tl, tiled, est)
+            smallest = min(smallest or (est, chunk, tl), (est, chunk, tl), key=lambda e: e[0])
+    est, chunk, tl = smallest
+    hint = " (decode keeps the whole output video; decode_stream yields it chunk by chunk)" if keep_output else ""
+    raise ValueError(f"max_memory_gb: {max_memory_gb} GB is below the smallest estimated peak, "
+                     f"{est / 2 ** 30:.3f} GB (chunk_frames={chunk}, tile={tl}) for a latent of shape "
+                     f"{tuple(shape)}{hint}")
