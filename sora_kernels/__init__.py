@@ -14,6 +14,7 @@ backends; see sora_kernels.backends for how one is picked):
     gelu_tanh, swiglu                    fused MLP activations
     final_layer_unpatchify               DiT's final layer (modulated norm, linear) fused with unpack_unpatchify
     group_norm_silu                      per-frame GroupNorm + SiLU of video activations (the VAE's norm)
+    latent_denorm                        the decoder's input epilogue: per-channel de-normalisation + NaN count per frame
     frames_to_uint8                      the decoder's output epilogue: [C, T, H, W] -> uint8 frames [T, H, W, C]
 
 `python -m sora_kernels.info` prints what is built and usable here.
@@ -25,6 +26,7 @@ from sora_kernels.ops.final_layer_unpatchify import final_layer_unpatchify
 from sora_kernels.ops.frames_to_uint8 import frames_to_uint8
 from sora_kernels.ops.gated_residual import gated_residual
 from sora_kernels.ops.group_norm_silu import group_norm_silu
+from sora_kernels.ops.latent_denorm import latent_denorm
 from sora_kernels.ops.rms_norm import rms_norm
 from sora_kernels.ops.pack_patchify import pack_patchify, unpack_unpatchify
 from sora_kernels.ops.patch_embed3d import patch_embed3d
@@ -37,5 +39,5 @@ __version__ = "0.1.0"
 
 __all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "patch_embed3d", "Packed", "varlen_attention",
            "Rope3D", "rope3d", "adaln_norm", "gated_residual", "gated_residual_adaln", "rms_norm", "gelu_tanh",
-           "swiglu", "final_layer_unpatchify", "group_norm_silu", "frames_to_uint8",
+           "swiglu", "final_layer_unpatchify", "group_norm_silu", "latent_denorm", "frames_to_uint8",
            "NoBackendError"]

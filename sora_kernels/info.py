@@ -13,7 +13,10 @@ from sora_kernels.ops.pack_patchify import PACK_BACKENDS, UNPACK_BACKENDS
 from sora_kernels.ops.activations import GELU_BACKENDS, SWIGLU_BACKENDS
 from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, FUSED_BACKENDS
 from sora_kernels.ops.final_layer_unpatchify import FINAL_LAYER_BACKENDS
+from sora_kernels.ops.frames_to_uint8 import FRAMES_BACKENDS
 from sora_kernels.ops.gated_residual import GATED_RESIDUAL_BACKENDS
+from sora_kernels.ops.group_norm_silu import GROUP_NORM_BACKENDS
+from sora_kernels.ops.latent_denorm import LATENT_DENORM_BACKENDS
 from sora_kernels.ops.patchify3d import PATCHIFY_BACKENDS, UNPATCHIFY_BACKENDS
 from sora_kernels.ops.rms_norm import RMS_NORM_BACKENDS
 from sora_kernels.ops.rope3d import ROPE_BACKENDS
@@ -42,6 +45,9 @@ def _sample_calls(device: torch.device) -> dict:
         "gelu_tanh (fp32)": (GELU_BACKENDS, (rows,)),
         "swiglu (fp32)": (SWIGLU_BACKENDS, (rows, rows)),
         "final_layer_unpatchify (fp32)": (FINAL_LAYER_BACKENDS, (rows, *[None] * 8, True)),
+        "group_norm_silu (bf16, 4 groups)": (GROUP_NORM_BACKENDS, (x, 4, None, None, 1e-6, "silu")),
+        "latent_denorm": (LATENT_DENORM_BACKENDS, (x, None, None)),
+        "frames_to_uint8": (FRAMES_BACKENDS, (x[0, :3],)),
     }
 
 

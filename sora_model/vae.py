@@ -333,11 +333,6 @@ class VideoAutoencoder(nn.Module):
             raise ValueError(f"latent: expected [B, {cfg.latent_channels}, t, h, w], got {got}")
         if z.shape[2] < 1:
             raise ValueError(f"latent: expected at least 1 frame, got {tuple(z.shape)}")
-        bad = torch.isnan(z)
-        if bad.any():
-            frames = sorted({int(t) for t in bad.nonzero()[:, 2].tolist()})
-            raise ValueError(f"latent: contains NaN ({int(bad.sum())} elements, in latent frames {frames[:8]}"
-                             f"{'...' if len(frames) > 8 else ''})")
 
     # ---- encode ----
 
@@ -357,6 +352,16 @@ class VideoAutoencoder(nn.Module):
     def _denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z / self.cfg.scaling_factor + self.cfg.shift_factor
 
+    def _denormalize_checked(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's input: z de-normalised and scanned for NaN in one pass
+        (sora_kernels.latent_denorm); ValueError naming the latent frames with NaN."""
+        out, nan = sk.latent_denorm(z, 1.0 / self.cfg.scaling_factor, self.cfg.shift_factor)
+        if bool(nan.any()):
+            frames = nan.sum(0).nonzero().flatten().tolist()
+            raise ValueError(f"latent: contains NaN ({int(nan.sum())} elements, in latent frames {frames[:8]}"
+                             f"{'...' if len(frames) > 8 else ''})")
+        return out
+
     def decode(self, z: torch.Tensor, chunk_frames: int | None = None, *, tile: tuple[int, int] | None = None,
                max_memory_gb: float | None = None) -> torch.Tensor:
         """latent [B, latent, t, h, w] -> video [B, 3, 1 + 4(t - 1), 8h, 8w].
@@ -371,8 +376,9 @@ class VideoAutoencoder(nn.Module):
         Every plan equals the full decode up to float reassociation (<= 1e-4 in fp32, tested)."""
         self.check_latent(z)
         plan = self.plan_decode(z, chunk_frames, tile, max_memory_gb, keep_output=True)
+        z = self._denormalize_checked(z)
         if plan.chunk_frames is None and plan.tile is None:
-            return self.decoder(self._denormalize(z))
+            return self.decoder(z)
         B, _, t, h, w = z.shape
         sc = self.cfg.spatial_compression
         out = None
@@ -392,7 +398,7 @@ class VideoAutoencoder(nn.Module):
         chunk_frames=None lets the budget choose it)."""
         self.check_latent(z)
         plan = self.plan_decode(z, chunk_frames, tile, max_memory_gb, keep_output=False)
-        return self._stream(z, plan)
+        return self._stream(self._denormalize_checked(z), plan)
 
     def plan_decode(self, z: torch.Tensor, chunk_frames: int | None = None, tile: tuple[int, int] | None = None,
                     max_memory_gb: float | None = None, keep_output: bool = True):
@@ -412,19 +418,20 @@ class VideoAutoencoder(nn.Module):
                                       tile, keep_output)
 
     def _stream(self, z: torch.Tensor, plan) -> Iterator[torch.Tensor]:
+        """Decoded chunks of the de-normalised latent z, as the plan says."""
         from sora_model import vae_tiling
         chunk_frames = plan.chunk_frames or z.shape[2]
         if plan.tile is None:
             state = DecodeState()
             for t0 in range(0, z.shape[2], chunk_frames):
-                yield self.decoder(self._denormalize(z[:, :, t0:t0 + chunk_frames]), state, first=t0 == 0)
+                yield self.decoder(z[:, :, t0:t0 + chunk_frames], state, first=t0 == 0)
             return
         segs = vae_tiling.segments_of(self.decoder)
         h, w = z.shape[3:]
         tiles = [vae_tiling.make_tiles(seg, h, w, plan.tile) if tiled else None for seg, tiled in zip(segs, plan.tiled)]
         states = [DecodeState() for _ in segs]       # the untiled segments' carried frames
         for t0 in range(0, z.shape[2], chunk_frames):
-            x = self._denormalize(z[:, :, t0:t0 + chunk_frames])
+            x = z[:, :, t0:t0 + chunk_frames]
             for seg, seg_tiles, state in zip(segs, tiles, states):
                 if seg_tiles is None:
                     x = run_layers(seg.layers, x, state, t0 == 0)

@@ -206,9 +206,21 @@ def frames_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
+def latent_denorm_jobs(archs: list[int]) -> list[dict]:
+    """latent_denorm_kernel, bf16 and fp32 latents."""
+    from sora_kernels.ops import latent_denorm as op
+    jobs = []
+    for dtype in ("bf16", "fp32"):
+        constexprs = {"BLOCK": op.BLOCK}
+        signature = _pointer_signature(op.latent_denorm_kernel, constexprs, set(), dtype,
+                                       {"scale_ptr": "*fp32", "shift_ptr": "*fp32", "nan_ptr": "*i32"})
+        jobs += [_job(op.latent_denorm_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
+    return jobs
+
+
 def kernel_jobs(archs: list[int]) -> list[dict]:
     return (patchify_jobs(archs) + attention_jobs(archs) + dit_jobs(archs) + patch_embed_jobs(archs)
-            + final_layer_jobs(archs) + group_norm_jobs(archs) + frames_jobs(archs))
+            + final_layer_jobs(archs) + group_norm_jobs(archs) + frames_jobs(archs) + latent_denorm_jobs(archs))
 
 
 def _cuobjdump() -> str:

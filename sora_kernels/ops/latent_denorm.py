@@ -1,0 +1,118 @@
+"""latent_denorm: the video decoder's input epilogue in one pass over the latent: the
+per-channel de-normalisation z * scale[c] + shift[c], and the number of NaN in each (batch,
+frame), so the decoder can say which latent frames are bad without a second pass.
+
+Order: Triton kernel -> launcher -> custom op and autograd -> backends -> public function.
+Differentiable in z (dz = dy * scale); scale and shift are constants (a VAE's latent
+statistics).
+"""
+from __future__ import annotations
+
+import torch
+
+from sora_kernels import backends as B
+
+if B.TRITON_MISSING is None:
+    import triton
+    import triton.language as tl
+
+BLOCK = 1024
+
+if B.TRITON_MISSING is None:
+
+    @triton.jit
+    def latent_denorm_kernel(z_ptr, out_ptr, scale_ptr, shift_ptr, nan_ptr, C, T, S, blocks_per_plane,
+                             BLOCK: tl.constexpr):
+        """BLOCK positions of one (b, c, t) plane of S = h * w positions (z contiguous
+        [B, C, T, h, w]): out = z * scale[c] + shift[c]; NaN counted into nan[b, t]."""
+        pid = tl.program_id(0)
+        plane = pid // blocks_per_plane            # (b * C + c) * T + t
+        offs = (pid % blocks_per_plane) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < S
+        t = plane % T
+        c = (plane // T) % C
+        b = plane // (C * T)
+        base = plane.to(tl.int64) * S
+        z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = z * tl.load(scale_ptr + c) + tl.load(shift_ptr + c)
+        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        n = tl.sum((z != z).to(tl.int32), 0)
+        if n > 0:
+            tl.atomic_add(nan_ptr + b * T + t, n)
+
+
+def launch(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = z.contiguous()
+    Bn, C, T, h, w = z.shape
+    out = torch.empty_like(z)
+    nan = torch.zeros((Bn, T), dtype=torch.int32, device=z.device)
+    S = h * w
+    if z.numel():
+        blocks = triton.cdiv(S, BLOCK)
+        latent_denorm_kernel[(Bn * C * T * blocks,)](z, out, scale, shift, nan, C, T, S, blocks, BLOCK=BLOCK)
+    return out, nan
+
+
+@torch.library.custom_op("sora_kernels::latent_denorm_triton", mutates_args=())
+def latent_denorm_triton(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch(z, scale, shift)
+
+
+@latent_denorm_triton.register_fake
+def _(z, scale, shift):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty((z.shape[0], z.shape[2]),
+                                                                                   dtype=torch.int32)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward(ctx, dy, _dnan):
+    (scale,) = ctx.saved_tensors
+    return (dy.float() * scale.view(1, -1, 1, 1, 1)).to(dy.dtype), None, None
+
+
+latent_denorm_triton.register_autograd(_backward, setup_context=_setup)
+
+
+def reference(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    C = z.shape[1]
+    out = (z.float() * scale.view(1, C, 1, 1, 1) + shift.view(1, C, 1, 1, 1)).to(z.dtype)
+    return out, torch.isnan(z).sum((1, 3, 4), dtype=torch.int32)
+
+
+LATENT_DENORM_BACKENDS = (
+    B.Backend("triton", lambda z, *rest: B.device_reasons("triton", z.device, "latent_denorm"), latent_denorm_triton),
+    B.Backend("reference", lambda *args: [], reference),
+)
+
+
+def _per_channel(name: str, value, C: int, z: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((C,), float(value), device=z.device, dtype=torch.float32)
+    if not isinstance(value, torch.Tensor) or value.shape != (C,):
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name}: expected a float or a tensor of shape ({C},) (one per latent channel), got {got}")
+    if value.device != z.device:
+        raise ValueError(f"{name}: expected it on z's device {z.device}, got {value.device}")
+    return value.float().contiguous()
+
+
+def latent_denorm(z: torch.Tensor, scale, shift, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [B, C, T, h, w] -> (z * scale[c] + shift[c] in z's dtype, NaN count int32 [B, T]),
+    in one pass. scale, shift: floats or tensors of shape [C].
+
+    Equivalent PyTorch::
+
+        out = (z.float() * scale.view(1, C, 1, 1, 1) + shift.view(1, C, 1, 1, 1)).to(z.dtype)
+        nan = torch.isnan(z).sum((1, 3, 4))
+    """
+    if not isinstance(z, torch.Tensor) or z.dim() != 5:
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"z: expected a 5-dim tensor [B, C, T, h, w], got {got}")
+    if z.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"z: expected float16, bfloat16 or float32, got {z.dtype}")
+    C = z.shape[1]
+    args = (z, _per_channel("scale", scale, C, z), _per_channel("shift", shift, C, z))
+    return B.select("latent_denorm", LATENT_DENORM_BACKENDS, args, backend).run(*args)
