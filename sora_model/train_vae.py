@@ -1,10 +1,15 @@
-"""Trains the video autoencoder: reconstruction L1 + KL, checkpoints in safetensors.
+"""Trains the video autoencoder: reconstruction L1 + KL (+ an optional adversarial term),
+checkpoints in safetensors.
 
     python -m sora_model.train_vae --config tiny --data synthetic --frames 9 --size 64 --steps 200 \
         --out vae.safetensors
     python -m sora_model.train_vae --data path/to/videos ...      # any container FFmpeg reads
+    python -m sora_model.train_vae ... --adv-weight 0.1 --adv-start 5000   # with a 3D PatchGAN
 
-(The optional adversarial term of issue 5 is not written yet.)
+The adversarial term (sora_model/discriminator.py) is off by default (--adv-weight 0). From
+step --adv-start the decoder also minimises adv_weight * -D(reconstruction), and the
+discriminator takes one hinge-loss step per training step. Checkpoints hold the autoencoder
+only.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from dataclasses import asdict
 import torch
 
 from sora_model.data import folder_videos, synthetic_videos
+from sora_model.discriminator import PatchDiscriminator3D, discriminator_hinge_loss, generator_hinge_loss
 from sora_model.vae import SIZES, VAEConfig, VideoAutoencoder, vae_config
 
 
@@ -47,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--adv-weight", type=float, default=0.0, help="weight of the adversarial term (0: off)")
+    p.add_argument("--adv-start", type=int, default=0, help="first step with the adversarial term")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--out", default="vae.safetensors")
     p.add_argument("--seed", type=int, default=0)
@@ -57,15 +65,23 @@ def parse_args(argv=None):
         p.error(f"--frames: expected 1 + 4k, got {args.frames}")
     if args.size % 8:
         p.error(f"--size: expected a multiple of 8, got {args.size}")
+    if args.adv_weight < 0:
+        p.error(f"--adv-weight: expected >= 0, got {args.adv_weight}")
     return args
 
 
-def train(args) -> list[float]:
-    """Runs the training; returns the loss of every step."""
+def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float]:
+    """Runs the training; returns the loss of every step (the autoencoder's: L1 + KL, + the
+    weighted generator term once it is on). With --adv-weight > 0 a discriminator is made
+    unless one is given (its weights are updated in place)."""
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     vae = VideoAutoencoder(vae_config(args.config)).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    adversarial = args.adv_weight > 0
+    if adversarial:
+        disc = (discriminator or PatchDiscriminator3D()).to(device).train()
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
     data = (synthetic_videos(args.frames, args.size, args.size, args.seed) if args.data == "synthetic"
             else folder_videos(args.data, args.frames, args.size, args.size, args.seed))
     losses = []
@@ -81,14 +97,29 @@ def train(args) -> list[float]:
         l1 = (recon - video).abs().mean()
         kl = posterior.kl()
         loss = l1 + args.kl_weight * kl
+        adv_on = adversarial and step >= args.adv_start
+        if adv_on:
+            for p in disc.parameters():       # the generator term's gradient goes to the VAE only
+                p.requires_grad_(False)
+            g_loss = generator_hinge_loss(disc(recon))
+            loss = loss + args.adv_weight * g_loss
+            for p in disc.parameters():
+                p.requires_grad_(True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        stats = {"l1": f"{l1.item():.4f}", "kl": f"{kl.item():.1f}"}
+        if adv_on:
+            d_loss = discriminator_hinge_loss(disc(video), disc(recon.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            stats.update(g=f"{g_loss.item():.3f}", d=f"{d_loss.item():.3f}")
         losses.append(loss.item())
         if bar is not None:
-            bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.1f}")
+            bar.set_postfix(**stats)
         elif step % max(1, args.steps // 10) == 0:
-            print(f"step {step}/{args.steps} l1 {l1.item():.4f} kl {kl.item():.1f}", file=sys.stderr)
+            print(f"step {step}/{args.steps} " + " ".join(f"{k} {v}" for k, v in stats.items()), file=sys.stderr)
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(args.out, vae, step)
     return losses
