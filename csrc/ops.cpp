@@ -7,6 +7,7 @@
 #include "dit/gated_residual_op.h"
 #include "patchify/patchify_cpu.h"
 #include "patchify/patchify_op.h"
+#include "vae/epilogue_op.h"
 #include "vae/group_norm_op.h"
 
 namespace sora_kernels {
@@ -36,6 +37,7 @@ TORCH_LIBRARY(sora_kernels, m) {
   dit::define_adaln(m);
   dit::define_gated_residual(m);
   vae::define_group_norm(m);
+  vae::define_epilogues(m);
 }
 
 TORCH_LIBRARY_IMPL(sora_kernels, CPU, m) {
@@ -43,6 +45,7 @@ TORCH_LIBRARY_IMPL(sora_kernels, CPU, m) {
   dit::register_adaln_cpu(m);
   dit::register_gated_residual_cpu(m);
   vae::register_group_norm_cpu(m);
+  vae::register_epilogues_cpu(m);
 }
 
 }  // namespace sora_kernels

@@ -10,7 +10,7 @@ from sora_kernels.ops.frames_to_uint8 import FRAMES_BACKENDS, reference
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(3, 5, 16, 24), (3, 1, 7, 9), (1, 2, 3, 3), (4, 3, 40, 36)])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cpu", "reference"])
 def test_matches_reference(backend, shape, dtype):
     g = torch.Generator().manual_seed(0)
     x = (1.3 * torch.randn(*shape, generator=g)).to(DEVICE, dtype)
@@ -23,9 +23,15 @@ def test_matches_reference(backend, shape, dtype):
     assert_bitwise_equal(out, reference(x), "frames_to_uint8")
 
 
-def test_values_and_errors():
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cpu", "reference"])
+def test_values(backend):
     x = torch.tensor([-3.0, -1.0, 0.0, 1 / 255, 1.0, 7.0], device=DEVICE).view(1, 6, 1, 1)
-    assert sk.frames_to_uint8(x).flatten().tolist() == [0, 0, 128, 128, 255, 255]  # 128.0 and 128.0 (tie to even)
+    require_backend(FRAMES_BACKENDS, backend, (x,))
+    # 127.5 -> 128 and 128.0 -> 128 (ties to even); out of range clamps
+    assert sk.frames_to_uint8(x, backend=backend).flatten().tolist() == [0, 0, 128, 128, 255, 255]
+
+
+def test_errors():
     with pytest.raises(ValueError, match=r"video: expected a 4-dim tensor \[C, T, H, W\], got \(3, 4\)"):
         sk.frames_to_uint8(torch.zeros(3, 4, device=DEVICE))
     with pytest.raises(ValueError, match="video: expected float16, bfloat16 or float32, got torch.int32"):

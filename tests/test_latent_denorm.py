@@ -10,7 +10,7 @@ from sora_kernels.ops.latent_denorm import LATENT_DENORM_BACKENDS, reference
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 16, 3, 5, 7), (1, 4, 1, 1, 1), (1, 16, 2, 40, 36)])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cpu", "reference"])
 def test_matches_reference(backend, shape, dtype):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(*shape, generator=g).to(DEVICE, dtype)
@@ -28,7 +28,7 @@ def test_matches_reference(backend, shape, dtype):
                                atol=1e-6 if dtype == torch.float32 else None)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cpu", "reference"])
 def test_scalars_and_gradient(backend):
     z = torch.randn(1, 3, 2, 4, 4, device=DEVICE, requires_grad=True)
     require_backend(LATENT_DENORM_BACKENDS, backend, (z.detach(), None, None))
@@ -40,10 +40,12 @@ def test_scalars_and_gradient(backend):
     torch.testing.assert_close(dz, dy / 0.7)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cpu"])
+def test_torch_compile_fullgraph(backend):
     z = torch.randn(1, 4, 2, 3, 5, device=DEVICE)
     scale, shift = torch.rand(4, device=DEVICE) + 0.5, torch.randn(4, device=DEVICE)
-    assert_compiles_exactly(lambda a: sk.latent_denorm(a, scale, shift), z)
+    require_backend(LATENT_DENORM_BACKENDS, backend, (z, scale, shift))
+    assert_compiles_exactly(lambda a: sk.latent_denorm(a, scale, shift, backend=backend), z)
 
 
 def test_errors():

@@ -2,8 +2,9 @@
 0..255, round half to even, and transpose [C, T, H, W] (planes) to uint8 [T, H, W, C] frames
 (what a video encoder takes).
 
-Order: Triton kernel -> launcher -> custom op -> backends -> public function. Not
-differentiable (its output is bytes).
+Order: Triton kernel -> launcher -> custom op -> compiled op's fake -> backends -> public
+function. Backends: cuda (csrc/vae/epilogue_cuda.cu), triton, cpu (csrc/vae/epilogue_cpu.cpp,
+float32), reference. Not differentiable (its output is bytes).
 """
 from __future__ import annotations
 
@@ -63,6 +64,22 @@ def reference(x: torch.Tensor) -> torch.Tensor:
     return v.round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 
+if B.compiled_has("frames_to_uint8", "CPU"):
+    @torch.library.register_fake("sora_kernels::frames_to_uint8")
+    def _(x):
+        C, T, H, W = x.shape
+        return x.new_empty((T, H, W, C), dtype=torch.uint8)
+
+
+def _compiled_reasons(name: str):
+    def reasons(x) -> list[str]:
+        out = B.device_reasons(name, x.device, "frames_to_uint8")
+        if name == "cpu" and x.dtype != torch.float32:
+            out.append(f"the C++ kernel runs float32, got {x.dtype}")
+        return out
+    return reasons
+
+
 def _triton_reasons(x) -> list[str]:
     reasons = B.device_reasons("triton", x.device, "frames_to_uint8")
     if x.shape[0] > MAX_CHANNELS:
@@ -71,7 +88,9 @@ def _triton_reasons(x) -> list[str]:
 
 
 FRAMES_BACKENDS = (
+    B.Backend("cuda", _compiled_reasons("cuda"), lambda x: torch.ops.sora_kernels.frames_to_uint8(x)),
     B.Backend("triton", _triton_reasons, frames_to_uint8_triton),
+    B.Backend("cpu", _compiled_reasons("cpu"), lambda x: torch.ops.sora_kernels.frames_to_uint8(x)),
     B.Backend("reference", lambda x: [], reference),
 )
 

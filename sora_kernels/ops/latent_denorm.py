@@ -2,9 +2,10 @@
 per-channel de-normalisation z * scale[c] + shift[c], and the number of NaN in each (batch,
 frame), so the decoder can say which latent frames are bad without a second pass.
 
-Order: Triton kernel -> launcher -> custom op and autograd -> backends -> public function.
-Differentiable in z (dz = dy * scale); scale and shift are constants (a VAE's latent
-statistics).
+Order: Triton kernel -> launcher -> custom op and autograd -> compiled op's fake and autograd
+-> backends -> public function. Backends: cuda (csrc/vae/epilogue_cuda.cu), triton, cpu
+(csrc/vae/epilogue_cpu.cpp, float32), reference. Differentiable in z (dz = dy * scale);
+scale and shift are constants (a VAE's latent statistics).
 """
 from __future__ import annotations
 
@@ -58,10 +59,12 @@ def latent_denorm_triton(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
     return launch(z, scale, shift)
 
 
-@latent_denorm_triton.register_fake
-def _(z, scale, shift):
+def _fake(z, scale, shift):
     return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty((z.shape[0], z.shape[2]),
                                                                                    dtype=torch.int32)
+
+
+latent_denorm_triton.register_fake(_fake)
 
 
 def _setup(ctx, inputs, output):
@@ -75,6 +78,10 @@ def _backward(ctx, dy, _dnan):
 
 latent_denorm_triton.register_autograd(_backward, setup_context=_setup)
 
+if B.compiled_has("latent_denorm", "CPU"):
+    torch.library.register_fake("sora_kernels::latent_denorm")(_fake)
+    torch.library.register_autograd("sora_kernels::latent_denorm", _backward, setup_context=_setup)
+
 
 def reference(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     C = z.shape[1]
@@ -82,8 +89,18 @@ def reference(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tupl
     return out, torch.isnan(z).sum((1, 3, 4), dtype=torch.int32)
 
 
+def _cpu_reasons(z, *rest) -> list[str]:
+    reasons = B.device_reasons("cpu", z.device, "latent_denorm")
+    if z.dtype != torch.float32:
+        reasons.append(f"the C++ kernel runs float32, got {z.dtype}")
+    return reasons
+
+
 LATENT_DENORM_BACKENDS = (
+    B.Backend("cuda", lambda z, *rest: B.device_reasons("cuda", z.device, "latent_denorm"),
+              lambda z, scale, shift: torch.ops.sora_kernels.latent_denorm(z, scale, shift)),
     B.Backend("triton", lambda z, *rest: B.device_reasons("triton", z.device, "latent_denorm"), latent_denorm_triton),
+    B.Backend("cpu", _cpu_reasons, lambda z, scale, shift: torch.ops.sora_kernels.latent_denorm(z, scale, shift)),
     B.Backend("reference", lambda *args: [], reference),
 )
 

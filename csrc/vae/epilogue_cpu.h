@@ -1,0 +1,18 @@
+// The video decoder's epilogues on CPU, torch-free (raw pointers and sizes; float32):
+//   frames_to_uint8: planes x [C, P] (P = T * H * W) -> bytes out [P, C]:
+//     round((clamp(x, -1, 1) + 1) * 127.5) half to even (torch.round's rule);
+//   latent_denorm: z [B, C, T, S] -> out = z * scale[c] + shift[c], nan[b, t] = NaN count.
+#pragma once
+
+#include <cstdint>
+
+namespace sora_kernels {
+namespace vae {
+
+void frames_to_uint8_cpu(const float* x, uint8_t* out, int64_t C, int64_t P);
+
+void latent_denorm_cpu(const float* z, float* out, const float* scale, const float* shift, int32_t* nan, int64_t B,
+                       int64_t C, int64_t T, int64_t S);
+
+}  // namespace vae
+}  // namespace sora_kernels
