@@ -1,0 +1,226 @@
+"""A diffusion transformer over packed spacetime patches (Sora's denoiser).
+
+Latents of any sizes [C, T_i, H_i, W_i] become one token sequence (patch_embed3d: no padding,
+no crops); every block is segment-aware, so each video keeps its own timestep and text
+conditioning and attends only to itself:
+
+    x = patch_embed3d(latents)                                [N, D] + Packed (cu_seqlens, positions)
+    c = t_embed(t) + text_pool(pooled)                         [n, D] one row per video
+    block x depth:
+        h = adaln_norm(x, shift1, scale1)                      modulated by c of the token's video
+        x = x + gate1 * attn(h)                                varlen_attention over cu_seqlens, QK RMSNorm, 3D rope
+        x, h = x + cross_attn(x, text), adaln_norm(.)          varlen_attention to the video's own text tokens
+        x = x + gate2 * mlp(h)                                 gelu_tanh
+    latents = final_layer_unpatchify(x, shift, scale)          list of [C, T_i, H_i, W_i]
+
+adaLN-Zero: the modulation and output layers start at zero, so every block starts as the
+identity and the model's first output is zero. Layout follows DiT's models.py: a dataclass
+config with named sizes, shape comments, explicit init. Every hot op is a sora_kernels op.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import sora_kernels as sk
+from sora_kernels.packed import Packed
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    in_channels: int = 16                     # latent channels
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    hidden: int = 1152
+    depth: int = 28
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    text_dim: int = 768                       # width of the text encoder's token embeddings
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+    grad_checkpointing: bool = False          # recompute each block in the backward (activation memory / depth)
+
+
+SIZES = {
+    "tiny": DiTConfig(hidden=64, depth=2, heads=4, text_dim=64),            # CPU tests and demos
+    "S": DiTConfig(hidden=384, depth=12, heads=6),
+    "B": DiTConfig(hidden=768, depth=12, heads=12),
+    "L": DiTConfig(hidden=1024, depth=24, heads=16),
+    "XL": DiTConfig(hidden=1152, depth=28, heads=16),
+    "1B": DiTConfig(hidden=1536, depth=20, heads=16),                       # ~1.05B parameters
+}
+
+
+@dataclass
+class TextBatch:
+    """Text conditioning of n videos: token embeddings of all captions packed [M, text_dim]
+    (caption i is tokens[cu_seqlens[i]:cu_seqlens[i + 1]]), and pooled [n, text_dim]."""
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor                  # int32 [n + 1]
+    max_seqlen: int
+    pooled: torch.Tensor
+
+
+# -----------------------------------------------------------------------------
+# Embedders
+# -----------------------------------------------------------------------------
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps in [0, 1] -> [n, D]: sinusoidal features of 1000 t, then an MLP (DiT)."""
+
+    def __init__(self, hidden: int, frequencies: int = 256):
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(frequencies, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequencies // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+# -----------------------------------------------------------------------------
+# Block
+# -----------------------------------------------------------------------------
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D, H = cfg.hidden, cfg.heads
+        self.heads, self.eps, self.theta = H, cfg.eps, cfg.rope_theta
+        self.modulation = nn.Linear(D, 6 * D)              # shift, scale, gate for attention and MLP
+        self.qkv = nn.Linear(D, 3 * D)
+        self.q_norm = nn.Parameter(torch.ones(D // H))
+        self.k_norm = nn.Parameter(torch.ones(D // H))
+        self.proj = nn.Linear(D, D)
+        self.cross_norm = nn.Parameter(torch.ones(D))
+        self.cross_q = nn.Linear(D, D)
+        self.cross_kv = nn.Linear(cfg.text_dim, 2 * D)
+        self.cross_proj = nn.Linear(D, D)
+        hidden_mlp = int(D * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(D, hidden_mlp)
+        self.fc2 = nn.Linear(hidden_mlp, D)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, packed: Packed, text: TextBatch) -> torch.Tensor:
+        # x: [N, D] packed tokens; c: [n, D] per video
+        N, D = x.shape
+        H, Dh = self.heads, D // self.heads
+        cu, seg = packed.cu_seqlens, packed.segment_ids
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, dim=1)   # [n, D] each
+        h = sk.adaln_norm(x, shift1, scale1, cu, eps=self.eps, segment_ids=seg)                   # [N, D]
+        q, k, v = self.qkv(h).view(N, 3, H, Dh).unbind(1)                                        # [N, H, Dh]
+        q, k = sk.rms_norm(q, self.q_norm, eps=self.eps), sk.rms_norm(k, self.k_norm, eps=self.eps)
+        a = sk.varlen_attention(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen,
+                                rope=sk.Rope3D(packed.positions, theta=self.theta))                # [N, H, Dh]
+        x = sk.gated_residual(x, self.proj(a.reshape(N, D)), gate1, cu, segment_ids=seg)
+        # cross-attention: each video's tokens to its own caption's tokens
+        M = text.tokens.shape[0]
+        qc = self.cross_q(sk.rms_norm(x, self.cross_norm, eps=self.eps)).view(N, H, Dh)
+        kc, vc = self.cross_kv(text.tokens).view(M, 2, H, Dh).unbind(1)                           # [M, H, Dh]
+        ca = sk.varlen_attention(qc, kc, vc, cu, text.cu_seqlens, packed.max_seqlen, text.max_seqlen)
+        ones = torch.ones_like(gate2)
+        x, h = sk.gated_residual_adaln(x, self.cross_proj(ca.reshape(N, D)), ones, shift2, scale2, cu, eps=self.eps,
+                                       segment_ids=seg)                                            # residual, then MLP norm
+        m = self.fc2(sk.gelu_tanh(self.fc1(h)))                                                    # [N, D]
+        return sk.gated_residual(x, m, gate2, cu, segment_ids=seg)
+
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig = DiTConfig()):
+        super().__init__()
+        if cfg.hidden % cfg.heads:
+            raise ValueError(f"heads: expected a divisor of hidden={cfg.hidden}, got {cfg.heads}")
+        self.cfg = cfg
+        D = cfg.hidden
+        pt, ph, pw = cfg.patch_size
+        self.patch_embed = nn.Parameter(torch.empty(D, cfg.in_channels, pt, ph, pw))   # a Conv3d weight
+        self.patch_bias = nn.Parameter(torch.zeros(D))
+        self.t_embed = TimestepEmbedder(D)
+        self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
+        self.final_modulation = nn.Linear(D, 2 * D)
+        self.final = nn.Linear(D, cfg.in_channels * pt * ph * pw)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def xavier(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(xavier)
+        nn.init.xavier_uniform_(self.patch_embed.view(self.cfg.hidden, -1))
+        nn.init.zeros_(self.patch_bias)
+        for m in self.t_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output as zero
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation.weight)
+            nn.init.zeros_(block.modulation.bias)
+            nn.init.zeros_(block.cross_proj.weight)
+            nn.init.zeros_(block.cross_proj.bias)
+        nn.init.zeros_(self.final_modulation.weight)
+        nn.init.zeros_(self.final_modulation.bias)
+        nn.init.zeros_(self.final.weight)
+        nn.init.zeros_(self.final.bias)
+
+    def check_inputs(self, latents: Sequence[torch.Tensor], t: torch.Tensor, text: TextBatch) -> None:
+        cfg = self.cfg
+        if not isinstance(latents, (list, tuple)) or not latents:
+            raise ValueError(f"latents: expected a non-empty list of [C, T, H, W] tensors, got {type(latents).__name__}")
+        for i, z in enumerate(latents):
+            if z.dim() != 4 or z.shape[0] != cfg.in_channels:
+                raise ValueError(f"latents[{i}]: expected [{cfg.in_channels}, T, H, W], got {tuple(z.shape)}")
+            if any(s % p for s, p in zip(z.shape[1:], cfg.patch_size)):
+                raise ValueError(f"latents[{i}]: the patch {tuple(cfg.patch_size)} does not divide its grid "
+                                 f"(T, H, W) = {tuple(z.shape[1:])}")
+        n = len(latents)
+        if t.shape != (n,):
+            raise ValueError(f"t: expected one timestep per video, shape ({n},), got {tuple(t.shape)}")
+        if text.pooled.shape != (n, cfg.text_dim) or text.cu_seqlens.shape != (n + 1,):
+            raise ValueError(f"text: expected pooled [{n}, {cfg.text_dim}] and cu_seqlens [{n + 1}] (one caption per "
+                             f"video), got {tuple(text.pooled.shape)} and {tuple(text.cu_seqlens.shape)}")
+        if text.tokens.dim() != 2 or text.tokens.shape[1] != cfg.text_dim:
+            raise ValueError(f"text: expected tokens [M, {cfg.text_dim}], got {tuple(text.tokens.shape)}")
+
+    def forward(self, latents: Sequence[torch.Tensor], t: torch.Tensor, text: TextBatch) -> list[torch.Tensor]:
+        """latents: list of n noisy latents [C, T_i, H_i, W_i]; t: [n] in [0, 1]; text: the
+        videos' captions. Returns the predicted velocity of each, same shapes."""
+        self.check_inputs(latents, t, text)
+        packed = sk.patch_embed3d(list(latents), self.patch_embed, self.patch_bias, self.cfg.patch_size)
+        x = packed.tokens                                                        # [N, D]
+        c = self.t_embed(t) + self.text_pool(text.pooled.to(x.dtype))           # [n, D]
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, packed, text, use_reentrant=False)
+            else:
+                x = block(x, c, packed, text)
+        shift, scale = self.final_modulation(F.silu(c)).chunk(2, dim=1)         # [n, D] each
+        return sk.final_layer_unpatchify(x, shift, scale, self.final.weight, self.final.bias, packed,
+                                         self.cfg.patch_size, eps=self.cfg.eps)
+
+
+def dit_config(name: str, **overrides) -> DiTConfig:
+    """A named size from SIZES, with fields overridden."""
+    if name not in SIZES:
+        raise ValueError(f"name: expected one of {sorted(SIZES)}, got {name!r}")
+    return replace(SIZES[name], **overrides)
+
+
+def parameter_count(cfg: DiTConfig) -> int:
+    """Parameters of DiT(cfg), from the shapes (no allocation)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in DiT(cfg).parameters())
+
+
+__all__ = ["DiTConfig", "SIZES", "dit_config", "DiT", "DiTBlock", "TextBatch", "TimestepEmbedder", "parameter_count"]

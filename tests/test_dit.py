@@ -1,0 +1,134 @@
+"""The DiT over packed spacetime patches (sora_model/dit.py): the packed model equals the same
+model run one video at a time, no video's tokens reach another's output, adaLN-Zero starts at
+zero, fused and reference backends train alike, named sizes, clear errors."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from sora_model.dit import SIZES, DiT, TextBatch, dit_config, parameter_count
+
+pytestmark = pytest.mark.usefixtures("native_kernels")
+
+# a clip, an image, a wide clip: different grids in one batch
+SIZES_TWH = [(3, 4, 6), (1, 6, 4), (2, 2, 8)]
+
+
+def model(seed=0, **overrides):
+    """The tiny DiT with its zero-initialised layers randomised (so every path shows in the output)."""
+    torch.manual_seed(seed)
+    dit = DiT(dit_config("tiny", **overrides))
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "modulation" in name or "final" in name or "cross_proj" in name:
+                p.normal_(0.0, 0.1)
+    return dit.to(DEVICE)
+
+
+def batch(seed=0, sizes=SIZES_TWH, text_lengths=(5, 1, 3), text_dim=64):
+    g = torch.Generator().manual_seed(seed)
+    latents = [torch.randn(16, *s, generator=g).to(DEVICE) for s in sizes]
+    t = torch.rand(len(sizes), generator=g).to(DEVICE)
+    tokens = torch.randn(sum(text_lengths), text_dim, generator=g).to(DEVICE)
+    cu = torch.tensor([0, *text_lengths]).cumsum(0).to(torch.int32).to(DEVICE)
+    pooled = torch.randn(len(sizes), text_dim, generator=g).to(DEVICE)
+    return latents, t, TextBatch(tokens, cu, max(text_lengths), pooled)
+
+
+def one(text: TextBatch, i: int) -> TextBatch:
+    a, b = int(text.cu_seqlens[i]), int(text.cu_seqlens[i + 1])
+    return TextBatch(text.tokens[a:b], torch.tensor([0, b - a], dtype=torch.int32, device=DEVICE), b - a,
+                     text.pooled[i:i + 1])
+
+
+def test_packed_equals_one_at_a_time():
+    dit = model()
+    latents, t, text = batch()
+    with torch.no_grad():
+        packed = dit(latents, t, text)
+        for i, z in enumerate(latents):
+            alone = dit([z], t[i:i + 1], one(text, i))[0]
+            assert packed[i].shape == z.shape
+            torch.testing.assert_close(packed[i], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_no_cross_sample_leakage():
+    """Changing video 1's latent, timestep and caption changes video 1's output and no other."""
+    dit = model(seed=1)
+    latents, t, text = batch(seed=1)
+    with torch.no_grad():
+        before = dit(latents, t, text)
+        latents[1] = torch.randn_like(latents[1])
+        t = t.clone()
+        t[1] = 0.9
+        text.tokens[5:6] = torch.randn(1, 64, device=DEVICE)   # caption 1 is tokens[5:6]
+        after = dit(latents, t, text)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
+    assert (before[1] - after[1]).abs().max() > 1e-3
+
+
+def test_adaln_zero_output_is_zero():
+    torch.manual_seed(0)
+    dit = DiT(dit_config("tiny")).to(DEVICE)
+    latents, t, text = batch()
+    with torch.no_grad():
+        out = dit(latents, t, text)
+    assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
+
+
+def _train(steps=5):
+    dit = model(seed=2)
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-3)
+    latents, t, text = batch(seed=2)
+    targets = [torch.randn_like(z) for z in latents]
+    losses = []
+    for _ in range(steps):
+        out = dit(latents, t, text)
+        loss = sum(torch.nn.functional.mse_loss(o, y) for o, y in zip(out, targets))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_fused_and_reference_train_alike(monkeypatch):
+    fused = _train()
+    monkeypatch.setenv("SORA_KERNELS_BACKEND", "reference")
+    reference = _train()
+    assert fused[-1] < fused[0]
+    for step, (a, b) in enumerate(zip(fused, reference)):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: loss {a} (fused) vs {b} (reference)"
+
+
+def test_gradient_checkpointing_same_gradients():
+    latents, t, text = batch(seed=3)
+    grads = []
+    for ckpt in (False, True):
+        dit = model(seed=3, grad_checkpointing=ckpt).train()
+        out = dit(latents, t, text)
+        sum(o.square().sum() for o in out).backward()
+        grads.append([p.grad.clone() for p in dit.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_named_sizes():
+    assert set(SIZES) >= {"tiny", "S", "B", "L", "XL", "1B"}
+    assert 0.95e9 < parameter_count(SIZES["1B"]) < 1.2e9
+    assert parameter_count(SIZES["tiny"]) < 1e6
+
+
+def test_errors():
+    dit = model()
+    latents, t, text = batch()
+    with pytest.raises(ValueError, match=r"latents\[1\]: the patch \(1, 2, 2\) does not divide its grid "
+                                         r"\(T, H, W\) = \(1, 5, 4\)"):
+        dit([latents[0], torch.zeros(16, 1, 5, 4, device=DEVICE), latents[2]], t, text)
+    with pytest.raises(ValueError, match=r"latents\[0\]: expected \[16, T, H, W\], got \(8, 3, 4, 6\)"):
+        dit([torch.zeros(8, 3, 4, 6, device=DEVICE), *latents[1:]], t, text)
+    with pytest.raises(ValueError, match=r"t: expected one timestep per video, shape \(3,\), got \(2,\)"):
+        dit(latents, t[:2], text)
+    with pytest.raises(ValueError, match=r"text: expected pooled \[3, 64\] and cu_seqlens \[4\]"):
+        dit(latents, t, TextBatch(text.tokens, text.cu_seqlens[:3], text.max_seqlen, text.pooled[:2]))
+    with pytest.raises(ValueError, match="heads: expected a divisor of hidden=64, got 5"):
+        DiT(dit_config("tiny", heads=5))
