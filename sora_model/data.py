@@ -1,14 +1,25 @@
-"""Video data for the model layer: synthetic clips (moving shapes, no files needed) and clips
-read from a folder of video files.
+"""Video data for the model layer.
+
+- synthetic clips (moving shapes, no files needed) and fixed-size clips from a folder of video
+  files: the VAE's training data;
+- captioned clips at native size from a JSONL manifest of (path, caption): the DiT's data, with
+  only an upper bound in tokens (a clip over it is downscaled, aspect ratio kept, never
+  cropped);
+- token-budget batching: clips of mixed sizes packed into batches of at most N latent tokens,
+  first-fit decreasing, no padding (the physics world of sora_model/physics_world.py feeds it
+  too).
 
 Every source yields float videos [3, T, H, W] in [-1, 1].
 """
 from __future__ import annotations
 
+import json
+import math
 import os
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 
@@ -71,3 +82,112 @@ def folder_videos(root: str, frames: int, height: int, width: int, seed: int = 0
             yield to_model(clip[:, y0:y0 + height, x0:x0 + width])
         if not used:
             raise ValueError(f"root: no video under {root!r} has {frames} frames of at least {height}x{width}")
+
+
+# -----------------------------------------------------------------------------
+# Captioned clips at native size, and token-budget batches
+# -----------------------------------------------------------------------------
+
+def latent_tokens(shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2), temporal: int = 4,
+                  spatial: int = 8) -> int:
+    """DiT tokens of a video [3, T, H, W] once encoded (1 + (T - 1) / temporal frames, H and W
+    / spatial) and cut into patches."""
+    _, T, H, W = shape
+    t = 1 + (T - 1) // temporal
+    return (t // patch_size[0]) * (H // spatial // patch_size[1]) * (W // spatial // patch_size[2])
+
+
+def fit_to_tokens(video: torch.Tensor, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), temporal: int = 4,
+                  spatial: int = 8) -> torch.Tensor:
+    """The clip as the model takes it: T down to the largest 1 + temporal*k (the VAE's frame
+    rule: at most temporal - 1 last frames dropped), H and W to multiples of spatial * patch,
+    and, when its tokens exceed max_tokens, downscaled by one factor on both sides (aspect
+    ratio kept, no crop)."""
+    _, T, H, W = video.shape
+    video = video[:, :1 + (T - 1) // temporal * temporal]
+    unit_h, unit_w = spatial * patch_size[1], spatial * patch_size[2]
+    frames = (1 + (video.shape[1] - 1) // temporal) // patch_size[0]
+    if frames < 1 or H < unit_h or W < unit_w:
+        raise ValueError(f"video: {tuple(video.shape)} is smaller than one token ({unit_h}x{unit_w} pixels)")
+    scale = min(1.0, math.sqrt(max_tokens / (frames * (H / unit_h) * (W / unit_w))))
+    h, w = int(H * scale // unit_h) * unit_h, int(W * scale // unit_w) * unit_w
+    if h < unit_h or w < unit_w or frames * (h // unit_h) * (w // unit_w) > max_tokens:
+        raise ValueError(f"max_tokens: {max_tokens} is fewer than the {frames * max(1, h // unit_h) * max(1, w // unit_w)} "
+                         f"tokens of the smallest size of a {tuple(video.shape)} clip with its aspect ratio")
+    if (h, w) != (H, W):
+        video = F.interpolate(video.transpose(0, 1), size=(h, w), mode="bilinear", antialias=True,
+                              align_corners=False).transpose(0, 1)
+    return video
+
+
+def captioned_videos(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2),
+                     seed: int = 0) -> Iterator[tuple[torch.Tensor, str]]:
+    """(video [3, T, H, W] in [-1, 1], caption) at native size and duration (fit_to_tokens), in
+    random order, from a JSONL manifest of {"path": ..., "caption": ...} (paths relative to the
+    manifest's folder). Images are 1-frame videos."""
+    from sora_model.video_io import read_video, to_model
+    entries = []
+    with open(manifest, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"manifest line {i}: not JSON ({e.msg})") from e
+            if not isinstance(entry.get("path"), str):
+                raise ValueError(f"manifest line {i}: no \"path\"")
+            if not isinstance(entry.get("caption"), str) or not entry["caption"].strip():
+                raise ValueError(f"manifest line {i}: no caption for {entry['path']!r}")
+            entries.append((os.path.join(os.path.dirname(os.path.abspath(manifest)), entry["path"]), entry["caption"]))
+    if not entries:
+        raise ValueError(f"manifest: no entries in {manifest!r}")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        for i in torch.randperm(len(entries), generator=g).tolist():
+            path, caption = entries[i]
+            frames, _ = read_video(path)
+            yield fit_to_tokens(to_model(frames), max_tokens, patch_size), caption
+
+
+def first_fit_decreasing(tokens: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of items grouped into bins of at most `budget` tokens: the largest item first,
+    each into the first bin with room for it."""
+    for i, n in enumerate(tokens):
+        if n > budget:
+            raise ValueError(f"item {i}: {n} tokens, over the batch budget of {budget} (lower the clip's "
+                             f"max_tokens or raise the budget)")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(tokens)), key=lambda j: -tokens[j]):
+        for b in range(len(bins)):
+            if tokens[i] <= room[b]:
+                bins[b].append(i)
+                room[b] -= tokens[i]
+                break
+        else:
+            bins.append([i])
+            room.append(budget - tokens[i])
+    return bins
+
+
+def token_batches(clips: Iterable[tuple[torch.Tensor, str]], budget: int, patch_size: Sequence[int] = (1, 2, 2),
+                  window: int = 64) -> Iterator[list[tuple[torch.Tensor, str]]]:
+    """Batches of (video, caption) of at most `budget` latent tokens each, no padding: `window`
+    clips at a time packed first-fit decreasing; the emptiest bin of a window goes back into
+    the next one (so batches stay full)."""
+    it = iter(clips)
+    carry: list[tuple[torch.Tensor, str]] = []
+    while True:
+        items = carry + [c for _, c in zip(range(window - len(carry)), it)]
+        if not items:
+            return
+        counts = [latent_tokens(v.shape, patch_size) for v, _ in items]
+        bins = first_fit_decreasing(counts, budget)
+        bins.sort(key=lambda b: -sum(counts[i] for i in b))
+        done = len(items) < window                    # the source ran out: yield every bin
+        for b in bins if done else bins[:-1]:
+            yield [items[i] for i in b]
+        if done:
+            return
+        carry = [items[i] for i in bins[-1]]

@@ -1,0 +1,71 @@
+"""The DiT's data (sora_model/data.py): latent token counts, clips fitted to a token bound
+(frames to 1 + 4k, downscaled with the aspect ratio kept, never cropped), first-fit-decreasing
+token batches with no padding, captioned clips from a JSONL manifest, clear errors."""
+import itertools
+import json
+
+import pytest
+import torch
+
+from sora_model.data import captioned_videos, first_fit_decreasing, fit_to_tokens, latent_tokens, token_batches
+from sora_model.physics_world import WorldConfig, physics_clips
+
+
+def test_latent_tokens():
+    assert latent_tokens((3, 9, 64, 96)) == 3 * 4 * 6
+    assert latent_tokens((3, 1, 32, 32)) == 4
+    assert latent_tokens((3, 9, 64, 96), patch_size=(1, 1, 1)) == 3 * 8 * 12
+
+
+def test_fit_to_tokens():
+    video = torch.rand(3, 11, 64, 160) * 2 - 1
+    same = fit_to_tokens(video, max_tokens=10_000)
+    assert same.shape == (3, 9, 64, 160) and torch.equal(same, video[:, :9])       # 11 frames -> 9 = 1 + 4 * 2
+    small = fit_to_tokens(video, max_tokens=40)
+    T, H, W = small.shape[1:]
+    assert latent_tokens(small.shape) <= 40 and H % 16 == 0 and W % 16 == 0
+    assert abs(W / H - 160 / 64) <= 16 / H                                         # aspect kept (to a 16-pixel unit)
+    expected = torch.nn.functional.interpolate(video[:, :9].transpose(0, 1), size=(H, W), mode="bilinear",
+                                               antialias=True).transpose(0, 1)
+    torch.testing.assert_close(small, expected)                                    # the whole frame: no crop
+    with pytest.raises(ValueError, match="smaller than one token"):
+        fit_to_tokens(torch.zeros(3, 1, 8, 64), 100)
+    with pytest.raises(ValueError, match="max_tokens: 2 is fewer than"):
+        fit_to_tokens(torch.zeros(3, 9, 16, 160), 2)
+
+
+def test_first_fit_decreasing():
+    bins = first_fit_decreasing([5, 3, 7, 2, 4, 1], 8)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert all(sum([5, 3, 7, 2, 4, 1][i] for i in b) <= 8 for b in bins) and len(bins) == 3   # 22 tokens, optimal
+    with pytest.raises(ValueError, match="item 1: 9 tokens, over the batch budget of 8"):
+        first_fit_decreasing([3, 9], 8)
+
+
+def test_token_batches_mixed_sizes_no_padding():
+    cfg = WorldConfig(sizes=((64, 64), (64, 96), (96, 64), (32, 128)), frames=(1, 5, 9))
+    clips = list(itertools.islice(physics_clips(cfg, seed=0), 50))
+    batches = list(token_batches(clips, budget=256, window=16))
+    used = [id(v) for b in batches for v, _ in b]
+    assert sorted(used) == sorted(id(v) for v, _ in clips)                         # every clip once
+    sizes = [sum(latent_tokens(v.shape) for v, _ in b) for b in batches]
+    assert max(sizes) <= 256 and sum(sizes) / len(sizes) > 0.8 * 256              # full batches
+    assert any(len({tuple(v.shape) for v, _ in b}) > 1 for b in batches)           # mixed sizes together
+
+
+def test_captioned_manifest(tmp_path):
+    pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
+    from sora_model.video_io import write_video
+    frames = (torch.rand(6, 48, 80, 3) * 255).to(torch.uint8)
+    write_video(str(tmp_path / "clip.mp4"), frames, fps=8)
+    write_video(str(tmp_path / "still.gif"), frames[:1], fps=8)
+    lines = [{"path": "clip.mp4", "caption": "noise"}, {"path": "still.gif", "caption": "an image"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+    got = dict((c, v) for v, c in itertools.islice(captioned_videos(str(tmp_path / "m.jsonl"), max_tokens=20), 2))
+    assert set(got) == {"noise", "an image"}
+    assert got["an image"].shape[1] == 1 and got["noise"].shape[1] == 5
+    for v in got.values():
+        assert v.shape[2] % 16 == 0 and v.shape[3] % 16 == 0 and latent_tokens(v.shape) <= 20
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"path": "clip.mp4"}) + "\n")
+    with pytest.raises(ValueError, match=r"manifest line 1: no caption for 'clip.mp4'"):
+        next(captioned_videos(str(tmp_path / "bad.jsonl"), 20))

@@ -1,0 +1,77 @@
+"""The synthetic physics world (sora_model/physics_world.py): clip sizes and durations from the
+config, the mechanics (free fall, floor bounces, momentum in collisions), captions that
+match the simulated events and the rendered colours."""
+import itertools
+import math
+
+import torch
+
+from sora_model.physics_world import COLOURS, Ball, WorldConfig, _caption, _step, physics_clips, render_clip
+
+
+def test_clip_sizes_durations_and_determinism():
+    cfg = WorldConfig()
+    clips = list(itertools.islice(physics_clips(cfg, seed=0), 40))
+    shapes = {tuple(v.shape) for v, _ in clips}
+    assert len({s[1] for s in shapes}) >= 3 and len({s[2:] for s in shapes}) >= 3   # durations, aspect ratios
+    for v, caption in clips:
+        assert v.shape[0] == 3 and v.shape[1] in cfg.frames and tuple(v.shape[2:]) in cfg.sizes
+        assert -1 <= v.min() and v.max() <= 1 and caption.startswith("a ")
+    again = list(itertools.islice(physics_clips(cfg, seed=0), 40))
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(clips, again))
+
+
+def test_free_fall_and_floor_bounce():
+    cfg = WorldConfig(gravity=2.0, restitution=0.5)
+    H = W = 100
+    ball = Ball("red", "small", 5.0, 50.0, 10.0, 0.0, 0.0)
+    dt, steps = 0.01, 20
+    for _ in range(steps):
+        _step([ball], cfg, H, W, dt)
+    g = cfg.gravity * H
+    t = dt * steps
+    assert abs(ball.vy - g * t) < 1e-6
+    assert abs(ball.y - (10.0 + 0.5 * g * t * t)) < 0.5 * g * dt * t + 1e-6   # semi-implicit Euler's error
+    assert ball.bounces == 0 and ball.fell
+    for _ in range(200):
+        _step([ball], cfg, H, W, dt)
+        if ball.bounces:
+            break
+    assert ball.bounces == 1 and ball.vy < 0 and ball.last_bounce_x == 50.0
+
+
+def test_collisions_conserve_momentum():
+    cfg = WorldConfig(gravity=0.0)
+    a = Ball("red", "small", 4.0, 40.0, 50.0, 30.0, 0.0)
+    b = Ball("blue", "large", 8.0, 50.0, 52.0, -10.0, 0.0)            # overlapping, approaching
+    ma, mb = a.radius ** 2, b.radius ** 2
+    before = (ma * a.vx + mb * b.vx, ma * a.vy + mb * b.vy)
+    energy = 0.5 * (ma * (a.vx ** 2 + a.vy ** 2) + mb * (b.vx ** 2 + b.vy ** 2))
+    _step([a, b], cfg, 100, 100, 0.001)
+    after = (ma * a.vx + mb * b.vx, ma * a.vy + mb * b.vy)
+    assert math.isclose(before[0], after[0], rel_tol=1e-9) and abs(before[1] - after[1]) < 1e-9
+    assert math.isclose(energy, 0.5 * (ma * (a.vx ** 2 + a.vy ** 2) + mb * (b.vx ** 2 + b.vy ** 2)), rel_tol=1e-9)
+    assert a.vx < 30.0                                                     # they did collide
+
+
+def test_captions_state_the_events():
+    def ball(**kw):
+        return Ball(**{"colour": "red", "size": "small", "radius": 3.0, "x": 10.0, "y": 10.0, "vx": 0.0, "vy": 0.0,
+                       **kw})
+    assert _caption([ball(bounces=2, last_bounce_x=80.0, fell=True)], 9, 100, None) == \
+        "a small red ball falls and bounces twice on the right"
+    assert _caption([ball(fell=True), ball(colour="blue", size="large", bounces=1, last_bounce_x=5.0, fell=True)],
+                    9, 100, (0, 1, 0, 1)) == \
+        "a small red ball falls, a large blue ball falls and bounces once on the left, partly behind a grey block"
+    assert _caption([ball(x=70.0)], 1, 100, None) == "a small red ball on the right"
+
+
+def test_caption_colours_are_in_the_first_frame():
+    g = torch.Generator().manual_seed(3)
+    cfg = WorldConfig(occluder_prob=0.0)
+    for _ in range(15):
+        video, caption = render_clip(cfg, g)
+        frame = (video[:, 0] + 1) / 2                                       # [3, H, W] in [0, 1]
+        for name, rgb in COLOURS.items():
+            present = ((frame - torch.tensor(rgb).view(3, 1, 1)).abs().amax(0) < 1e-4).any()
+            assert bool(present) == (f" {name} ball" in caption), (name, caption)
