@@ -105,6 +105,8 @@ setup(
     # model: what sora_model's video I/O, checkpoints and training loop use (the tests need it too)
     extras_require={"model": MODEL_EXTRAS,
                     "dev": ["pytest", "hypothesis", "pytest-benchmark", "ninja", "numpy", *MODEL_EXTRAS]},
+    entry_points={"console_scripts": ["sora-train=sora_model.train:main", "sora-sample=sora_model.sample:main",
+                                      "sora-train-vae=sora_model.train_vae:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
 )

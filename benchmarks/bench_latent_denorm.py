@@ -1,7 +1,7 @@
 """Benchmarks of latent_denorm (the decoder's input epilogue: per-channel de-normalisation and
 a NaN count per frame, one pass).
 
-Providers: `triton` (ours, GPU), `eager` (what a VAE does before decoding: an isnan pass to
+Providers: `cuda`, `triton` (ours, GPU), `cpu` (ours, C++), `eager` (what a VAE does before decoding: an isnan pass to
 report bad latents, then z / scaling + shift), `compile` (torch.compile of that eager code).
 Workload: the latent of a 129-frame 720p video ([1, 16, 33, 90, 160]) on GPU, of a 17-frame
 256x256 one on CPU. Bytes moved: z read, the de-normalised latent written (once each).
@@ -13,7 +13,7 @@ import sora_kernels as sk
 from benchmarks import harness
 from sora_kernels.ops.latent_denorm import LATENT_DENORM_BACKENDS
 
-PROVIDERS = ["triton", "eager", "compile"]
+PROVIDERS = ["cuda", "triton", "cpu", "eager", "compile"]
 
 
 def _eager(z, scale, shift):

@@ -173,20 +173,26 @@ def first_fit_decreasing(tokens: Sequence[int], budget: int) -> list[list[int]]:
 
 def token_batches(clips: Iterable[tuple[torch.Tensor, str]], budget: int, patch_size: Sequence[int] = (1, 2, 2),
                   window: int = 64) -> Iterator[list[tuple[torch.Tensor, str]]]:
-    """Batches of (video, caption) of at most `budget` latent tokens each, no padding: `window`
-    clips at a time packed first-fit decreasing; the emptiest bin of a window goes back into
-    the next one (so batches stay full)."""
+    """Batches of (video, caption) of at most `budget` latent tokens each, no padding: at least
+    `window` clips (and more than one batch's worth) at a time, packed first-fit decreasing;
+    the emptiest bin of a window goes back into the next one (so batches stay full)."""
     it = iter(clips)
     carry: list[tuple[torch.Tensor, str]] = []
     while True:
-        items = carry + [c for _, c in zip(range(window - len(carry)), it)]
+        items, counts = carry, [latent_tokens(v.shape, patch_size) for v, _ in carry]
+        done = False
+        while len(items) < window or sum(counts) <= budget:
+            clip = next(it, None)
+            if clip is None:
+                done = True
+                break
+            items.append(clip)
+            counts.append(latent_tokens(clip[0].shape, patch_size))
         if not items:
             return
-        counts = [latent_tokens(v.shape, patch_size) for v, _ in items]
         bins = first_fit_decreasing(counts, budget)
         bins.sort(key=lambda b: -sum(counts[i] for i in b))
-        done = len(items) < window                    # the source ran out: yield every bin
-        for b in bins if done else bins[:-1]:
+        for b in bins if done else bins[:-1]:          # the source ran out: yield every bin
             yield [items[i] for i in b]
         if done:
             return

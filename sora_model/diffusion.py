@@ -58,6 +58,16 @@ def sample_timesteps(tokens: torch.Tensor, cfg: FlowConfig, generator: torch.Gen
 Model = Callable[[list, torch.Tensor, TextBatch], list]
 
 
+def flow_error(model: Model, latents: Sequence[torch.Tensor], text: TextBatch, t: torch.Tensor,
+               noise: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The summed squared error of the predicted velocity over every latent element, for
+    given timesteps t [n] and noise (one tensor per latent)."""
+    td = t.to(latents[0].device)
+    noisy = [(1 - td[i]) * z + td[i] * e.to(z.dtype) for i, (z, e) in enumerate(zip(latents, noise))]
+    pred = model(noisy, td, text)
+    return sum(((p.float() - (e.float() - z.float())) ** 2).sum() for p, e, z in zip(pred, noise, latents))
+
+
 def flow_loss(model: Model, latents: Sequence[torch.Tensor], text: TextBatch, patch_size: Sequence[int],
               cfg: FlowConfig = FlowConfig(), generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,11 +77,7 @@ def flow_loss(model: Model, latents: Sequence[torch.Tensor], text: TextBatch, pa
     device = latents[0].device
     t = sample_timesteps(token_counts([z.shape for z in latents], patch_size), cfg, generator)
     noise = [torch.randn(z.shape, generator=generator).to(device, z.dtype) for z in latents]
-    td = t.to(device)
-    noisy = [(1 - td[i]) * z + td[i] * e for i, (z, e) in enumerate(zip(latents, noise))]
-    pred = model(noisy, td, text)
-    err = sum(((p.float() - (e - z).float()) ** 2).sum() for p, e, z in zip(pred, noise, latents))
-    return err / sum(z.numel() for z in latents), t
+    return flow_error(model, latents, text, t, noise) / sum(z.numel() for z in latents), t
 
 
 # -----------------------------------------------------------------------------
@@ -144,5 +150,5 @@ def sample(model: Model, shapes: Sequence[Sequence[int]], text: TextBatch, patch
     return x
 
 
-__all__ = ["FlowConfig", "flow_loss", "sample", "sample_timesteps", "shift_timesteps", "time_shift", "token_counts",
+__all__ = ["FlowConfig", "flow_loss", "flow_error", "sample", "sample_timesteps", "shift_timesteps", "time_shift", "token_counts",
            "schedule", "concat_text"]

@@ -125,5 +125,9 @@ def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float
     return losses
 
 
+def main(argv=None) -> None:
+    train(parse_args(argv))
+
+
 if __name__ == "__main__":
-    train(parse_args())
+    main()

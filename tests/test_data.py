@@ -69,3 +69,11 @@ def test_captioned_manifest(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"path": "clip.mp4"}) + "\n")
     with pytest.raises(ValueError, match=r"manifest line 1: no caption for 'clip.mp4'"):
         next(captioned_videos(str(tmp_path / "bad.jsonl"), 20))
+
+
+def test_token_batches_window_smaller_than_a_batch():
+    """A window whose clips all fit one batch takes more clips (an endless source, a budget
+    several clips wide: it used to loop on the same window forever)."""
+    batches = token_batches(physics_clips(WorldConfig(), seed=1), budget=128, window=2)
+    for batch in itertools.islice(batches, 3):
+        assert 64 < sum(latent_tokens(v.shape) for v, _ in batch) <= 128 and len(batch) > 2
