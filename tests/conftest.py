@@ -76,3 +76,27 @@ def assert_2x_rule(ours, plain, exact, dtype, what: str = "", fp32_rtol: float =
             rounding = 2 * (e.to(dtype) + 1 - 1 - e.to(dtype)).abs().max().item()
             bound = 2 * (p.double() - e.double()).abs().max().item() + rounding
         assert err <= bound, f"{what} output/grad {i}: error {err:.3g} > {bound:.3g}"
+
+
+def train_losses(module: torch.nn.Module, loss_fn, steps: int, lr: float = 1e-3) -> list[float]:
+    """Losses of `steps` Adam steps on loss_fn() (a closure over fixed inputs)."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_trains_like_reference(train, monkeypatch, rtol: float = 1e-4) -> None:
+    """train() (a list of losses) falls, and gives the same losses within rtol with every op
+    forced to its reference backend."""
+    fused = train()
+    monkeypatch.setenv("SORA_KERNELS_BACKEND", "reference")
+    reference = train()
+    assert fused[-1] < fused[0], "the model did not train"
+    for step, (a, b) in enumerate(zip(fused, reference)):
+        assert abs(a - b) <= rtol * abs(b), f"step {step}: loss {a} (fused) vs {b} (reference)"

@@ -4,7 +4,7 @@ zero, fused and reference backends train alike, named sizes, clear errors."""
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, assert_trains_like_reference, train_losses
 from sora_model.dit import SIZES, DiT, TextBatch, dit_config, parameter_count
 
 pytestmark = pytest.mark.usefixtures("native_kernels")
@@ -77,27 +77,14 @@ def test_adaln_zero_output_is_zero():
 
 def _train(steps=5):
     dit = model(seed=2)
-    opt = torch.optim.AdamW(dit.parameters(), lr=1e-3)
     latents, t, text = batch(seed=2)
     targets = [torch.randn_like(z) for z in latents]
-    losses = []
-    for _ in range(steps):
-        out = dit(latents, t, text)
-        loss = sum(torch.nn.functional.mse_loss(o, y) for o, y in zip(out, targets))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_losses(dit, lambda: sum(torch.nn.functional.mse_loss(o, y)
+                                         for o, y in zip(dit(latents, t, text), targets)), steps)
 
 
 def test_fused_and_reference_train_alike(monkeypatch):
-    fused = _train()
-    monkeypatch.setenv("SORA_KERNELS_BACKEND", "reference")
-    reference = _train()
-    assert fused[-1] < fused[0]
-    for step, (a, b) in enumerate(zip(fused, reference)):
-        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: loss {a} (fused) vs {b} (reference)"
+    assert_trains_like_reference(_train, monkeypatch)
 
 
 def test_gradient_checkpointing_same_gradients():

@@ -3,7 +3,7 @@ same block on the reference backend: 20 Adam steps, the loss curves agree."""
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE
+from conftest import DEVICE, assert_trains_like_reference, train_losses
 
 
 class MiniDiTBlock(torch.nn.Module):
@@ -42,21 +42,9 @@ def _train(steps: int = 20) -> list[float]:
     x = torch.randn(sum(lengths), 64, device=DEVICE)
     c = torch.randn(len(lengths), 64, device=DEVICE)
     target = torch.randn_like(x)
-    opt = torch.optim.Adam(block.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.mse_loss(block(x, c, cu, max(lengths), positions), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_losses(block, lambda: torch.nn.functional.mse_loss(block(x, c, cu, max(lengths), positions), target),
+                        steps)
 
 
 def test_loss_curve_matches_reference(monkeypatch):
-    fused = _train()
-    monkeypatch.setenv("SORA_KERNELS_BACKEND", "reference")
-    reference = _train()
-    assert fused[-1] < fused[0], "the block did not train"
-    for step, (a, b) in enumerate(zip(fused, reference)):
-        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: loss {a} (fused) vs {b} (reference)"
+    assert_trains_like_reference(_train, monkeypatch)
