@@ -21,6 +21,7 @@ from dataclasses import asdict
 import torch
 
 from sora_model.data import folder_videos, synthetic_videos
+from sora_model.physics_world import WorldConfig, physics_clips
 from sora_model.discriminator import PatchDiscriminator3D, discriminator_hinge_loss, generator_hinge_loss
 from sora_model.vae import SIZES, VAEConfig, VideoAutoencoder, vae_config
 
@@ -46,7 +47,8 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> VideoAutoe
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="tiny", choices=sorted(SIZES))
-    p.add_argument("--data", default="synthetic", help='"synthetic" or a folder of video files')
+    p.add_argument("--data", default="synthetic",
+                   help='"synthetic" (moving squares), "physics" (the physics world) or a folder of video files')
     p.add_argument("--frames", type=int, default=9, help="frames per clip: 1 + 4k")
     p.add_argument("--size", type=int, default=64, help="crop size (square), divisible by 8")
     p.add_argument("--batch", type=int, default=2)
@@ -82,8 +84,13 @@ def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float
     if adversarial:
         disc = (discriminator or PatchDiscriminator3D()).to(device).train()
         opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    data = (synthetic_videos(args.frames, args.size, args.size, args.seed) if args.data == "synthetic"
-            else folder_videos(args.data, args.frames, args.size, args.size, args.seed))
+    if args.data == "synthetic":
+        data = synthetic_videos(args.frames, args.size, args.size, args.seed)
+    elif args.data == "physics":
+        world = WorldConfig(frames=(args.frames,), sizes=((args.size, args.size),))
+        data = (video for video, _ in physics_clips(world, args.seed))
+    else:
+        data = folder_videos(args.data, args.frames, args.size, args.size, args.seed)
     losses = []
     steps = range(1, args.steps + 1)
     bar = None

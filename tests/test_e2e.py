@@ -1,0 +1,21 @@
+"""End to end on the physics world (sora_model/e2e.py), shortened for CI: the VAE and DiT losses
+fall by stated factors and the generated frames' colours are much closer to the world's than
+uniform noise's. (The full run, `python -m sora_model.e2e`, is measured in
+benchmarks/results/e2e/.)"""
+import os
+
+import pytest
+
+from sora_model.e2e import run
+
+pytestmark = pytest.mark.usefixtures("native_kernels")
+
+
+def test_physics_world_end_to_end(tmp_path):
+    pytest.importorskip("av", reason="samples are written through PyAV")
+    m = run(str(tmp_path), vae_steps=16, dit_steps=16, progress=False)
+    assert m["vae_loss_last"] < m["vae_loss_first"] / 2, m
+    assert m["dit_loss_last"] < m["dit_loss_first"] / 1.25, m
+    assert m["colour_distance_samples"] < m["colour_distance_noise"] / 2, m
+    assert m["colour_distance_data"] < m["colour_distance_samples"], m    # the floor: two sets of world clips
+    assert all(os.path.exists(tmp_path / f"sample_{i}.gif") for i in range(4))
