@@ -63,9 +63,9 @@ def flow_error(model: Model, latents: Sequence[torch.Tensor], text: TextBatch, t
     """The summed squared error of the predicted velocity over every latent element, for
     given timesteps t [n] and noise (one tensor per latent)."""
     td = t.to(latents[0].device)
-    noisy = [(1 - td[i]) * z + td[i] * e.to(z.dtype) for i, (z, e) in enumerate(zip(latents, noise))]
+    noisy = [(1 - td[i]) * z + td[i] * e.to(z.device, z.dtype) for i, (z, e) in enumerate(zip(latents, noise))]
     pred = model(noisy, td, text)
-    return sum(((p.float() - (e.float() - z.float())) ** 2).sum() for p, e, z in zip(pred, noise, latents))
+    return sum(((p.float() - (e.to(z.device).float() - z.float())) ** 2).sum() for p, e, z in zip(pred, noise, latents))
 
 
 def flow_loss(model: Model, latents: Sequence[torch.Tensor], text: TextBatch, patch_size: Sequence[int],

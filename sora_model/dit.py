@@ -112,23 +112,29 @@ class DiTBlock(nn.Module):
         N, D = x.shape
         H, Dh = self.heads, D // self.heads
         cu, seg = packed.cu_seqlens, packed.segment_ids
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, dim=1)   # [n, D] each
+        # Under autocast the linear layers return bf16 while the residual stream x keeps its
+        # dtype: their outputs are cast to x's dtype (or q's) before the sora_kernels ops.
+        dt = x.dtype
+        mods = self.modulation(F.silu(c)).to(dt).chunk(6, dim=1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods                                        # [n, D] each
         h = sk.adaln_norm(x, shift1, scale1, cu, eps=self.eps, segment_ids=seg)                   # [N, D]
         q, k, v = self.qkv(h).view(N, 3, H, Dh).unbind(1)                                        # [N, H, Dh]
-        q, k = sk.rms_norm(q, self.q_norm, eps=self.eps), sk.rms_norm(k, self.k_norm, eps=self.eps)
+        q = sk.rms_norm(q, self.q_norm.to(q.dtype), eps=self.eps)
+        k = sk.rms_norm(k, self.k_norm.to(k.dtype), eps=self.eps)
         a = sk.varlen_attention(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen,
                                 rope=sk.Rope3D(packed.positions, theta=self.theta))                # [N, H, Dh]
-        x = sk.gated_residual(x, self.proj(a.reshape(N, D)), gate1, cu, segment_ids=seg)
+        x = sk.gated_residual(x, self.proj(a.reshape(N, D)).to(dt), gate1, cu, segment_ids=seg)
         # cross-attention: each video's tokens to its own caption's tokens
         M = text.tokens.shape[0]
-        qc = self.cross_q(sk.rms_norm(x, self.cross_norm, eps=self.eps)).view(N, H, Dh)
+        qc = self.cross_q(sk.rms_norm(x, self.cross_norm.to(dt), eps=self.eps)).view(N, H, Dh)
         kc, vc = self.cross_kv(text.tokens).view(M, 2, H, Dh).unbind(1)                           # [M, H, Dh]
-        ca = sk.varlen_attention(qc, kc, vc, cu, text.cu_seqlens, packed.max_seqlen, text.max_seqlen)
+        ca = sk.varlen_attention(qc, kc.to(qc.dtype), vc.to(qc.dtype), cu, text.cu_seqlens, packed.max_seqlen,
+                                 text.max_seqlen)
         ones = torch.ones_like(gate2)
-        x, h = sk.gated_residual_adaln(x, self.cross_proj(ca.reshape(N, D)), ones, shift2, scale2, cu, eps=self.eps,
-                                       segment_ids=seg)                                            # residual, then MLP norm
+        x, h = sk.gated_residual_adaln(x, self.cross_proj(ca.reshape(N, D)).to(dt), ones, shift2, scale2, cu,
+                                       eps=self.eps, segment_ids=seg)                              # residual, then MLP norm
         m = self.fc2(sk.gelu_tanh(self.fc1(h)))                                                    # [N, D]
-        return sk.gated_residual(x, m, gate2, cu, segment_ids=seg)
+        return sk.gated_residual(x, m.to(dt), gate2, cu, segment_ids=seg)
 
 
 # -----------------------------------------------------------------------------
@@ -198,14 +204,16 @@ class DiT(nn.Module):
         videos' captions. Returns the predicted velocity of each, same shapes."""
         self.check_inputs(latents, t, text)
         packed = sk.patch_embed3d(list(latents), self.patch_embed, self.patch_bias, self.cfg.patch_size)
-        x = packed.tokens                                                        # [N, D]
+        x = packed.tokens.to(self.patch_embed.dtype)     # [N, D]; the residual stream keeps the weights' dtype
         c = self.t_embed(t) + self.text_pool(text.pooled.to(x.dtype))           # [n, D]
+        if text.tokens.dtype != x.dtype:
+            text = TextBatch(text.tokens.to(x.dtype), text.cu_seqlens, text.max_seqlen, text.pooled)
         for block in self.blocks:
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, packed, text, use_reentrant=False)
             else:
                 x = block(x, c, packed, text)
-        shift, scale = self.final_modulation(F.silu(c)).chunk(2, dim=1)         # [n, D] each
+        shift, scale = self.final_modulation(F.silu(c)).to(x.dtype).chunk(2, dim=1)   # [n, D] each
         return sk.final_layer_unpatchify(x, shift, scale, self.final.weight, self.final.bias, packed,
                                          self.cfg.patch_size, eps=self.cfg.eps)
 

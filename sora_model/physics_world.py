@@ -34,6 +34,11 @@ class WorldConfig:
     restitution: float = 0.85
     substeps: int = 8
 
+    def __post_init__(self):
+        if not 1 <= self.max_balls <= len(COLOURS) * len(RADII):
+            raise ValueError(f"max_balls: expected 1 to {len(COLOURS) * len(RADII)} (each ball a distinct colour and "
+                             f"size, so that captions tell them apart), got {self.max_balls}")
+
 
 @dataclass
 class Ball:

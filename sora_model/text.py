@@ -47,6 +47,8 @@ def segment_mean(x: torch.Tensor, seg: torch.Tensor, lengths: Sequence[int]) -> 
 def check_captions(captions) -> None:
     if isinstance(captions, str) or not isinstance(captions, (list, tuple)):
         raise ValueError(f"captions: expected a list of strings, got {type(captions).__name__}")
+    if not captions:
+        raise ValueError("captions: expected at least one caption, got an empty list")
     for i, c in enumerate(captions):
         if not isinstance(c, str):
             raise ValueError(f"captions[{i}]: expected a string, got {type(c).__name__} (a missing caption?)")

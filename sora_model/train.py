@@ -1,14 +1,14 @@
 """Trains the DiT with flow matching on packed batches of mixed-size clips.
 
     sora-train --vae vae.safetensors --data physics --dit tiny --budget 256 --steps 2000 --out run/
-    torchrun --nproc-per-node 8 -m sora_model.train ... [--fsdp]        # DDP (default) or FSDP2
+    torchrun --nproc-per-node 8 -m sora_model.train ...                 # DDP over 8 ranks
 
 Each step: a batch of clips of at most --budget latent tokens (first-fit decreasing over the
 physics world or a JSONL manifest, no padding) -> the frozen VAE's latents -> captions through
 the text conditioner (caption dropout) -> the flow-matching loss -> AdamW with gradient
-clipping -> EMA of the DiT. bf16 autocast on GPU. A step's batch, timesteps and noise are
-drawn from (seed, step) and each clip's index in the global batch, so a run gives the same
-losses on any number of ranks and after a resume.
+clipping -> EMA of the DiT. bf16 autocast on GPU. Several ranks: DDP (FSDP2 is not written
+yet). A step's batch, timesteps and noise are drawn from (seed, step) and each clip's index in
+the global batch, so a run gives the same losses on any number of ranks and after a resume.
 
 With several ranks (torchrun), rank r takes clips r, r + world, ... of the global batch; the
 loss is the squared error summed over all ranks' elements divided by their total count, so
@@ -145,7 +145,7 @@ def load_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.opti
 # -----------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu", resume: bool = False,
-          fsdp: bool = False, progress: bool = True, steps: int | None = None) -> list[float]:
+          progress: bool = True, steps: int | None = None) -> list[float]:
     """Trains from step 0 (or from out's checkpoint with resume) to cfg.steps (or `steps` more);
     returns the loss of each step run (the global batch's)."""
     device = torch.device(device)
@@ -167,16 +167,10 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     if resume and start == 0 and not os.path.exists(ckpt):
         raise ValueError(f"resume: no checkpoint at {ckpt!r}")
     net: nn.Module = model
-    if distributed:
-        if fsdp:
-            from torch.distributed.fsdp import fully_shard
-            for block in model.dit.blocks:
-                fully_shard(block)
-            net = fully_shard(model)
-        else:
-            # find_unused_parameters: the null caption is unused in steps that drop no caption
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                      find_unused_parameters=True)
+    if distributed:  # DDP (FSDP2 is not written: the EMA and rank-0 checkpoints would need gathered weights)
+        # find_unused_parameters: the null caption is unused in steps that drop no caption
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=True)
     end = cfg.steps if steps is None else start + steps
     losses = []
     bar = None
@@ -241,7 +235,6 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--fsdp", action="store_true", help="with torchrun: FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -265,8 +258,7 @@ def main(argv=None) -> None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
     try:
-        train(cfg, load_vae(args.vae), args.out, device=device, resume=args.resume, fsdp=args.fsdp,
-              progress=not args.no_progress)
+        train(cfg, load_vae(args.vae), args.out, device=device, resume=args.resume, progress=not args.no_progress)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

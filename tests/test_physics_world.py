@@ -21,6 +21,12 @@ def test_clip_sizes_durations_and_determinism():
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(clips, again))
 
 
+def test_config_errors():
+    import pytest
+    with pytest.raises(ValueError, match=r"max_balls: expected 1 to 10 \(each ball a distinct colour and size"):
+        WorldConfig(max_balls=11)
+
+
 def test_free_fall_and_floor_bounce():
     cfg = WorldConfig(gravity=2.0, restitution=0.5)
     H = W = 100

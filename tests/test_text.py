@@ -72,6 +72,8 @@ def test_byte_encoder():
         enc(["ok", None])
     with pytest.raises(ValueError, match="captions: expected a list of strings, got str"):
         enc("a ball")
+    with pytest.raises(ValueError, match="captions: expected at least one caption, got an empty list"):
+        enc([])
 
 
 def test_caption_dropout_and_null():
