@@ -9,7 +9,6 @@ Workload: the latent of a 129-frame 720p video ([1, 16, 33, 90, 160]) on GPU, of
 import pytest
 import torch
 
-import sora_kernels as sk
 from benchmarks import harness
 from sora_kernels.ops.latent_denorm import LATENT_DENORM_BACKENDS
 
