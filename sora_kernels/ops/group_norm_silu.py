@@ -12,8 +12,15 @@ of the frame's positions.
             [B, T, G, chunks]) -> apply kernel (normalise, affine, SiLU)
   backward: reduce kernel (per tile: sums of dz*w and dz*w*xhat per group, of dz and dz*xhat
             per channel) -> sums over the chunks -> apply kernel (dx)
-The C++ CPU kernels are csrc/vae/group_norm_cpu.cpp (op `sora_kernels::group_norm`); CUDA
-C++ is not written yet.
+The C++ kernels are one dispatcher op, `sora_kernels::group_norm` (+ `group_norm_backward`),
+with the same schema, outputs and saved statistics on both devices:
+  CPU   csrc/vae/group_norm_cpu.cpp (fp32, OpenMP)
+  CUDA  csrc/vae/group_norm_cuda.cu (fp32, fp16, bf16; fp32 math): per-channel shifted sums per
+        piece of a plane / frame -> a finalize kernel per (b, t, group) (double) -> apply; the
+        backward likewise. No atomics: the same bits on every run.
+The "cuda" backend comes after "triton" in GROUP_NORM_BACKENDS: it compiles for sm_80 / sm_90a
+but has not run on a GPU yet, while the Triton kernels were checked on an H200. Force it with
+backend="cuda".
 
 Order: Triton kernels -> launchers -> custom ops and autograd -> checks -> backends -> public
 function.
@@ -266,12 +273,15 @@ group_norm_triton.register_autograd(_backward_with(triton_backward), setup_conte
 # -----------------------------------------------------------------------------
 
 def _backward_fake(dy, x, weight, bias, mean, rstd, num_groups, silu):
+    """dweight and dbias come back in float32 from both devices (the autograd casts them)."""
     memory_format = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
     C = x.shape[1]
-    return (torch.empty_like(x, memory_format=memory_format), x.new_empty(C if weight is not None else 0),
-            x.new_empty(C if bias is not None else 0))
+    return (torch.empty_like(x, memory_format=memory_format),
+            x.new_empty(C if weight is not None else 0, dtype=torch.float32),
+            x.new_empty(C if bias is not None else 0, dtype=torch.float32))
 
 
+# One fake and one autograd for the op, whichever device kernels (CPU, CUDA) implement it.
 if B.compiled_has("group_norm", "CPU"):
     torch.library.register_fake("sora_kernels::group_norm")(_fake)
     torch.library.register_fake("sora_kernels::group_norm_backward")(_backward_fake)
@@ -322,6 +332,18 @@ def _cpu_reasons(x, *rest) -> list[str]:
     return reasons
 
 
+def _cuda_reasons(x, *rest) -> list[str]:
+    reasons = B.device_reasons("cuda", x.device, "group_norm")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
+    return reasons
+
+
+def _compiled(x, num_groups, weight, bias, eps, act):
+    """The dispatcher op (CPU or CUDA kernels by x's device)."""
+    return torch.ops.sora_kernels.group_norm(x, weight, bias, num_groups, eps, act == "silu")[0]
+
+
 def _triton_reasons(x, num_groups, *rest) -> list[str]:
     reasons = B.device_reasons("triton", x.device, "group_norm_silu")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -333,13 +355,14 @@ def _triton_reasons(x, num_groups, *rest) -> list[str]:
     return reasons
 
 
+# Priority: triton before cuda for now. The CUDA C++ kernels compile for sm_80 / sm_90a but
+# have not run on a GPU; the Triton kernels have (H200). Swap them once the GPU check passes.
 GROUP_NORM_BACKENDS = (
     B.Backend("triton", _triton_reasons,
               lambda x, num_groups, weight, bias, eps, act:
               group_norm_triton(x, weight, bias, num_groups, eps, act == "silu")[0]),
-    B.Backend("cpu", _cpu_reasons,
-              lambda x, num_groups, weight, bias, eps, act:
-              torch.ops.sora_kernels.group_norm(x, weight, bias, num_groups, eps, act == "silu")[0]),
+    B.Backend("cuda", _cuda_reasons, _compiled),
+    B.Backend("cpu", _cpu_reasons, _compiled),
     B.Backend("reference", lambda *args: [],
               lambda x, num_groups, weight, bias, eps, act: ref.group_norm_silu(x, num_groups, weight, bias, eps, act)),
 )
@@ -362,7 +385,8 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         weight, bias: [C] or None.
         eps: added to the variance.
         act: "silu" or None.
-        backend: "triton", "cpu" (C++, fp32) or "reference".
+        backend: "triton", "cuda" (C++), "cpu" (C++, fp32) or "reference"; by default the
+            first that can run in that order.
 
     Returns y like x (same shape, dtype and layout). Differentiable in x, weight and bias.
     Equivalent PyTorch (GroupNorm over each frame as an image)::
