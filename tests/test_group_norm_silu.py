@@ -1,10 +1,13 @@
 """group_norm_silu equals the per-frame GroupNorm + SiLU reference, forward and backward, in
-the contiguous and channels-last-3d layouts (fp32 tight against float64; 2x rule elsewhere)."""
+the contiguous and channels-last-3d layouts (fp32 tight against float64; 2x rule elsewhere).
+
+The cuda backend's tests skip without a CUDA device; on one they run its kernels' every path:
+16-byte and one-element accesses, frames cut into pieces, channels-last column blocks."""
 import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, assert_2x_rule, assert_compiles_exactly, require_backend
+from conftest import DEVICE, assert_2x_rule, assert_bitwise_equal, assert_compiles_exactly, require_backend
 from sora_kernels.ops.group_norm_silu import GROUP_NORM_BACKENDS
 from sora_kernels.reference import vae_ops as ref
 
@@ -12,6 +15,13 @@ from sora_kernels.reference import vae_ops as ref
 # one group, one channel per group, a 1x1 frame, a frame longer than the C++ kernels' block.
 SHAPES = [(2, 32, 3, 6, 10, 8), (1, 40, 1, 7, 9, 8), (1, 12, 2, 5, 5, 1), (1, 6, 2, 3, 4, 6), (2, 8, 2, 1, 1, 4),
           (1, 16, 2, 24, 40, 4)]
+# More for the CUDA kernels' paths (csrc/vae/group_norm_cuda_plan.h): C=96 in 32 groups with an
+# odd frame (H*W = 63: one element per access); 1x1 frames, T=1; 16 groups of 1 channel; 4096
+# positions (contiguous: pieces of a plane); 2048 channels (channels-last: two column blocks of
+# 256 x 4 channels); 302 channels in 2 groups of 151 (one element per access, 302 columns);
+# 512 channels in 32 groups; 90300 positions (more than one block sums: pieces in both layouts).
+CUDA_SHAPES = [(2, 96, 3, 7, 9, 32), (1, 96, 1, 1, 1, 32), (2, 16, 1, 5, 5, 16), (1, 8, 2, 64, 64, 2),
+               (1, 2048, 1, 3, 5, 32), (1, 302, 2, 5, 6, 2), (1, 512, 2, 9, 16, 32), (1, 4, 1, 300, 301, 2)]
 
 
 def make(shape, dtype, channels_last, affine=True, seed=0):
@@ -32,21 +42,95 @@ def _run(fn, leaves, dy):
     return [y.detach()] + list(torch.autograd.grad(y, leaves, dy.to(y.dtype)))
 
 
+def _check_against_reference(backend, leaves, G, dy, act, what):
+    """The 2x rule for y and every gradient; leaves = [x] or [x, weight, bias]."""
+    dtype = leaves[0].dtype
+    ours = _run(lambda x, *wb: sk.group_norm_silu(x, G, *wb, act=act, backend=backend), leaves, dy)
+    if leaves[0].is_contiguous(memory_format=torch.channels_last_3d) and not leaves[0].is_contiguous():
+        assert ours[0].is_contiguous(memory_format=torch.channels_last_3d) and ours[1].shape == leaves[0].shape
+
+    def reference(x, weight=None, bias=None):
+        return ref.group_norm_silu(x, G, weight, bias, 1e-6, act)
+    plain = _run(reference, leaves, dy)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    exact = _run(reference, wide, dy.double())
+    assert_2x_rule(ours, plain, exact, dtype, what)
+
+
 @pytest.mark.parametrize("act", ["silu", None])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "cpu", "reference"])
 def test_matches_reference(backend, dtype, shape, channels_last, act):
     leaves, G, dy = make(shape, dtype, channels_last)
     require_backend(GROUP_NORM_BACKENDS, backend, (leaves[0], G, *leaves[1:], 1e-6, act))
-    ours = _run(lambda x, w, b: sk.group_norm_silu(x, G, w, b, act=act, backend=backend), leaves, dy)
+    _check_against_reference(backend, leaves, G, dy, act, f"group_norm_silu {shape} act={act}")
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("act", ["silu", None])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_matches_reference(dtype, shape, channels_last, act, affine):
+    leaves, G, dy = make(shape, dtype, channels_last, affine=affine)
+    require_backend(GROUP_NORM_BACKENDS, "cuda", (leaves[0], G, *leaves[1:], 1e-6, act))
+    _check_against_reference("cuda", leaves, G, dy, act, f"cuda {shape} act={act} affine={affine}")
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t with t's strides, one element past an aligned address (no 16-byte accesses)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].as_strided(t.shape, t.stride())
+    with torch.no_grad():
+        out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_misaligned(dtype, channels_last):
+    """x one element off a 16-byte boundary: the one-element kernels, in x's layout."""
+    leaves, G, dy = make((2, 32, 2, 8, 12, 8), dtype, channels_last)
+    x = _misaligned(leaves[0]).requires_grad_()
+    assert x.data_ptr() % 16 != 0 and x.stride() == leaves[0].stride()
+    require_backend(GROUP_NORM_BACKENDS, "cuda", (x, G, *leaves[1:], 1e-6, "silu"))
+    _check_against_reference("cuda", [x, *leaves[1:]], G, dy, "silu", f"cuda misaligned {dtype}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_cuda_deterministic(channels_last):
+    """Two runs give the same bits: y and every gradient (frames in pieces: no atomics)."""
+    leaves, G, dy = make((1, 32, 2, 64, 96, 8), torch.bfloat16, channels_last)
+    require_backend(GROUP_NORM_BACKENDS, "cuda", (leaves[0], G, *leaves[1:], 1e-6, "silu"))
+    runs = [_run(lambda x, w, b: sk.group_norm_silu(x, G, w, b, backend="cuda"), leaves, dy) for _ in range(2)]
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert_bitwise_equal(a, b, f"output/grad {i}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("backend", ["cuda", "cpu"])
+def test_saved_statistics(backend, channels_last):
+    """The compiled op's saved mean and rstd per (b, t, group) equal float64 statistics, also
+    for fp32 values far from zero (300 + 0.5 * noise), where E[x^2] - E[x]^2 in fp32 loses the
+    variance."""
+    B_, C, T, H, W, G = 2, 24, 3, 33, 47, 4
+    g = torch.Generator().manual_seed(0)
+    x = 300 + 0.5 * torch.randn(B_, C, T, H, W, generator=g)
     if channels_last:
-        assert ours[0].is_contiguous(memory_format=torch.channels_last_3d) and ours[1].shape == leaves[0].shape
-    plain = _run(lambda x, w, b: ref.group_norm_silu(x, G, w, b, 1e-6, act), leaves, dy)
-    wide = [t.detach().double().requires_grad_() for t in leaves]
-    exact = _run(lambda x, w, b: ref.group_norm_silu(x, G, w, b, 1e-6, act), wide, dy.double())
-    assert_2x_rule(ours, plain, exact, dtype, f"group_norm_silu {shape} act={act}")
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x = x.to(DEVICE)
+    require_backend(GROUP_NORM_BACKENDS, backend, (x, G, None, None, 1e-6, "silu"))
+    y, mean, rstd = torch.ops.sora_kernels.group_norm(x, None, None, G, 1e-6, True)
+    frames = x.double().reshape(B_, G, C // G, T, H * W).transpose(2, 3).reshape(B_, G, T, -1)
+    want_mean = frames.mean(-1).transpose(1, 2)                                  # [B, T, G]
+    want_rstd = torch.rsqrt(frames.var(-1, unbiased=False) + 1e-6).transpose(1, 2)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (B_, T, G)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), want_rstd, rtol=1e-4, atol=0)
+    # y from x * scale + shift (|x * scale| ~ 600): a few fp32 units of 600 off the reference
+    torch.testing.assert_close(y, ref.group_norm_silu(x, G), rtol=1e-3, atol=1e-3)
 
 
 def test_reference_is_group_norm_per_frame():
@@ -74,6 +158,24 @@ def test_torch_compile_fullgraph():
     leaves, G, _ = make((1, 8, 2, 4, 4, 2), torch.float32, True)
     args = [t.detach() for t in leaves]
     assert_compiles_exactly(lambda x, w, b: sk.group_norm_silu(x, G, w, b), *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_compile_fullgraph_cuda(dtype):
+    """The cuda backend under torch.compile: the op's fake (shared with the CPU kernels) traces
+    it, forward and backward (dweight / dbias come back in float32 and are cast)."""
+    leaves, G, dy = make((1, 8, 2, 4, 4, 2), dtype, True)
+    require_backend(GROUP_NORM_BACKENDS, "cuda", (leaves[0], G, *leaves[1:], 1e-6, "silu"))
+    args = [t.detach() for t in leaves]
+    assert_compiles_exactly(lambda x, w, b: sk.group_norm_silu(x, G, w, b, backend="cuda"), *args)
+
+    def loss(x, w, b):
+        return (sk.group_norm_silu(x, G, w, b, backend="cuda").float() * dy).sum()
+    grads = torch.autograd.grad(loss(*leaves), leaves)
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for a, b in zip(compiled, grads):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 ERRORS = [
