@@ -1,8 +1,9 @@
 """Benchmarks of group_norm_silu (per-frame GroupNorm + affine + SiLU of video activations).
 
-Providers: `triton` and `cpu` (ours: Triton on GPU, C++ on CPU), `eager` (what a causal video VAE writes: each frame as an image
-through F.group_norm, then F.silu, with the transposes that takes), `compile` (torch.compile
-of that eager code). Layouts: contiguous and channels-last-3d.
+Providers: `triton`, `cuda` and `cpu` (ours: Triton and CUDA C++ on GPU, C++ on CPU; each is
+skipped with its reasons where it cannot run), `eager` (what a causal video VAE writes: each
+frame as an image through F.group_norm, then F.silu, with the transposes that takes),
+`compile` (torch.compile of that eager code). Layouts: contiguous and channels-last-3d.
 
 Bytes moved: x read and y written (fwd); fwd+bwd adds x and dy read, dx written (the
 per-channel and per-group rows are negligible).
@@ -14,7 +15,7 @@ import sora_kernels as sk
 from benchmarks import harness
 from sora_kernels.ops.group_norm_silu import GROUP_NORM_BACKENDS
 
-PROVIDERS = ["triton", "cpu", "eager", "compile"]
+PROVIDERS = ["triton", "cuda", "cpu", "eager", "compile"]
 MODES = ["fwd", "fwd+bwd"]
 GROUPS = 32
 
