@@ -42,7 +42,7 @@ struct GnShape {
 };
 
 struct GnPlan {
-  int vec;         // elements per global access: 16 bytes' worth, or 1
+  int vec;         // elements per global access: gn_vector_elements, or 1
   int tc, tr;      // channels-last: vector columns per block row (<= kGnThreads) and rows per pass
   int64_t pieces;  // pieces per plane (contiguous) or per frame (channels-last)
   int64_t span;    // positions per piece (the last may be shorter); contiguous: a multiple of vec
