@@ -2,22 +2,32 @@
 
     sora-train --vae vae.safetensors --data physics --dit tiny --budget 256 --steps 2000 --out run/
     torchrun --nproc-per-node 8 -m sora_model.train ...                 # DDP over 8 ranks
+    torchrun --nproc-per-node 8 -m sora_model.train ... --fsdp          # FSDP2 over 8 ranks
 
 Each step: a batch of clips of at most --budget latent tokens (first-fit decreasing over the
 physics world or a JSONL manifest, no padding) -> the frozen VAE's latents -> captions through
 the text conditioner (caption dropout) -> the flow-matching loss -> AdamW with gradient
-clipping -> EMA of the DiT. bf16 autocast on GPU. Several ranks: DDP (FSDP2 is not written
-yet). A step's batch, timesteps and noise are drawn from (seed, step) and each clip's index in
-the global batch, so a run gives the same losses on any number of ranks and after a resume.
+clipping -> EMA of the DiT. bf16 autocast on GPU (fp32 weights, gradients and AdamW state). A
+step's batch, timesteps and noise are drawn from (seed, step) and each clip's index in the
+global batch, so a run gives the same losses on any number of ranks and after a resume.
 
 With several ranks (torchrun), rank r takes clips r, r + world, ... of the global batch; the
 loss is the squared error summed over all ranks' elements divided by their total count, so
-gradients equal a single process's on the whole batch.
+gradients equal a single process's on the whole batch. The ranks run DDP (every rank holds
+the whole model, EMA and AdamW state) or, with --fsdp, FSDP2: `fully_shard` on each DiT block,
+then on the whole denoiser (embedders, final layer, text conditioner), so every rank holds 1/world
+of each parameter, gradient and AdamW moment and gathers one block's weights at a time. The EMA
+is sharded like the parameters and updated shard by shard. Mixed precision stays bf16 autocast, as
+under DDP: blocks are gathered and gradients reduce-scattered in fp32 (FSDP2's
+MixedPrecisionPolicy would halve that traffic, but would also run the residual stream in bf16,
+which the DiT keeps in the weights' dtype, so the losses would no longer match DDP's).
 
 Checkpoints (<out>/checkpoint.safetensors): DiT, text conditioner, EMA, AdamW state and the
-step, in one safetensors file written to a temporary name and renamed (a killed run leaves the
-previous checkpoint whole). --resume continues from it. <out>/log.jsonl gets one line per
-step: loss, gradient norm, tokens, clips, tokens/s.
+step, in one safetensors file of full (unsharded) tensors, written by rank 0 to a temporary
+name and renamed (a killed run leaves the previous checkpoint whole). The keys are the same
+with one process, DDP and FSDP2, so a checkpoint of any of them resumes under any other and
+sora-sample reads it. --resume continues from it. <out>/log.jsonl gets one line per step: loss,
+gradient norm, tokens, clips, tokens/s.
 """
 from __future__ import annotations
 
@@ -26,15 +36,16 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sora_model.data import captioned_videos, latent_tokens, token_batches
 from sora_model.diffusion import FlowConfig, flow_error, sample_timesteps, token_counts
-from sora_model.dit import DiT, SIZES, dit_config
+from sora_model.dit import DiT, SIZES, TextBatch, dit_config
 from sora_model.physics_world import WorldConfig, physics_clips
 from sora_model.text import ByteTextEncoder, CaptionConditioner, MiniLMEncoder
 
@@ -54,6 +65,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     seed: int = 0
     save_every: int = 500
+    fsdp: bool = False                 # several ranks: FSDP2 instead of DDP (no effect in one process)
 
 
 class Denoiser(nn.Module):
@@ -63,14 +75,51 @@ class Denoiser(nn.Module):
         super().__init__()
         self.dit, self.text = dit, text
 
-    def forward(self, latents, t, captions, drop):
-        return self.dit(latents, t, self.text(captions, drop=drop))
+    def forward(self, latents, t, captions, drop, batch_drop=None):
+        """drop: bool [n], which captions become the null one; batch_drop: the flags of the whole
+        global batch when these clips are one rank's part of it."""
+        text = self.text(captions, drop=drop)
+        if batch_drop is not None:
+            text = self.join_other_ranks(text, drop, batch_drop)
+        return self.dit(latents, t, text)
+
+    def join_other_ranks(self, text: TextBatch, drop: torch.Tensor, batch_drop: torch.Tensor) -> TextBatch:
+        """FSDP2 reduce-scatters the gradients of the parameters that have one, and every rank
+        must send the same ones. The null caption is used only on ranks that drop a caption, and
+        the encoder only on ranks that keep one: a trainable one that other ranks use and this
+        rank does not joins its graph with weight zero, so its gradient is the other ranks' sum,
+        as in one process. (One no rank uses keeps no gradient, also as in one process.)"""
+        unused = []
+        if bool(batch_drop.any()) and not bool(drop.any()):
+            unused += [self.text.null_token, self.text.null_pooled]
+        if not bool(batch_drop.all()) and bool(drop.all()):
+            unused += list(self.text.encoder.parameters())
+        unused = [p for p in unused if p.requires_grad]
+        if not unused:
+            return text
+        zero = 0.0 * sum(p.sum() for p in unused)
+        return replace(text, pooled=text.pooled + zero)
 
 
 def make_denoiser(cfg: TrainConfig) -> Denoiser:
     encoder = MiniLMEncoder() if cfg.text == "minilm" else ByteTextEncoder(dim=64)
     dit = DiT(dit_config(cfg.dit, text_dim=encoder.dim))
     return Denoiser(dit, CaptionConditioner(encoder, cfg.caption_dropout))
+
+
+def shard(model: Denoiser, ema: DiT, device: torch.device) -> None:
+    """FSDP2 over all ranks: each DiT block is a unit (its weights gathered for its forward and
+    again for its backward, its gradients reduce-scattered as soon as they are computed), the
+    rest of the denoiser is the root unit. The EMA is sharded as one unit: it never runs, and
+    FSDP2 splits each parameter along dim 0 whatever the unit, so its shards line up with the
+    model's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.dit.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    fully_shard(ema, mesh=mesh)
 
 
 def step_batch(cfg: TrainConfig, step: int, patch_size) -> list[tuple[torch.Tensor, str]]:
@@ -108,14 +157,25 @@ def encode(vae, videos, device) -> list[torch.Tensor]:
 
 def save_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
                     cfg: TrainConfig) -> None:
-    """One safetensors file, written whole to path + '.tmp' and then renamed over path."""
+    """One safetensors file of full tensors (model.*, ema.*, and optim.<parameter index>.<name>
+    for AdamW's state), written by rank 0 whole to path + '.tmp' and then renamed over path.
+    Under FSDP2 every rank must call it: each sharded tensor is gathered whole, one at a time,
+    and only rank 0 keeps a (CPU) copy."""
     from safetensors.torch import save_file
-    state = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    state.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
+    write = not dist.is_initialized() or dist.get_rank() == 0
     opt_state = opt.state_dict()
-    for pid, s in opt_state["state"].items():
-        for k, v in s.items():
-            state[f"optim.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().cpu()
+    named = [(f"model.{k}", v) for k, v in model.state_dict().items()]
+    named += [(f"ema.{k}", v) for k, v in ema.state_dict().items()]
+    named += [(f"optim.{pid}.{k}", v if torch.is_tensor(v) else torch.tensor(v))
+              for pid, s in opt_state["state"].items() for k, v in s.items()]
+    state = {}
+    for name, v in named:
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        if write:
+            state[name] = v.detach().contiguous().cpu()
+    if not write:
+        return
     meta = {"step": str(step), "config": json.dumps(asdict(cfg)),
             "param_groups": json.dumps(opt_state["param_groups"])}
     tmp = path + ".tmp"
@@ -123,19 +183,38 @@ def save_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.opti
     os.replace(tmp, path)
 
 
+def _like(v: torch.Tensor, ref) -> torch.Tensor:
+    """A full tensor from a checkpoint as `ref` holds it: ref's shard of it when ref is an FSDP2
+    DTensor (rank 0's copy is scattered: every rank must call this, in the same order)."""
+    if isinstance(ref, DTensor):
+        return distribute_tensor(v.to(ref.device), ref.device_mesh, ref.placements)
+    return v
+
+
 def load_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Loads a save_checkpoint file, from any number of ranks, DDP or FSDP2, into model, ema and
+    opt; returns its step. Tensors are read one at a time, and under FSDP2 each rank keeps its
+    shard of each (AdamW's moments are sharded like their parameter)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
+    refs = {"model": model.state_dict(), "ema": ema.state_dict()}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    states: dict = {"model": {}, "ema": {}}
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
-    state = load_file(path)
-    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
-    opt_state: dict = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
-    for k, v in state.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            opt_state["state"].setdefault(int(pid), {})[name] = v
+        opt_state: dict = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+        for key in f.keys():
+            part, name = key.split(".", 1)
+            v = f.get_tensor(key)
+            if part == "optim":
+                pid, name = name.split(".", 1)
+                p = params[int(pid)] if int(pid) < len(params) else None
+                if p is not None and v.shape == p.shape:     # a moment, not the step count
+                    v = _like(v, p)
+                opt_state["state"].setdefault(int(pid), {})[name] = v
+            else:
+                states[part][name] = _like(v, refs[part].get(name))
+    model.load_state_dict(states["model"])
+    ema.load_state_dict(states["ema"])
     opt.load_state_dict(opt_state)
     return int(meta["step"])
 
@@ -147,7 +226,8 @@ def load_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.opti
 def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu", resume: bool = False,
           progress: bool = True, steps: int | None = None) -> list[float]:
     """Trains from step 0 (or from out's checkpoint with resume) to cfg.steps (or `steps` more);
-    returns the loss of each step run (the global batch's)."""
+    returns the loss of each step run (the global batch's). With torch.distributed initialised,
+    the ranks share each global batch under DDP, or FSDP2 with cfg.fsdp."""
     device = torch.device(device)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -156,10 +236,13 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     ema = DiT(model.dit.cfg).to(device)
     ema.load_state_dict(model.dit.state_dict())
     ema.requires_grad_(False)
+    fsdp = distributed and cfg.fsdp
+    if fsdp:
+        shard(model, ema, device)
     vae = vae.to(device).eval()
     patch = model.dit.cfg.patch_size
     flow = FlowConfig()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]     # FSDP2's sharded ones
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     os.makedirs(out, exist_ok=True)
     ckpt = os.path.join(out, "checkpoint.safetensors")
@@ -167,7 +250,7 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     if resume and start == 0 and not os.path.exists(ckpt):
         raise ValueError(f"resume: no checkpoint at {ckpt!r}")
     net: nn.Module = model
-    if distributed:  # DDP (FSDP2 is not written: the EMA and rank-0 checkpoints would need gathered weights)
+    if distributed and not fsdp:
         # find_unused_parameters: the null caption is unused in steps that drop no caption
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=True)
@@ -188,15 +271,19 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
         mine = list(range(rank, len(batch), world))
         total = sum(z.numel() for z in latents)
         with autocast:
-            err = flow_error(lambda x, tt, _: net([*x], tt, [batch[i][1] for i in mine], drop[mine]),
+            err = flow_error(lambda x, tt, _: net([*x], tt, [batch[i][1] for i in mine], drop[mine], drop),
                              [latents[i] for i in mine], None, t[mine], [noise[i] for i in mine])
-        # DDP averages gradients over ranks: scale so that they equal the global batch's
+        # DDP's all-reduce and FSDP2's reduce-scatter average gradients over ranks: scale so
+        # that they equal the global batch's
         (err * world / total).backward()
+        # under FSDP2 the norm of the whole gradient (the shards' norms all-reduced), a DTensor
         grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.dit.parameters()):
+            for e, p in zip(ema.parameters(), model.dit.parameters()):   # under FSDP2 shard by shard
                 e.lerp_(p.detach().to(e.dtype), 1.0 - cfg.ema)
             loss = err.detach().clone()
             if distributed:
@@ -211,7 +298,7 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", grad=f"{float(grad_norm):.2f}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
-        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
+        if (step + 1) % cfg.save_every == 0 or step + 1 == end:    # every rank: FSDP2 gathers
             save_checkpoint(ckpt, model, ema, opt, step + 1, cfg)
     if bar is not None:
         bar.close()
@@ -235,6 +322,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with torchrun: FSDP2 (parameters, gradients, AdamW state and EMA sharded over the ranks) "
+                        "instead of DDP")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -250,7 +340,8 @@ def main(argv=None) -> None:
     from sora_model.train_vae import load_checkpoint as load_vae
     cfg = TrainConfig(dit=args.dit, text=args.text, data=args.data, budget=args.budget, max_tokens=args.max_tokens,
                       steps=args.steps, lr=args.lr, ema=args.ema, clip_grad=args.clip_grad,
-                      caption_dropout=args.caption_dropout, seed=args.seed, save_every=args.save_every)
+                      caption_dropout=args.caption_dropout, seed=args.seed, save_every=args.save_every,
+                      fsdp=args.fsdp)
     device = args.device
     if "RANK" in os.environ and not dist.is_initialized():          # launched by torchrun
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
