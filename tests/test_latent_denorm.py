@@ -5,6 +5,7 @@ import torch
 
 import sora_kernels as sk
 from conftest import DEVICE, assert_compiles_exactly, require_backend
+from sora_kernels.backends import NoBackendError
 from sora_kernels.ops.latent_denorm import LATENT_DENORM_BACKENDS, reference
 
 
@@ -41,6 +42,20 @@ def test_scalars_and_gradient(backend):
     torch.testing.assert_close(dz, dy / 0.7)
 
 
+def test_float64_runs_in_float64():
+    """float64 latents (a float64 VAE's) de-normalise in float64 on the reference backend, the
+    kernels saying why they cannot; a float32 computation would be off in the last 29 bits."""
+    z = torch.randn(1, 3, 2, 4, 4, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    out, nan = sk.latent_denorm(z, 1 / 0.7, 0.1)
+    assert out.dtype == torch.float64 and nan.sum().item() == 0
+    assert torch.equal(out, z * (1 / 0.7) + 0.1)
+    dy = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, z, dy)[0], dy * (1 / 0.7))
+    for name in ("cuda", "triton", "cpu"):
+        with pytest.raises(NoBackendError, match=f"{name}: .*float32, got torch.float64"):
+            sk.latent_denorm(z.detach(), 1.0, 0.0, backend=name)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton", "cpu"])
 def test_torch_compile_fullgraph(backend):
     z = torch.randn(1, 4, 2, 3, 5, device=DEVICE)
@@ -58,5 +73,6 @@ def test_errors():
         sk.latent_denorm(z, torch.ones(3, device=DEVICE), 0.0)
     with pytest.raises(ValueError, match="shift: expected a float or a tensor of shape"):
         sk.latent_denorm(z, 1.0, "0")
-    with pytest.raises(ValueError, match="z: expected float16, bfloat16 or float32, got torch.int64"):
+    with pytest.raises(ValueError, match=r"z: expected float16, bfloat16, float32 or float64 \(the reference "
+                                         r"backend\), got torch.int64"):
         sk.latent_denorm(z.long(), 1.0, 0.0)

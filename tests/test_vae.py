@@ -117,3 +117,16 @@ def test_decode_errors():
         list(vae.decode_stream(torch.zeros(1, 16, 3, 2, 2, device=DEVICE), chunk_frames=0))
     with pytest.raises(ValueError, match="temporal_down: expected 3 flags"):
         VideoAutoencoder(vae_config("tiny", temporal_down=(True,)))
+
+
+def test_float64_decode():
+    """A float64 autoencoder decodes float64 latents in float64 (the reference backends of the
+    sora_kernels ops), and agrees with the same weights in float32."""
+    vae = tiny()
+    z = torch.randn(1, 16, 2, 2, 3, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        out32 = vae.decode(z)
+        vae64 = vae.double()
+        out64 = vae64.decode(z.double())
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), out32, rtol=0, atol=1e-4)

@@ -71,9 +71,15 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the 16- and 32-bit dtypes, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _backward(ctx, dy, _dnan):
     (scale,) = ctx.saved_tensors
-    return (dy.float() * scale.view(1, -1, 1, 1, 1)).to(dy.dtype), None, None
+    acc = _compute_dtype(dy.dtype)
+    return (dy.to(acc) * scale.to(acc).view(1, -1, 1, 1, 1)).to(dy.dtype), None, None
 
 
 latent_denorm_triton.register_autograd(_backward, setup_context=_setup)
@@ -84,8 +90,8 @@ if B.compiled_has("latent_denorm", "CPU"):
 
 
 def reference(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    C = z.shape[1]
-    out = (z.float() * scale.view(1, C, 1, 1, 1) + shift.view(1, C, 1, 1, 1)).to(z.dtype)
+    C, acc = z.shape[1], _compute_dtype(z.dtype)
+    out = (z.to(acc) * scale.to(acc).view(1, C, 1, 1, 1) + shift.to(acc).view(1, C, 1, 1, 1)).to(z.dtype)
     return out, torch.isnan(z).sum((1, 3, 4), dtype=torch.int32)
 
 
@@ -96,10 +102,18 @@ def _cpu_reasons(z, *rest) -> list[str]:
     return reasons
 
 
+def _gpu_reasons(name: str):
+    def reasons(z, *rest) -> list[str]:
+        out = B.device_reasons(name, z.device, "latent_denorm")
+        if z.dtype == torch.float64:
+            out.append("the kernel runs float16, bfloat16 and float32, got torch.float64")
+        return out
+    return reasons
+
+
 LATENT_DENORM_BACKENDS = (
-    B.Backend("cuda", lambda z, *rest: B.device_reasons("cuda", z.device, "latent_denorm"),
-              lambda z, scale, shift: torch.ops.sora_kernels.latent_denorm(z, scale, shift)),
-    B.Backend("triton", lambda z, *rest: B.device_reasons("triton", z.device, "latent_denorm"), latent_denorm_triton),
+    B.Backend("cuda", _gpu_reasons("cuda"), lambda z, scale, shift: torch.ops.sora_kernels.latent_denorm(z, scale, shift)),
+    B.Backend("triton", _gpu_reasons("triton"), latent_denorm_triton),
     B.Backend("cpu", _cpu_reasons, lambda z, scale, shift: torch.ops.sora_kernels.latent_denorm(z, scale, shift)),
     B.Backend("reference", lambda *args: [], reference),
 )
@@ -107,18 +121,19 @@ LATENT_DENORM_BACKENDS = (
 
 def _per_channel(name: str, value, C: int, z: torch.Tensor) -> torch.Tensor:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full((C,), float(value), device=z.device, dtype=torch.float32)
+        return torch.full((C,), float(value), device=z.device, dtype=_compute_dtype(z.dtype))
     if not isinstance(value, torch.Tensor) or value.shape != (C,):
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"{name}: expected a float or a tensor of shape ({C},) (one per latent channel), got {got}")
     if value.device != z.device:
         raise ValueError(f"{name}: expected it on z's device {z.device}, got {value.device}")
-    return value.float().contiguous()
+    return value.to(_compute_dtype(z.dtype)).contiguous()
 
 
 def latent_denorm(z: torch.Tensor, scale, shift, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """z [B, C, T, h, w] -> (z * scale[c] + shift[c] in z's dtype, NaN count int32 [B, T]),
-    in one pass. scale, shift: floats or tensors of shape [C].
+    in one pass. scale, shift: floats or tensors of shape [C]. float64 z runs on the reference
+    backend, in float64 (the kernels run float16, bfloat16 and float32, in float32).
 
     Equivalent PyTorch::
 
@@ -128,8 +143,8 @@ def latent_denorm(z: torch.Tensor, scale, shift, *, backend: str | None = None) 
     if not isinstance(z, torch.Tensor) or z.dim() != 5:
         got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"z: expected a 5-dim tensor [B, C, T, h, w], got {got}")
-    if z.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"z: expected float16, bfloat16 or float32, got {z.dtype}")
+    if z.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"z: expected float16, bfloat16, float32 or float64 (the reference backend), got {z.dtype}")
     C = z.shape[1]
     args = (z, _per_channel("scale", scale, C, z), _per_channel("shift", shift, C, z))
     return B.select("latent_denorm", LATENT_DENORM_BACKENDS, args, backend).run(*args)
