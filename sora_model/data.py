@@ -4,7 +4,8 @@
   files: the VAE's training data;
 - captioned clips at native size from a JSONL manifest of (path, caption): the DiT's data, with
   only an upper bound in tokens (a clip over it is downscaled, aspect ratio kept, never
-  cropped);
+  cropped); their sizes come from the files' metadata, so a batch is planned before anything
+  is decoded and only its clips are;
 - token-budget batching: clips of mixed sizes packed into batches of at most N latent tokens,
   first-fit decreasing, no padding (the physics world of sora_model/physics_world.py feeds it
   too).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -97,6 +99,23 @@ def latent_tokens(shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2), t
     return (t // patch_size[0]) * (H // spatial // patch_size[1]) * (W // spatial // patch_size[2])
 
 
+def fitted_shape(shape: Sequence[int], max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), temporal: int = 4,
+                 spatial: int = 8) -> tuple[int, int, int, int]:
+    """The [C, T, H, W] shape fit_to_tokens gives a clip of `shape`, computed from the shape alone."""
+    C, T, H, W = shape
+    T = 1 + (T - 1) // temporal * temporal
+    unit_h, unit_w = spatial * patch_size[1], spatial * patch_size[2]
+    frames = (1 + (T - 1) // temporal) // patch_size[0]
+    if frames < 1 or H < unit_h or W < unit_w:
+        raise ValueError(f"video: {(C, T, H, W)} is smaller than one token ({unit_h}x{unit_w} pixels)")
+    scale = min(1.0, math.sqrt(max_tokens / (frames * (H / unit_h) * (W / unit_w))))
+    h, w = int(H * scale // unit_h) * unit_h, int(W * scale // unit_w) * unit_w
+    if h < unit_h or w < unit_w or frames * (h // unit_h) * (w // unit_w) > max_tokens:
+        raise ValueError(f"max_tokens: {max_tokens} is fewer than the {frames * max(1, h // unit_h) * max(1, w // unit_w)} "
+                         f"tokens of the smallest size of a {(C, T, H, W)} clip with its aspect ratio")
+    return C, T, h, w
+
+
 def fit_to_tokens(video: torch.Tensor, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), temporal: int = 4,
                   spatial: int = 8) -> torch.Tensor:
     """The clip as the model takes it: T down to the largest 1 + temporal*k (the VAE's frame
@@ -104,28 +123,40 @@ def fit_to_tokens(video: torch.Tensor, max_tokens: int, patch_size: Sequence[int
     and, when its tokens exceed max_tokens, downscaled by one factor on both sides (aspect
     ratio kept, no crop)."""
     _, T, H, W = video.shape
-    video = video[:, :1 + (T - 1) // temporal * temporal]
-    unit_h, unit_w = spatial * patch_size[1], spatial * patch_size[2]
-    frames = (1 + (video.shape[1] - 1) // temporal) // patch_size[0]
-    if frames < 1 or H < unit_h or W < unit_w:
-        raise ValueError(f"video: {tuple(video.shape)} is smaller than one token ({unit_h}x{unit_w} pixels)")
-    scale = min(1.0, math.sqrt(max_tokens / (frames * (H / unit_h) * (W / unit_w))))
-    h, w = int(H * scale // unit_h) * unit_h, int(W * scale // unit_w) * unit_w
-    if h < unit_h or w < unit_w or frames * (h // unit_h) * (w // unit_w) > max_tokens:
-        raise ValueError(f"max_tokens: {max_tokens} is fewer than the {frames * max(1, h // unit_h) * max(1, w // unit_w)} "
-                         f"tokens of the smallest size of a {tuple(video.shape)} clip with its aspect ratio")
+    _, T, h, w = fitted_shape(video.shape, max_tokens, patch_size, temporal, spatial)
+    video = video[:, :T]
     if (h, w) != (H, W):
         video = F.interpolate(video.transpose(0, 1), size=(h, w), mode="bilinear", antialias=True,
                               align_corners=False).transpose(0, 1)
     return video
 
 
-def captioned_videos(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2),
-                     seed: int = 0) -> Iterator[tuple[torch.Tensor, str]]:
-    """(video [3, T, H, W] in [-1, 1], caption) at native size and duration (fit_to_tokens), in
-    random order, from a JSONL manifest of {"path": ..., "caption": ...} (paths relative to the
-    manifest's folder). Images are 1-frame videos."""
-    from sora_model.video_io import read_video, to_model
+@dataclass(frozen=True)
+class ManifestClip:
+    """A manifest entry whose size is known before it is decoded: `shape` is the [3, T, H, W]
+    that load() returns (fit_to_tokens's), from the file's metadata (video_io.probe_video). So
+    token_batches can pack clips by shape and only the clips of the batch are decoded."""
+    path: str
+    shape: tuple[int, int, int, int]
+    max_tokens: int
+    patch_size: tuple[int, int, int]
+
+    def load(self) -> torch.Tensor:
+        from sora_model.video_io import read_video, to_model
+        frames, _ = read_video(self.path)
+        video = fit_to_tokens(to_model(frames), self.max_tokens, self.patch_size)
+        if tuple(video.shape) != self.shape:
+            raise ValueError(f"{self.path!r}: decodes to a {tuple(video.shape)} clip, but its metadata gave "
+                             f"{self.shape} (packets that are not one frame each?)")
+        return video
+
+
+def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2),
+                    seed: int = 0) -> Iterator[tuple[ManifestClip, str]]:
+    """(ManifestClip, caption) in random order, from a JSONL manifest of {"path": ...,
+    "caption": ...} (paths relative to the manifest's folder), nothing decoded: the clips'
+    shapes come from their metadata. Images are 1-frame videos."""
+    from sora_model.video_io import probe_video
     entries = []
     with open(manifest, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -142,12 +173,22 @@ def captioned_videos(manifest: str, max_tokens: int, patch_size: Sequence[int] =
             entries.append((os.path.join(os.path.dirname(os.path.abspath(manifest)), entry["path"]), entry["caption"]))
     if not entries:
         raise ValueError(f"manifest: no entries in {manifest!r}")
+    shapes: dict[str, tuple[int, int, int, int]] = {}
     g = torch.Generator().manual_seed(seed)
     while True:
         for i in torch.randperm(len(entries), generator=g).tolist():
             path, caption = entries[i]
-            frames, _ = read_video(path)
-            yield fit_to_tokens(to_model(frames), max_tokens, patch_size), caption
+            if path not in shapes:
+                shapes[path] = fitted_shape((3, *probe_video(path)), max_tokens, patch_size)
+            yield ManifestClip(path, shapes[path], max_tokens, tuple(patch_size)), caption
+
+
+def captioned_videos(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2),
+                     seed: int = 0) -> Iterator[tuple[torch.Tensor, str]]:
+    """(video [3, T, H, W] in [-1, 1], caption) at native size and duration (fit_to_tokens), in
+    random order, from a JSONL manifest (captioned_clips, decoded)."""
+    for clip, caption in captioned_clips(manifest, max_tokens, patch_size, seed):
+        yield clip.load(), caption
 
 
 def first_fit_decreasing(tokens: Sequence[int], budget: int) -> list[list[int]]:

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from sora_model.data import captioned_videos, latent_tokens, token_batches
+from sora_model.data import captioned_clips, latent_tokens, token_batches
 from sora_model.diffusion import FlowConfig, flow_error, sample_timesteps, token_counts
 from sora_model.dit import DiT, SIZES, TextBatch, dit_config
 from sora_model.physics_world import WorldConfig, physics_clips
@@ -127,10 +127,11 @@ def step_batch(cfg: TrainConfig, step: int, patch_size) -> list[tuple[torch.Tens
     generator seeded by (seed, step) (the same on every rank and after a resume)."""
     seed = cfg.seed * 1_000_003 + step
     if cfg.data == "physics":
-        clips = physics_clips(WorldConfig(), seed=seed)
-    else:
-        clips = captioned_videos(cfg.data, cfg.max_tokens, patch_size, seed=seed)
-    return next(token_batches(clips, cfg.budget, patch_size, window=16))
+        return next(token_batches(physics_clips(WorldConfig(), seed=seed), cfg.budget, patch_size, window=16))
+    # manifest clips are packed by their metadata's shapes; only the batch's are decoded
+    batch = next(token_batches(captioned_clips(cfg.data, cfg.max_tokens, patch_size, seed=seed), cfg.budget,
+                               patch_size, window=16))
+    return [(clip.load(), caption) for clip, caption in batch]
 
 
 def step_noise(cfg: TrainConfig, step: int, latents, flow: FlowConfig, patch_size, drop_prob: float):

@@ -41,6 +41,21 @@ def read_video(path: str, *, max_frames: int | None = None, start: int = 0) -> t
     return torch.stack(frames), fps
 
 
+def probe_video(path: str) -> tuple[int, int, int]:
+    """(frames, height, width) of the first video stream of `path`, without decoding: the
+    frames are its packets with data, counted by demuxing (a container's own frame count is
+    missing or approximate in several formats)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: no such file {path!r}")
+    av = _av()
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"path: {path!r} has no video stream")
+        stream = container.streams.video[0]
+        frames = sum(1 for packet in container.demux(stream) if packet.size)
+        return frames, stream.codec_context.height, stream.codec_context.width
+
+
 def write_video(path: str, frames: torch.Tensor, *, fps: float = 24.0) -> None:
     """Writes uint8 frames [T, H, W, 3] to `path`: .mp4 (H.264 where this FFmpeg has it, else
     MPEG-4 part 2) or .gif (a fixed 3-3-2 bit palette, for previews; frame delays are whole

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from sora_model.data import captioned_videos, first_fit_decreasing, fit_to_tokens, latent_tokens, token_batches
+from sora_model.data import (captioned_clips, captioned_videos, first_fit_decreasing, fit_to_tokens, fitted_shape,
+                              latent_tokens, token_batches)
 from sora_model.physics_world import WorldConfig, physics_clips
 
 
@@ -77,3 +78,52 @@ def test_token_batches_window_smaller_than_a_batch():
     batches = token_batches(physics_clips(WorldConfig(), seed=1), budget=128, window=2)
     for batch in itertools.islice(batches, 3):
         assert 64 < sum(latent_tokens(v.shape) for v, _ in batch) <= 128 and len(batch) > 2
+
+
+def test_fitted_shape_is_fit_to_tokens_shape():
+    for shape, bound in [((3, 9, 64, 96), 10_000), ((3, 11, 64, 96), 40), ((3, 1, 200, 100), 30), ((3, 6, 48, 80), 20)]:
+        assert fitted_shape(shape, bound) == tuple(fit_to_tokens(torch.zeros(shape), bound).shape)
+
+
+def _manifest(tmp_path, n=6):
+    from sora_model.video_io import write_video
+    lines = []
+    for i in range(n):   # mixed durations and sizes, MP4 and GIF
+        T, H, W = [(6, 48, 80), (1, 32, 32), (9, 64, 48), (5, 32, 96)][i % 4]
+        name = f"clip{i}.{'gif' if i % 2 else 'mp4'}"
+        write_video(str(tmp_path / name), (torch.rand(T, H, W, 3) * 255).to(torch.uint8), fps=8)
+        lines.append({"path": name, "caption": f"clip {i}"})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+    return str(tmp_path / "m.jsonl")
+
+
+def test_manifest_shapes_come_from_metadata(tmp_path):
+    """captioned_clips knows every clip's shape without decoding it, and it is the shape the
+    decoded clip has."""
+    pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
+    import sora_model.video_io as video_io
+    manifest = _manifest(tmp_path)
+    read = video_io.read_video
+    video_io.read_video = None           # nothing may decode while the clips are listed
+    try:
+        clips = list(itertools.islice(captioned_clips(manifest, max_tokens=24), 6))
+    finally:
+        video_io.read_video = read
+    assert len({c.path for c, _ in clips}) == 6
+    for clip, _ in clips:
+        assert tuple(clip.load().shape) == clip.shape
+
+
+def test_manifest_batch_decodes_only_its_clips(tmp_path, monkeypatch):
+    """A training step on a manifest packs the window's clips by their metadata and decodes only
+    the clips of the batch it returns."""
+    pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
+    import sora_model.video_io as video_io
+    from sora_model.train import TrainConfig, step_batch
+    manifest = _manifest(tmp_path, n=8)
+    decoded = []
+    read = video_io.read_video
+    monkeypatch.setattr(video_io, "read_video", lambda path, **kw: decoded.append(path) or read(path, **kw))
+    batch = step_batch(TrainConfig(data=manifest, budget=24, max_tokens=24), 0, (1, 2, 2))
+    assert 0 < sum(latent_tokens(v.shape) for v, _ in batch) <= 24
+    assert len(decoded) == len(batch) < 16                     # the window holds 16 clips
