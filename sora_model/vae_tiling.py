@@ -82,13 +82,16 @@ class TileNorms:
 
 def apply_group_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm: GroupNormSiLU) -> torch.Tensor:
     """GroupNorm of x [B, C, T, H, W] with given statistics [B, G, T], affine, SiLU when the
-    norm has it; computed in fp32."""
+    norm has it; computed in fp32. The statistics and the affine fold into one scale and shift
+    per (b, c, t), as group_norm_silu's kernels do: one multiply-add pass and an in-place SiLU
+    (the unfolded form took six passes and as many temporaries)."""
     B, C, T, H, W = x.shape
     G = norm.groups
-    y = (x.float().reshape(B, G, C // G, T, H, W) - mean[:, :, None, :, None, None]) * rstd[:, :, None, :, None, None]
-    y = y.reshape(B, C, T, H, W) * norm.weight.float().view(1, C, 1, 1, 1) + norm.bias.float().view(1, C, 1, 1, 1)
+    scale = (rstd.repeat_interleave(C // G, dim=1) * norm.weight.float().view(1, C, 1))    # [B, C, T]
+    shift = norm.bias.float().view(1, C, 1) - mean.repeat_interleave(C // G, dim=1) * scale
+    y = torch.addcmul(shift[..., None, None], x.float(), scale[..., None, None])
     if norm.act == "silu":
-        y = F.silu(y)
+        F.silu(y, inplace=True)
     return y.to(x.dtype)
 
 
