@@ -436,7 +436,7 @@ class VideoAutoencoder(nn.Module):
                 if seg_tiles is None:
                     x = run_layers(seg.layers, x, state, t0 == 0)
                 else:
-                    x = vae_tiling.run_tiled(seg, x, seg_tiles, t0 == 0)
+                    x = vae_tiling.run_tiled(seg, x, seg_tiles, t0 == 0, plan.keep_inputs)
             yield x
 
     def forward(self, video: torch.Tensor, sample: bool = True,
