@@ -14,6 +14,7 @@ Every source yields float videos [3, T, H, W] in [-1, 1].
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -151,12 +152,18 @@ class ManifestClip:
         return video
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _probe(path: str, mtime_ns: int) -> tuple[int, int, int]:
+    """video_io.probe_video, once per file version (training steps draw the same files again)."""
+    from sora_model.video_io import probe_video
+    return probe_video(path)
+
+
 def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2),
                     seed: int = 0) -> Iterator[tuple[ManifestClip, str]]:
     """(ManifestClip, caption) in random order, from a JSONL manifest of {"path": ...,
     "caption": ...} (paths relative to the manifest's folder), nothing decoded: the clips'
     shapes come from their metadata. Images are 1-frame videos."""
-    from sora_model.video_io import probe_video
     entries = []
     with open(manifest, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -173,14 +180,13 @@ def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = 
             entries.append((os.path.join(os.path.dirname(os.path.abspath(manifest)), entry["path"]), entry["caption"]))
     if not entries:
         raise ValueError(f"manifest: no entries in {manifest!r}")
-    shapes: dict[str, tuple[int, int, int, int]] = {}
     g = torch.Generator().manual_seed(seed)
     while True:
         for i in torch.randperm(len(entries), generator=g).tolist():
             path, caption = entries[i]
-            if path not in shapes:
-                shapes[path] = fitted_shape((3, *probe_video(path)), max_tokens, patch_size)
-            yield ManifestClip(path, shapes[path], max_tokens, tuple(patch_size)), caption
+            version = os.stat(path).st_mtime_ns if os.path.exists(path) else -1   # missing: probe_video says so
+            shape = fitted_shape((3, *_probe(path, version)), max_tokens, patch_size)
+            yield ManifestClip(path, shape, max_tokens, tuple(patch_size)), caption
 
 
 def captioned_videos(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2),

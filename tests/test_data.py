@@ -112,6 +112,13 @@ def test_manifest_shapes_come_from_metadata(tmp_path):
     assert len({c.path for c, _ in clips}) == 6
     for clip, _ in clips:
         assert tuple(clip.load().shape) == clip.shape
+    probe = video_io.probe_video
+    video_io.probe_video = None          # a second pass (a later training step) reuses the probes
+    try:
+        again = list(itertools.islice(captioned_clips(manifest, max_tokens=24, seed=5), 6))
+    finally:
+        video_io.probe_video = probe
+    assert {c.path: c.shape for c, _ in again} == {c.path: c.shape for c, _ in clips}
 
 
 def test_manifest_batch_decodes_only_its_clips(tmp_path, monkeypatch):
