@@ -112,8 +112,9 @@ def fitted_shape(shape: Sequence[int], max_tokens: int, patch_size: Sequence[int
     scale = min(1.0, math.sqrt(max_tokens / (frames * (H / unit_h) * (W / unit_w))))
     h, w = int(H * scale // unit_h) * unit_h, int(W * scale // unit_w) * unit_w
     if h < unit_h or w < unit_w or frames * (h // unit_h) * (w // unit_w) > max_tokens:
-        raise ValueError(f"max_tokens: {max_tokens} is fewer than the {frames * max(1, h // unit_h) * max(1, w // unit_w)} "
-                         f"tokens of the smallest size of a {(C, T, H, W)} clip with its aspect ratio")
+        smallest = frames * max(1, h // unit_h) * max(1, w // unit_w)
+        raise ValueError(f"max_tokens: {max_tokens} is fewer than the {smallest} tokens of the smallest size of a "
+                         f"{(C, T, H, W)} clip with its aspect ratio")
     return C, T, h, w
 
 

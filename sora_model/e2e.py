@@ -70,7 +70,8 @@ def run(out: str, vae_steps: int = 900, dit_steps: int = 600, seed: int = 0, pro
     os.makedirs(out, exist_ok=True)
     vae_path = os.path.join(out, "vae.safetensors")
     args = train_vae.parse_args(["--config", "tiny", "--data", "physics", "--frames", "9", "--size", "32",
-                                 "--batch", "4", "--steps", str(vae_steps), "--lr", "1e-3", "--recon", "mse", "--out", vae_path,
+                                 "--batch", "4", "--steps", str(vae_steps), "--lr", "1e-3", "--recon", "mse",
+                                 "--out", vae_path,
                                  "--device", "cpu", "--seed", str(seed), "--save-every", str(vae_steps)]
                                 + ([] if progress else ["--no-progress"]))
     vae_losses = train_vae.train(args)

@@ -95,26 +95,28 @@ def reference(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tupl
     return out, torch.isnan(z).sum((1, 3, 4), dtype=torch.int32)
 
 
-def _cpu_reasons(z, *rest) -> list[str]:
-    reasons = B.device_reasons("cpu", z.device, "latent_denorm")
-    if z.dtype != torch.float32:
-        reasons.append(f"the C++ kernel runs float32, got {z.dtype}")
-    return reasons
-
-
-def _gpu_reasons(name: str):
+def _kernel_reasons(name: str, dtypes: tuple[torch.dtype, ...], runs: str):
+    """The reasons function of a kernel backend: its device, and the dtypes it runs."""
     def reasons(z, *rest) -> list[str]:
         out = B.device_reasons(name, z.device, "latent_denorm")
-        if z.dtype == torch.float64:
-            out.append("the kernel runs float16, bfloat16 and float32, got torch.float64")
+        if z.dtype not in dtypes:
+            out.append(f"the {runs}, got {z.dtype}")
         return out
     return reasons
 
 
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _compiled(z, scale, shift):
+    return torch.ops.sora_kernels.latent_denorm(z, scale, shift)
+
+
 LATENT_DENORM_BACKENDS = (
-    B.Backend("cuda", _gpu_reasons("cuda"), lambda z, scale, shift: torch.ops.sora_kernels.latent_denorm(z, scale, shift)),
-    B.Backend("triton", _gpu_reasons("triton"), latent_denorm_triton),
-    B.Backend("cpu", _cpu_reasons, lambda z, scale, shift: torch.ops.sora_kernels.latent_denorm(z, scale, shift)),
+    B.Backend("cuda", _kernel_reasons("cuda", _GPU_DTYPES, "kernel runs float16, bfloat16 and float32"), _compiled),
+    B.Backend("triton", _kernel_reasons("triton", _GPU_DTYPES, "kernel runs float16, bfloat16 and float32"),
+              latent_denorm_triton),
+    B.Backend("cpu", _kernel_reasons("cpu", (torch.float32,), "C++ kernel runs float32"), _compiled),
     B.Backend("reference", lambda *args: [], reference),
 )
 
