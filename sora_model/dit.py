@@ -48,6 +48,9 @@ class DiTConfig:
 
 SIZES = {
     "tiny": DiTConfig(hidden=64, depth=2, heads=4, text_dim=64),            # CPU tests and demos
+    # the physics-world run on a CPU (sora_model/e2e.py): one token per latent pixel; on 2
+    # cores its steps cost about what tiny's do (rendering and encoding the clips dominate)
+    "mini": DiTConfig(patch_size=(1, 1, 1), hidden=128, depth=4, heads=4, text_dim=64),
     "S": DiTConfig(hidden=384, depth=12, heads=6),
     "B": DiTConfig(hidden=768, depth=12, heads=12),
     "L": DiTConfig(hidden=1024, depth=24, heads=16),

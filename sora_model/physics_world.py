@@ -19,7 +19,12 @@ import torch
 
 COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95),
            "yellow": (0.95, 0.85, 0.1), "white": (0.95, 0.95, 0.95)}
-RADII = {"small": 0.06, "large": 0.12}          # fractions of the frame's smaller side
+# Ball radii as fractions of the frame's smaller side, and the frame rate, are set for the
+# tiny end-to-end run: 32-pixel frames through a VAE that compresses 8x in space and 4x in time.
+# With radii 0.06 / 0.12 (2 and 4 pixels) at 8 fps a ball moved up to 10 pixels within one
+# latent frame, and 900 VAE steps gave blobs in the average ball colour; at 0.1 / 0.18 and 16
+# fps the balls' own colours come back within 600 steps (docs/NOTES-vae.md).
+RADII = {"small": 0.1, "large": 0.18}
 COUNT_WORDS = {1: "once", 2: "twice", 3: "three times"}
 
 
@@ -30,7 +35,7 @@ class WorldConfig:
     max_balls: int = 2
     occluder_prob: float = 0.3
     gravity: float = 2.5            # frame heights per second^2
-    fps: float = 8.0
+    fps: float = 16.0
     restitution: float = 0.85
     substeps: int = 8
 

@@ -13,9 +13,12 @@ pytestmark = pytest.mark.usefixtures("native_kernels")
 
 def test_physics_world_end_to_end(tmp_path):
     pytest.importorskip("av", reason="samples are written through PyAV")
-    # 48 VAE steps: the MSE-trained VAE needs more than 16 to settle on the world's colours
-    # (an L1 one got there sooner by collapsing to the background; train_vae.RECON_LOSSES)
-    m = run(str(tmp_path), vae_steps=48, dit_steps=16, progress=False)
+    # 96 VAE steps: the MSE-trained VAE needs more than 16 to settle on the world's colours (an
+    # L1 one got there sooner by collapsing to the background; train_vae.RECON_LOSSES); at 48
+    # the samples' colour distance was 0.899 against the bound of 0.902. 120 DiT steps: the
+    # mini DiT's batches hold few clips, so its loss is noisy step to step (measured here:
+    # 1.76 -> 1.28, colour distance 0.66 against noise's 1.80).
+    m = run(str(tmp_path), vae_steps=96, dit_steps=120, progress=False)
     assert m["vae_loss_last"] < m["vae_loss_first"] / 2, m
     assert m["dit_loss_last"] < m["dit_loss_first"] / 1.25, m
     assert m["colour_distance_samples"] < m["colour_distance_noise"] / 2, m
