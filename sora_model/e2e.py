@@ -1,4 +1,4 @@
-"""End to end on the physics world: trains the tiny VAE, then the tiny DiT on its latents,
+"""End to end on the physics world: trains the tiny VAE, then the mini DiT on its latents,
 samples videos of several sizes from captions, and measures them.
 
     python -m sora_model.e2e --out e2e/      # 800 VAE and 850 DiT steps: ~9 minutes on 2 CPU cores
@@ -52,6 +52,12 @@ def ball_pixels(frames: torch.Tensor, tolerance: float = 0.15) -> float:
     return near.float().mean().item()
 
 
+def first_last_tenths(losses: list[float]) -> tuple[float, float]:
+    """Mean loss of the first and of the last 10% of a run's steps (at least one each)."""
+    n = max(1, len(losses) // 10)
+    return sum(losses[:n]) / n, sum(losses[-n:]) / n
+
+
 def _frames(video: torch.Tensor) -> torch.Tensor:
     """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
@@ -103,11 +109,8 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 850, seed: int = 0, pro
     samples = torch.cat([v.reshape(-1, 3) for v in videos])
     noise = torch.randint(0, 256, samples.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     h_data = colour_histogram(data)
-    def tenths(losses):                 # mean loss of the first and of the last 10% of steps
-        n = max(1, len(losses) // 10)
-        return sum(losses[:n]) / n, sum(losses[-n:]) / n
-    vae_first, vae_last = tenths(vae_losses)
-    dit_first, dit_last = tenths(dit_losses)
+    vae_first, vae_last = first_last_tenths(vae_losses)
+    dit_first, dit_last = first_last_tenths(dit_losses)
     metrics = {
         "vae_steps": vae_steps, "dit_steps": dit_steps,
         "vae_loss_first": vae_first, "vae_loss_last": vae_last,
