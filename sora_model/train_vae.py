@@ -1,5 +1,5 @@
-"""Trains the video autoencoder: reconstruction L1 + KL (+ an optional adversarial term),
-checkpoints in safetensors.
+"""Trains the video autoencoder: reconstruction (L1, or MSE with --recon mse) + KL (+ an
+optional adversarial term), checkpoints in safetensors.
 
     python -m sora_model.train_vae --config tiny --data synthetic --frames 9 --size 64 --steps 200 \
         --out vae.safetensors
@@ -88,8 +88,8 @@ def parse_args(argv=None):
 
 
 def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float]:
-    """Runs the training; returns the loss of every step (the autoencoder's: L1 + KL, + the
-    weighted generator term once it is on). With --adv-weight > 0 a discriminator is made
+    """Runs the training; returns the loss of every step (the autoencoder's: reconstruction +
+    KL, + the weighted generator term once it is on). With --adv-weight > 0 a discriminator is made
     unless one is given (its weights are updated in place)."""
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
