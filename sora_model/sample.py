@@ -95,7 +95,8 @@ def main(argv=None) -> list[str]:
     """Writes <out>/sample_<i>.mp4 and .gif for each size; returns the paths."""
     args = parse_args(argv)
     from sora_model.train_vae import load_checkpoint
-    from sora_model.video_io import write_video
+    from sora_model.video_io import _av, write_video
+    _av()  # without PyAV, say so before sampling rather than after
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
     vae = load_checkpoint(args.vae, args.device).eval()
     prompts = args.prompt * len(args.size) if len(args.prompt) == 1 else args.prompt

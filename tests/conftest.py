@@ -16,6 +16,12 @@ os.environ.setdefault("SORA_KERNELS_AUTOTUNE", "0")
 import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Float32 results are compared with float32 and float64 references: on CUDA, convolutions and
+# matrix products run in full float32 too. cuDNN's default is TF32 (a 10-bit mantissa), under
+# which the same convolution through two algorithms (a whole frame and a tile of it, say) differs
+# by ~5e-3 (H200, 2026-11-26).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 KERNEL_BACKENDS = ["cuda", "triton", "cpu"]
 
 

@@ -8,7 +8,9 @@ reads row segment_ids[token] of each. One program normalises ROWS tokens (a [ROW
 tile) in one pass: the fused variant first forms the residual h = x + gate * y, stores it,
 and normalises it without reading it back. The backward reduces the per-segment gradients
 (shift, scale, gate) in fp32 with one atomic add per column per program when its rows lie in
-one segment (the common case), per row otherwise.
+one segment (the common case), per row otherwise. Atomic adds land in run-dependent order,
+so on CUDA those gradients (and the weights they flow into) differ from run to run at float32
+rounding: ~2e-5 at most in a tiny DiT's parameters on an H200 (2026-11-26).
 """
 from __future__ import annotations
 
