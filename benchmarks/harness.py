@@ -179,6 +179,19 @@ def environment(device: torch.device) -> dict:
     }
 
 
+# Dense bf16 matrix peaks from the vendors' datasheets (TFLOP/s, no sparsity): the
+# denominator of MFU. The SXM parts; a PCIe H100 (756) is named "H100 PCIe".
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+
+
+def peak_bf16_tflops(device: torch.device) -> float | None:
+    """The datasheet's dense bf16 peak of this GPU, None on a CPU or a GPU not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
 def results_path(env: dict) -> str:
     slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower() or "device"
     return os.path.join(RESULTS_DIR, f"{env['device_type']}-{slug}.json")
@@ -225,10 +238,11 @@ def _layout(head, lines) -> str:
 
 
 def _compute_table(rows: list[Row]) -> str:
-    head = ("kernel", "mode", "workload", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "speedup", "vs")
+    head = ("kernel", "mode", "workload", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "MFU", "speedup", "vs")
     lines = [(r.kernel, r.mode, r.workload, r.provider, f"{r.median_ms:.3f}", f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
-              f"{r.tflops:.3g}", _speedup(rows, r, BASELINES.get(r.kernel, "torch_loop")),
-              BASELINES.get(r.kernel, "torch_loop")) for r in rows]
+              f"{r.tflops:.3g}", f"{100 * r.extra['mfu']:.0f}%" if r.extra.get("mfu") is not None else "-",
+              _speedup(rows, r, BASELINES.get(r.kernel, "torch_loop")), BASELINES.get(r.kernel, "torch_loop"))
+             for r in rows]
     return _layout(head, lines)
 
 

@@ -234,4 +234,26 @@ def parameter_count(cfg: DiTConfig) -> int:
         return sum(p.numel() for p in DiT(cfg).parameters())
 
 
-__all__ = ["DiTConfig", "SIZES", "dit_config", "DiT", "DiTBlock", "TextBatch", "TimestepEmbedder", "parameter_count"]
+def forward_flops(cfg: DiTConfig, tokens: Sequence[int], text_tokens: Sequence[int]) -> int:
+    """Floating-point operations of one DiT(cfg) forward (a multiply-add is 2) on videos of
+    `tokens` patches each, captions of `text_tokens` tokens each: every matrix product of the
+    model and both attentions (4 L_q L_k D each). A training step is 3x (MFU counts no
+    recomputation). Norms, activations and RoPE are left out, as MFU leaves them out."""
+    if len(tokens) != len(text_tokens):
+        raise ValueError(f"text_tokens: expected one count per video ({len(tokens)}), got {len(text_tokens)}")
+    D, Dm, Dt = cfg.hidden, int(cfg.hidden * cfg.mlp_ratio), cfg.text_dim
+    P = cfg.in_channels * math.prod(cfg.patch_size)
+    n, N, M = len(tokens), sum(tokens), sum(text_tokens)
+    frequencies = TimestepEmbedder(1).frequencies
+    per_video = 2 * (frequencies * D + D * D) + 2 * (Dt * D + D * D) + 2 * D * 2 * D      # t_embed, text_pool, final mod.
+    per_token = 2 * P * D + 2 * D * P                                                    # patch embedding, final layer
+    block = (n * 2 * D * 6 * D                                                           # modulation
+             + N * 2 * D * (3 * D + D + D + D + 2 * Dm)                                  # qkv, proj, cross q / proj, MLP
+             + M * 2 * Dt * 2 * D                                                        # cross k, v from the captions
+             + 4 * D * sum(L * L for L in tokens)                                        # self-attention
+             + 4 * D * sum(L * m for L, m in zip(tokens, text_tokens)))                  # cross-attention
+    return n * per_video + N * per_token + cfg.depth * block
+
+
+__all__ = ["DiTConfig", "SIZES", "dit_config", "DiT", "DiTBlock", "TextBatch", "TimestepEmbedder", "parameter_count",
+           "forward_flops"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, assert_trains_like_reference, train_losses
-from sora_model.dit import SIZES, DiT, TextBatch, dit_config, parameter_count
+from sora_model.dit import SIZES, DiT, TextBatch, dit_config, forward_flops, parameter_count
 
 pytestmark = pytest.mark.usefixtures("native_kernels")
 
@@ -145,3 +145,21 @@ def test_errors():
         dit(latents, t, TextBatch(text.tokens, text.cu_seqlens[:3], text.max_seqlen, text.pooled[:2]))
     with pytest.raises(ValueError, match="heads: expected a divisor of hidden=64, got 5"):
         DiT(dit_config("tiny", heads=5))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(patch_size=(1, 1, 1), hidden=96, heads=3, mlp_ratio=2.0)])
+def test_forward_flops_counts_every_matrix_product(overrides, monkeypatch):
+    """forward_flops (the numerator of MFU) equals PyTorch's FLOP counter on the reference
+    backends, where every matrix product and both attentions are aten ops it counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setenv("SORA_KERNELS_BACKEND", "reference")
+    dit = model(seed=1, **overrides)
+    latents, t, text = batch(seed=1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        dit(latents, t, text)
+    p = dit.cfg.patch_size
+    tokens = [(T // p[0]) * (H // p[1]) * (W // p[2]) for T, H, W in SIZES_TWH]
+    assert forward_flops(dit.cfg, tokens, [5, 1, 3]) == counter.get_total_flops()
+    with pytest.raises(ValueError, match=r"text_tokens: expected one count per video \(3\), got 2"):
+        forward_flops(dit.cfg, tokens, [5, 1])
+

@@ -297,6 +297,54 @@ def test_errors(change, message, backend):
         sk.varlen_attention(**args, backend=backend)
 
 
+def test_seqlens_read_once_per_version(monkeypatch):
+    """check_seqlens_values copies each cu_seqlens tensor to the host once per version (a DiT
+    passes the same ones to every layer), and again after an in-place change, which it then
+    catches. Inference tensors have no version: they are read every time."""
+    cu_q, cu_k = _cu(0, 2, 6), _cu(0, 2, 6)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
+    for _ in range(3):
+        op.check_seqlens_values(cu_q, cu_k, 6, 6, 4, 4)
+    assert len(reads) == 2
+    with torch.no_grad():
+        cu_q[1] = 5  # segments of 5 and 1 tokens: over max_seqlen_q = 4
+    with pytest.raises(ValueError, match="max_seqlen_q: expected at least the longest segment, 5, got 4"):
+        op.check_seqlens_values(cu_q, cu_k, 6, 6, 4, 4)
+    assert len(reads) == 3
+    with torch.inference_mode():
+        cu = _cu(0, 2, 6)
+    for _ in range(2):
+        op.check_seqlens_values(cu, cu, 6, 6, 4, 4)
+    assert len(reads) == 7
+
+
+class _CountingReads(op.WeakIdKeyDictionary):
+    def __init__(self):
+        super().__init__()
+        self.stores = 0
+
+    def __setitem__(self, key, value):
+        self.stores += 1
+        super().__setitem__(key, value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_seqlens_read_once_through_the_op(backend, monkeypatch):
+    """Through the public op (custom ops and autograd included) the same cu_seqlens objects
+    reach the check: three forwards and a backward read each tensor once."""
+    valid = _valid()
+    require_backend(op.ATTENTION_BACKENDS, backend, (valid["q"], valid["k"], valid["v"]))
+    cache = _CountingReads()
+    monkeypatch.setattr(op, "_SEQLENS_READ", cache)
+    q = valid["q"].requires_grad_()
+    for _ in range(3):
+        out = sk.varlen_attention(**valid, backend=backend)
+    out.float().sum().backward()
+    assert cache.stores == 2  # cu_seqlens_q and cu_seqlens_k (a clone): once each
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs_with_rope(backend):
     """q, k, v as views of one packed qkv projection ([N, 3, H, D] unbound, the layout a model

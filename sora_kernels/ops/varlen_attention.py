@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sora_kernels import backends as B
 from sora_kernels.packed import check_cu_seqlens
@@ -772,13 +773,31 @@ _register_autograd("sora_kernels::varlen_attention_cpu", "sora_kernels::varlen_a
 # Checks
 # -----------------------------------------------------------------------------
 
+# Each cu_seqlens tensor's values as last read, with its version then. A DiT passes the same
+# cu_seqlens to every layer, forward and backward, so a GPU copies each one to the host once
+# per step instead of once per attention call (each copy waits for the queued kernels).
+# Inference tensors have no version counter: they are read every time.
+_SEQLENS_READ = WeakIdKeyDictionary()
+
+
+def _read_seqlens(cu: torch.Tensor) -> list[int]:
+    version = None if cu.is_inference() else cu._version
+    cached = _SEQLENS_READ.get(cu) if version is not None else None
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    values = cu.tolist()
+    if version is not None:
+        _SEQLENS_READ[cu] = (version, values)
+    return values
+
+
 def check_seqlens_values(cu_q: torch.Tensor, cu_k: torch.Tensor, n_q: int, n_k: int, max_q: int, max_k: int) -> None:
     """ValueError naming the argument unless both cu_seqlens start at 0, never decrease, end at
-    the token count, and max_seqlen covers the longest segment. Reads cu_seqlens on the host
-    (one small device-to-host copy on a GPU)."""
+    the token count, and max_seqlen covers the longest segment. Reads cu_seqlens on the host:
+    one small device-to-host copy on a GPU the first time a tensor (at its version) is seen."""
     for name, cu, n, max_name, max_len in (("cu_seqlens_q", cu_q, n_q, "max_seqlen_q", max_q),
                                            ("cu_seqlens_k", cu_k, n_k, "max_seqlen_k", max_k)):
-        values = cu.tolist()
+        values = _read_seqlens(cu)
         if values[0] != 0:
             raise ValueError(f"{name}: expected cu_seqlens[0] == 0, got {values[0]}")
         lengths = [b - a for a, b in zip(values, values[1:])]
