@@ -62,8 +62,13 @@ def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, in
     tc, sc = vae.cfg.temporal_compression, vae.cfg.spatial_compression
     shapes = [(dit.cfg.in_channels, 1 + (T - 1) // tc, H // sc, W // sc) for T, H, W in sizes]
     text = model.text(prompts)
-    latents = sample(dit, shapes, text, dit.cfg.patch_size, null=model.text.null(len(prompts)), guidance=guidance,
-                     steps=steps, method=method, generator=torch.Generator().manual_seed(seed), device=device)
+    # bf16 autocast on a GPU, as in training: the attention kernels run bf16 and fp16 (in
+    # float32 a GPU falls back to the reference attention)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        latents = sample(dit, shapes, text, dit.cfg.patch_size, null=model.text.null(len(prompts)),
+                         guidance=guidance, steps=steps, method=method, generator=torch.Generator().manual_seed(seed),
+                         device=device)
     videos = []
     for z in latents:
         chunks = [to_uint8_frames(c) for c in vae.decode_stream(z[None], chunk_frames=2)]
