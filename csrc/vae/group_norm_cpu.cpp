@@ -2,6 +2,10 @@
 
 #include <omp.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -11,7 +15,9 @@ namespace sora_kernels {
 namespace vae {
 
 namespace generic {
+#define SORA_KERNELS_GN_INTRINSICS 0
 #include "vae/group_norm_cpu_impl.h"
+#undef SORA_KERNELS_GN_INTRINSICS
 }  // namespace generic
 
 // The same kernels for AVX2 + FMA, picked at run time: the extension is built for baseline
@@ -22,7 +28,9 @@ namespace generic {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
+#define SORA_KERNELS_GN_INTRINSICS 1
 #include "vae/group_norm_cpu_impl.h"
+#undef SORA_KERNELS_GN_INTRINSICS
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
