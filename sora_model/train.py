@@ -10,6 +10,9 @@ the text conditioner (caption dropout) -> the flow-matching loss -> AdamW with g
 clipping -> EMA of the DiT. bf16 autocast on GPU (fp32 weights, gradients and AdamW state). A
 step's batch, timesteps and noise are drawn from (seed, step) and each clip's index in the
 global batch, so a run gives the same losses on any number of ranks and after a resume.
+--latent-pool P makes step k train on step (k mod P)'s clips, drawn and encoded once (with
+new timesteps, noise and caption dropout): for a small model whose data costs more to make
+than its step (the physics world on a CPU renders and encodes 0.2 s of a mini DiT's 0.25 s step).
 
 With several ranks (torchrun), rank r takes clips r, r + world, ... of the global batch; the
 loss is the squared error summed over all ranks' elements divided by their total count, so
@@ -66,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 500
     fsdp: bool = False                 # several ranks: FSDP2 instead of DDP (no effect in one process)
+    latent_pool: int = 0               # > 0: step k trains on step (k mod latent_pool)'s clips, encoded once
 
 
 class Denoiser(nn.Module):
@@ -144,6 +148,23 @@ def step_noise(cfg: TrainConfig, step: int, latents, flow: FlowConfig, patch_siz
         noise.append(torch.randn(z.shape, generator=g))
         drop.append(bool(torch.rand((), generator=g) < drop_prob))
     return torch.stack(t), noise, torch.tensor(drop)
+
+
+def data_step(cfg: TrainConfig, step: int, vae, patch_size, device, pool: dict) -> tuple[list[str], list, int]:
+    """(captions, latents, latent tokens) of a step's global batch. With cfg.latent_pool = P,
+    step k takes step (k mod P)'s clips: drawn, decoded and encoded at its first use, then
+    kept in `pool` (the first P steps are the same as without a pool; later steps draw new
+    timesteps, noise and caption dropout for them). For data that costs more to make than the
+    model's step: rendered or decoded clips and a small model."""
+    key = step % cfg.latent_pool if cfg.latent_pool > 0 else None
+    if key in pool:
+        return pool[key]
+    batch = step_batch(cfg, step if key is None else key, patch_size)
+    entry = ([caption for _, caption in batch], encode(vae, [v for v, _ in batch], device),
+             sum(latent_tokens(v.shape, patch_size) for v, _ in batch))
+    if key is not None:
+        pool[key] = entry
+    return entry
 
 
 @torch.no_grad()
@@ -262,17 +283,17 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
         from tqdm import tqdm
         bar = tqdm(total=end - start, desc="train", unit="step", file=sys.stderr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    pool: dict[int, tuple[list[str], list[torch.Tensor], int]] = {}   # cfg.latent_pool: batches encoded once
     for step in range(start, end):
         t0 = time.perf_counter()
-        batch = step_batch(cfg, step, patch)
-        latents = encode(vae, [v for v, _ in batch], device)
+        captions, latents, tokens = data_step(cfg, step, vae, patch, device, pool)
         t, noise, drop = step_noise(cfg, step, latents, flow, patch, cfg.caption_dropout)
-        if len(batch) < world:
-            raise ValueError(f"budget: step {step}'s batch has {len(batch)} clips for {world} ranks; raise --budget")
-        mine = list(range(rank, len(batch), world))
+        if len(latents) < world:
+            raise ValueError(f"budget: step {step}'s batch has {len(latents)} clips for {world} ranks; raise --budget")
+        mine = list(range(rank, len(latents), world))
         total = sum(z.numel() for z in latents)
         with autocast:
-            err = flow_error(lambda x, tt, _: net([*x], tt, [batch[i][1] for i in mine], drop[mine], drop),
+            err = flow_error(lambda x, tt, _: net([*x], tt, [captions[i] for i in mine], drop[mine], drop),
                              [latents[i] for i in mine], None, t[mine], [noise[i] for i in mine])
         # DDP's all-reduce and FSDP2's reduce-scatter average gradients over ranks: scale so
         # that they equal the global batch's
@@ -290,12 +311,11 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
             if distributed:
                 dist.all_reduce(loss)
         losses.append(loss.item() / total)
-        tokens = sum(latent_tokens(v.shape, patch) for v, _ in batch)
         tok_s = tokens / (time.perf_counter() - t0)
         if rank == 0:
             with open(os.path.join(out, "log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step + 1, "loss": losses[-1], "grad_norm": float(grad_norm),
-                                    "tokens": tokens, "clips": len(batch), "tokens_per_s": tok_s}) + "\n")
+                                    "tokens": tokens, "clips": len(latents), "tokens_per_s": tok_s}) + "\n")
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", grad=f"{float(grad_norm):.2f}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
@@ -326,9 +346,14 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", action="store_true",
                    help="with torchrun: FSDP2 (parameters, gradients, AdamW state and EMA sharded over the ranks) "
                         "instead of DDP")
+    p.add_argument("--latent-pool", type=int, default=0, metavar="P",
+                   help="step k trains on the clips of step k mod P, encoded once (0: new clips every step); "
+                        "for data that costs more to make than the model's step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.latent_pool < 0:
+        p.error(f"--latent-pool: expected 0 or a positive number of steps, got {args.latent_pool}")
     if args.budget < 1 or args.max_tokens < 1:
         p.error("--budget and --max-tokens: expected positive token counts")
     if args.max_tokens > args.budget:
@@ -342,7 +367,7 @@ def main(argv=None) -> None:
     cfg = TrainConfig(dit=args.dit, text=args.text, data=args.data, budget=args.budget, max_tokens=args.max_tokens,
                       steps=args.steps, lr=args.lr, ema=args.ema, clip_grad=args.clip_grad,
                       caption_dropout=args.caption_dropout, seed=args.seed, save_every=args.save_every,
-                      fsdp=args.fsdp)
+                      fsdp=args.fsdp, latent_pool=args.latent_pool)
     device = args.device
     if "RANK" in os.environ and not dist.is_initialized():          # launched by torchrun
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")

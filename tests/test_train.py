@@ -180,6 +180,28 @@ def test_checkpoint_write_is_atomic(vae_file, tmp_path, monkeypatch):
 def test_argument_errors(vae_file, tmp_path):
     with pytest.raises(SystemExit):
         tr.parse_args(["--vae", vae_file, "--out", str(tmp_path), "--max-tokens", "512", "--budget", "256"])
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--vae", vae_file, "--out", str(tmp_path), "--latent-pool", "-1"])
+    assert tr.parse_args(["--vae", vae_file, "--out", str(tmp_path), "--latent-pool", "8"]).latent_pool == 8
     from sora_model.train_vae import load_checkpoint
     with pytest.raises(ValueError, match="resume: no checkpoint at"):
         tr.train(tr.TrainConfig(steps=1), load_checkpoint(vae_file), str(tmp_path / "new"), progress=False, resume=True)
+
+
+def test_latent_pool_encodes_each_batch_once(vae_file, tmp_path, monkeypatch):
+    """latent_pool=2 over 5 steps: steps 0 and 1 draw and encode their clips (the losses of a
+    run without the pool), steps 2-4 reuse them (2 draws, not 5) with new noise."""
+    from sora_model.train_vae import load_checkpoint as load_vae
+    draws = []
+    step_batch = tr.step_batch
+    monkeypatch.setattr(tr, "step_batch", lambda cfg, step, patch: draws.append(step) or step_batch(cfg, step, patch))
+    cfg = tr.TrainConfig(steps=5, budget=128, max_tokens=64, save_every=100)
+    plain = tr.train(cfg, load_vae(vae_file), str(tmp_path / "plain"), progress=False)
+    draws.clear()
+    pooled = tr.train(tr.TrainConfig(**{**cfg.__dict__, "latent_pool": 2}), load_vae(vae_file), str(tmp_path / "pool"),
+                      progress=False)
+    assert draws == [0, 1]
+    assert pooled[:2] == plain[:2] and pooled[2:] != plain[2:]
+    logged = [json.loads(line) for line in open(tmp_path / "pool" / "log.jsonl")]
+    assert [r["clips"] for r in logged[2:]] == [r["clips"] for r in logged[:2]] + [logged[0]["clips"]]
+
