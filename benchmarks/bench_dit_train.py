@@ -52,14 +52,17 @@ def _setup(device, workload="mixed-small", grad_checkpointing=False):
     latents = [torch.randn(16, *s, generator=g).to(device) for s in sizes]
     noise = [torch.randn(z.shape, generator=g).to(device) for z in latents]
     t = torch.rand(len(sizes), generator=g)
-    n = len(sizes)
-    text = TextBatch(torch.randn(TEXT_TOKENS * n, 64, generator=g).to(device),
-                     torch.arange(0, TEXT_TOKENS * n + 1, TEXT_TOKENS, dtype=torch.int32).to(device), TEXT_TOKENS,
-                     torch.randn(n, 64, generator=g).to(device))
-    return dit, latents, noise, t, text
+    return dit, latents, noise, t, random_text(len(sizes), TEXT_TOKENS, 64, g, device)
 
 
-def _sub_text(text, idx, device):
+def random_text(n: int, tokens: int, dim: int, g: torch.Generator, device) -> TextBatch:
+    """n captions of `tokens` random embeddings each."""
+    return TextBatch(torch.randn(n * tokens, dim, generator=g).to(device),
+                     torch.arange(0, n * tokens + 1, tokens, dtype=torch.int32).to(device), tokens,
+                     torch.randn(n, dim, generator=g).to(device))
+
+
+def sub_text(text, idx, device):
     rows = torch.cat([torch.arange(int(text.cu_seqlens[i]), int(text.cu_seqlens[i + 1])) for i in idx]).to(device)
     lengths = [int(text.cu_seqlens[i + 1] - text.cu_seqlens[i]) for i in idx]
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(device)
@@ -87,7 +90,7 @@ def _step(provider, dit, opt, latents, noise, t, text, autocast):
             for i, z in enumerate(latents):
                 groups.setdefault(tuple(z.shape), []).append(i)
             for idx in groups.values():
-                sub = _sub_text(text, idx, latents[0].device)
+                sub = sub_text(text, idx, latents[0].device)
                 err = flow_error(dit, [latents[i] for i in idx], sub, t[idx], [noise[i] for i in idx])
                 (err / total).backward()
     opt.step()

@@ -19,26 +19,14 @@ import pytest
 import torch
 
 from benchmarks import harness
+from benchmarks.bench_dit_train import SIZES_32K, random_text, sub_text
 from sora_model.diffusion import sample
-from sora_model.dit import DiT, TextBatch, dit_config, forward_flops
+from sora_model.dit import DiT, dit_config, forward_flops
 
 PROVIDERS = ["packed", "loop"]
 E2E_SIZES = [(3, 8, 12), (3, 12, 8), (3, 8, 16), (1, 12, 12)]    # latents of 9x32x48, 9x48x32, 9x32x64, 1x48x48
-SIZES_32K = [(13, 60, 80), (9, 48, 64), (5, 64, 48), (1, 128, 128), (1, 64, 96)]
 TEXT_TOKENS = 8
 GUIDANCE = 4.0
-
-
-def _text(n: int, tokens: int, dim: int, g: torch.Generator, device) -> TextBatch:
-    return TextBatch(torch.randn(n * tokens, dim, generator=g).to(device),
-                     torch.arange(0, n * tokens + 1, tokens, dtype=torch.int32).to(device), tokens,
-                     torch.randn(n, dim, generator=g).to(device))
-
-
-def _one(text: TextBatch, i: int) -> TextBatch:
-    a, b = int(text.cu_seqlens[i]), int(text.cu_seqlens[i + 1])
-    return TextBatch(text.tokens[a:b], torch.tensor([0, b - a], dtype=torch.int32, device=text.tokens.device), b - a,
-                     text.pooled[i:i + 1])
 
 
 @pytest.mark.parametrize("workload", ["e2e-sizes", "mixed-32k"])
@@ -56,7 +44,7 @@ def test_sample(suite, benchmark, provider, workload):
             block.modulation.weight.normal_(0.0, 0.02)
     g = torch.Generator().manual_seed(0)
     n = len(sizes)
-    text, null = _text(n, TEXT_TOKENS, cfg.text_dim, g, device), _text(n, 1, cfg.text_dim, g, device)
+    text, null = random_text(n, TEXT_TOKENS, cfg.text_dim, g, device), random_text(n, 1, cfg.text_dim, g, device)
     shapes = [(cfg.in_channels, *s) for s in sizes]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -67,8 +55,9 @@ def test_sample(suite, benchmark, provider, workload):
                        generator=torch.Generator().manual_seed(1), device=device)
             else:
                 for i, shape in enumerate(shapes):
-                    sample(dit, [shape], _one(text, i), cfg.patch_size, null=_one(null, i), guidance=GUIDANCE,
-                           steps=1, generator=torch.Generator().manual_seed(1), device=device)
+                    sample(dit, [shape], sub_text(text, [i], device), cfg.patch_size,
+                           null=sub_text(null, [i], device), guidance=GUIDANCE, steps=1,
+                           generator=torch.Generator().manual_seed(1), device=device)
 
     p = cfg.patch_size
     tokens = [(T // p[0]) * (H // p[1]) * (W // p[2]) for T, H, W in sizes]

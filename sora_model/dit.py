@@ -73,10 +73,13 @@ class TextBatch:
 # Embedders
 # -----------------------------------------------------------------------------
 
+TIMESTEP_FREQUENCIES = 256   # sinusoidal features of a timestep (cos and sin halves)
+
+
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps in [0, 1] -> [n, D]: sinusoidal features of 1000 t, then an MLP (DiT)."""
 
-    def __init__(self, hidden: int, frequencies: int = 256):
+    def __init__(self, hidden: int, frequencies: int = TIMESTEP_FREQUENCIES):
         super().__init__()
         self.frequencies = frequencies
         self.mlp = nn.Sequential(nn.Linear(frequencies, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -244,8 +247,7 @@ def forward_flops(cfg: DiTConfig, tokens: Sequence[int], text_tokens: Sequence[i
     D, Dm, Dt = cfg.hidden, int(cfg.hidden * cfg.mlp_ratio), cfg.text_dim
     P = cfg.in_channels * math.prod(cfg.patch_size)
     n, N, M = len(tokens), sum(tokens), sum(text_tokens)
-    frequencies = TimestepEmbedder(1).frequencies
-    per_video = 2 * (frequencies * D + D * D) + 2 * (Dt * D + D * D) + 2 * D * 2 * D      # t_embed, text_pool, final mod.
+    per_video = 2 * (TIMESTEP_FREQUENCIES * D + D * D) + 2 * (Dt * D + D * D) + 2 * D * 2 * D      # t_embed, text_pool, final mod.
     per_token = 2 * P * D + 2 * D * P                                                    # patch embedding, final layer
     block = (n * 2 * D * 6 * D                                                           # modulation
              + N * 2 * D * (3 * D + D + D + D + 2 * Dm)                                  # qkv, proj, cross q / proj, MLP
