@@ -12,7 +12,8 @@ step's batch, timesteps and noise are drawn from (seed, step) and each clip's in
 global batch, so a run gives the same losses on any number of ranks and after a resume.
 --latent-pool P makes step k train on step (k mod P)'s clips, drawn and encoded once (with
 new timesteps, noise and caption dropout): for a small model whose data costs more to make
-than its step (the physics world on a CPU renders and encodes 0.2 s of a mini DiT's 0.25 s step).
+than its step (on a CPU, rendering and encoding physics clips is about 0.14 s of a mini DiT's
+0.26 s step).
 
 With several ranks (torchrun), rank r takes clips r, r + world, ... of the global batch; the
 loss is the squared error summed over all ranks' elements divided by their total count, so

@@ -7,19 +7,18 @@
 // and floorf are calls without -ffast-math / SSE4.1): e^z = 2^k * e^r with k = round(z / ln 2)
 // (rounded by adding and subtracting 1.5 * 2^23), |r| <= ln2 / 2, e^r by a degree-7 Taylor
 // polynomial (relative error < 2e-7 in float), 2^k built in the exponent bits. z is clamped
-// to [-87, 88], where 2^k stays a normal float.
+// to [-87, 88], where 2^k stays a normal float. sigmoid8 below is the same in 8 lanes.
+constexpr float kExpMin = -87.f, kExpMax = 88.f;
+constexpr float kLog2e = 1.44269504088896341f, kRoundMagic = 12582912.f;  // 1.5 * 2^23
+constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;  // ln 2 in two parts
+constexpr float kExpTaylor[8] = {1.f / 5040.f, 1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f};
+
 inline float exp_approx(float z) {
-  z = z < -87.f ? -87.f : (z > 88.f ? 88.f : z);
-  const float k = (z * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = (z - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;  // ln 2 in two parts
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  z = z < kExpMin ? kExpMin : (z > kExpMax ? kExpMax : z);
+  const float k = (z * kLog2e + kRoundMagic) - kRoundMagic;
+  const float r = (z - k * kLn2Hi) - k * kLn2Lo;
+  float p = kExpTaylor[0];
+  for (int i = 1; i < 8; ++i) p = p * r + kExpTaylor[i];
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(float));
@@ -28,21 +27,12 @@ inline float exp_approx(float z) {
 
 inline float sigmoid(float z) { return 1.f / (1.f + exp_approx(-z)); }
 
-// The loops below are templates on SILU, so the activation is no branch inside them.
-template <bool SILU>
-inline float activate(float z) {
-  if constexpr (SILU) return z * sigmoid(z);
-  return z;
-}
+inline float silu(float z) { return z * sigmoid(z); }
 
 // d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)
-template <bool SILU>
-inline float activation_grad(float z) {
-  if constexpr (SILU) {
-    const float s = sigmoid(z);
-    return s * (1.f + z * (1.f - s));
-  }
-  return 1.f;
+inline float silu_grad(float z) {
+  const float s = sigmoid(z);
+  return s * (1.f + z * (1.f - s));
 }
 
 #if SORA_KERNELS_GN_INTRINSICS
@@ -52,19 +42,14 @@ inline float activation_grad(float z) {
 // SiLU loop's time. The clamp keeps NaN (the constant goes first: min and max return their
 // second operand when one is NaN).
 inline __m256 sigmoid8(__m256 z) {
-  const __m256 one = _mm256_set1_ps(1.f), magic = _mm256_set1_ps(12582912.f);
-  const __m256 m = _mm256_max_ps(_mm256_set1_ps(-88.f), _mm256_min_ps(_mm256_set1_ps(87.f), z));  // -m in [-87, 88]
-  const __m256 k = _mm256_sub_ps(_mm256_fnmadd_ps(m, _mm256_set1_ps(1.44269504088896341f), magic), magic);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), _mm256_sub_ps(_mm256_setzero_ps(), m));
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.42860682030941723e-6f), r);
-  __m256 p = _mm256_set1_ps(1.f / 5040.f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, one);
-  p = _mm256_fmadd_ps(p, r, one);
+  const __m256 one = _mm256_set1_ps(1.f), magic = _mm256_set1_ps(kRoundMagic);
+  // m = -(the exponent), clamped so that -m is in [kExpMin, kExpMax]
+  const __m256 m = _mm256_max_ps(_mm256_set1_ps(-kExpMax), _mm256_min_ps(_mm256_set1_ps(-kExpMin), z));
+  const __m256 k = _mm256_sub_ps(_mm256_fnmadd_ps(m, _mm256_set1_ps(kLog2e), magic), magic);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), _mm256_sub_ps(_mm256_setzero_ps(), m));
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[i]));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
   const __m256 d = _mm256_fmadd_ps(p, _mm256_castsi256_ps(bits), one);  // 1 + e^-z
   const __m256 inv = _mm256_rcp_ps(d);
@@ -78,7 +63,7 @@ inline void silu_inplace(float* q, int64_t n) {
     const __m256 z = _mm256_loadu_ps(q + i);
     _mm256_storeu_ps(q + i, _mm256_mul_ps(z, sigmoid8(z)));
   }
-  for (; i < n; ++i) q[i] = q[i] * sigmoid(q[i]);
+  for (; i < n; ++i) q[i] = silu(q[i]);
 }
 
 // q = silu'(q) = s (1 + q (1 - s)) in place, s = sigmoid(q).
@@ -89,17 +74,17 @@ inline void silu_grad_inplace(float* q, int64_t n) {
     const __m256 z = _mm256_loadu_ps(q + i), sg = sigmoid8(z);
     _mm256_storeu_ps(q + i, _mm256_mul_ps(sg, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sg), one)));
   }
-  for (; i < n; ++i) q[i] = activation_grad<true>(q[i]);
+  for (; i < n; ++i) q[i] = silu_grad(q[i]);
 }
 #else
 inline void silu_inplace(float* q, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) q[i] = q[i] * sigmoid(q[i]);
+  for (int64_t i = 0; i < n; ++i) q[i] = silu(q[i]);
 }
 
 inline void silu_grad_inplace(float* q, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) q[i] = activation_grad<true>(q[i]);
+  for (int64_t i = 0; i < n; ++i) q[i] = silu_grad(q[i]);
 }
 #endif
 
