@@ -379,3 +379,24 @@ def test_rope_fusion(suite, benchmark, variant, mode, monkeypatch):
     nbytes = 4 * q.numel() * q.element_size()
     suite.run("varlen_attention", mode, f"{backend}:{variant}", "mixed+rope", run, nbytes, dtype, benchmark,
               flops=attention_flops(lens, None, heads, head_dim, False, mode))
+
+
+@pytest.mark.parametrize("dq_mode", op.DQ_MODES)
+@pytest.mark.parametrize("workload", ["dense-16k", "dense-16k-causal", "mixed"])
+def test_dq_modes(suite, benchmark, workload, dq_mode, monkeypatch):
+    """Forward+backward of the Triton backend with each way its backward computes dq
+    (varlen_attention.DQ_MODE): a second kernel, or atomics from the dk/dv kernel."""
+    if suite.device.type != "cuda":
+        pytest.skip("DQ_MODE is the Triton launcher's; the Triton backend is timed on CUDA only")
+    monkeypatch.setattr(op, "DQ_MODE", dq_mode)
+    lens_q, lens_k, heads, kv_heads, head_dim, causal = workloads(suite.device)[workload]
+    dtype = _dtype(suite.device)
+    inputs = make_inputs(lens_q, lens_k, heads, kv_heads, head_dim, suite.device, dtype)
+    q, k, v, cu_q, cu_k, max_q, max_k = inputs
+    fn = provider_fn("triton", lens_q, lens_k, cu_q, cu_k, max_q, max_k, causal, suite.device)
+    out = fn(q, k, v)
+    run = timed_call(fn, q, k, v, out, "fwd+bwd")
+    nbytes = sum(x.numel() * x.element_size() for x in (q, k, v)) + out.numel() * out.element_size()
+    suite.run("varlen_attention", "fwd+bwd", f"triton:dq-{dq_mode}", workload, run, nbytes, dtype, benchmark,
+              flops=attention_flops(lens_q, lens_k, heads, head_dim, causal, "fwd+bwd"), segments=len(lens_q),
+              tokens=q.shape[0], heads=heads, head_dim=head_dim, causal=causal, configs=tuned_configs())

@@ -120,6 +120,33 @@ def test_matches_reference(backend, case_name, dtype):
     assert_within_2x(ours, case, causal, dout, f"{backend} {case_name} {dtype}")
 
 
+@pytest.mark.parametrize("dq_mode", [m for m in op.DQ_MODES if m != op.DQ_MODE])
+@pytest.mark.parametrize("case_name", ["lengths-causal", "d72-gqa-causal", "image-and-clips", "cross-attention",
+                                       "cross-causal", "zero-length-segments", "rope-gqa"])
+def test_dq_modes(case_name, dq_mode, monkeypatch):
+    """The Triton backward's other way to compute dq (DQ_MODE; the default runs in every other
+    test) within the 2x rule, on the cases that test its edges: the causal diagonal, ragged
+    blocks, GQA, keyless rows, empty segments, rope's rotation back."""
+    if case_name == "rope-gqa":
+        kw, causal = dict(lens_q=[17, 97, 1], heads=4, kv_heads=2, head_dim=72, rope=True), True
+    else:
+        kw, causal = CASES[case_name]
+    case = make_case(**kw, dtype=torch.float16)
+    require_backend(op.ATTENTION_BACKENDS, "triton", (case["q"], case["k"], case["v"]))
+    monkeypatch.setattr(op, "DQ_MODE", dq_mode)
+    ours, dout = run(case, causal, "triton")
+    assert_within_2x(ours, case, causal, dout, f"DQ_MODE {dq_mode} {case_name}")
+
+
+def test_dq_mode_checked(monkeypatch):
+    case = make_case([5, 3], heads=2, head_dim=16)
+    require_backend(op.ATTENTION_BACKENDS, "triton", (case["q"], case["k"], case["v"]))
+    monkeypatch.setattr(op, "DQ_MODE", "atomics")
+    out = sk.varlen_attention(**case, backend="triton")
+    with pytest.raises(ValueError, match=r"DQ_MODE: expected one of \('separate', 'atomic'\), got 'atomics'"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("length", [1025, 4099])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -197,10 +197,45 @@ if B.TRITON_MISSING is None:
         tl.store(delta_ptr + (r % heads) * (n_rows // heads) + token, tl.sum(o * do, 1), mask=r < n_rows)
 
     @triton.jit
+    def _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr, pos_q_ptr, freq_ptr,
+                    q_start, Lq, lo, hi, head, stride_qn, stride_qh, n_q, heads, head_dim, diag, scale_log2,
+                    MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, ROT_Q: tl.constexpr, FAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dk, dv of one key block summed over query blocks lo..hi (multiples of BLOCK_M, or
+        hi = Lq) of one head; MASK: blocks on the causal diagonal. Elsewhere no mask is needed: rows past the segment are loaded as
+        zeros with lse +inf (probability 0), and columns past it are zero keys and values, so
+        their dk, dv rows (never stored) are the only ones they touch. ATOMIC_DQ: also adds each
+        block's unscaled dq = ds k into the fp32 buffer dq_acc [Nq, H, D] with atomics."""
+        offs_m = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        for start_m in range(lo, hi, BLOCK_M):
+            qi = start_m + offs_m
+            q_mask = qi < Lq
+            rows = (q_start + qi).to(tl.int64)
+            q = _load_rotated(q_ptr, rows, q_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
+                              ROT_Q, FAST, BLOCK_D)
+            do = _load_rows(dout_ptr, rows, q_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
+            lse, delta = _row_stats(lse_ptr, delta_ptr, head, n_q, rows, q_mask)
+            qkT = tl.dot(k, tl.trans(q)) * scale_log2   # [BLOCK_N, BLOCK_M]
+            pT = tl.exp2(qkT - lse[None, :])
+            if MASK:
+                pT = tl.where(cols[:, None] <= qi[None, :] + diag, pT, 0.0)
+            dv += tl.dot(pT.to(do.dtype), do)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+            dk += tl.dot(dsT, q)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(dsT), k)           # [BLOCK_M, BLOCK_D]
+                tl.atomic_add(dq_acc_ptr + rows[:, None] * (heads * head_dim) + head * head_dim + d[None, :], dq,
+                              mask=q_mask[:, None] & (d < head_dim)[None, :], sem="relaxed")
+        return dk, dv
+
+    @triton.jit
     def attn_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, dout_ptr,  # q, dout [Nq, H, D] (dout contiguous); k, v [Nk, Hkv, D]
         lse_ptr, delta_ptr,             # fp32 [H, Nq]
         dk_ptr, dv_ptr,                 # [Nk, Hkv, D] contiguous
+        dq_acc_ptr,                     # fp32 [Nq, H, D] zeros with ATOMIC_DQ, else None
         cu_q_ptr, cu_k_ptr, pos_q_ptr, pos_k_ptr, freq_ptr,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
         n_q, heads, kv_heads, group, head_dim,
@@ -208,10 +243,12 @@ if B.TRITON_MISSING is None:
         CAUSAL: tl.constexpr,
         ROPE: tl.constexpr,                        # rotate dk back (the kernel sees rotated keys)
         ROT_Q: tl.constexpr, ROT_K: tl.constexpr, FAST: tl.constexpr,
+        ATOMIC_DQ: tl.constexpr,                   # also accumulate dq (DQ_MODE "atomic")
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """dk and dv of BLOCK_N keys of one segment and one kv head, summed over the heads of
-        its group and every query block (program_id: key block, segment, kv head)."""
+        its group and every query block (program_id: key block, segment, kv head); with
+        ATOMIC_DQ also every query block's share of dq."""
         n_block = tl.program_id(0)
         seq = tl.program_id(1)
         kv_head = tl.program_id(2)
@@ -229,29 +266,20 @@ if B.TRITON_MISSING is None:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         lo = 0
+        mid = 0  # query blocks [lo, mid) cross the causal diagonal, [mid, Lq) see every key of the block
         if CAUSAL:  # key j is seen by queries i >= j - diag
             lo = tl.maximum(0, n_block * BLOCK_N - diag) // BLOCK_M * BLOCK_M
-        offs_m = tl.arange(0, BLOCK_M)
+            last = (n_block + 1) * BLOCK_N - 1 - diag  # the first query that sees the whole block
+            mid = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(last, 0), BLOCK_M) * BLOCK_M), Lq)
         for g in range(group):
             head = kv_head * group + g
-            for start_m in range(lo, Lq, BLOCK_M):
-                qi = start_m + offs_m
-                q_mask = qi < Lq
-                rows = (q_start + qi).to(tl.int64)
-                q = _load_rotated(q_ptr, rows, q_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
-                                  ROT_Q, FAST, BLOCK_D)
-                do = _load_rows(dout_ptr, rows, q_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
-                lse, delta = _row_stats(lse_ptr, delta_ptr, head, n_q, rows, q_mask)
-                qkT = tl.dot(k, tl.trans(q)) * scale_log2   # [BLOCK_N, BLOCK_M]
-                pT = tl.exp2(qkT - lse[None, :])
-                allowed = col_mask[:, None] & q_mask[None, :]
-                if CAUSAL:
-                    allowed = allowed & (cols[:, None] <= qi[None, :] + diag)
-                pT = tl.where(allowed, pT, 0.0)
-                dv += tl.dot(pT.to(do.dtype), do)
-                dpT = tl.dot(v, tl.trans(do))
-                dsT = pT * (dpT - delta[None, :])
-                dk += tl.dot(dsT.to(q.dtype), q)
+            if CAUSAL:
+                dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
+                                     pos_q_ptr, freq_ptr, q_start, Lq, lo, mid, head, stride_qn, stride_qh, n_q, heads,
+                                     head_dim, diag, scale_log2, True, ATOMIC_DQ, ROT_Q, FAST, BLOCK_M, BLOCK_D)
+            dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
+                                 pos_q_ptr, freq_ptr, q_start, Lq, mid, Lq, head, stride_qn, stride_qh, n_q, heads,
+                                 head_dim, diag, scale_log2, False, ATOMIC_DQ, ROT_Q, FAST, BLOCK_M, BLOCK_D)
         dk = dk * softmax_scale
         if ROPE:  # gradient of the rotated keys -> gradient of the keys
             dk = rotate_tile(dk, pos_k_ptr, k_rows, col_mask, freq_ptr, True, FAST, BLOCK_D)
@@ -333,7 +361,10 @@ DKDV_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
                 [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 8, 2)]]
 DQ_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
               [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]]
-KERNEL_CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+# The dk/dv kernel with ATOMIC_DQ also holds a [BLOCK_M, BLOCK_D] dq tile.
+DKDV_DQ_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
+                   [(32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)]]
+KERNEL_CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS, "dkdv_dq": DKDV_DQ_CONFIGS}
 
 # fp32 accumulators the tiles of a program hold: at most this many per thread without spills
 # (checked for every config by the ahead-of-time compile test).
@@ -349,6 +380,8 @@ def fits(kind: str, cfg: KernelConfig, BLOCK_D: int) -> bool:
         acc = cfg.BLOCK_M * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N
     elif kind == "dkdv":
         acc = 2 * cfg.BLOCK_N * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N
+    elif kind == "dkdv_dq":
+        acc = 2 * cfg.BLOCK_N * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N + cfg.BLOCK_M * BLOCK_D
     else:
         acc = cfg.BLOCK_M * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N
     return acc // threads <= _ACC_PER_THREAD
@@ -361,15 +394,19 @@ def configs_for(kind: str, BLOCK_D: int) -> list[KernelConfig]:
 _TUNED: dict = {}  # (kind, BLOCK_D, causal, [rope,] ROT_Q, ROT_K, dtype, device index) -> KernelConfig
 
 
-def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dict, device: torch.device) -> None:
+def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dict, device: torch.device,
+            prepare=None) -> None:
     """Launches `kernel` with the best config for `key`: timed once per key on a GPU (outputs
-    are overwritten by every trial), else the first candidate that fits the GPU's shared memory
-    (Triton raises OutOfResources before launching one that does not: D=256 with 3 stages needs
-    256 KiB under Triton 3.6, over an H100's 227 KiB)."""
+    are overwritten by every trial; `prepare()`, called before each launch, resets what a launch
+    accumulates into), else the first candidate that fits the GPU's shared memory (Triton raises
+    OutOfResources before launching one that does not: D=256 with 3 stages needs 256 KiB under
+    Triton 3.6, over an H100's 227 KiB)."""
     candidates = configs_for(kind, constexprs["BLOCK_D"])[:AUTOTUNE_CANDIDATES]
     full_key = (kind,) + key + (device.index,)
 
     def launch(c: KernelConfig) -> None:
+        if prepare is not None:
+            prepare()
         kernel[grid_of(c)](*args, **constexprs, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps,
                            num_stages=c.num_stages)
 
@@ -425,6 +462,18 @@ class RopeArgs:
 # benchmarks/bench_varlen_attention.py (test_rope_fusion) times all three.
 ROPE_MODES = ("prerotate", "owned", "fused")
 ROPE_MODE = "prerotate"
+
+# How the backward computes dq (both compute the same function):
+#   "separate": attn_bwd_dq_kernel streams every key block again for each query block: 7 matrix
+#               products per (query block, key block) pair with the dk/dv kernel's 4; no
+#               atomics, so dq is the same bit for bit from run to run;
+#   "atomic":   the dk/dv kernel also adds each pair's dq into an fp32 buffer with atomics
+#               (FlashAttention-2's way): 5 products per pair, one pass, but the order of the
+#               additions, and so dq's last bits, vary from run to run.
+# benchmarks/bench_varlen_attention.py (test_dq_modes) times both; "separate" stays the
+# default until a GPU measures "atomic".
+DQ_MODES = ("separate", "atomic")
+DQ_MODE = "separate"
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -511,21 +560,32 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
         attn_bwd_preprocess_kernel[(triton.cdiv(Nq * H, 32),)](out, dout, delta, Nq * H, H, D, BLOCK_ROWS=32,
                                                                  BLOCK_D=BLOCK_D, num_warps=4)
     rotated: dict = {}  # q, k rotated by rope3d, shared by the two kernels
+    if DQ_MODE not in DQ_MODES:
+        raise ValueError(f"DQ_MODE: expected one of {DQ_MODES}, got {DQ_MODE!r}")
+    atomic = DQ_MODE == "atomic" and Nq > 0 and max_q > 0
+    dq_acc = torch.zeros((Nq, H, D), dtype=torch.float32, device=q.device) if atomic else None
 
     def strides(qs, ks):  # of the tensors a kernel reads (rope3d's copies are contiguous)
         return qs.stride(0), qs.stride(1), ks.stride(0), ks.stride(1), v.stride(0), v.stride(1)
     if Nk > 0 and max_k > 0:
         r = _rope_launch(rope, q, "q")
         qs, ks = _operands(q, k, rope, r, rotated)
-        _launch("dkdv", attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(max_k, c.BLOCK_N), n_seqs, Hkv),
-                (qs, ks, v, dout, lse, delta, dk, dv, cu_q, cu_k, r.positions_q, r.positions_k, r.table,
+        kind = "dkdv_dq" if atomic else "dkdv"
+        _launch(kind, attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(max_k, c.BLOCK_N), n_seqs, Hkv),
+                (qs, ks, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, r.positions_q, r.positions_k, r.table,
                  *strides(qs, ks), Nq, H, Hkv, H // Hkv, D, scale * LOG2E, scale),
                 (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
-                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D),
-                q.device)
+                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST,
+                     ATOMIC_DQ=atomic, BLOCK_D=BLOCK_D),
+                q.device, prepare=dq_acc.zero_ if atomic else None)
     else:
         dk.zero_(), dv.zero_()
-    if Nq > 0 and max_q > 0:
+    if atomic:  # dq_acc holds ds k summed over key blocks: scale, rotate back, cast
+        dq_acc.mul_(scale)
+        if rope is not None:
+            dq_acc = launch_rope3d(dq_acc, rope.positions_q, rope.theta, rope.sections, True)
+        dq.copy_(dq_acc)
+    elif Nq > 0 and max_q > 0:
         r = _rope_launch(rope, q, "k")
         qs, ks = _operands(q, k, rope, r, rotated)
         _launch("dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H),

@@ -1,6 +1,6 @@
 """Ahead-of-time compile every Triton kernel config for GPUs that are not here.
 
-`python -m sora_kernels.testing.aot [--arch 80 90] [--jobs N]` compiles each config the
+`python -m sora_kernels.testing.aot [--arch 80 90] [--jobs N] [--kernel NAME]` compiles each config the
 launchers can produce to a cubin with triton.compile(ASTSource, GPUTarget) and reads its
 registers, shared memory and local memory (spills) with the cuobjdump that ships with
 Triton. Prints one JSON object per config and exits 1 if any config spills or fails.
@@ -48,7 +48,7 @@ def _attention_signature(fn, dtype: str, constexprs: dict) -> dict:
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("lse_ptr", "delta_ptr", "freq_ptr"):
+        elif name in ("lse_ptr", "delta_ptr", "freq_ptr", "dq_acc_ptr"):
             signature[name] = "*fp32"
         elif name.startswith(("cu_", "pos_")):
             signature[name] = "*i32"
@@ -65,7 +65,8 @@ def attention_jobs(archs: list[int]) -> list[dict]:
     """One job per (kernel, config, padded head dim, arch) of the varlen_attention kernels, each
     in its heaviest variant: bf16, causal, rope rotating both q and k tiles as they load."""
     from sora_kernels.ops import varlen_attention as op
-    kernels = {"fwd": op.attn_fwd_kernel, "dkdv": op.attn_bwd_dkdv_kernel, "dq": op.attn_bwd_dq_kernel}
+    kernels = {"fwd": op.attn_fwd_kernel, "dkdv": op.attn_bwd_dkdv_kernel, "dq": op.attn_bwd_dq_kernel,
+               "dkdv_dq": op.attn_bwd_dkdv_kernel}  # dkdv_dq: with ATOMIC_DQ (DQ_MODE "atomic")
     jobs = []
     for kind, fn in kernels.items():
         for BLOCK_D in op.HEAD_DIM_BLOCKS:
@@ -74,6 +75,10 @@ def attention_jobs(archs: list[int]) -> list[dict]:
                               "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": BLOCK_D}
                 if kind != "fwd":
                     constexprs["ROPE"] = True
+                if fn is op.attn_bwd_dkdv_kernel:
+                    constexprs["ATOMIC_DQ"] = kind == "dkdv_dq"
+                    if kind == "dkdv":
+                        constexprs["dq_acc_ptr"] = None
                 for arch in archs:
                     jobs.append({"module": "sora_kernels.ops.varlen_attention", "kernel": fn.__name__, "arch": arch,
                                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
@@ -267,11 +272,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--kernel", default="", help="only the kernels whose name contains this")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter cannot compile ahead of time", file=sys.stderr)
         return 2
-    jobs = kernel_jobs(args.arch)
+    jobs = [j for j in kernel_jobs(args.arch) if args.kernel in j["kernel"]]
     bad = 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for i, r in enumerate(pool.map(compile_job, jobs, chunksize=4)):
