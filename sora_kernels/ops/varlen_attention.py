@@ -106,19 +106,23 @@ if B.TRITON_MISSING is None:
             rows = (k_start + cols).to(tl.int64)
             k = _load_rotated(k_ptr, rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, pos_k_ptr, freq_ptr,
                               ROT_K, FAST, BLOCK_D)
-            qk = tl.dot(q, tl.trans(k)) * scale_log2    # [BLOCK_M, BLOCK_N], log2 units
+            qk = tl.dot(q, tl.trans(k))                 # [BLOCK_M, BLOCK_N], unscaled
             if MASK:
                 allowed = col_mask[None, :]
                 if CAUSAL:
                     allowed = allowed & (cols[None, :] <= offs_m[:, None] + diag)
                 qk = tl.where(allowed, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: nothing to subtract
-            p = tl.exp2(qk - m_use[:, None])
+            # The scale (log2 units) goes on the row maxima, and on the scores in one fma with
+            # the subtraction: one instruction per score less than scaling the tile first.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_use = m_new
+            if MASK:  # rows with no key yet: nothing to subtract (unmasked blocks have keys)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk * scale_log2 - m_use[:, None])
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_rows(v_ptr, rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
         return acc, l_i, m_i
 
@@ -220,10 +224,10 @@ if B.TRITON_MISSING is None:
             pT = tl.exp2(qkT - lse[None, :])
             if MASK:
                 pT = tl.where(cols[:, None] <= qi[None, :] + diag, pT, 0.0)
-            dv += tl.dot(pT.to(do.dtype), do)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
             dpT = tl.dot(v, tl.trans(do))
             dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-            dk += tl.dot(dsT, q)
+            dk = tl.dot(dsT, q, dk)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(dsT), k)           # [BLOCK_M, BLOCK_D]
                 tl.atomic_add(dq_acc_ptr + rows[:, None] * (heads * head_dim) + head * head_dim + d[None, :], dq,
@@ -332,7 +336,7 @@ if B.TRITON_MISSING is None:
                 p = tl.where(allowed, p, 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq = tl.dot(ds.to(k.dtype), k, dq)
         dq = dq * softmax_scale
         if ROPE:
             dq = rotate_tile(dq, pos_q_ptr, rows, q_mask, freq_ptr, True, FAST, BLOCK_D)
