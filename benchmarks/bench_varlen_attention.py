@@ -400,3 +400,28 @@ def test_dq_modes(suite, benchmark, workload, dq_mode, monkeypatch):
     suite.run("varlen_attention", "fwd+bwd", f"triton:dq-{dq_mode}", workload, run, nbytes, dtype, benchmark,
               flops=attention_flops(lens_q, lens_k, heads, head_dim, causal, "fwd+bwd"), segments=len(lens_q),
               tokens=q.shape[0], heads=heads, head_dim=head_dim, causal=causal, configs=tuned_configs())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fwd_load", op.FWD_LOADS)
+@pytest.mark.parametrize("workload", ["dense-16k", "dense-16k-causal", "mixed"])
+def test_fwd_loads(suite, benchmark, workload, fwd_load, mode, monkeypatch):
+    """The Triton backend with each way its forward loads key and value blocks
+    (varlen_attention.FWD_LOAD): pointer tiles, or TMA tensor descriptors (sm_90+)."""
+    if suite.device.type != "cuda":
+        pytest.skip("FWD_LOAD is the Triton launcher's; the Triton backend is timed on CUDA only")
+    monkeypatch.setattr(op, "FWD_LOAD", fwd_load)
+    lens_q, lens_k, heads, kv_heads, head_dim, causal = workloads(suite.device)[workload]
+    dtype = _dtype(suite.device)
+    inputs = make_inputs(lens_q, lens_k, heads, kv_heads, head_dim, suite.device, dtype)
+    q, k, v, cu_q, cu_k, max_q, max_k = inputs
+    if fwd_load == "tma" and op.tma_reasons(k, v, False):
+        pytest.skip("; ".join(op.tma_reasons(k, v, False)))
+    fn = provider_fn("triton", lens_q, lens_k, cu_q, cu_k, max_q, max_k, causal, suite.device)
+    out = fn(q, k, v)
+    _check_against_reference(out, inputs, causal)
+    run = timed_call(fn, q, k, v, out, mode)
+    nbytes = sum(x.numel() * x.element_size() for x in (q, k, v)) + out.numel() * out.element_size()
+    suite.run("varlen_attention", mode, f"triton:load-{fwd_load}", workload, run, nbytes, dtype, benchmark,
+              flops=attention_flops(lens_q, lens_k, heads, head_dim, causal, mode), segments=len(lens_q),
+              tokens=q.shape[0], heads=heads, head_dim=head_dim, causal=causal, configs=tuned_configs())

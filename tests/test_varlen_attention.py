@@ -138,6 +138,66 @@ def test_dq_modes(case_name, dq_mode, monkeypatch):
     assert_within_2x(ours, case, causal, dout, f"DQ_MODE {dq_mode} {case_name}")
 
 
+def _tma_or_skip(k, v, rot_k=False):
+    reasons = op.tma_reasons(k, v, rot_k)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+@pytest.mark.parametrize("case_name", ["lengths-causal", "d72-gqa-causal", "d128", "image-and-clips",
+                                       "cross-attention", "cross-causal", "zero-length-segments", "rope"])
+def test_fwd_loads_tma(case_name, monkeypatch):
+    """FWD_LOAD "tma" (key and value blocks through tensor descriptors) is within the 2x rule
+    (and under the interpreter gives the pointer loads' output bit for bit) on the cases that test its edges: the
+    head dim under its block (72 in 128: the next head's columns), the causal diagonal, ragged
+    tails, GQA, empty segments, rope on the queries."""
+    if case_name == "rope":
+        kw, causal = dict(lens_q=[17, 97, 1], heads=4, kv_heads=2, head_dim=64, rope=True), True
+        monkeypatch.setattr(op, "ROPE_MODE", "owned")  # the queries rotate in the kernel, the keys beforehand
+    else:
+        kw, causal = CASES[case_name]
+    case = make_case(**kw, dtype=torch.float16)
+    require_backend(op.ATTENTION_BACKENDS, "triton", (case["q"], case["k"], case["v"]))
+    _tma_or_skip(case["k"], case["v"])
+    monkeypatch.setattr(op, "FWD_LOAD", "pointers")
+    pointers = sk.varlen_attention(**case, causal=causal, backend="triton")
+    monkeypatch.setattr(op, "FWD_LOAD", "tma")
+    ours, dout = run(case, causal, "triton")
+    if DEVICE.type == "cpu":  # the interpreter: the same values in the same order (on a GPU the
+        assert torch.equal(ours[0], pointers), "tma and pointer loads differ"  # MMA layouts may differ)
+    assert_within_2x(ours, case, causal, dout, f"FWD_LOAD tma {case_name}")
+
+
+def test_fwd_loads_tma_strided(monkeypatch):
+    """Descriptors over views of one qkv projection (rows 3 H D apart): the pointer loads'
+    output (bit for bit under the interpreter)."""
+    g = torch.Generator().manual_seed(0)
+    lengths, H, D = [17, 70, 1], 2, 64
+    qkv = torch.randn(sum(lengths), 3, H, D, generator=g).to(DEVICE, torch.float16)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
+    require_backend(op.ATTENTION_BACKENDS, "triton", (q, k, v))
+    _tma_or_skip(k, v)
+    outs = []
+    for mode in ("pointers", "tma"):
+        monkeypatch.setattr(op, "FWD_LOAD", mode)
+        outs.append(sk.varlen_attention(q, k, v, cu, cu, 70, 70, backend="triton"))
+    if DEVICE.type == "cpu":
+        assert torch.equal(*outs)
+    else:
+        torch.testing.assert_close(*outs, rtol=0, atol=2e-3)
+
+
+def test_tma_reasons():
+    """What keeps the forward on pointer loads is said, per operand."""
+    x = torch.zeros(8, 2, 16, dtype=torch.float16, device=DEVICE)
+    heads_apart = torch.zeros(8, 16, 2, dtype=torch.float16, device=DEVICE).transpose(1, 2)
+    assert any(r.startswith("k: heads not dense") for r in op.tma_reasons(heads_apart, x, False))
+    odd_rows = torch.zeros(8, 2 * 16 + 1, dtype=torch.float16, device=DEVICE)[:, :32].view(8, 2, 16)
+    assert any(r.startswith("v: rows not 16-byte aligned") for r in op.tma_reasons(x, odd_rows, False))
+    assert "rope mode" in " ".join(op.tma_reasons(x, x, True))
+
+
 def test_dq_mode_checked(monkeypatch):
     case = make_case([5, 3], heads=2, head_dim=16)
     require_backend(op.ATTENTION_BACKENDS, "triton", (case["q"], case["k"], case["v"]))

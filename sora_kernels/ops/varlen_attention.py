@@ -33,6 +33,13 @@ if B.TRITON_MISSING is None:
 
     from sora_kernels.ops.rope3d import rotate_tile
 
+    try:  # Triton >= 3.4 (host-side TMA descriptors)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        TensorDescriptor = None
+else:
+    TensorDescriptor = None
+
 MAX_HEAD_DIM = 256
 HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)  # the padded head dims (block_d) the kernels are compiled for
 MAX_GRID_YZ = 65535  # CUDA's limit on the grid's y and z sizes (segments, heads)
@@ -93,19 +100,26 @@ if B.TRITON_MISSING is None:
         return lse, delta
 
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, pos_k_ptr, k_start, lo, hi, offs_m, Lk, diag, kv_head,
-                   stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, freq_ptr,
+    def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, pos_k_ptr, k_start, lo, hi, offs_m, Lk, diag,
+                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, freq_ptr,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, ROT_K: tl.constexpr, FAST: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Online softmax over key blocks lo..hi of one segment; MASK: blocks that need the
-        length / causal mask, else every (query, key) pair of the blocks is allowed."""
+        length / causal mask, else every (query, key) pair of the blocks is allowed. TMA: the
+        blocks without a mask are loaded through the tensor descriptors k_desc, v_desc ([Nk,
+        Hkv * D] views); a block's columns past D are the next head's (or zeros past the last),
+        multiplied by q's zero columns in the scores and landing in accumulator columns that
+        are never stored."""
         offs_n = tl.arange(0, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             col_mask = cols < Lk
             rows = (k_start + cols).to(tl.int64)
-            k = _load_rotated(k_ptr, rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, pos_k_ptr, freq_ptr,
-                              ROT_K, FAST, BLOCK_D)
+            if TMA and not MASK:
+                k = k_desc.load([k_start + start_n, kv_head * head_dim])
+            else:
+                k = _load_rotated(k_ptr, rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, pos_k_ptr,
+                                  freq_ptr, ROT_K, FAST, BLOCK_D)
             qk = tl.dot(q, tl.trans(k))                 # [BLOCK_M, BLOCK_N], unscaled
             if MASK:
                 allowed = col_mask[None, :]
@@ -121,7 +135,10 @@ if B.TRITON_MISSING is None:
             p = tl.exp2(qk * scale_log2 - m_use[:, None])
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_rows(v_ptr, rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
+            if TMA and not MASK:
+                v = v_desc.load([k_start + start_n, kv_head * head_dim])
+            else:
+                v = _load_rows(v_ptr, rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
         return acc, l_i, m_i
@@ -141,6 +158,7 @@ if B.TRITON_MISSING is None:
     @triton.jit
     def attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr,   # q [Nq, H, D]; k, v [Nk, Hkv, D]; unit stride along D
+        k_desc, v_desc,        # TMA: tensor descriptors of k, v as [Nk, Hkv * D], blocks [BLOCK_N, BLOCK_D]
         out_ptr,               # [Nq, H, D], contiguous
         lse_ptr,               # fp32 [H, Nq]: natural-log log-sum-exp per query (-inf: no keys)
         cu_q_ptr, cu_k_ptr,    # int32 [B+1] segment offsets
@@ -154,6 +172,7 @@ if B.TRITON_MISSING is None:
         CAUSAL: tl.constexpr,
         ROT_Q: tl.constexpr, ROT_K: tl.constexpr,  # rotate q / k tiles as they are loaded
         FAST: tl.constexpr,                        # approximate sin / cos (rope3d._sincos)
+        TMA: tl.constexpr,                         # unmasked key blocks through k_desc, v_desc
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Output and lse of BLOCK_M queries of one segment and one head (program_id: query
@@ -172,12 +191,12 @@ if B.TRITON_MISSING is None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         full, hi, diag = _key_range(m_block, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, pos_k_ptr, k_start, 0, full, offs_m, Lk, diag,
-                                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, freq_ptr,
-                                   False, CAUSAL, ROT_K, FAST, BLOCK_N, BLOCK_D)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, pos_k_ptr, k_start, full, hi, offs_m, Lk, diag,
-                                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, freq_ptr,
-                                   True, CAUSAL, ROT_K, FAST, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, pos_k_ptr, k_start, 0, full,
+                                   offs_m, Lk, diag, kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim,
+                                   scale_log2, freq_ptr, False, CAUSAL, ROT_K, FAST, TMA, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, pos_k_ptr, k_start, full, hi,
+                                   offs_m, Lk, diag, kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim,
+                                   scale_log2, freq_ptr, True, CAUSAL, ROT_K, FAST, TMA, BLOCK_N, BLOCK_D)
         empty = l_i == 0.0  # a query with no keys: output 0, lse -inf
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
@@ -400,7 +419,8 @@ _TUNED: dict = {}  # (kind, BLOCK_D, causal, [rope,] ROT_Q, ROT_K, dtype, device
 
 def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dict, device: torch.device,
             prepare=None) -> None:
-    """Launches `kernel` with the best config for `key`: timed once per key on a GPU (outputs
+    """Launches `kernel` with the best config for `key` (`args`: the kernel's arguments, or a
+    function of the config that gives them): timed once per key on a GPU (outputs
     are overwritten by every trial; `prepare()`, called before each launch, resets what a launch
     accumulates into), else the first candidate that fits the GPU's shared memory (Triton raises
     OutOfResources before launching one that does not: D=256 with 3 stages needs 256 KiB under
@@ -411,7 +431,7 @@ def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dic
     def launch(c: KernelConfig) -> None:
         if prepare is not None:
             prepare()
-        kernel[grid_of(c)](*args, **constexprs, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps,
+        kernel[grid_of(c)](*(args(c) if callable(args) else args), **constexprs, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps,
                            num_stages=c.num_stages)
 
     cfg = _TUNED.get(full_key)
@@ -479,6 +499,19 @@ ROPE_MODE = "prerotate"
 DQ_MODES = ("separate", "atomic")
 DQ_MODE = "separate"
 
+# How the forward loads its key and value blocks:
+#   "pointers": tl.load of pointer tiles (cp.async on Ampere and Hopper), every GPU;
+#   "tma":      the blocks without a mask through tensor descriptors (Hopper's TMA engine:
+#               one instruction per block, no address registers); the masked tail block
+#               and query tiles stay pointer loads. Needs sm_90+, the heads of k and v dense
+#               in their rows (stride(1) == D) and 16-byte aligned rows; elsewhere, and with
+#               the "owned" / "fused" rope modes (which rotate key tiles as they load), the
+#               launcher uses "pointers" (tma_reasons says why).
+# benchmarks/bench_varlen_attention.py (test_fwd_loads) times both; "pointers" stays the
+# default until a GPU has measured "tma".
+FWD_LOADS = ("pointers", "tma")
+FWD_LOAD = "pointers"
+
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 else x.contiguous()
@@ -525,6 +558,30 @@ def _operands(q: torch.Tensor, k: torch.Tensor, rope: RopeArgs | None, launch: _
     return cache["q"] if launch.prerotate_q else q, cache["k"] if launch.prerotate_k else k
 
 
+def tma_reasons(k: torch.Tensor, v: torch.Tensor, rot_k: bool) -> list[str]:
+    """Why the forward cannot load k and v blocks through tensor descriptors (empty: it can)."""
+    reasons = []
+    if TensorDescriptor is None:
+        reasons.append("this Triton has no triton.tools.tensor_descriptor")
+    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
+        reasons.append(f"TMA needs sm_90 or newer, {torch.cuda.get_device_name(k.device)} is "
+                       f"sm_{''.join(map(str, torch.cuda.get_device_capability(k.device)))}")
+    if rot_k:
+        reasons.append(f"rope mode {ROPE_MODE!r} rotates key tiles as they load")
+    for name, x in (("k", k), ("v", v)):
+        if x.stride(1) != x.shape[2] and x.shape[1] > 1:
+            reasons.append(f"{name}: heads not dense in a row (stride {tuple(x.stride())})")
+        if (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+            reasons.append(f"{name}: rows not 16-byte aligned (stride {x.stride(0)}, address {x.data_ptr()})")
+    return reasons
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, BLOCK_N: int, BLOCK_D: int):
+    """Tensor descriptors of k and v as [Nk, Hkv * D] with [BLOCK_N, BLOCK_D] blocks."""
+    return tuple(TensorDescriptor(x, [x.shape[0], x.shape[1] * x.shape[2]], [x.stride(0), 1], [BLOCK_N, BLOCK_D])
+                 for x in (k, v))
+
+
 def attention_forward(q, k, v, cu_q, cu_k, max_q: int, scale: float, causal: bool, rope: RopeArgs | None):
     """Triton forward: (out [Nq, H, D], lse fp32 [H, Nq])."""
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
@@ -534,14 +591,21 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, scale: float, causal: boo
     n_seqs = cu_q.shape[0] - 1
     if Nq == 0 or n_seqs == 0 or max_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    if FWD_LOAD not in FWD_LOADS:
+        raise ValueError(f"FWD_LOAD: expected one of {FWD_LOADS}, got {FWD_LOAD!r}")
     r = _rope_launch(rope, q, "k")
     q, k = _operands(q, k, rope, r, {})
     BLOCK_D = block_d(D)
-    args = (q, k, v, out, lse, cu_q, cu_k, r.positions_q, r.positions_k, r.table, q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), Nq, H, H // k.shape[1], D, scale * LOG2E)
-    constexprs = dict(CAUSAL=causal, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D)
+    tma = FWD_LOAD == "tma" and k.shape[0] > 0 and not tma_reasons(k, v, r.ROT_K)
+
+    def args(c: KernelConfig) -> tuple:
+        descriptors = _kv_descriptors(k, v, c.BLOCK_N, BLOCK_D) if tma else (None, None)
+        return (q, k, v, *descriptors, out, lse, cu_q, cu_k, r.positions_q, r.positions_k, r.table, q.stride(0),
+                q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), Nq, H, H // k.shape[1], D,
+                scale * LOG2E)
+    constexprs = dict(CAUSAL=causal, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, TMA=tma, BLOCK_D=BLOCK_D)
     _launch("fwd", attn_fwd_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H), args,
-            (BLOCK_D, causal, r.ROT_Q, r.ROT_K, q.dtype), constexprs, q.device)
+            (BLOCK_D, causal, r.ROT_Q, r.ROT_K, tma, q.dtype), constexprs, q.device)
     return out, lse
 
 

@@ -48,6 +48,8 @@ def _attention_signature(fn, dtype: str, constexprs: dict) -> dict:
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name.endswith("_desc"):  # set by the caller (tensordesc<...>)
+            signature[name] = None
         elif name in ("lse_ptr", "delta_ptr", "freq_ptr", "dq_acc_ptr"):
             signature[name] = "*fp32"
         elif name.startswith(("cu_", "pos_")):
@@ -79,11 +81,19 @@ def attention_jobs(archs: list[int]) -> list[dict]:
                     constexprs["ATOMIC_DQ"] = kind == "dkdv_dq"
                     if kind == "dkdv":
                         constexprs["dq_acc_ptr"] = None
-                for arch in archs:
-                    jobs.append({"module": "sora_kernels.ops.varlen_attention", "kernel": fn.__name__, "arch": arch,
-                                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                 "signature": _attention_signature(fn, "bf16", constexprs),
-                                 "constexprs": constexprs})
+                variants = [(constexprs, archs)]
+                if kind == "fwd":  # pointer loads everywhere; TMA (keys not rotated as they load) on sm_90
+                    variants = [({**constexprs, "TMA": False, "k_desc": None, "v_desc": None}, archs),
+                                ({**constexprs, "TMA": True, "ROT_K": False}, [a for a in archs if a >= 90])]
+                for cx, variant_archs in variants:
+                    signature = _attention_signature(fn, "bf16", cx)
+                    if cx.get("TMA"):
+                        signature.update(k_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>",
+                                         v_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>")
+                    for arch in variant_archs:
+                        jobs.append({"module": "sora_kernels.ops.varlen_attention", "kernel": fn.__name__,
+                                     "arch": arch, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                     "signature": signature, "constexprs": cx})
     return jobs
 
 
