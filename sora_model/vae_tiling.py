@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+import sora_kernels as sk
 
 from sora_model.vae import CausalConv3d, DecodeState, GroupNormSiLU, Upsample, run_layers
 
@@ -82,17 +83,10 @@ class TileNorms:
 
 def apply_group_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm: GroupNormSiLU) -> torch.Tensor:
     """GroupNorm of x [B, C, T, H, W] with given statistics [B, G, T], affine, SiLU when the
-    norm has it; computed in fp32. The statistics and the affine fold into one scale and shift
-    per (b, c, t), as group_norm_silu's kernels do: one multiply-add pass and an in-place SiLU
-    (the unfolded form took six passes and as many temporaries)."""
-    B, C, T, H, W = x.shape
-    G = norm.groups
-    scale = (rstd.repeat_interleave(C // G, dim=1) * norm.weight.float().view(1, C, 1))    # [B, C, T]
-    shift = norm.bias.float().view(1, C, 1) - mean.repeat_interleave(C // G, dim=1) * scale
-    y = torch.addcmul(shift[..., None, None], x.float(), scale[..., None, None])
-    if norm.act == "silu":
-        F.silu(y, inplace=True)
-    return y.to(x.dtype)
+    norm has it: sora_kernels.group_norm_silu(statistics=...), one pass on the GPU (Triton's
+    apply kernel), a folded multiply-add and a SiLU in fp32 elsewhere (reference)."""
+    return sk.group_norm_silu(x, norm.groups, norm.weight, norm.bias, act=norm.act,
+                              statistics=(mean.transpose(1, 2), rstd.transpose(1, 2)))
 
 
 # -----------------------------------------------------------------------------

@@ -37,6 +37,12 @@ def make(shape, dtype, channels_last, affine=True, seed=0):
     return leaves, G, dy
 
 
+def _args(leaves, G, act, statistics=None) -> tuple:
+    """The backends' arguments for leaves = [x] or [x, weight, bias]."""
+    weight, bias = leaves[1:] if len(leaves) == 3 else (None, None)
+    return (leaves[0], G, weight, bias, 1e-6, act, statistics)
+
+
 def _run(fn, leaves, dy):
     y = fn(*leaves)
     return [y.detach()] + list(torch.autograd.grad(y, leaves, dy.to(y.dtype)))
@@ -64,7 +70,7 @@ def _check_against_reference(backend, leaves, G, dy, act, what):
 @pytest.mark.parametrize("backend", ["triton", "cuda", "cpu", "reference"])
 def test_matches_reference(backend, dtype, shape, channels_last, act):
     leaves, G, dy = make(shape, dtype, channels_last)
-    require_backend(GROUP_NORM_BACKENDS, backend, (leaves[0], G, *leaves[1:], 1e-6, act))
+    require_backend(GROUP_NORM_BACKENDS, backend, _args(leaves, G, act))
     _check_against_reference(backend, leaves, G, dy, act, f"group_norm_silu {shape} act={act}")
 
 
@@ -75,7 +81,7 @@ def test_matches_reference(backend, dtype, shape, channels_last, act):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_matches_reference(dtype, shape, channels_last, act, affine):
     leaves, G, dy = make(shape, dtype, channels_last, affine=affine)
-    require_backend(GROUP_NORM_BACKENDS, "cuda", (leaves[0], G, *leaves[1:], 1e-6, act))
+    require_backend(GROUP_NORM_BACKENDS, "cuda", _args(leaves, G, act))
     _check_against_reference("cuda", leaves, G, dy, act, f"cuda {shape} act={act} affine={affine}")
 
 
@@ -95,7 +101,7 @@ def test_cuda_misaligned(dtype, channels_last):
     leaves, G, dy = make((2, 32, 2, 8, 12, 8), dtype, channels_last)
     x = _misaligned(leaves[0]).requires_grad_()
     assert x.data_ptr() % 16 != 0 and x.stride() == leaves[0].stride()
-    require_backend(GROUP_NORM_BACKENDS, "cuda", (x, G, *leaves[1:], 1e-6, "silu"))
+    require_backend(GROUP_NORM_BACKENDS, "cuda", _args([x] + leaves[1:], G, "silu"))
     _check_against_reference("cuda", [x, *leaves[1:]], G, dy, "silu", f"cuda misaligned {dtype}")
 
 
@@ -103,7 +109,7 @@ def test_cuda_misaligned(dtype, channels_last):
 def test_cuda_deterministic(channels_last):
     """Two runs give the same bits: y and every gradient (frames in pieces: no atomics)."""
     leaves, G, dy = make((1, 32, 2, 64, 96, 8), torch.bfloat16, channels_last)
-    require_backend(GROUP_NORM_BACKENDS, "cuda", (leaves[0], G, *leaves[1:], 1e-6, "silu"))
+    require_backend(GROUP_NORM_BACKENDS, "cuda", _args(leaves, G, "silu"))
     runs = [_run(lambda x, w, b: sk.group_norm_silu(x, G, w, b, backend="cuda"), leaves, dy) for _ in range(2)]
     for i, (a, b) in enumerate(zip(*runs)):
         assert_bitwise_equal(a, b, f"output/grad {i}")
@@ -121,7 +127,7 @@ def test_saved_statistics(backend, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     x = x.to(DEVICE)
-    require_backend(GROUP_NORM_BACKENDS, backend, (x, G, None, None, 1e-6, "silu"))
+    require_backend(GROUP_NORM_BACKENDS, backend, (x, G, None, None, 1e-6, "silu", None))
     y, mean, rstd = torch.ops.sora_kernels.group_norm(x, None, None, G, 1e-6, True)
     frames = x.double().reshape(B_, G, C // G, T, H * W).transpose(2, 3).reshape(B_, G, T, -1)
     want_mean = frames.mean(-1).transpose(1, 2)                                  # [B, T, G]
@@ -146,7 +152,7 @@ def test_no_affine_and_other_layouts():
     """weight = bias = None; a non-dense input (a slice) goes through the contiguous path."""
     leaves, G, dy = make((1, 8, 4, 6, 6, 2), torch.float32, False, affine=False)
     x = leaves[0]
-    backends = [b.name for b in GROUP_NORM_BACKENDS if not b.reasons(x, G, None, None, 1e-6, "silu")]
+    backends = [b.name for b in GROUP_NORM_BACKENDS if not b.reasons(x, G, None, None, 1e-6, "silu", None)]
     for backend in backends:
         y = sk.group_norm_silu(x[:, :, ::2], G, backend=backend)
         torch.testing.assert_close(y, ref.group_norm_silu(x[:, :, ::2].detach(), G), rtol=1e-5, atol=1e-5)
@@ -165,7 +171,7 @@ def test_torch_compile_fullgraph_cuda(dtype):
     """The cuda backend under torch.compile: the op's fake (shared with the CPU kernels) traces
     it, forward and backward (dweight / dbias come back in float32 and are cast)."""
     leaves, G, dy = make((1, 8, 2, 4, 4, 2), dtype, True)
-    require_backend(GROUP_NORM_BACKENDS, "cuda", (leaves[0], G, *leaves[1:], 1e-6, "silu"))
+    require_backend(GROUP_NORM_BACKENDS, "cuda", _args(leaves, G, "silu"))
     args = [t.detach() for t in leaves]
     assert_compiles_exactly(lambda x, w, b: sk.group_norm_silu(x, G, w, b, backend="cuda"), *args)
 
@@ -196,3 +202,56 @@ def test_errors(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         sk.group_norm_silu(args.pop("x"), args.pop("num_groups"), **args)
+
+
+def _frame_statistics(x, G, eps=1e-6):
+    """mean, rstd float32 [B, T, G] of x (float64 sums), the statistics the op would find."""
+    B_, C, T = x.shape[:3]
+    g = x.detach().double().reshape(B_, G, C // G, T, -1)
+    mean, var = g.mean((2, 4)), g.var((2, 4), unbiased=False)
+    return mean.transpose(1, 2).float().contiguous(), torch.rsqrt(var + eps).transpose(1, 2).float().contiguous()
+
+
+@pytest.mark.parametrize("act", ["silu", None])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_given_statistics(backend, dtype, channels_last, act):
+    """statistics=(mean, rstd) from elsewhere (here another tensor's, as a tiled decode's
+    whole-frame statistics are not the tile's): the 2x rule against the float64 reference for y
+    and the gradients of x, weight and bias, with the statistics as constants."""
+    shape = (2, 16, 3, 5, 7, 4)
+    leaves, G, dy = make(shape, dtype, channels_last)
+    other, _, _ = make(shape, torch.float32, False, seed=7)
+    stats = tuple(s.to(DEVICE) for s in _frame_statistics(other[0], G))
+    require_backend(GROUP_NORM_BACKENDS, backend, _args(leaves, G, act, stats))
+    ours = _run(lambda x, w, b: sk.group_norm_silu(x, G, w, b, act=act, statistics=stats, backend=backend), leaves, dy)
+
+    def reference(x, w, b):
+        return ref.group_norm_silu_given(x, G, *stats, w, b, act)
+    plain = _run(reference, leaves, dy)
+    exact = _run(reference, [t.detach().double().requires_grad_() for t in leaves], dy.double())
+    assert_2x_rule(ours, plain, exact, dtype, f"given statistics {backend}")
+
+
+def test_given_own_statistics_equal_computed():
+    """Given x's own statistics, the op's output is the one it computes without them."""
+    leaves, G, _ = make((1, 8, 2, 6, 5, 2), torch.float64, False)
+    x, w, b = (t.detach() for t in leaves)
+    stats = tuple(s.double() for s in _frame_statistics(x, G))
+    y = ref.group_norm_silu_given(x, G, *stats, w, b)
+    torch.testing.assert_close(y, ref.group_norm_silu(x, G, w, b), rtol=1e-6, atol=1e-6)
+
+
+def test_given_statistics_errors_and_reasons():
+    leaves, G, _ = make((1, 8, 3, 4, 4, 2), torch.float32, False)
+    x = leaves[0].detach()
+    good = _frame_statistics(x, G)
+    with pytest.raises(ValueError, match=r"statistics: expected mean float32 \[B, T, G\] = \(1, 3, 2\)"):
+        sk.group_norm_silu(x, G, statistics=(good[0].transpose(1, 2), good[1]))
+    with pytest.raises(ValueError, match=r"statistics: expected rstd float32"):
+        sk.group_norm_silu(x, G, statistics=(good[0], good[1].double()))
+    with pytest.raises(ValueError, match=r"statistics: expected None or \(mean, rstd\)"):
+        sk.group_norm_silu(x, G, statistics=good[0])
+    with pytest.raises(sk.NoBackendError, match="given statistics: the C.. kernels compute their own"):
+        sk.group_norm_silu(x, G, statistics=tuple(s.to(DEVICE) for s in good), backend="cpu")

@@ -207,8 +207,22 @@ def triton_forward(x, weight, bias, num_groups: int, eps: float, silu: bool):
     return y, mean, rstd
 
 
-def triton_backward(dy, x, weight, bias, mean, rstd, num_groups: int, silu: bool):
-    """(dx like x, dweight fp32 [C], dbias fp32 [C])."""
+def triton_apply(x, weight, bias, mean, rstd, num_groups: int, silu: bool):
+    """y like x from given statistics (fp32 [B, T, G]): the forward's apply kernel alone."""
+    x = _dense(x)
+    B_, C, T, S, Cg, n_chunks, strides, cfg, grid = _geometry(x, num_groups)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    w, b = _affine(x, weight, bias)
+    gn_apply_kernel[grid](x, y, mean.contiguous(), rstd.contiguous(), w, b, C, T, S, Cg, num_groups, *strides,
+                          SILU=silu, **cfg)
+    return y
+
+
+def triton_backward(dy, x, weight, bias, mean, rstd, num_groups: int, silu: bool, given: bool = False):
+    """(dx like x, dweight fp32 [C], dbias fp32 [C]); given: mean and rstd were inputs, not
+    functions of x, so dx = rstd * w * dz (the group means m1, m2 drop out)."""
     x = _dense(x)
     dy = dy.contiguous(memory_format=torch.channels_last_3d) if _channels_last(x) else dy.contiguous()
     B_, C, T, S, Cg, n_chunks, strides, cfg, grid = _geometry(x, num_groups)
@@ -222,6 +236,8 @@ def triton_backward(dy, x, weight, bias, mean, rstd, num_groups: int, silu: bool
     gn_bwd_reduce_kernel[grid](x, dy, mean, rstd, w, b, group_part, chan_part, C, T, S, Cg, num_groups, n_chunks,
                                *strides, SILU=silu, **cfg)
     sums = group_part.sum(2) / (Cg * S)                                 # [B*T, G, 2]: group means
+    if given:
+        sums.zero_()
     m1, m2 = sums[..., 0].contiguous(), sums[..., 1].contiguous()
     gn_bwd_apply_kernel[grid](x, dy, dx, mean, rstd, w, b, m1, m2, C, T, S, Cg, num_groups, *strides, SILU=silu,
                               **cfg)
@@ -266,6 +282,34 @@ def _backward_with(run):
 
 group_norm_triton.register_fake(_fake)
 group_norm_triton.register_autograd(_backward_with(triton_backward), setup_context=_setup)
+
+
+@torch.library.custom_op("sora_kernels::group_norm_apply_triton", mutates_args=())
+def group_norm_apply_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                            mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, silu: bool) -> torch.Tensor:
+    return triton_apply(x, weight, bias, mean, rstd, num_groups, silu)
+
+
+@group_norm_apply_triton.register_fake
+def _(x, weight, bias, mean, rstd, num_groups, silu):
+    memory_format = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+    return torch.empty_like(x, memory_format=memory_format)
+
+
+def _apply_setup(ctx, inputs, output):
+    x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu = inputs
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+
+def _apply_backward(ctx, dy):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = triton_backward(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu, given=True)
+    return (dx, dweight.to(weight.dtype) if ctx.has_weight else None,
+            dbias.to(bias.dtype) if ctx.has_bias else None, None, None, None, None)
+
+
+group_norm_apply_triton.register_autograd(_apply_backward, setup_context=_apply_setup)
 
 
 # -----------------------------------------------------------------------------
@@ -321,25 +365,46 @@ def check_args(x, num_groups, weight, bias, eps, act) -> None:
         raise ValueError(f"act: expected one of {ACTS}, got {act!r}")
 
 
+def check_statistics(x, num_groups, statistics) -> None:
+    """statistics: None or (mean, rstd), each float32 [B, T, num_groups] on x's device."""
+    if statistics is None:
+        return
+    shape = (x.shape[0], x.shape[2], num_groups)
+    if not isinstance(statistics, (tuple, list)) or len(statistics) != 2:
+        raise ValueError(f"statistics: expected None or (mean, rstd), got {type(statistics).__name__}")
+    for name, t in zip(("mean", "rstd"), statistics):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32 \
+                or t.device != x.device:
+            got = (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"statistics: expected {name} float32 [B, T, G] = {shape} on {x.device}, got {got}")
+
+
 # -----------------------------------------------------------------------------
 # Backends
 # -----------------------------------------------------------------------------
 
-def _cpu_reasons(x, *rest) -> list[str]:
+_GIVEN = "given statistics: the C++ kernels compute their own (the triton and reference backends take them)"
+
+
+def _cpu_reasons(x, num_groups, weight, bias, eps, act, statistics) -> list[str]:
     reasons = B.device_reasons("cpu", x.device, "group_norm")
     if x.dtype != torch.float32:
         reasons.append(f"the C++ kernels run float32, got {x.dtype}")
+    if statistics is not None:
+        reasons.append(_GIVEN)
     return reasons
 
 
-def _cuda_reasons(x, *rest) -> list[str]:
+def _cuda_reasons(x, num_groups, weight, bias, eps, act, statistics) -> list[str]:
     reasons = B.device_reasons("cuda", x.device, "group_norm")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
+    if statistics is not None:
+        reasons.append(_GIVEN)
     return reasons
 
 
-def _compiled(x, num_groups, weight, bias, eps, act):
+def _compiled(x, num_groups, weight, bias, eps, act, statistics):
     """The dispatcher op (CPU or CUDA kernels by x's device)."""
     return torch.ops.sora_kernels.group_norm(x, weight, bias, num_groups, eps, act == "silu")[0]
 
@@ -357,14 +422,23 @@ def _triton_reasons(x, num_groups, *rest) -> list[str]:
 
 # Priority: the CUDA C++ kernels before Triton's, faster in every row of the H200 benchmark
 # (1.2x to 2.9x; the module docstring has the numbers).
+def _triton(x, num_groups, weight, bias, eps, act, statistics):
+    if statistics is not None:
+        return group_norm_apply_triton(x, weight, bias, *statistics, num_groups, act == "silu")
+    return group_norm_triton(x, weight, bias, num_groups, eps, act == "silu")[0]
+
+
+def _reference(x, num_groups, weight, bias, eps, act, statistics):
+    if statistics is not None:
+        return ref.group_norm_silu_given(x, num_groups, *statistics, weight, bias, act)
+    return ref.group_norm_silu(x, num_groups, weight, bias, eps, act)
+
+
 GROUP_NORM_BACKENDS = (
     B.Backend("cuda", _cuda_reasons, _compiled),
-    B.Backend("triton", _triton_reasons,
-              lambda x, num_groups, weight, bias, eps, act:
-              group_norm_triton(x, weight, bias, num_groups, eps, act == "silu")[0]),
+    B.Backend("triton", _triton_reasons, _triton),
     B.Backend("cpu", _cpu_reasons, _compiled),
-    B.Backend("reference", lambda *args: [],
-              lambda x, num_groups, weight, bias, eps, act: ref.group_norm_silu(x, num_groups, weight, bias, eps, act)),
+    B.Backend("reference", lambda *args: [], _reference),
 )
 
 
@@ -374,6 +448,7 @@ GROUP_NORM_BACKENDS = (
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, *, eps: float = 1e-6, act: str | None = "silu",
+                    statistics: tuple[torch.Tensor, torch.Tensor] | None = None,
                     backend: str | None = None) -> torch.Tensor:
     """Per-frame GroupNorm, then weight / bias per channel, then SiLU (act="silu") or nothing
     (act=None), in one pass.
@@ -385,6 +460,10 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         weight, bias: [C] or None.
         eps: added to the variance.
         act: "silu" or None.
+        statistics: None, or (mean, rstd) float32 [B, T, num_groups] to normalise with instead
+            of x's own (a tiled decode's whole-frame statistics). They are constants: no
+            gradient flows to them (like running statistics in an evaluating BatchNorm), and
+            eps is not used. Runs on the triton and reference backends.
         backend: "triton", "cuda" (C++), "cpu" (C++, fp32) or "reference"; by default the
             first that can run in that order.
 
@@ -395,5 +474,6 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         F.silu(y.unflatten(0, (B, T)).transpose(1, 2))
     """
     check_args(x, num_groups, weight, bias, eps, act)
-    args = (x, num_groups, weight, bias, float(eps), act)
+    check_statistics(x, num_groups, statistics)
+    args = (x, num_groups, weight, bias, float(eps), act, None if statistics is None else tuple(statistics))
     return B.select("group_norm_silu", GROUP_NORM_BACKENDS, args, backend).run(*args)
