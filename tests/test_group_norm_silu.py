@@ -255,3 +255,12 @@ def test_given_statistics_errors_and_reasons():
         sk.group_norm_silu(x, G, statistics=good[0])
     with pytest.raises(sk.NoBackendError, match="given statistics: the C.. kernels compute their own"):
         sk.group_norm_silu(x, G, statistics=tuple(s.to(DEVICE) for s in good), backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_given_statistics_compile_fullgraph(backend):
+    leaves, G, _ = make((1, 8, 3, 4, 4, 2), torch.float32, False)
+    args = [t.detach() for t in leaves]
+    stats = tuple(s.to(DEVICE) for s in _frame_statistics(args[0] * 0.5, G))
+    require_backend(GROUP_NORM_BACKENDS, backend, _args(args, G, "silu", stats))
+    assert_compiles_exactly(lambda x, w, b: sk.group_norm_silu(x, G, w, b, statistics=stats, backend=backend), *args)
