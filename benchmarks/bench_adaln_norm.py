@@ -116,4 +116,4 @@ def test_adaln_norm(suite, benchmark, kernel, provider, mode):
             torch.autograd.grad(o if isinstance(o, tuple) else (o,), list(leaves.values()), grads)
         rows = rows_fwd + (6 if fused else 3)  # backward: reads x (h), dout[, dh, y], writes dx[, dy]
     suite.run(kernel, mode, provider, f"mixed-{N}x{D}", run, rows * N * D * itemsize, args["x"].dtype, benchmark,
-              tokens=N, segments=len(_lengths(suite.device)))
+              tokens=N, segments=len(_lengths(suite.device)), graph=True)

@@ -63,4 +63,4 @@ def test_group_norm_silu(suite, benchmark, provider, mode, layout):
             torch.autograd.grad(fn(*leaves), leaves, dy)
         rows += 3
     suite.run("group_norm_silu", mode, provider, f"{'x'.join(map(str, shape))}-{layout}", run,
-              rows * x.numel() * x.element_size(), dtype, benchmark, groups=GROUPS)
+              rows * x.numel() * x.element_size(), dtype, benchmark, groups=GROUPS, graph=True)

@@ -37,4 +37,4 @@ def test_latent_denorm(suite, benchmark, provider):
     torch.testing.assert_close(out, _eager(z, scale, shift)[0])
     assert int(nan.sum()) == 0
     suite.run("latent_denorm", "fwd", provider, "x".join(map(str, shape)), fn, 2 * z.numel() * z.element_size(),
-              z.dtype, benchmark)
+              z.dtype, benchmark, graph=True)

@@ -75,7 +75,7 @@ def test_pack_patchify(suite, benchmark, workload, mode, provider):
     assert torch.equal(out, ref.pack_patchify(videos, PATCH)), f"{provider} disagrees with the reference"
     nbytes = 2 * sum(v.numel() for v in videos) * videos[0].element_size() + 12 * out.shape[0]
     suite.run("pack_patchify", mode, provider, workload, fn, nbytes, videos[0].dtype, benchmark,
-              videos=len(videos), tokens=out.shape[0])
+              videos=len(videos), tokens=out.shape[0], graph=True)
 
 
 @pytest.mark.parametrize("workload", ["mixed", "mixed_x16"])
@@ -92,4 +92,4 @@ def test_unpack_unpatchify(suite, benchmark, workload, provider):
     assert all(torch.equal(a, b) for a, b in zip(fn(), videos)), f"{provider} disagrees with the input"
     nbytes = 2 * tokens.numel() * tokens.element_size()
     suite.run("unpack_unpatchify", "kernel", provider, workload, fn, nbytes, tokens.dtype, benchmark,
-              videos=len(videos), tokens=tokens.shape[0])
+              videos=len(videos), tokens=tokens.shape[0], graph=True)

@@ -27,7 +27,7 @@ def test_patchify3d(suite, benchmark, provider):
         (lambda: ref.patchify3d(x, PATCH).contiguous())
     assert torch.equal(fn(), ref.patchify3d(x, PATCH))
     suite.run("patchify3d", "kernel", provider, "x".join(map(str, x.shape)), fn, 2 * x.numel() * x.element_size(),
-              x.dtype, benchmark)
+              x.dtype, benchmark, graph=True)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -39,4 +39,4 @@ def test_unpatchify3d(suite, benchmark, provider):
         (lambda: ref.unpatchify3d(tokens, PATCH, grid).contiguous())
     assert torch.equal(fn(), x)
     suite.run("unpatchify3d", "kernel", provider, "x".join(map(str, x.shape)), fn,
-              2 * x.numel() * x.element_size(), x.dtype, benchmark)
+              2 * x.numel() * x.element_size(), x.dtype, benchmark, graph=True)

@@ -29,10 +29,19 @@ class Suite:
         return harness.copy_bandwidth_gbps(self.device, self.quick)
 
     def run(self, kernel: str, mode: str, provider: str, workload: str, fn, bytes_moved: int, dtype: torch.dtype,
-            benchmark=None, flops: int = 0, rounds: int | None = None, **extra) -> harness.Row:
+            benchmark=None, flops: int = 0, rounds: int | None = None, graph: bool = False, **extra) -> harness.Row:
         """Times fn, records a row, and writes a profiler trace with --profile. `flops`, for
-        compute-bound ops, adds TFLOP/s to the row."""
+        compute-bound ops, adds TFLOP/s to the row. `graph` (CUDA): also the device time
+        without the host's share (harness.graph_time_ms) as extra graph_ms and
+        graph_frac_copy_bw, or graph_error when fn cannot be captured; where median_ms is well
+        above graph_ms the call is bound by its Python and launch overhead, not its kernels."""
         t = harness.measure(fn, self.device, benchmark, self.quick, rounds)
+        if graph and self.device.type == "cuda":
+            try:
+                graph_ms = harness.graph_time_ms(fn, self.quick)
+                extra.update(graph_ms=graph_ms, graph_frac_copy_bw=bytes_moved / (graph_ms * 1e-3) / 1e9 / self.copy_bw())
+            except Exception as e:  # noqa: BLE001 - recorded in the row: capture fails in many ways
+                extra.update(graph_error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         gbps = bytes_moved / (t.median_ms * 1e-3) / 1e9
         row = harness.Row(kernel, mode, provider, workload, str(dtype).replace("torch.", ""), t.median_ms, t.p20_ms,
                           t.p80_ms, bytes_moved, gbps, gbps / self.copy_bw(), extra, flops,
