@@ -1,6 +1,8 @@
 """Reference 3D rotary position embedding (pure PyTorch, fp32 math)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -14,7 +16,13 @@ def default_sections(head_dim: int) -> tuple[int, int, int]:
 def inverse_frequencies(head_dim: int, theta: float, sections) -> tuple[torch.Tensor, torch.Tensor]:
     """(inv_freq fp32 [D/2], axis int64 [D/2]): pair i of the head dim rotates by
     positions[:, axis[i]] * inv_freq[i]. In a section of d features, pair j has
-    inv_freq = theta ** (-2j / d)."""
+    inv_freq = theta ** (-2j / d). Cached per (head_dim, theta, sections): callers must not
+    modify the tensors (0.2 ms a call to build on a 2-core CPU, 12 calls a tiny DiT step)."""
+    return _inverse_frequencies(head_dim, float(theta), tuple(sections))
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_frequencies(head_dim: int, theta: float, sections: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq, axis = [], []
     for a, d in enumerate(sections):
         j = torch.arange(d // 2, dtype=torch.float64)
