@@ -49,7 +49,8 @@ def test_group_norm_silu(suite, benchmark, provider, mode, layout):
     if provider in ("eager", "compile"):
         fn = torch.compile(_eager) if provider == "compile" else _eager
     else:
-        harness.backend_runner(provider, GROUP_NORM_BACKENDS, (x, GROUPS, weight, bias, 1e-6, "silu", None), suite.device)
+        harness.backend_runner(provider, GROUP_NORM_BACKENDS, (x, GROUPS, weight, bias, 1e-6, "silu", None),
+                               suite.device)
         fn = lambda x, w, b: sk.group_norm_silu(x, GROUPS, w, b, backend=provider)  # noqa: E731
     torch.testing.assert_close(fn(x, weight, bias).float(), _eager(x, weight, bias).float(), rtol=0.02, atol=0.02)
     rows = 2

@@ -39,7 +39,8 @@ class Suite:
         if graph and self.device.type == "cuda":
             try:
                 graph_ms = harness.graph_time_ms(fn, self.quick)
-                extra.update(graph_ms=graph_ms, graph_frac_copy_bw=bytes_moved / (graph_ms * 1e-3) / 1e9 / self.copy_bw())
+                extra.update(graph_ms=graph_ms,
+                             graph_frac_copy_bw=bytes_moved / (graph_ms * 1e-3) / 1e9 / self.copy_bw())
             except Exception as e:  # noqa: BLE001 - recorded in the row: capture fails in many ways
                 extra.update(graph_error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         gbps = bytes_moved / (t.median_ms * 1e-3) / 1e9

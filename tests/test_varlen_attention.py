@@ -460,3 +460,13 @@ def test_strided_inputs_with_rope(backend):
         rounding = 2 * (e.to(a.dtype) + 0.3 - 0.3 - e.to(a.dtype)).abs().max().item()
         err, err_plain = (a.double() - e.double()).abs().max().item(), (p.double() - e.double()).abs().max().item()
         assert err <= 2 * err_plain + rounding, f"{name}: {err:.3g} > 2 x {err_plain:.3g} + {rounding:.3g}"
+
+
+def test_short_key_candidates():
+    """Key segments up to SHORT_KEYS long try key blocks of at most 64 first; long ones keep
+    the default order (the 128 x 128 forward first)."""
+    long = op.launch_candidates("fwd", 128, False)
+    short = op.launch_candidates("fwd", 128, True)
+    assert long[0].BLOCK_N == 128
+    assert all(c.BLOCK_N <= op.SHORT_KEY_BLOCK_N for c in short)
+    assert all(c.BLOCK_N <= op.SHORT_KEY_BLOCK_N for c in op.launch_candidates("dkdv", 128, True))

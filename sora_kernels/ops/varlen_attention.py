@@ -225,10 +225,11 @@ if B.TRITON_MISSING is None:
                     MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, ROT_Q: tl.constexpr, FAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """dk, dv of one key block summed over query blocks lo..hi (multiples of BLOCK_M, or
-        hi = Lq) of one head; MASK: blocks on the causal diagonal. Elsewhere no mask is needed: rows past the segment are loaded as
-        zeros with lse +inf (probability 0), and columns past it are zero keys and values, so
-        their dk, dv rows (never stored) are the only ones they touch. ATOMIC_DQ: also adds each
-        block's unscaled dq = ds k into the fp32 buffer dq_acc [Nq, H, D] with atomics."""
+        hi = Lq) of one head; MASK: blocks on the causal diagonal. Elsewhere no mask is needed:
+        rows past the segment are loaded as zeros with lse +inf (probability 0), and columns
+        past it are zero keys and values, so their dk, dv rows (never stored) are the only ones
+        they touch. ATOMIC_DQ: also adds each block's unscaled dq = ds k into the fp32 buffer
+        dq_acc [Nq, H, D] with atomics."""
         offs_m = tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         for start_m in range(lo, hi, BLOCK_M):
@@ -414,25 +415,44 @@ def configs_for(kind: str, BLOCK_D: int) -> list[KernelConfig]:
     return [c for c in KERNEL_CONFIGS[kind] if fits(kind, c, BLOCK_D)]
 
 
-_TUNED: dict = {}  # (kind, BLOCK_D, causal, [rope,] ROT_Q, ROT_K, dtype, device index) -> KernelConfig
+_TUNED: dict = {}  # (kind, BLOCK_D, causal, [rope,] ROT_Q, ROT_K, [tma,] dtype, short_keys, device) -> config
+
+
+# Key segments up to this long (cross-attention to captions) get their own tuning key and
+# candidates with key blocks of at most 64: a 128-key block over a 77-token caption computes 40%
+# of its scores for nothing (the H200 ran cross-text at 171 TFLOP/s against torch's
+# FlashAttention-2 varlen at 262 with the config tuned on 16k-token segments).
+SHORT_KEYS = 512
+SHORT_KEY_BLOCK_N = 64
+
+
+def launch_candidates(kind: str, BLOCK_D: int, short_keys: bool) -> list[KernelConfig]:
+    """The configs `_launch` tries for a kernel, best guess first: with short key segments
+    those with BLOCK_N <= SHORT_KEY_BLOCK_N first."""
+    candidates = configs_for(kind, BLOCK_D)
+    if short_keys:
+        candidates = [c for c in candidates if c.BLOCK_N <= SHORT_KEY_BLOCK_N] + \
+                     [c for c in candidates if c.BLOCK_N > SHORT_KEY_BLOCK_N]
+    return candidates[:AUTOTUNE_CANDIDATES]
 
 
 def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dict, device: torch.device,
-            prepare=None) -> None:
+            prepare=None, short_keys: bool = False) -> None:
     """Launches `kernel` with the best config for `key` (`args`: the kernel's arguments, or a
     function of the config that gives them): timed once per key on a GPU (outputs
     are overwritten by every trial; `prepare()`, called before each launch, resets what a launch
     accumulates into), else the first candidate that fits the GPU's shared memory (Triton raises
     OutOfResources before launching one that does not: D=256 with 3 stages needs 256 KiB under
-    Triton 3.6, over an H100's 227 KiB)."""
-    candidates = configs_for(kind, constexprs["BLOCK_D"])[:AUTOTUNE_CANDIDATES]
-    full_key = (kind,) + key + (device.index,)
+    Triton 3.6, over an H100's 227 KiB). short_keys: every key segment is at most SHORT_KEYS
+    long (its own tuning key and candidates)."""
+    candidates = launch_candidates(kind, constexprs["BLOCK_D"], short_keys)
+    full_key = (kind,) + key + (short_keys, device.index)
 
     def launch(c: KernelConfig) -> None:
         if prepare is not None:
             prepare()
-        kernel[grid_of(c)](*(args(c) if callable(args) else args), **constexprs, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps,
-                           num_stages=c.num_stages)
+        kernel[grid_of(c)](*(args(c) if callable(args) else args), **constexprs, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+                           num_warps=c.num_warps, num_stages=c.num_stages)
 
     cfg = _TUNED.get(full_key)
     if cfg is not None:
@@ -582,7 +602,8 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, BLOCK_N: int, BLOCK_D: int
                  for x in (k, v))
 
 
-def attention_forward(q, k, v, cu_q, cu_k, max_q: int, scale: float, causal: bool, rope: RopeArgs | None):
+def attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool,
+                      rope: RopeArgs | None):
     """Triton forward: (out [Nq, H, D], lse fp32 [H, Nq])."""
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     Nq, H, D = q.shape
@@ -605,7 +626,8 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, scale: float, causal: boo
                 scale * LOG2E)
     constexprs = dict(CAUSAL=causal, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, TMA=tma, BLOCK_D=BLOCK_D)
     _launch("fwd", attn_fwd_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H), args,
-            (BLOCK_D, causal, r.ROT_Q, r.ROT_K, tma, q.dtype), constexprs, q.device)
+            (BLOCK_D, causal, r.ROT_Q, r.ROT_K, tma, q.dtype), constexprs, q.device,
+            short_keys=max_k <= SHORT_KEYS)
     return out, lse
 
 
@@ -645,7 +667,7 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
                 (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
                 dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST,
                      ATOMIC_DQ=atomic, BLOCK_D=BLOCK_D),
-                q.device, prepare=dq_acc.zero_ if atomic else None)
+                q.device, prepare=dq_acc.zero_ if atomic else None, short_keys=max_k <= SHORT_KEYS)
     else:
         dk.zero_(), dv.zero_()
     if atomic:  # dq_acc holds ds k summed over key blocks: scale, rotate back, cast
@@ -661,7 +683,7 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
                  *strides(qs, ks), Nq, H, H // Hkv, D, scale * LOG2E, scale),
                 (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
                 dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D),
-                q.device)
+                q.device, short_keys=max_k <= SHORT_KEYS)
     return dq, dk, dv
 
 
@@ -823,7 +845,7 @@ def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                             causal: bool, positions_q: torch.Tensor | None, positions_k: torch.Tensor | None,
                             theta: float, sections: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     check_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal,
+    return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                              _rope_of(positions_q, positions_k, theta, sections))
 
 
