@@ -45,7 +45,7 @@ def _sample_calls(device: torch.device) -> dict:
         "gelu_tanh (fp32)": (GELU_BACKENDS, (rows,)),
         "swiglu (fp32)": (SWIGLU_BACKENDS, (rows, rows)),
         "final_layer_unpatchify (fp32)": (FINAL_LAYER_BACKENDS, (rows, *[None] * 8, True)),
-        "group_norm_silu (bf16, 4 groups)": (GROUP_NORM_BACKENDS, (x, 4, None, None, 1e-6, "silu")),
+        "group_norm_silu (bf16, 4 groups)": (GROUP_NORM_BACKENDS, (x, 4, None, None, 1e-6, "silu", None)),
         "latent_denorm (fp32)": (LATENT_DENORM_BACKENDS, (x.float(), None, None)),
         "frames_to_uint8 (fp32)": (FRAMES_BACKENDS, (x[0, :3].float(),)),
     }
