@@ -115,13 +115,37 @@ def test_cuda_deterministic(channels_last):
         assert_bitwise_equal(a, b, f"output/grad {i}")
 
 
+@pytest.mark.parametrize("act", ["silu", None])
+@pytest.mark.parametrize("shape", [(1, 32, 2, 64, 96, 8), (2, 96, 3, 8, 16, 32), (1, 8, 1, 256, 512, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_single_read_and_three_pass(dtype, shape, act, monkeypatch):
+    """The contiguous forward's two CUDA paths, the single-read cluster kernel (sm_90, the
+    default where a frame-group fits) and the three passes (SORA_KERNELS_GN_CLUSTER=0), each
+    within the 2x rule; and the single-read path gives the same bits twice. The clusters of
+    the first two shapes grow to 8 blocks (few frame-groups); the last has 524288 elements a
+    group: 6 blocks of 200 KB in bf16, over the largest cluster in fp32 (three passes)."""
+    leaves, G, dy = make(shape, dtype, False)
+    require_backend(GROUP_NORM_BACKENDS, "cuda", _args(leaves, G, act))
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SORA_KERNELS_GN_CLUSTER", flag)
+        _check_against_reference("cuda", leaves, G, dy, act, f"cuda SORA_KERNELS_GN_CLUSTER={flag} {shape}")
+    monkeypatch.setenv("SORA_KERNELS_GN_CLUSTER", "1")
+    x, w, b = (t.detach() for t in leaves)
+    first, second = (sk.group_norm_silu(x, G, w, b, act=act, backend="cuda") for _ in range(2))
+    assert_bitwise_equal(first, second, "single-read output")
+
+
+@pytest.mark.parametrize("frame", [(33, 47), (32, 48)], ids=["33x47", "32x48"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("backend", ["cuda", "cpu"])
-def test_saved_statistics(backend, channels_last):
+def test_saved_statistics(backend, channels_last, frame):
     """The compiled op's saved mean and rstd per (b, t, group) equal float64 statistics, also
     for fp32 values far from zero (300 + 0.5 * noise), where E[x^2] - E[x]^2 in fp32 loses the
-    variance."""
-    B_, C, T, H, W, G = 2, 24, 3, 33, 47, 4
+    variance. 32 x 48 frames (a multiple of the vector) take the single-read forward on sm_90
+    when contiguous; 33 x 47 the three passes."""
+    B_, C, T, G = 2, 24, 3, 4
+    H, W = frame
     g = torch.Generator().manual_seed(0)
     x = 300 + 0.5 * torch.randn(B_, C, T, H, W, generator=g)
     if channels_last:

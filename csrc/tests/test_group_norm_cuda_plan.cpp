@@ -6,7 +6,8 @@
 //   - a thread sums at most kGnMaxPerThread elements of a channel;
 //   - every workspace pair is written exactly once, inside the workspace, and the pairs of one
 //     (frame, group) are contiguous (the finalize kernels read them so);
-//   - with vectors, every access is aligned and inside one plane (contiguous) or row (channels-last).
+//   - with vectors, every access is aligned and inside one plane (contiguous) or row (channels-last);
+//   - the single-read forward's cluster plan (check_cluster) likewise.
 #include <cstdio>
 #include <vector>
 
@@ -20,6 +21,7 @@ namespace vae = sora_kernels::vae;
 namespace {
 
 int failures = 0;
+int cluster_plans = 0;  // plans check_cluster walked
 
 void expect(bool ok, const char* what, const GnShape& s, const GnPlan& p) {
   if (ok) return;
@@ -134,6 +136,45 @@ void check(const GnShape& s, int vec, int sms) {
     }
 }
 
+// The single-read forward's plan, where it applies: clusters of at most kGnClusterMaxBlocks
+// blocks whose tiles fit the shared-memory budget; walking every (frame-group, rank, vector) as
+// gn_cluster_forward_kernel does visits every element of x once, aligned and inside one plane.
+void check_cluster(const GnShape& s, int vec, int elem_bytes, int sms) {
+  const vae::GnClusterPlan c = vae::gn_cluster_plan(s, vec, elem_bytes, sms);
+  const GnPlan none{};
+  if (s.channels_last || vec == 1) {
+    expect(c.blocks == 0, "cluster: channels-last and unvectorised calls use the three passes", s, none);
+    return;
+  }
+  const int64_t cg = s.channels / s.groups, n = cg * s.positions, S = s.positions;
+  if (c.blocks == 0) {  // only when the group does not fit the largest cluster
+    expect(vae::gn_ceil_div(n, vae::kGnClusterMaxBlocks) * elem_bytes > vae::kGnClusterSmemBytes / 2,
+           "cluster: refused only for large groups", s, none);
+    return;
+  }
+  expect(c.blocks >= 1 && c.blocks <= vae::kGnClusterMaxBlocks, "cluster: size", s, none);
+  expect(c.span % vec == 0 && (c.blocks - 1) * c.span < n && c.blocks * c.span >= n, "cluster: spans cover the group",
+         s, none);
+  expect(vae::gn_cluster_smem_bytes(s, c, elem_bytes) <= vae::kGnClusterSmemBytes, "cluster: shared memory", s, none);
+  ++cluster_plans;
+  const int64_t numel = s.batch * s.channels * s.frames * S;
+  std::vector<int> seen(numel, 0);
+  for (int64_t fg = 0; fg < s.batch * s.frames * s.groups; ++fg) {
+    const int64_t base = vae::gn_cluster_base(s, fg);
+    for (int rank = 0; rank < c.blocks; ++rank) {
+      const int64_t begin = rank * c.span, end = std::min(begin + c.span, n);
+      for (int64_t i = begin; i < end; i += vec) {
+        const int64_t o = vae::gn_cluster_offset(s, base, i);
+        expect(o >= 0 && o + vec <= numel && o % vec == 0 && o % S + vec <= S, "cluster: access aligned in a plane",
+               s, none);
+        if (o < 0 || o + vec > numel) continue;
+        for (int e = 0; e < vec; ++e) ++seen[o + e];
+      }
+    }
+  }
+  for (int64_t i = 0; i < numel; ++i) expect(seen[i] == 1, "cluster: every element visited once", s, none);
+}
+
 }  // namespace
 
 int main() {
@@ -156,14 +197,18 @@ int main() {
           // vectors when the layout allows them (aligned base), and one element per access always
           if (vae::gn_can_vectorize(s, vec, elem_bytes, {uintptr_t{0}, uintptr_t{4096}})) {
             check(s, vec, sms);
+            check_cluster(s, vec, elem_bytes, sms);
             ++checked;
           }
+          check_cluster(s, 1, elem_bytes, sms);
           check(s, 1, sms);
           ++checked;
           // an address off by one element forbids vectors
           expect(!vae::gn_can_vectorize(s, vec, elem_bytes, {uintptr_t(elem_bytes)}) || vec == 1,
                  "misaligned address refused", s, vae::gn_plan(s, 1, sms));
         }
-  std::printf("%s: %d plans checked, %d failures\n", failures ? "FAIL" : "ok", checked, failures);
+  expect(cluster_plans > 0, "some shapes take the single-read forward", GnShape{}, GnPlan{});
+  std::printf("%s: %d plans checked (%d single-read cluster plans walked), %d failures\n", failures ? "FAIL" : "ok",
+              checked, cluster_plans, failures);
   return failures ? 1 : 0;
 }

@@ -13,6 +13,8 @@
 //           dz * w and dz * w * xhat) -> map GradApplyOp (dx = rstd * (dz * w - m1 - xhat * m2));
 //           the glue sums part over frames and pieces into dbias / dweight.
 // No atomics: every sum has a fixed order, so two runs give the same bits.
+// On sm_90 a contiguous, vectorised forward whose frame-groups fit a cluster's shared memory
+// runs gn_cluster_forward_kernel instead (x read once; gn_cluster_plan in the plan header).
 //
 // Accesses are vectors when gn_can_vectorize says every one is aligned and inside one plane /
 // row, else one element: 16 bytes along the positions (contiguous), 4 channels along the
@@ -24,7 +26,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cooperative_groups.h>
+
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -494,6 +499,165 @@ gn_finalize_grad_kernel(const float* __restrict__ part,    // [B*T, C, pieces, 2
   }
 }
 
+// ---- the single-read forward: one thread-block cluster per (frame, group), sm_90 -------------
+
+// Block `rank` of the cluster of frame-group fg = blockIdx.x / cp.blocks copies elements [rank *
+// span, (rank + 1) * span) of the group (gn_cluster_offset) into shared memory, finds their
+// count, mean and M2 (the sum of x - k as it loads, then the squares about the block's mean from
+// shared memory; fp32 per thread, double across threads),
+// publishes them, and after a cluster barrier merges every rank's in rank order (Chan, double):
+// all blocks get the same bits. A second barrier keeps each block's statistics alive until its
+// peers have read them. Then y = act(x * scale_c + shift_c) from shared memory. Rank 0 saves mean
+// and rstd. Every thread of every block reaches both barriers.
+template <typename T, int V, bool SILU>
+__global__ void __launch_bounds__(kGnClusterThreads)
+gn_cluster_forward_kernel(const T* __restrict__ x, GnShape s, GnClusterPlan cp, const float* __restrict__ weight,
+                          const float* __restrict__ bias, float eps, T* __restrict__ y, float* __restrict__ mean,
+                          float* __restrict__ rstd) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  extern __shared__ __align__(16) unsigned char gn_cluster_smem[];
+  T* tile = reinterpret_cast<T*>(gn_cluster_smem);                       // span elements
+  const int64_t cgroup = s.channels / s.groups;
+  float* consts = reinterpret_cast<float*>(gn_cluster_smem + cp.span * sizeof(T));  // [2, Cg]: scale, shift
+  __shared__ double stats[3];       // this block's count, mean, M2: read by the cluster
+  __shared__ double merged[2];      // the group's mean, rstd
+  __shared__ double red[kGnClusterThreads / 32 + 1];
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t fg = blockIdx.x / cp.blocks;
+  const int64_t n = cgroup * s.positions, begin = rank * cp.span;
+  const int64_t len = begin < n ? (begin + cp.span < n ? cp.span : n - begin) : 0;
+  const int64_t base = gn_cluster_base(s, fg);
+  const int nv = static_cast<int>(len / V);
+  constexpr int kU = 4;
+
+  // Sums of x - k, k the block's first element: the fp32 partial sums stay small when the values
+  // sit far from zero (the three-pass kernels shift by each channel's first value likewise).
+  const float k = len > 0 ? to_float(x[gn_cluster_offset(s, base, begin)]) : 0.f;
+  float sum = 0.f;
+  for (int j0 = threadIdx.x; j0 < nv; j0 += kGnClusterThreads * kU) {
+    Pack<T, V> v[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int j = j0 + u * kGnClusterThreads;
+      if (j < nv) v[u] = load<true, T, V>(x + gn_cluster_offset(s, base, begin + int64_t{j} * V));
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int j = j0 + u * kGnClusterThreads;
+      if (j < nv) {
+        reinterpret_cast<Pack<T, V>*>(tile)[j] = v[u];
+#pragma unroll
+        for (int e = 0; e < V; ++e) sum += to_float(v[u].e[e]) - k;
+      }
+    }
+  }
+  const double count = static_cast<double>(len);
+  const double total = block_sum<kGnClusterThreads>(static_cast<double>(sum), red);
+  const double block_mean = len > 0 ? k + total / count : 0.0;
+  float m2 = 0.f;
+  const float bm = static_cast<float>(block_mean);
+  for (int j = threadIdx.x; j < nv; j += kGnClusterThreads) {
+    const Pack<T, V> v = reinterpret_cast<const Pack<T, V>*>(tile)[j];
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float d = to_float(v.e[e]) - bm;
+      m2 += d * d;
+    }
+  }
+  const double block_m2 = block_sum<kGnClusterThreads>(static_cast<double>(m2), red);
+  if (threadIdx.x == 0) {
+    stats[0] = count;
+    stats[1] = block_mean;
+    stats[2] = block_m2;
+  }
+  cluster.sync();
+  if (threadIdx.x == 0) {  // Chan's merge of the ranks' (count, mean, M2), in rank order
+    double nt = 0.0, mt = 0.0, m2t = 0.0;
+    for (int r = 0; r < cp.blocks; ++r) {
+      const double* peer = cluster.map_shared_rank(stats, r);
+      const double nb = peer[0];
+      if (nb == 0.0) continue;
+      const double delta = peer[1] - mt, total = nt + nb;
+      mt += delta * nb / total;
+      m2t += peer[2] + delta * delta * nt * nb / total;
+      nt = total;
+    }
+    merged[0] = mt;
+    merged[1] = 1.0 / sqrt((m2t > 0.0 ? m2t : 0.0) / nt + eps);
+    if (rank == 0) {
+      mean[fg] = static_cast<float>(mt);
+      rstd[fg] = static_cast<float>(merged[1]);
+    }
+  }
+  cluster.sync();  // every peer has read `stats`; `merged` is visible to the block
+  const float mu = static_cast<float>(merged[0]), rs = static_cast<float>(merged[1]);
+  const int64_t c0 = (fg % s.groups) * cgroup;
+  for (int64_t c = threadIdx.x; c < cgroup; c += kGnClusterThreads) {  // as ApplyOp, from the float statistics
+    const float scale = rs * (weight ? weight[c0 + c] : 1.f);
+    consts[c] = scale;
+    consts[cgroup + c] = (bias ? bias[c0 + c] : 0.f) - mu * scale;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < nv; j += kGnClusterThreads) {
+    const int64_t i = begin + int64_t{j} * V;
+    const int64_t c = i / s.positions;
+    const float scale = consts[c], shift = consts[cgroup + c];
+    const Pack<T, V> v = reinterpret_cast<const Pack<T, V>*>(tile)[j];
+    float out[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = activate<SILU>(to_float(v.e[e]) * scale + shift);
+    store<T, V>(y + gn_cluster_offset(s, base, i), out);
+  }
+#else
+  __trap();  // launched only on sm_90 and newer (cluster_forward)
+#endif
+}
+
+// Whether the single-read forward runs: SORA_KERNELS_GN_CLUSTER is not "0", the device has
+// thread-block clusters (sm_90+), the plan fits, and a cluster of its size can be resident.
+template <typename T, int V, bool SILU>
+int cluster_forward(const GnShape& s, int vec, const T* x, const float* weight, const float* bias, float eps, T* y,
+                    float* mean, float* rstd, cudaStream_t stream, bool* ran) {
+  *ran = false;
+  if (const char* env = std::getenv("SORA_KERNELS_GN_CLUSTER"); env && std::strcmp(env, "0") == 0) return 0;
+  int device = 0, major = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return static_cast<int>(cudaGetLastError());
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (major < 9) return 0;
+  const GnClusterPlan cp = gn_cluster_plan(s, vec, sizeof(T), sms);
+  const int64_t grid = s.batch * s.frames * s.groups * cp.blocks;
+  if (cp.blocks == 0 || grid > INT_MAX) return 0;
+  const auto kernel = gn_cluster_forward_kernel<T, V, SILU>;
+  const int smem = static_cast<int>(gn_cluster_smem_bytes(s, cp, sizeof(T)));
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the three passes run instead
+    return 0;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(kGnClusterThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(cp.blocks);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) {
+    cudaGetLastError();
+    return 0;
+  }
+  const cudaError_t e = cudaLaunchKernelEx(&config, kernel, x, s, cp, weight, bias, eps, y, mean, rstd);
+  *ran = e == cudaSuccess;
+  return static_cast<int>(e);
+}
+
 // ---- launchers -------------------------------------------------------------------------------
 
 // Grids of at most 2^31 - 1 blocks, and a workspace of fewer than 2^31 floats (the finalize
@@ -509,6 +673,12 @@ int check(const GnShape& s, const GnPlan& p) {
 template <typename T, int V, bool CL>
 int forward(const GnShape& s, const GnPlan& p, const T* x, const float* weight, const float* bias, float eps,
             bool silu, T* y, float* mean, float* rstd, float* workspace, cudaStream_t stream) {
+  if constexpr (!CL && V > 1) {  // x read once where the call fits (the three passes below read it twice)
+    bool ran = false;
+    const int err = silu ? cluster_forward<T, V, true>(s, V, x, weight, bias, eps, y, mean, rstd, stream, &ran)
+                         : cluster_forward<T, V, false>(s, V, x, weight, bias, eps, y, mean, rstd, stream, &ran);
+    if (err || ran) return err;
+  }
   const unsigned blocks = static_cast<unsigned>(p.blocks);
   const unsigned frame_groups = static_cast<unsigned>(s.batch * s.frames * s.groups);
   gn_reduce_kernel<StatsOp<T>, CL, T, V><<<blocks, kThreads, 0, stream>>>(StatsOp<T>{x, s}, x, nullptr, s, p, workspace);

@@ -154,5 +154,57 @@ inline GnPlan gn_plan(const GnShape& s, int vec, int sm_count) {
   return p;
 }
 
+// ---- the single-read forward (sm_90 thread-block clusters, contiguous layout) --------------
+// One cluster of `blocks` blocks per (frame, group): block r copies elements [r * span, (r + 1)
+// * span) of the group's Cg * S elements (channel-major, so a vector never leaves its plane when
+// S is a multiple of vec) into its shared memory, sums them, reads its peers' partial statistics
+// through distributed shared memory, merges them in rank order and writes y from shared memory:
+// x is read once, where the three-pass kernels read it twice.
+
+constexpr int kGnClusterThreads = 512;
+constexpr int kGnClusterMaxBlocks = 8;                   // the portable cluster size
+constexpr int64_t kGnClusterSmemBytes = 200 * 1024;      // per block: the tile and 2 floats per channel
+
+struct GnClusterPlan {
+  int blocks;    // per cluster (one cluster per frame-group); 0: the call does not fit
+  int64_t span;  // elements per block, a multiple of vec
+};
+
+// The smallest cluster whose blocks' tiles (span elements) and per-channel constants fit in
+// kGnClusterSmemBytes, grown up to kGnClusterMaxBlocks while the grid has fewer than two blocks
+// per SM; blocks = 0 for channels-last, unvectorised calls (vec == 1), or groups too large.
+inline GnClusterPlan gn_cluster_plan(const GnShape& s, int vec, int elem_bytes, int sm_count) {
+  GnClusterPlan p{0, 0};
+  if (s.channels_last || vec <= 1 || s.groups <= 0) return p;
+  const int64_t cg = s.channels / s.groups, n = cg * s.positions;
+  const int64_t frame_groups = s.batch * s.frames * s.groups;
+  if (n <= 0 || frame_groups <= 0 || n > (int64_t{1} << 31) - 1) return p;
+  const auto span_of = [&](int k) { return gn_ceil_div(gn_ceil_div(n, k), vec) * vec; };
+  const auto bytes_of = [&](int k) { return span_of(k) * elem_bytes + 2 * cg * int64_t{sizeof(float)}; };
+  int k = 1;
+  while (k <= kGnClusterMaxBlocks && bytes_of(k) > kGnClusterSmemBytes) ++k;
+  if (k > kGnClusterMaxBlocks) return p;
+  while (k < kGnClusterMaxBlocks && frame_groups * k < 2 * int64_t{std::max(sm_count, 1)}) ++k;
+  p.blocks = k;
+  p.span = span_of(k);
+  return p;
+}
+
+// Element offset of the first element of frame-group fg = bt * G + g (channel g * Cg, position 0).
+SK_HOST_DEVICE int64_t gn_cluster_base(const GnShape& s, int64_t fg) {
+  const int64_t bt = fg / s.groups, g = fg % s.groups;
+  return (bt / s.frames) * s.stride_b + (bt % s.frames) * s.stride_t + g * (s.channels / s.groups) * s.stride_c;
+}
+
+// Element offset of element i (< Cg * S, channel-major) of the frame-group at `base`.
+SK_HOST_DEVICE int64_t gn_cluster_offset(const GnShape& s, int64_t base, int64_t i) {
+  return base + (i / s.positions) * s.stride_c + (i % s.positions) * s.stride_s;
+}
+
+// Dynamic shared memory of one block of the plan.
+inline int64_t gn_cluster_smem_bytes(const GnShape& s, const GnClusterPlan& p, int elem_bytes) {
+  return p.span * elem_bytes + 2 * (s.channels / s.groups) * int64_t{sizeof(float)};
+}
+
 }  // namespace vae
 }  // namespace sora_kernels

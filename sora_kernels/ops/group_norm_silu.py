@@ -17,7 +17,9 @@ with the same schema, outputs and saved statistics on both devices:
   CPU   csrc/vae/group_norm_cpu.cpp (fp32, OpenMP)
   CUDA  csrc/vae/group_norm_cuda.cu (fp32, fp16, bf16; fp32 math): per-channel shifted sums per
         piece of a plane / frame -> a finalize kernel per (b, t, group) (double) -> apply; the
-        backward likewise. No atomics: the same bits on every run.
+        backward likewise. No atomics: the same bits on every run. On sm_90 a contiguous forward
+        whose frame-groups fit reads x once (one thread-block cluster per (frame, group);
+        SORA_KERNELS_GN_CLUSTER=0 turns it off).
 On CUDA the "cuda" backend comes first: on an H200 (2026-11-26, 1x256x9x180x320 bf16) it ran
 the forward in 0.23 / 0.25 ms (contiguous / channels-last) against Triton's 0.28 / 0.74, and
 forward + backward in 0.63 / 0.79 ms against 1.37 / 1.82 (benchmarks/results/cuda-nvidia-h200.json).
