@@ -31,6 +31,10 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
 #include <type_traits>
 
 #include "vae/group_norm_cuda.h"
@@ -632,9 +636,19 @@ int cluster_forward(const GnShape& s, int vec, const T* x, const float* weight, 
   if (cp.blocks == 0 || grid > INT_MAX) return 0;
   const auto kernel = gn_cluster_forward_kernel<T, V, SILU>;
   const int smem = static_cast<int>(gn_cluster_smem_bytes(s, cp, sizeof(T)));
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
-    cudaGetLastError();  // clear it: the three passes run instead
-    return 0;
+  // The attribute is set once per device to the budget; whether a cluster of this size and
+  // shared memory can be resident is asked once per (device, blocks, smem): both cost host time.
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int>, bool> fits;
+  static std::set<int> attribute_set;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!attribute_set.count(device)) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kGnClusterSmemBytes)) != cudaSuccess) {
+      cudaGetLastError();  // clear it: the three passes run instead
+      return 0;
+    }
+    attribute_set.insert(device);
   }
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(grid));
@@ -648,11 +662,13 @@ int cluster_forward(const GnShape& s, int vec, const T* x, const float* weight, 
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) {
+  const auto key = std::make_tuple(device, cp.blocks, smem);
+  if (!fits.count(key)) {
+    int clusters = 0;
+    fits[key] = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters >= 1;
     cudaGetLastError();
-    return 0;
   }
+  if (!fits[key]) return 0;
   const cudaError_t e = cudaLaunchKernelEx(&config, kernel, x, s, cp, weight, bias, eps, y, mean, rstd);
   *ran = e == cudaSuccess;
   return static_cast<int>(e);
