@@ -381,6 +381,25 @@ def test_rope_fusion(suite, benchmark, variant, mode, monkeypatch):
               flops=attention_flops(lens, None, heads, head_dim, False, mode))
 
 
+def _time_triton_variant(suite, benchmark, workload: str, mode: str, label: str) -> None:
+    """Times the Triton backend on `workload` under the launcher setting the caller has patched
+    in (DQ_MODE, FWD_LOAD), as provider triton:<label>."""
+    lens_q, lens_k, heads, kv_heads, head_dim, causal = workloads(suite.device)[workload]
+    dtype = _dtype(suite.device)
+    inputs = make_inputs(lens_q, lens_k, heads, kv_heads, head_dim, suite.device, dtype)
+    q, k, v, cu_q, cu_k, max_q, max_k = inputs
+    if label == "load-tma" and op.tma_reasons(k, v, False):
+        pytest.skip("; ".join(op.tma_reasons(k, v, False)))
+    fn = provider_fn("triton", lens_q, lens_k, cu_q, cu_k, max_q, max_k, causal, suite.device)
+    out = fn(q, k, v)
+    _check_against_reference(out, inputs, causal)
+    run = timed_call(fn, q, k, v, out, mode)
+    nbytes = sum(x.numel() * x.element_size() for x in (q, k, v)) + out.numel() * out.element_size()
+    suite.run("varlen_attention", mode, f"triton:{label}", workload, run, nbytes, dtype, benchmark,
+              flops=attention_flops(lens_q, lens_k, heads, head_dim, causal, mode), segments=len(lens_q),
+              tokens=q.shape[0], heads=heads, head_dim=head_dim, causal=causal, configs=tuned_configs())
+
+
 @pytest.mark.parametrize("dq_mode", op.DQ_MODES)
 @pytest.mark.parametrize("workload", ["dense-16k", "dense-16k-causal", "mixed"])
 def test_dq_modes(suite, benchmark, workload, dq_mode, monkeypatch):
@@ -389,17 +408,7 @@ def test_dq_modes(suite, benchmark, workload, dq_mode, monkeypatch):
     if suite.device.type != "cuda":
         pytest.skip("DQ_MODE is the Triton launcher's; the Triton backend is timed on CUDA only")
     monkeypatch.setattr(op, "DQ_MODE", dq_mode)
-    lens_q, lens_k, heads, kv_heads, head_dim, causal = workloads(suite.device)[workload]
-    dtype = _dtype(suite.device)
-    inputs = make_inputs(lens_q, lens_k, heads, kv_heads, head_dim, suite.device, dtype)
-    q, k, v, cu_q, cu_k, max_q, max_k = inputs
-    fn = provider_fn("triton", lens_q, lens_k, cu_q, cu_k, max_q, max_k, causal, suite.device)
-    out = fn(q, k, v)
-    run = timed_call(fn, q, k, v, out, "fwd+bwd")
-    nbytes = sum(x.numel() * x.element_size() for x in (q, k, v)) + out.numel() * out.element_size()
-    suite.run("varlen_attention", "fwd+bwd", f"triton:dq-{dq_mode}", workload, run, nbytes, dtype, benchmark,
-              flops=attention_flops(lens_q, lens_k, heads, head_dim, causal, "fwd+bwd"), segments=len(lens_q),
-              tokens=q.shape[0], heads=heads, head_dim=head_dim, causal=causal, configs=tuned_configs())
+    _time_triton_variant(suite, benchmark, workload, "fwd+bwd", f"dq-{dq_mode}")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -411,17 +420,4 @@ def test_fwd_loads(suite, benchmark, workload, fwd_load, mode, monkeypatch):
     if suite.device.type != "cuda":
         pytest.skip("FWD_LOAD is the Triton launcher's; the Triton backend is timed on CUDA only")
     monkeypatch.setattr(op, "FWD_LOAD", fwd_load)
-    lens_q, lens_k, heads, kv_heads, head_dim, causal = workloads(suite.device)[workload]
-    dtype = _dtype(suite.device)
-    inputs = make_inputs(lens_q, lens_k, heads, kv_heads, head_dim, suite.device, dtype)
-    q, k, v, cu_q, cu_k, max_q, max_k = inputs
-    if fwd_load == "tma" and op.tma_reasons(k, v, False):
-        pytest.skip("; ".join(op.tma_reasons(k, v, False)))
-    fn = provider_fn("triton", lens_q, lens_k, cu_q, cu_k, max_q, max_k, causal, suite.device)
-    out = fn(q, k, v)
-    _check_against_reference(out, inputs, causal)
-    run = timed_call(fn, q, k, v, out, mode)
-    nbytes = sum(x.numel() * x.element_size() for x in (q, k, v)) + out.numel() * out.element_size()
-    suite.run("varlen_attention", mode, f"triton:load-{fwd_load}", workload, run, nbytes, dtype, benchmark,
-              flops=attention_flops(lens_q, lens_k, heads, head_dim, causal, mode), segments=len(lens_q),
-              tokens=q.shape[0], heads=heads, head_dim=head_dim, causal=causal, configs=tuned_configs())
+    _time_triton_variant(suite, benchmark, workload, mode, f"load-{fwd_load}")
