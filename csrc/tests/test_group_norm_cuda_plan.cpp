@@ -153,6 +153,10 @@ void check_cluster(const GnShape& s, int vec, int elem_bytes, int sms) {
     return;
   }
   expect(c.blocks >= 1 && c.blocks <= vae::kGnClusterMaxBlocks, "cluster: size", s, none);
+  // A smaller device budget (99 KB: sm_120's opt-in limit) gives a plan within it, or none.
+  const vae::GnClusterPlan small = vae::gn_cluster_plan(s, vec, elem_bytes, sms, 99 * 1024);
+  expect(small.blocks == 0 || vae::gn_cluster_smem_bytes(s, small, elem_bytes) <= 99 * 1024, "cluster: budget", s,
+         none);
   expect(c.span % vec == 0 && (c.blocks - 1) * c.span < n && c.blocks * c.span >= n, "cluster: spans cover the group",
          s, none);
   expect(vae::gn_cluster_smem_bytes(s, c, elem_bytes) <= vae::kGnClusterSmemBytes, "cluster: shared memory", s, none);
@@ -182,11 +186,14 @@ int main() {
   // per group (151), more channels than a block's columns (2048 / 4 = 512 > 256; 302 at one
   // element per access), frames longer than a piece (90300 > kGnThreads * kGnMaxPerThread), one
   // row of 6 channels (no vectors: 6 is no multiple of 4); and two that the per-thread bound
-  // limits on one SM (140000 positions per plane, 1024 channels x 6000 rows per frame).
+  // limits on one SM (140000 positions per plane, 1024 channels x 6000 rows per frame); and
+  // three for the single-read cluster plan: groups of 16 and of 256 elements (fewer vectors than
+  // a grown cluster has blocks) and 48 frame-groups of 16384.
   const int64_t shapes[][5] = {{2, 96, 3, 63, 32},   {1, 96, 1, 1, 32},     {2, 16, 1, 25, 16},  {1, 8, 2, 4096, 2},
                                {1, 2048, 1, 15, 32}, {1, 302, 2, 30, 2},    {1, 512, 2, 144, 32}, {1, 4, 1, 90300, 2},
                                {2, 6, 2, 15, 3},     {1, 256, 2, 1440, 32}, {3, 12, 1, 7, 4},     {1, 6, 1, 1, 2},
-                               {1, 64, 1, 140000, 2}, {1, 1024, 1, 6000, 8}};
+                               {1, 64, 1, 140000, 2}, {1, 1024, 1, 6000, 8}, {1, 4, 1, 16, 4},
+                               {1, 8, 2, 64, 2},      {2, 32, 3, 4096, 8}};
   int checked = 0;
   for (const auto& sh : shapes)
     for (const bool channels_last : {false, true})

@@ -514,7 +514,7 @@ gn_finalize_grad_kernel(const float* __restrict__ part,    // [B*T, C, pieces, 2
 // peers have read them. Then y = act(x * scale_c + shift_c) from shared memory. Rank 0 saves mean
 // and rstd. Every thread of every block reaches both barriers.
 template <typename T, int V, bool SILU>
-__global__ void __launch_bounds__(kGnClusterThreads)
+__global__ void __launch_bounds__(kGnClusterThreads, 1)
 gn_cluster_forward_kernel(const T* __restrict__ x, GnShape s, GnClusterPlan cp, const float* __restrict__ weight,
                           const float* __restrict__ bias, float eps, T* __restrict__ y, float* __restrict__ mean,
                           float* __restrict__ rstd) {
@@ -535,17 +535,23 @@ gn_cluster_forward_kernel(const T* __restrict__ x, GnShape s, GnClusterPlan cp, 
   const int64_t base = gn_cluster_base(s, fg);
   const int nv = static_cast<int>(len / V);
   constexpr int kU = 4;
+  // gn_cluster_offset with 32-bit division (n < 2^31; the plan takes stride_s == 1 only)
+  const uint32_t S32 = static_cast<uint32_t>(s.positions);
+  const auto element = [&](int64_t i) {
+    const uint32_t c = static_cast<uint32_t>(i) / S32;
+    return base + int64_t{c} * s.stride_c + (static_cast<uint32_t>(i) - c * S32);
+  };
 
   // Sums of x - k, k the block's first element: the fp32 partial sums stay small when the values
   // sit far from zero (the three-pass kernels shift by each channel's first value likewise).
-  const float k = len > 0 ? to_float(x[gn_cluster_offset(s, base, begin)]) : 0.f;
+  const float k = len > 0 ? to_float(x[element(begin)]) : 0.f;
   float sum = 0.f;
   for (int j0 = threadIdx.x; j0 < nv; j0 += kGnClusterThreads * kU) {
     Pack<T, V> v[kU];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int j = j0 + u * kGnClusterThreads;
-      if (j < nv) v[u] = load<true, T, V>(x + gn_cluster_offset(s, base, begin + int64_t{j} * V));
+      if (j < nv) v[u] = load<true, T, V>(x + element(begin + int64_t{j} * V));
     }
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
@@ -606,50 +612,66 @@ gn_cluster_forward_kernel(const T* __restrict__ x, GnShape s, GnClusterPlan cp, 
   __syncthreads();
   for (int j = threadIdx.x; j < nv; j += kGnClusterThreads) {
     const int64_t i = begin + int64_t{j} * V;
-    const int64_t c = i / s.positions;
+    const uint32_t c = static_cast<uint32_t>(i) / S32;
     const float scale = consts[c], shift = consts[cgroup + c];
     const Pack<T, V> v = reinterpret_cast<const Pack<T, V>*>(tile)[j];
     float out[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) out[e] = activate<SILU>(to_float(v.e[e]) * scale + shift);
-    store<T, V>(y + gn_cluster_offset(s, base, i), out);
+    store<T, V>(y + element(i), out);
   }
 #else
   __trap();  // launched only on sm_90 and newer (cluster_forward)
 #endif
 }
 
-// Whether the single-read forward runs: SORA_KERNELS_GN_CLUSTER is not "0", the device has
-// thread-block clusters (sm_90+), the plan fits, and a cluster of its size can be resident.
+// What a device allows the single-read kernel (asked once per device and kernel).
+struct ClusterDevice {
+  bool usable = false;   // sm_90 machine code in the build (not a PTX fallback whose body traps),
+                         // and the dynamic shared memory attribute set
+  int sms = 0;
+  int64_t budget = 0;    // dynamic shared memory per block: kGnClusterSmemBytes or the device's opt-in
+                         // limit less the kernel's static shared memory and 1 KB, the smaller
+};
+
+// Whether the single-read forward ran (*ran): SORA_KERNELS_GN_CLUSTER is not "0", the device has
+// thread-block clusters and the build has the kernel's sm_90 code, the plan fits, a cluster of
+// its size can be resident, and the launch succeeds. Anything else leaves *ran false with no
+// error set, and the three passes run.
 template <typename T, int V, bool SILU>
 int cluster_forward(const GnShape& s, int vec, const T* x, const float* weight, const float* bias, float eps, T* y,
                     float* mean, float* rstd, cudaStream_t stream, bool* ran) {
   *ran = false;
   if (const char* env = std::getenv("SORA_KERNELS_GN_CLUSTER"); env && std::strcmp(env, "0") == 0) return 0;
-  int device = 0, major = 0, sms = 0;
+  int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return static_cast<int>(cudaGetLastError());
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (major < 9) return 0;
-  const GnClusterPlan cp = gn_cluster_plan(s, vec, sizeof(T), sms);
+  const auto kernel = gn_cluster_forward_kernel<T, V, SILU>;
+  static std::mutex mutex;
+  static std::map<int, ClusterDevice> devices;
+  static std::map<std::tuple<int, int, int>, bool> fits;  // (device, blocks, smem) -> a cluster can be resident
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = devices.find(device);
+  if (found == devices.end()) {
+    ClusterDevice d;
+    int major = 0, optin = 0;
+    cudaFuncAttributes attributes{};
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9 &&
+        cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+        cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.binaryVersion >= 90) {
+      d.budget = std::min<int64_t>(kGnClusterSmemBytes, int64_t{optin} - int64_t(attributes.sharedSizeBytes) - 1024);
+      d.usable = d.budget > 0 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      static_cast<int>(d.budget)) == cudaSuccess;
+    }
+    if (!d.usable) cudaGetLastError();  // clear whatever refused it: the three passes run
+    found = devices.emplace(device, d).first;
+  }
+  const ClusterDevice& d = found->second;
+  if (!d.usable) return 0;
+  const GnClusterPlan cp = gn_cluster_plan(s, vec, sizeof(T), d.sms, d.budget);
   const int64_t grid = s.batch * s.frames * s.groups * cp.blocks;
   if (cp.blocks == 0 || grid > INT_MAX) return 0;
-  const auto kernel = gn_cluster_forward_kernel<T, V, SILU>;
   const int smem = static_cast<int>(gn_cluster_smem_bytes(s, cp, sizeof(T)));
-  // The attribute is set once per device to the budget; whether a cluster of this size and
-  // shared memory can be resident is asked once per (device, blocks, smem): both cost host time.
-  static std::mutex mutex;
-  static std::map<std::tuple<int, int, int>, bool> fits;
-  static std::set<int> attribute_set;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (!attribute_set.count(device)) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kGnClusterSmemBytes)) != cudaSuccess) {
-      cudaGetLastError();  // clear it: the three passes run instead
-      return 0;
-    }
-    attribute_set.insert(device);
-  }
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(grid));
   config.blockDim = dim3(kGnClusterThreads);
@@ -663,15 +685,22 @@ int cluster_forward(const GnShape& s, int vec, const T* x, const float* weight, 
   config.attrs = attribute;
   config.numAttrs = 1;
   const auto key = std::make_tuple(device, cp.blocks, smem);
-  if (!fits.count(key)) {
+  auto fit = fits.find(key);
+  if (fit == fits.end()) {
     int clusters = 0;
-    fits[key] = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters >= 1;
-    cudaGetLastError();
+    const bool ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters >= 1;
+    if (!ok) cudaGetLastError();
+    fit = fits.emplace(key, ok).first;
   }
-  if (!fits[key]) return 0;
-  const cudaError_t e = cudaLaunchKernelEx(&config, kernel, x, s, cp, weight, bias, eps, y, mean, rstd);
-  *ran = e == cudaSuccess;
-  return static_cast<int>(e);
+  if (!fit->second) return 0;
+  if (cudaLaunchKernelEx(&config, kernel, x, s, cp, weight, bias, eps, y, mean, rstd) != cudaSuccess) {
+    cudaGetLastError();  // a launch error (not a fault in a kernel): forget the device's answers, run the three passes
+    devices.erase(device);
+    fits.erase(key);
+    return 0;
+  }
+  *ran = true;
+  return 0;
 }
 
 // ---- launchers -------------------------------------------------------------------------------

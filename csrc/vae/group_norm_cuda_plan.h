@@ -163,7 +163,7 @@ inline GnPlan gn_plan(const GnShape& s, int vec, int sm_count) {
 
 constexpr int kGnClusterThreads = 512;
 constexpr int kGnClusterMaxBlocks = 8;                   // the portable cluster size
-constexpr int64_t kGnClusterSmemBytes = 200 * 1024;      // per block: the tile and 2 floats per channel
+constexpr int64_t kGnClusterSmemBytes = 200 * 1024;      // most per block: the tile and 2 floats per channel
 
 struct GnClusterPlan {
   int blocks;    // per cluster (one cluster per frame-group); 0: the call does not fit
@@ -171,20 +171,25 @@ struct GnClusterPlan {
 };
 
 // The smallest cluster whose blocks' tiles (span elements) and per-channel constants fit in
-// kGnClusterSmemBytes, grown up to kGnClusterMaxBlocks while the grid has fewer than two blocks
-// per SM; blocks = 0 for channels-last, unvectorised calls (vec == 1), or groups too large.
-inline GnClusterPlan gn_cluster_plan(const GnShape& s, int vec, int elem_bytes, int sm_count) {
+// `smem_budget` bytes (at most kGnClusterSmemBytes; less where the device allows less), grown up
+// to kGnClusterMaxBlocks while the grid has fewer than two blocks per SM, but never past one
+// vector per thread per block (no empty blocks); blocks = 0 for channels-last or strided
+// positions, unvectorised calls (vec == 1), or groups too large.
+inline GnClusterPlan gn_cluster_plan(const GnShape& s, int vec, int elem_bytes, int sm_count,
+                                     int64_t smem_budget = kGnClusterSmemBytes) {
   GnClusterPlan p{0, 0};
-  if (s.channels_last || vec <= 1 || s.groups <= 0) return p;
+  if (s.channels_last || s.stride_s != 1 || vec <= 1 || s.groups <= 0) return p;
   const int64_t cg = s.channels / s.groups, n = cg * s.positions;
   const int64_t frame_groups = s.batch * s.frames * s.groups;
   if (n <= 0 || frame_groups <= 0 || n > (int64_t{1} << 31) - 1) return p;
+  const int64_t budget = std::min(smem_budget, kGnClusterSmemBytes);
   const auto span_of = [&](int k) { return gn_ceil_div(gn_ceil_div(n, k), vec) * vec; };
   const auto bytes_of = [&](int k) { return span_of(k) * elem_bytes + 2 * cg * int64_t{sizeof(float)}; };
   int k = 1;
-  while (k <= kGnClusterMaxBlocks && bytes_of(k) > kGnClusterSmemBytes) ++k;
+  while (k <= kGnClusterMaxBlocks && bytes_of(k) > budget) ++k;
   if (k > kGnClusterMaxBlocks) return p;
-  while (k < kGnClusterMaxBlocks && frame_groups * k < 2 * int64_t{std::max(sm_count, 1)}) ++k;
+  const int64_t most = std::max<int64_t>(k, gn_ceil_div(n, int64_t{kGnClusterThreads} * vec));
+  while (k < kGnClusterMaxBlocks && k < most && frame_groups * k < 2 * int64_t{std::max(sm_count, 1)}) ++k;
   p.blocks = k;
   p.span = span_of(k);
   return p;
