@@ -627,8 +627,8 @@ gn_cluster_forward_kernel(const T* __restrict__ x, GnShape s, GnClusterPlan cp, 
 
 // What a device allows the single-read kernel (asked once per device and kernel).
 struct ClusterDevice {
-  bool usable = false;   // sm_90 machine code in the build (not a PTX fallback whose body traps),
-                         // and the dynamic shared memory attribute set
+  bool usable = false;   // code compiled for sm_90+ (ptxVersion: not compute_80 PTX the driver
+                         // recompiled, whose body traps), and the dynamic shared memory attribute set
   int sms = 0;
   int64_t budget = 0;    // dynamic shared memory per block: kGnClusterSmemBytes or the device's opt-in
                          // limit less the kernel's static shared memory and 1 KB, the smaller
@@ -658,7 +658,8 @@ int cluster_forward(const GnShape& s, int vec, const T* x, const float* weight, 
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9 &&
         cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-        cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.binaryVersion >= 90) {
+        cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90 &&
+        attributes.binaryVersion >= 90) {
       d.budget = std::min<int64_t>(kGnClusterSmemBytes, int64_t{optin} - int64_t(attributes.sharedSizeBytes) - 1024);
       d.usable = d.budget > 0 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                       static_cast<int>(d.budget)) == cudaSuccess;
