@@ -192,10 +192,9 @@ def triton_forward(x, weight, bias, num_groups: int, eps: float, silu: bool):
     """(y like x, mean fp32 [B, T, G], rstd fp32 [B, T, G])."""
     x = _dense(x)
     B_, C, T, S, Cg, n_chunks, strides, cfg, grid = _geometry(x, num_groups)
-    y = torch.empty_like(x)
     if x.numel() == 0:
         stats = torch.zeros((B_, T, num_groups), device=x.device, dtype=torch.float32)
-        return y, stats, stats.clone()
+        return torch.empty_like(x), stats, stats.clone()
     part = torch.empty((B_ * T, num_groups, n_chunks, 3), device=x.device, dtype=torch.float32)
     gn_stats_kernel[grid](x, part, C, T, S, Cg, num_groups, n_chunks, *strides, **cfg)
     n, m, m2 = part.unbind(-1)
@@ -204,9 +203,7 @@ def triton_forward(x, weight, bias, num_groups: int, eps: float, silu: bool):
     m2 = m2.sum(-1) + (n * (m - mu[..., None]) ** 2).sum(-1)
     mean = mu.view(B_, T, num_groups)
     rstd = torch.rsqrt(m2 / count + eps).view(B_, T, num_groups)
-    w, b = _affine(x, weight, bias)
-    gn_apply_kernel[grid](x, y, mean, rstd, w, b, C, T, S, Cg, num_groups, *strides, SILU=silu, **cfg)
-    return y, mean, rstd
+    return triton_apply(x, weight, bias, mean, rstd, num_groups, silu), mean, rstd
 
 
 def triton_apply(x, weight, bias, mean, rstd, num_groups: int, silu: bool):
@@ -275,11 +272,17 @@ def _backward_with(run):
     """The autograd backward of a forward op whose backward op is `run` (same arguments for
     the Triton launcher and the compiled op)."""
     def backward(ctx, dy, _dmean, _drstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = run(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
-        return (dx, dweight.to(weight.dtype) if ctx.has_weight else None,
-                dbias.to(bias.dtype) if ctx.has_bias else None, None, None, None)
+        return _input_grads(ctx, run, dy) + (None, None, None)
     return backward
+
+
+def _input_grads(ctx, run, dy, **kw) -> tuple:
+    """(dx, dweight, dbias) from the saved (x, weight, bias, mean, rstd) through `run`, the
+    parameter gradients cast to their dtypes (None for absent ones)."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = run(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu, **kw)
+    return (dx, dweight.to(weight.dtype) if ctx.has_weight else None,
+            dbias.to(bias.dtype) if ctx.has_bias else None)
 
 
 group_norm_triton.register_fake(_fake)
@@ -305,10 +308,7 @@ def _apply_setup(ctx, inputs, output):
 
 
 def _apply_backward(ctx, dy):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = triton_backward(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu, given=True)
-    return (dx, dweight.to(weight.dtype) if ctx.has_weight else None,
-            dbias.to(bias.dtype) if ctx.has_bias else None, None, None, None, None)
+    return _input_grads(ctx, triton_backward, dy, given=True) + (None, None, None, None)
 
 
 group_norm_apply_triton.register_autograd(_apply_backward, setup_context=_apply_setup)
