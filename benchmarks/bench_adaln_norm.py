@@ -94,6 +94,27 @@ def _provider(provider, fused, cu, seg, device):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("kernel", ["adaln_norm", "gated_residual_adaln"])
 def test_adaln_norm(suite, benchmark, kernel, provider, mode):
+    _time(suite, benchmark, kernel, provider, mode)
+
+
+# (TILE_ELEMENTS_BACKWARD, BACKWARD_PROGRAMS_PER_SM): the backward's tile and grid, around the defaults
+BACKWARD_GRIDS = [(4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16)]
+
+
+@pytest.mark.parametrize("grid", BACKWARD_GRIDS, ids=lambda g: f"tile{g[0]}-per_sm{g[1]}")
+@pytest.mark.parametrize("kernel", ["adaln_norm", "gated_residual_adaln"])
+def test_backward_grid(suite, benchmark, kernel, grid, monkeypatch):
+    """fwd+bwd of the Triton backend with each backward tile size and programs per SM
+    (adaln_norm.TILE_ELEMENTS_BACKWARD, BACKWARD_PROGRAMS_PER_SM), as provider
+    triton:tile<T>-per_sm<P>."""
+    if suite.device.type != "cuda":
+        pytest.skip("the backward's grid is the Triton launcher's; the Triton backend is timed on CUDA only")
+    monkeypatch.setattr(op, "TILE_ELEMENTS_BACKWARD", grid[0])
+    monkeypatch.setattr(op, "BACKWARD_PROGRAMS_PER_SM", grid[1])
+    _time(suite, benchmark, kernel, "triton", "fwd+bwd", label=f"triton:tile{grid[0]}-per_sm{grid[1]}")
+
+
+def _time(suite, benchmark, kernel, provider, mode, label=None):
     fused = kernel == "gated_residual_adaln"
     args, cu, seg = _inputs(suite.device, fused)
     fn = _provider(provider, fused, cu, seg, suite.device)
@@ -115,5 +136,5 @@ def test_adaln_norm(suite, benchmark, kernel, provider, mode):
             o = fn(leaves)
             torch.autograd.grad(o if isinstance(o, tuple) else (o,), list(leaves.values()), grads)
         rows = rows_fwd + (6 if fused else 3)  # backward: reads x (h), dout[, dh, y], writes dx[, dy]
-    suite.run(kernel, mode, provider, f"mixed-{N}x{D}", run, rows * N * D * itemsize, args["x"].dtype, benchmark,
+    suite.run(kernel, mode, label or provider, f"mixed-{N}x{D}", run, rows * N * D * itemsize, args["x"].dtype, benchmark,
               tokens=N, segments=len(_lengths(suite.device)), graph=True)

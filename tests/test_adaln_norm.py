@@ -78,6 +78,22 @@ def test_gated_residual_adaln(backend, dtype, D, norm, weight):
     _compare(sk.gated_residual_adaln, args, cu, dtype, f"gated_residual_adaln {norm}", backend, norm=norm)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_backward_runs_of_tiles(residual, monkeypatch):
+    """The Triton backward's programs sum a segment's gradients over a run of tiles: segments
+    that begin on a tile boundary (one uniform tile after another of a different segment),
+    tiles that mix segments (rows 16-19: segments 3, 5 and 6 around the empty segment 4),
+    runs that cross programs. D = 1152 with 8192-element backward tiles gives 4-row tiles;
+    3 programs give runs of 3 tiles over these 32 tokens, on any device."""
+    require_backend(op.ADALN_BACKENDS, "triton", (torch.empty(0, device=DEVICE),))
+    monkeypatch.setattr(op, "BACKWARD_PROGRAMS_LIMIT", 3)
+    monkeypatch.setattr(op, "TILE_ELEMENTS_BACKWARD", 8192)
+    assert op.tile_config(1152, backward=True)["ROWS"] == 4
+    args, cu = make([4, 8, 4, 1, 0, 1, 2, 12], 1152, torch.float32, residual=residual)
+    fn = sk.gated_residual_adaln if residual else sk.adaln_norm
+    _compare(fn, args, cu, torch.float32, "runs of tiles", "triton")
+
+
 def test_fused_equals_unfused():
     """gated_residual_adaln == gated_residual then adaln_norm, bit for bit in the residual."""
     args, cu = make(LENGTHS, 72, torch.bfloat16, residual=True)

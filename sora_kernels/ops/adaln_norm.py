@@ -6,14 +6,17 @@ public functions.
 In a packed batch each segment (sample) has its own shift, scale and gate rows, so a token
 reads row segment_ids[token] of each. One program normalises ROWS tokens (a [ROWS, BLOCK_D]
 tile) in one pass: the fused variant first forms the residual h = x + gate * y, stores it,
-and normalises it without reading it back. The backward reduces the per-segment gradients
-(shift, scale, gate) in fp32 with one atomic add per column per program when its rows lie in
-one segment (the common case), per row otherwise. Atomic adds land in run-dependent order,
+and normalises it without reading it back. The backward runs a few programs per SM, each over
+a contiguous run of tiles: it sums the per-segment gradients (shift, scale, gate) of tiles
+that lie in one segment in registers and adds them to fp32 accumulators with one atomic add
+per column each time the segment changes; a tile that mixes segments adds per row. Atomic adds
+land in run-dependent order,
 so on CUDA those gradients (and the weights they flow into) differ from run to run at float32
 rounding: ~2e-5 at most in a tiny DiT's parameters on an H200 (2026-11-26).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,13 +31,22 @@ if B.TRITON_MISSING is None:
     import triton.language as tl
 
 MAX_D = 16384          # widest row the kernels are compiled for
-# Elements of one program's tile (ROWS = TILE_ELEMENTS // BLOCK_D rows). The backward takes
-# tiles twice as large: half the per-segment atomics. Swept on an H200 (bf16, D=1152, mixed
-# batch; benchmarks/results/cuda-nvidia-h200.adaln_tiles.json): forward fastest at 4096 elements
-# and 4 warps, backward at 8192; the benchmark's fwd+bwd went 0.75 -> 0.60 ms (adaln_norm) and
-# 1.09 -> 0.96 ms (gated_residual_adaln).
+# Elements of one program's tile (ROWS = TILE_ELEMENTS // BLOCK_D rows). Swept on an H200 (bf16,
+# D=1152, mixed batch; benchmarks/results/cuda-nvidia-h200.adaln_tiles.json): forward fastest at
+# 4096 elements and 4 warps. The backward then ran a program per tile, and its time halved with
+# each halving of the tile count (fwd+bwd 1.37 -> 0.82 -> 0.67 ms at 2048, 4096, 8192 elements):
+# bound by the per-segment atomics (two [D] rows per tile into a few segments' rows), not by
+# memory. So (2026-12-06) a backward program sums a run of tiles in registers (adaln_bwd_kernel)
+# and the grid is BACKWARD_PROGRAMS_PER_SM programs per SM (~66 tiles per program on that
+# batch at 4096 elements): the tile no longer sets the atomics, and at 4096 elements the
+# kernel needs no stack frame (8192 needs 472-664 bytes per thread; sm_90, ptxas with the
+# JIT's alignment hints). Not yet timed on a GPU: bench_adaln_norm.py::test_backward_grid
+# times both tiles at 4, 8 and 16 programs per SM.
 TILE_ELEMENTS = 4096
-TILE_ELEMENTS_BACKWARD = 8192
+TILE_ELEMENTS_BACKWARD = 4096
+BACKWARD_PROGRAMS_PER_SM = 8
+INTERPRETER_PROGRAMS = 3       # under the interpreter: runs of several tiles that cross segments
+BACKWARD_PROGRAMS_LIMIT = None  # at most this many backward programs, if set (tests: runs on a GPU too)
 NORMS = ("layer", "rms")
 
 # -----------------------------------------------------------------------------
@@ -53,16 +65,41 @@ if B.TRITON_MISSING is None:
         return rows, cols, row_mask, col_mask, row_mask[:, None] & col_mask[None, :], rows[:, None] * D + cols[None, :]
 
     @triton.jit
-    def _segment_add(acc_ptr, seg, row_mask, cols, col_mask, contrib, D):
-        """acc[seg[r], :] += contrib[r, :] (fp32 atomics): one add per column when all rows of
-        the tile are in one segment, else one per row."""
-        first = tl.min(tl.where(row_mask, seg, 2147483647))
-        last = tl.max(tl.where(row_mask, seg, -1))
+    def _tile_segments(seg, row_mask):
+        """(first, last) segment of a tile's rows (a tile has at least one row)."""
+        return tl.min(tl.where(row_mask, seg, 2147483647)), tl.max(tl.where(row_mask, seg, -1))
+
+    @triton.jit
+    def _segment_rows_sum(seg, s, contrib):
+        """Column sums of the rows of contrib in segment s (rows past N contribute zeros)."""
+        return tl.sum(tl.where((seg == s)[:, None], contrib, 0.0), 0)
+
+    @triton.jit
+    def _run_add(acc_ptr, acc, cur, first, last, seg, cols, col_mask, contrib, D):
+        """One tile of a program's run of tiles (see adaln_bwd_kernel). acc holds the column
+        sums of segment cur (-1: none) since the run entered it. A tile that does not continue
+        cur sends acc to acc_ptr[cur, :] (fp32 atomics, one per column). A tile in one segment
+        adds its sums to acc; a tile that mixes segments sends each segment's but its last's,
+        and acc restarts with the last one's. The caller then sets cur = last. Returns acc."""
+        if (cur >= 0) & (first != cur):
+            tl.atomic_add(acc_ptr + cur.to(tl.int64) * D + cols, acc, mask=col_mask)
+            acc = tl.zeros_like(acc)
         if first == last:
-            tl.atomic_add(acc_ptr + first.to(tl.int64) * D + cols, tl.sum(contrib, 0), mask=col_mask)
+            acc += tl.sum(contrib, 0)
         else:
-            tl.atomic_add(acc_ptr + seg.to(tl.int64)[:, None] * D + cols[None, :], contrib,
-                          mask=row_mask[:, None] & col_mask[None, :])
+            acc += _segment_rows_sum(seg, first, contrib)
+            first_row = acc_ptr + first.to(tl.int64) * D + cols
+            tl.atomic_add(first_row, acc, mask=col_mask)
+            for s in range(first + 1, last):  # segments shorter than a tile, inside it
+                tl.atomic_add(first_row + (s - first) * D, _segment_rows_sum(seg, s, contrib), mask=col_mask)
+            acc = _segment_rows_sum(seg, last, contrib)
+        return acc
+
+    @triton.jit
+    def _run_end(acc_ptr, acc, cur, cols, col_mask, D):
+        """The end of a program's run: acc_ptr[cur, :] += acc."""
+        if cur >= 0:
+            tl.atomic_add(acc_ptr + cur.to(tl.int64) * D + cols, acc, mask=col_mask)
 
     @triton.jit
     def adaln_fwd_kernel(
@@ -119,41 +156,70 @@ if B.TRITON_MISSING is None:
         dshift_ptr, dscale_ptr,  # fp32 [n, D] accumulators, or None without modulation
         dw_ptr,                # fp32 [D] accumulator, or None
         N, D,
+        tiles_per_program,     # this program's tiles: [pid, pid + 1) * tiles_per_program
         RESIDUAL: tl.constexpr, LAYER: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """Gradients of ROWS tokens; per-segment and weight gradients added to fp32 accumulators."""
-        rows, cols, row_mask, col_mask, mask, offs = _row_tile(N, D, ROWS, BLOCK_D)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if LAYER:
-            x = tl.where(mask, x - tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
-        xhat = x * tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None]
-        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        """Gradients of a contiguous run of ROWS-token tiles. The per-segment gradients of the
+        tiles that lie in one segment are summed in registers while the segment lasts, and
+        added to the fp32 accumulators when it changes (and at the end); a tile that mixes
+        segments adds its rows directly. The weight gradient is summed over the whole run."""
+        cols = tl.arange(0, BLOCK_D)
+        col_mask = cols < D
         w = 1.0
         if w_ptr is not None:
             w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        g = dout                                     # gradient of the weighted xhat
+        acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        cur = tl.program_id(0) * 0 - 1        # the segment the accumulators hold, -1: none
+        first_tile = tl.program_id(0).to(tl.int64) * tiles_per_program
+        end_tile = tl.minimum(first_tile + tiles_per_program, tl.cdiv(N, ROWS))
+        for tile in range(first_tile, end_tile):   # each tile has at least one row
+            rows = tile * ROWS + tl.arange(0, ROWS)  # int64: first_tile is
+            row_mask = rows < N
+            mask = row_mask[:, None] & col_mask[None, :]
+            offs = rows[:, None] * D + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if LAYER:
+                x = tl.where(mask, x - tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            xhat = x * rstd[:, None]
+            dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = dout                                     # gradient of the weighted xhat
+            if scale_ptr is not None:
+                seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
+                seg_offs = seg.to(tl.int64)[:, None] * D + cols[None, :]
+                g = dout * (1.0 + tl.load(scale_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32))
+                # the per-segment sums first, so dout's tile is dead before dx's is formed
+                first, last = _tile_segments(seg, row_mask)
+                acc_shift = _run_add(dshift_ptr, acc_shift, cur, first, last, seg, cols, col_mask, dout, D)
+                acc_scale = _run_add(dscale_ptr, acc_scale, cur, first, last, seg, cols, col_mask, dout * xhat * w, D)
+            if w_ptr is not None:
+                acc_w += tl.sum(g * xhat, 0)
+                g = g * w
+            c2 = tl.sum(g * xhat, 1) / D
+            if LAYER:
+                dx = g - (tl.sum(g, 1) / D)[:, None] - xhat * c2[:, None]
+            else:
+                dx = g - xhat * c2[:, None]
+            dx = tl.where(mask, dx * rstd[:, None], 0.0)
+            if RESIDUAL:  # h = x + gate * y: dx = dh, dy = dh * gate, dgate = sum dh * y
+                dx += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                gate = tl.load(gate_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+                acc_gate = _run_add(dgate_ptr, acc_gate, cur, first, last, seg, cols, col_mask,
+                                    dx * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), D)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if scale_ptr is not None:
+                cur = last
         if scale_ptr is not None:
-            seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
-            seg_offs = seg.to(tl.int64)[:, None] * D + cols[None, :]
-            g = dout * (1.0 + tl.load(scale_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32))
-            _segment_add(dscale_ptr, seg, row_mask, cols, col_mask, dout * xhat * w, D)
-            _segment_add(dshift_ptr, seg, row_mask, cols, col_mask, dout, D)
+            _run_end(dshift_ptr, acc_shift, cur, cols, col_mask, D)
+            _run_end(dscale_ptr, acc_scale, cur, cols, col_mask, D)
+            if RESIDUAL:
+                _run_end(dgate_ptr, acc_gate, cur, cols, col_mask, D)
         if w_ptr is not None:
-            tl.atomic_add(dw_ptr + cols, tl.sum(g * xhat, 0), mask=col_mask)
-            g = g * w
-        c2 = tl.sum(g * xhat, 1) / D
-        if LAYER:
-            dx = g - (tl.sum(g, 1) / D)[:, None] - xhat * c2[:, None]
-        else:
-            dx = g - xhat * c2[:, None]
-        dx = tl.where(mask, dx * tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
-        if RESIDUAL:  # h = x + gate * y: dx = dh, dy = dh * gate, dgate = sum dh * y
-            dx += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            gate = tl.load(gate_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
-            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            _segment_add(dgate_ptr, seg, row_mask, cols, col_mask, dx * y, D)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_add(dw_ptr + cols, acc_w, mask=col_mask)
 
 
 # -----------------------------------------------------------------------------
@@ -169,6 +235,24 @@ def tile_config(D: int, backward: bool = False) -> dict:
 
 def config_space(backward: bool = False) -> list[dict]:
     return [tile_config(1 << p, backward) for p in range(4, MAX_D.bit_length())]
+
+
+def backward_programs(tiles: int, device: torch.device) -> int:
+    """Programs of the backward: BACKWARD_PROGRAMS_PER_SM per SM on CUDA (INTERPRETER_PROGRAMS
+    under the interpreter; at most BACKWARD_PROGRAMS_LIMIT if set), each taking a contiguous run
+    of tiles, so its per-segment sums reach memory once per segment it meets instead of once per
+    tile."""
+    programs = (BACKWARD_PROGRAMS_PER_SM * _sm_count(device.index) if device.type == "cuda"
+                else INTERPRETER_PROGRAMS)
+    if BACKWARD_PROGRAMS_LIMIT is not None:
+        programs = min(programs, BACKWARD_PROGRAMS_LIMIT)
+    return max(1, min(tiles, programs))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
 
 
 def num_warps(bd: int) -> int:
@@ -215,11 +299,13 @@ def adaln_backward(x, dout, dh, y, gate, scale, weight, seg, mean, rstd, n_segme
     dy = torch.empty_like(y) if residual else None
     if N > 0:
         cfg = tile_config(D, backward=True)
-        adaln_bwd_kernel[(triton.cdiv(N, cfg["ROWS"]),)](
+        tiles = triton.cdiv(N, cfg["ROWS"])
+        per_program = triton.cdiv(tiles, backward_programs(tiles, x.device))
+        adaln_bwd_kernel[(triton.cdiv(tiles, per_program),)](
             x.contiguous(), dout.contiguous(), dh.contiguous() if residual else None,
             y.contiguous() if residual else None, gate.contiguous() if residual else None, _contiguous(scale),
             _contiguous(weight), seg, mean if layer else None, rstd, dx, dy, acc[2] if residual else None, acc[0],
-            acc[1], dw, N, D,
+            acc[1], dw, N, D, per_program,
             RESIDUAL=residual, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"]), **cfg)
     dshift, dscale = (acc[0].to(scale.dtype), acc[1].to(scale.dtype)) if modulated else (None, None)
     dgate = acc[2].to(gate.dtype) if residual else None

@@ -8,15 +8,15 @@ from __future__ import annotations
 import torch
 
 from sora_kernels import backends as B
-from sora_kernels.ops.adaln_norm import (check_like, check_segments, check_tokens, cpu_reasons, tile_config,
-                                         triton_reasons)
+from sora_kernels.ops.adaln_norm import (backward_programs, check_like, check_segments, check_tokens, cpu_reasons,
+                                         tile_config, triton_reasons)
 from sora_kernels.reference import dit_ops as ref
 
 if B.TRITON_MISSING is None:
     import triton
     import triton.language as tl
 
-    from sora_kernels.ops.adaln_norm import _row_tile, _segment_add
+    from sora_kernels.ops.adaln_norm import _row_tile, _run_add, _run_end, _tile_segments
 
     @triton.jit
     def gated_residual_kernel(
@@ -26,32 +26,59 @@ if B.TRITON_MISSING is None:
         out_ptr,           # [N, D]: x + gate * y (forward), dy = dout * gate (backward)
         dgate_ptr,         # backward: fp32 [n, D] accumulator of dout * y, else None
         N, D,
+        tiles_per_program,  # backward: this program's tiles of ROWS tokens, [pid, pid + 1) * tiles_per_program
         BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """ROWS tokens of the gated residual (forward) or of its gradients (backward)."""
-        rows, cols, row_mask, col_mask, mask, offs = _row_tile(N, D, ROWS, BLOCK_D)
-        seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
-        gate = tl.load(gate_ptr + seg.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        """The gated residual of one tile of ROWS tokens (forward), or its gradients over a run
+        of tiles (backward: dgate summed in registers while the run stays in one segment, as
+        adaln_bwd_kernel does)."""
         if BACKWARD:
-            tl.store(out_ptr + offs, (x * gate).to(out_ptr.dtype.element_ty), mask=mask)
-            _segment_add(dgate_ptr, seg, row_mask, cols, col_mask, x * y, D)
+            cols = tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            cur = tl.program_id(0) * 0 - 1        # the segment acc holds, -1: none
+            first_tile = tl.program_id(0).to(tl.int64) * tiles_per_program
+            end_tile = tl.minimum(first_tile + tiles_per_program, tl.cdiv(N, ROWS))
+            for tile in range(first_tile, end_tile):   # each tile has at least one row
+                rows = tile * ROWS + tl.arange(0, ROWS)  # int64: first_tile is
+                row_mask = rows < N
+                mask = row_mask[:, None] & col_mask[None, :]
+                offs = rows[:, None] * D + cols[None, :]
+                seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
+                gate = tl.load(gate_ptr + seg.to(tl.int64)[:, None] * D + cols[None, :], mask=mask,
+                               other=0.0).to(tl.float32)
+                dout = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + offs, (dout * gate).to(out_ptr.dtype.element_ty), mask=mask)
+                first, last = _tile_segments(seg, row_mask)
+                acc = _run_add(dgate_ptr, acc, cur, first, last, seg, cols, col_mask, dout * y, D)
+                cur = last
+            _run_end(dgate_ptr, acc, cur, cols, col_mask, D)
         else:
+            rows, cols, row_mask, col_mask, mask, offs = _row_tile(N, D, ROWS, BLOCK_D)
+            seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
+            gate = tl.load(gate_ptr + seg.to(tl.int64)[:, None] * D + cols[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + offs, (x + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def launch(x, y, gate, seg, backward: bool):
     """Forward: x + gate[seg] * y. Backward (x = dout): (dout * gate[seg], fp32 sum of dout * y
-    per segment)."""
+    per segment). The forward runs a program per tile, the backward adaln_norm's grid of
+    programs over runs of tiles."""
     N, D = x.shape
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(y if backward else x)
     dgate = torch.zeros(gate.shape, dtype=torch.float32, device=x.device) if backward else None
     if N > 0:
         cfg = tile_config(D)
-        gated_residual_kernel[(triton.cdiv(N, cfg["ROWS"]),)](x, y, gate.contiguous(), seg, out, dgate, N, D,
-                                                              BACKWARD=backward, num_warps=4, **cfg)
+        tiles = triton.cdiv(N, cfg["ROWS"])
+        per_program = triton.cdiv(tiles, backward_programs(tiles, x.device)) if backward else 1
+        gated_residual_kernel[(triton.cdiv(tiles, per_program),)](x, y, gate.contiguous(), seg, out, dgate, N, D,
+                                                                  per_program, BACKWARD=backward, num_warps=4,
+                                                                  **cfg)
     return out, dgate
 
 
