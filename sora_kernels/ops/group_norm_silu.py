@@ -124,18 +124,23 @@ if B.TRITON_MISSING is None:
 
     @triton.jit
     def gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, group_part_ptr, chan_part_ptr,
-                             C, T, S, Cg, G, n_chunks, sb, sc, st, ss,
+                             dx_ptr, C, T, S, Cg, G, n_chunks, sb, sc, st, ss,
                              SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """group_part[bt, g, chunk] = (sum dz*w, sum dz*w*xhat) over the tile;
-        chan_part[bt, chunk, c] = (sum dz, sum dz*xhat) per channel (dz: gradient of z)."""
+        chan_part[bt, chunk, c] = (sum dz, sum dz*xhat) per channel (dz: gradient of z).
+        With dx_ptr (given statistics: constants, so the group means drop out of dx) it writes
+        dx = rstd * w * dz instead of group_part, and the backward is this one pass."""
         offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
         c_mask, mean, rstd, w, bias = _gn_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, c, Cg, bt, g, G, BLOCK_C)
         xhat, dz = _gn_xhat_dz(x_ptr, dy_ptr, offs, mask, mean, rstd, w, bias, SILU)
         sum_dz = tl.sum(dz, 1)                  # [BLOCK_C]
         sum_dz_xhat = tl.sum(dz * xhat, 1)
-        out = group_part_ptr + ((bt * G + g) * n_chunks + chunk) * 2
-        tl.store(out, tl.sum(sum_dz * w, 0))
-        tl.store(out + 1, tl.sum(sum_dz_xhat * w, 0))
+        if dx_ptr is not None:
+            tl.store(dx_ptr + offs, (rstd * (dz * w[:, None])).to(dx_ptr.dtype.element_ty), mask=mask)
+        else:
+            out = group_part_ptr + ((bt * G + g) * n_chunks + chunk) * 2
+            tl.store(out, tl.sum(sum_dz * w, 0))
+            tl.store(out + 1, tl.sum(sum_dz_xhat * w, 0))
         chan = chan_part_ptr + ((bt.to(tl.int64) * n_chunks + chunk) * C + c) * 2
         tl.store(chan, sum_dz, mask=c_mask)
         tl.store(chan + 1, sum_dz_xhat, mask=c_mask)
@@ -230,16 +235,16 @@ def triton_backward(dy, x, weight, bias, mean, rstd, num_groups: int, silu: bool
         zeros = torch.zeros(C, device=x.device, dtype=torch.float32)
         return dx, zeros, zeros.clone()
     w, b = _affine(x, weight, bias)
-    group_part = torch.empty((B_ * T, num_groups, n_chunks, 2), device=x.device, dtype=torch.float32)
+    group_part = None if given else torch.empty((B_ * T, num_groups, n_chunks, 2), device=x.device,
+                                                dtype=torch.float32)
     chan_part = torch.empty((B_ * T, n_chunks, C, 2), device=x.device, dtype=torch.float32)
-    gn_bwd_reduce_kernel[grid](x, dy, mean, rstd, w, b, group_part, chan_part, C, T, S, Cg, num_groups, n_chunks,
-                               *strides, SILU=silu, **cfg)
-    sums = group_part.sum(2) / (Cg * S)                                 # [B*T, G, 2]: group means
-    if given:
-        sums.zero_()
-    m1, m2 = sums[..., 0].contiguous(), sums[..., 1].contiguous()
-    gn_bwd_apply_kernel[grid](x, dy, dx, mean, rstd, w, b, m1, m2, C, T, S, Cg, num_groups, *strides, SILU=silu,
-                              **cfg)
+    gn_bwd_reduce_kernel[grid](x, dy, mean, rstd, w, b, group_part, chan_part, dx if given else None, C, T, S, Cg,
+                               num_groups, n_chunks, *strides, SILU=silu, **cfg)
+    if not given:  # dx needs the group means of dz*w and dz*w*xhat: a second pass
+        sums = group_part.sum(2) / (Cg * S)                              # [B*T, G, 2]
+        m1, m2 = sums[..., 0].contiguous(), sums[..., 1].contiguous()
+        gn_bwd_apply_kernel[grid](x, dy, dx, mean, rstd, w, b, m1, m2, C, T, S, Cg, num_groups, *strides,
+                                  SILU=silu, **cfg)
     chan = chan_part.sum((0, 1))                                         # [C, 2]
     return dx, chan[:, 1], chan[:, 0]
 

@@ -201,11 +201,15 @@ def group_norm_jobs(archs: list[int]) -> list[dict]:
                                         "b_ptr")}
     jobs = []
     for fn in kernels:
-        for silu in ((False, True) if "SILU" in fn.arg_names else (None,)):
-            for cfg in op.config_space():
-                constexprs = dict(cfg) if silu is None else dict(cfg, SILU=silu)
-                signature = _pointer_signature(fn, constexprs, set(), "bf16", fp32)
-                jobs += [_job(fn, arch, 4, 3, signature, constexprs) for arch in archs]
+        # the backward's reduce kernel: with group partials (dx_ptr None) or writing dx (given statistics)
+        variants = ({"dx_ptr"}, {"group_part_ptr"}) if fn is op.gn_bwd_reduce_kernel else (set(),)
+        for none in variants:
+            for silu in ((False, True) if "SILU" in fn.arg_names else (None,)):
+                for cfg in op.config_space():
+                    constexprs = dict(cfg) if silu is None else dict(cfg, SILU=silu)
+                    constexprs.update({name: None for name in none})
+                    signature = _pointer_signature(fn, constexprs, none, "bf16", fp32)
+                    jobs += [_job(fn, arch, 4, 3, signature, constexprs) for arch in archs]
     return jobs
 
 
