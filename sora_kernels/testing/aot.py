@@ -1,9 +1,11 @@
 """Ahead-of-time compile every Triton kernel config for GPUs that are not here.
 
 `python -m sora_kernels.testing.aot [--arch 80 90] [--jobs N] [--kernel NAME]` compiles each config the
-launchers can produce to a cubin with triton.compile(ASTSource, GPUTarget) and reads its
-registers, shared memory and local memory (spills) with the cuobjdump that ships with
-Triton. Prints one JSON object per config and exits 1 if any config spills or fails.
+launchers can produce to a cubin with triton.compile(ASTSource, GPUTarget), with the
+alignment hints the JIT gives 16-aligned tensors (so the code is the code a GPU runs), and
+reads its registers, shared memory and spills (the stack frame) with the cuobjdump that
+ships with Triton. Prints one JSON object per config and exits 1 if any config spills or
+fails (tests/test_triton_aot.py compares the spilling ones with tests/aot_spills.json).
 Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 """
 from __future__ import annotations
@@ -247,6 +249,25 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+# Integer arguments the JIT sees as multiples of 16 in the usual calls (16-aligned row strides,
+# D = 1152 or 128): it specializes such values with tt.divisibility = 16, as it does 16-byte
+# aligned pointers (every fresh torch allocation).
+ALIGNED_INTS = ("D", "head_dim")
+
+
+def _alignment_hints(fn, signature: dict) -> dict:
+    """The divisibility hints the JIT gives a call with 16-aligned tensors and strides: 16 on
+    every pointer and on the stride / width arguments (ALIGNED_INTS, stride_*). Without them the
+    compiler cannot vectorise a load (it assumes 1-byte alignment) and the register and stack
+    figures are the scalar code's, not the code the GPU runs."""
+    hints = {}
+    for i, name in enumerate(fn.arg_names):
+        kind = signature.get(name, "constexpr")
+        if kind.startswith("*") or (kind == "i32" and (name in ALIGNED_INTS or name.startswith("stride"))):
+            hints[(i,)] = [["tt.divisibility", 16]]
+    return hints
+
+
 def compile_job(job: dict) -> dict:
     import importlib
 
@@ -255,9 +276,10 @@ def compile_job(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
-    result = {k: v for k, v in job.items() if k != "signature"}
+    result = dict(job)
     try:
-        src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"])
+        src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"],
+                        attrs=_alignment_hints(fn, job["signature"]))
         k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
                            options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -269,8 +291,12 @@ def compile_job(job: dict) -> dict:
             sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True,
                                   check=True).stdout if job["module"].endswith("attention") else ""
         fields = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", usage))
+        # Spills go to the stack frame (ptxas -v: "N bytes stack frame, N bytes spill stores");
+        # a Triton kernel has no calls or local arrays, so STACK is the spill area (checked
+        # against ptxas -v on spilling and non-spilling configs). LOCAL stays 0 either way.
         result.update(regs=int(fields["REG"]), local=int(fields["LOCAL"]), stack=int(fields["STACK"]),
-                      shared_static=int(fields["SHARED"]), shared=k.metadata.shared, ok=True)
+                      spill=int(fields["STACK"]), shared_static=int(fields["SHARED"]), shared=k.metadata.shared,
+                      ok=True)
         if sass:  # which matrix instructions the attention kernels use
             result["mma"] = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "none"
         if job["kernel"] == "frames_to_uint8_kernel":  # the 1.5 * 2^23 rounding add fused with the product
@@ -280,6 +306,14 @@ def compile_job(job: dict) -> dict:
     except Exception as e:  # report every failure, keep compiling the rest
         result.update(ok=False, error=f"{type(e).__name__}: {e}")
     return result
+
+
+def spill_key(result: dict) -> str:
+    """A config's identity in tests/aot_spills.json: kernel, arch, warps, stages, constexprs."""
+    constexprs = dict(sorted(result["constexprs"].items()))  # None: an argument left out (a variant)
+    pointers = sorted({t for t in result["signature"].values() if t.startswith("*")})  # the dtypes
+    return (f"{result['kernel']} sm_{result['arch']} w{result['num_warps']} s{result['num_stages']} "
+            f"{','.join(pointers)} {json.dumps(constexprs, sort_keys=True)}")
 
 
 def main(argv=None) -> int:
@@ -295,7 +329,7 @@ def main(argv=None) -> int:
     bad = 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for i, r in enumerate(pool.map(compile_job, jobs, chunksize=4)):
-            bad += (not r["ok"]) or r.get("local", 0) > 0
+            bad += (not r["ok"]) or r.get("spill", 0) > 0
             print(json.dumps(r), flush=True)
             if (i + 1) % 50 == 0:
                 print(f"compiled {i + 1}/{len(jobs)}", file=sys.stderr, flush=True)
