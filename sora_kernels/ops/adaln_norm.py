@@ -65,6 +65,19 @@ if B.TRITON_MISSING is None:
         return rows, cols, row_mask, col_mask, row_mask[:, None] & col_mask[None, :], rows[:, None] * D + cols[None, :]
 
     @triton.jit
+    def _program_run(N, tiles_per_program, ROWS: tl.constexpr):
+        """[first, end) tiles of ROWS rows of this program's run; each has at least one row."""
+        first = tl.program_id(0).to(tl.int64) * tiles_per_program
+        return first, tl.minimum(first + tiles_per_program, tl.cdiv(N, ROWS))
+
+    @triton.jit
+    def _run_tile(tile, N, D, cols, col_mask, ROWS: tl.constexpr):
+        """(rows int64, row_mask, mask, offsets) of tile `tile` of a run (an int64 index)."""
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < N
+        return rows, row_mask, row_mask[:, None] & col_mask[None, :], rows[:, None] * D + cols[None, :]
+
+    @triton.jit
     def _tile_segments(seg, row_mask):
         """(first, last) segment of a tile's rows (a tile has at least one row)."""
         return tl.min(tl.where(row_mask, seg, 2147483647)), tl.max(tl.where(row_mask, seg, -1))
@@ -173,13 +186,9 @@ if B.TRITON_MISSING is None:
         acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
         cur = tl.program_id(0) * 0 - 1        # the segment the accumulators hold, -1: none
-        first_tile = tl.program_id(0).to(tl.int64) * tiles_per_program
-        end_tile = tl.minimum(first_tile + tiles_per_program, tl.cdiv(N, ROWS))
-        for tile in range(first_tile, end_tile):   # each tile has at least one row
-            rows = tile * ROWS + tl.arange(0, ROWS)  # int64: first_tile is
-            row_mask = rows < N
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = rows[:, None] * D + cols[None, :]
+        first_tile, end_tile = _program_run(N, tiles_per_program, ROWS)
+        for tile in range(first_tile, end_tile):
+            rows, row_mask, mask, offs = _run_tile(tile, N, D, cols, col_mask, ROWS)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if LAYER:
                 x = tl.where(mask, x - tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)

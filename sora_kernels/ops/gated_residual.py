@@ -16,7 +16,7 @@ if B.TRITON_MISSING is None:
     import triton
     import triton.language as tl
 
-    from sora_kernels.ops.adaln_norm import _row_tile, _run_add, _run_end, _tile_segments
+    from sora_kernels.ops.adaln_norm import _program_run, _row_tile, _run_add, _run_end, _run_tile, _tile_segments
 
     @triton.jit
     def gated_residual_kernel(
@@ -37,13 +37,9 @@ if B.TRITON_MISSING is None:
             col_mask = cols < D
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
             cur = tl.program_id(0) * 0 - 1        # the segment acc holds, -1: none
-            first_tile = tl.program_id(0).to(tl.int64) * tiles_per_program
-            end_tile = tl.minimum(first_tile + tiles_per_program, tl.cdiv(N, ROWS))
-            for tile in range(first_tile, end_tile):   # each tile has at least one row
-                rows = tile * ROWS + tl.arange(0, ROWS)  # int64: first_tile is
-                row_mask = rows < N
-                mask = row_mask[:, None] & col_mask[None, :]
-                offs = rows[:, None] * D + cols[None, :]
+            first_tile, end_tile = _program_run(N, tiles_per_program, ROWS)
+            for tile in range(first_tile, end_tile):
+                rows, row_mask, mask, offs = _run_tile(tile, N, D, cols, col_mask, ROWS)
                 seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
                 gate = tl.load(gate_ptr + seg.to(tl.int64)[:, None] * D + cols[None, :], mask=mask,
                                other=0.0).to(tl.float32)
