@@ -304,11 +304,12 @@ if B.TRITON_MISSING is None:
             dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
                                  pos_q_ptr, freq_ptr, q_start, Lq, mid, Lq, head, stride_qn, stride_qh, n_q, heads,
                                  head_dim, diag, scale_log2, False, ATOMIC_DQ, ROT_Q, FAST, BLOCK_M, BLOCK_D)
+        # dv first: its registers are free before dk's rotation needs its sin / cos tiles
+        _store_rows(dv_ptr, dv, k_rows, col_mask, kv_heads * head_dim, kv_head, head_dim, head_dim, BLOCK_D)
         dk = dk * softmax_scale
         if ROPE:  # gradient of the rotated keys -> gradient of the keys
             dk = rotate_tile(dk, pos_k_ptr, k_rows, col_mask, freq_ptr, True, FAST, BLOCK_D)
         _store_rows(dk_ptr, dk, k_rows, col_mask, kv_heads * head_dim, kv_head, head_dim, head_dim, BLOCK_D)
-        _store_rows(dv_ptr, dv, k_rows, col_mask, kv_heads * head_dim, kv_head, head_dim, head_dim, BLOCK_D)
 
     @triton.jit
     def attn_bwd_dq_kernel(
