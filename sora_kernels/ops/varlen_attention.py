@@ -221,11 +221,13 @@ if B.TRITON_MISSING is None:
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr, pos_q_ptr, freq_ptr,
-                    q_start, Lq, lo, hi, head, stride_qn, stride_qh, n_q, heads, head_dim, diag, scale_log2,
-                    MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, ROT_Q: tl.constexpr, FAST: tl.constexpr,
+                    q_start, Lq, lo, mask_end, hi, head, stride_qn, stride_qh, n_q, heads, head_dim, diag,
+                    scale_log2, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, ROT_Q: tl.constexpr, FAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """dk, dv of one key block summed over query blocks lo..hi (multiples of BLOCK_M, or
-        hi = Lq) of one head; MASK: blocks on the causal diagonal. Elsewhere no mask is needed:
+        hi = Lq) of one head; MASK (causal): the blocks before mask_end cross the causal
+        diagonal and are masked (a branch inside the loop: one inlined copy of it, not two, which
+        held more registers: 64 x 128, D=128, sm_90 spilled 320 bytes, now 96). Elsewhere no mask is needed:
         rows past the segment are loaded as zeros with lse +inf (probability 0), and columns
         past it are zero keys and values, so their dk, dv rows (never stored) are the only ones
         they touch. ATOMIC_DQ: also adds each block's unscaled dq = ds k into the fp32 buffer
@@ -243,7 +245,8 @@ if B.TRITON_MISSING is None:
             qkT = tl.dot(k, tl.trans(q)) * scale_log2   # [BLOCK_N, BLOCK_M]
             pT = tl.exp2(qkT - lse[None, :])
             if MASK:
-                pT = tl.where(cols[:, None] <= qi[None, :] + diag, pT, 0.0)
+                if start_m < mask_end:  # a block on the causal diagonal
+                    pT = tl.where(cols[:, None] <= qi[None, :] + diag, pT, 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv)
             dpT = tl.dot(v, tl.trans(do))
             dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
@@ -297,13 +300,9 @@ if B.TRITON_MISSING is None:
             mid = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(last, 0), BLOCK_M) * BLOCK_M), Lq)
         for g in range(group):
             head = kv_head * group + g
-            if CAUSAL:
-                dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
-                                     pos_q_ptr, freq_ptr, q_start, Lq, lo, mid, head, stride_qn, stride_qh, n_q, heads,
-                                     head_dim, diag, scale_log2, True, ATOMIC_DQ, ROT_Q, FAST, BLOCK_M, BLOCK_D)
             dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
-                                 pos_q_ptr, freq_ptr, q_start, Lq, mid, Lq, head, stride_qn, stride_qh, n_q, heads,
-                                 head_dim, diag, scale_log2, False, ATOMIC_DQ, ROT_Q, FAST, BLOCK_M, BLOCK_D)
+                                 pos_q_ptr, freq_ptr, q_start, Lq, lo, mid, Lq, head, stride_qn, stride_qh, n_q, heads,
+                                 head_dim, diag, scale_log2, CAUSAL, ATOMIC_DQ, ROT_Q, FAST, BLOCK_M, BLOCK_D)
         # dv first: its registers are free before dk's rotation needs its sin / cos tiles
         _store_rows(dv_ptr, dv, k_rows, col_mask, kv_heads * head_dim, kv_head, head_dim, head_dim, BLOCK_D)
         dk = dk * softmax_scale
