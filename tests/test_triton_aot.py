@@ -25,9 +25,10 @@ def aot_results():
 
 def test_every_config_compiles_without_spills(aot_results):
     """Every config compiles; the ones that spill (stack frame bytes, compiled with the JIT's
-    alignment hints) are exactly those listed in tests/aot_spills.json: a new spill fails, and
-    so does a listed config that no longer spills (delete its line), so the list stays the
-    truth and can only shrink toward empty."""
+    alignment hints) are exactly those listed in tests/aot_spills.json, with at most the
+    listed bytes: a new or grown spill fails, and so does a listed config that no longer
+    spills (delete its line), so the list stays the truth and can only shrink toward empty.
+    The list is one Triton version's; under another the comparison is skipped."""
     from sora_kernels.testing.aot import kernel_jobs, spill_key
     assert len(aot_results) == len(kernel_jobs([80, 90]))
     kernels = {r["kernel"] for r in aot_results}
@@ -35,11 +36,19 @@ def test_every_config_compiles_without_spills(aot_results):
     failed = [r for r in aot_results if not r["ok"]]
     assert not failed, f"{len(failed)} configs failed; first: {failed[0]}; errors: {sorted({r['error'] for r in failed})[:3]}"
     assert {r["arch"] for r in aot_results} == {80, 90}
+    import triton
     with open(os.path.join(os.path.dirname(__file__), "aot_spills.json")) as f:
-        known = set(json.load(f)["spills"])
-    spilling = {spill_key(r) for r in aot_results if r["spill"] > 0}
-    assert not spilling - known, f"configs that spill and are not in tests/aot_spills.json: {sorted(spilling - known)[:5]}"
-    assert not known - spilling, f"listed in tests/aot_spills.json but no longer spilling: {sorted(known - spilling)[:5]}"
+        listed = json.load(f)
+    if triton.__version__ != listed["triton"]:  # ptxas input differs from version to version
+        pytest.skip(f"tests/aot_spills.json lists Triton {listed['triton']}'s spills; this is {triton.__version__}")
+    known = listed["spills"]
+    spilling = {spill_key(r): r["spill"] for r in aot_results if r["spill"] > 0}
+    assert not spilling.keys() - known.keys(), \
+        f"configs that spill and are not in tests/aot_spills.json: {sorted(spilling.keys() - known.keys())[:5]}"
+    assert not known.keys() - spilling.keys(), \
+        f"listed in tests/aot_spills.json but no longer spilling: {sorted(known.keys() - spilling.keys())[:5]}"
+    grown = {k: (known[k], v) for k, v in spilling.items() if v > known[k]}
+    assert not grown, f"spills grown past tests/aot_spills.json (listed, now): {list(grown.items())[:5]}"
 
 
 def test_register_budget(aot_results):

@@ -9,8 +9,8 @@ tile) in one pass: the fused variant first forms the residual h = x + gate * y, 
 and normalises it without reading it back. The backward runs a few programs per SM, each over
 a contiguous run of tiles: it sums the per-segment gradients (shift, scale, gate) of tiles
 that lie in one segment in registers and adds them to fp32 accumulators with one atomic add
-per column each time the segment changes; a tile that mixes segments adds per row. Atomic adds
-land in run-dependent order,
+per column each time the segment changes; a tile that mixes segments adds each segment's sums.
+Rows of more than 4096 elements take a tile per program. Atomic adds land in run-dependent order,
 so on CUDA those gradients (and the weights they flow into) differ from run to run at float32
 rounding: ~2e-5 at most in a tiny DiT's parameters on an H200 (2026-11-26).
 """
@@ -45,6 +45,10 @@ MAX_D = 16384          # widest row the kernels are compiled for
 TILE_ELEMENTS = 4096
 TILE_ELEMENTS_BACKWARD = 4096
 BACKWARD_PROGRAMS_PER_SM = 8
+# Rows this wide (BLOCK_D >= 8192, D > 4096) take one tile per backward program instead of runs:
+# a run's four [BLOCK_D] register accumulators then spill (the fused op's 2 KB per thread at
+# 8192, sm_80 / sm_90, where a program per tile spills at most 224 bytes).
+RUNS_MAX_BLOCK_D = 8192
 INTERPRETER_PROGRAMS = 3       # under the interpreter: runs of several tiles that cross segments
 BACKWARD_PROGRAMS_LIMIT = None  # at most this many backward programs, if set (tests: runs on a GPU too)
 NORMS = ("layer", "rms")
@@ -156,6 +160,50 @@ if B.TRITON_MISSING is None:
         tl.store(out_ptr + offs, xhat.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _adaln_bwd_tile(tile, x_ptr, dout_ptr, dh_ptr, y_ptr, gate_ptr, scale_ptr, w_ptr, seg_ptr, mean_ptr, rstd_ptr,
+                        dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr, N, D, cols, col_mask, w,
+                        acc_w, acc_shift, acc_scale, acc_gate, cur,
+                        RESIDUAL: tl.constexpr, LAYER: tl.constexpr, ROWS: tl.constexpr):
+        """adaln_bwd_kernel's work on tile `tile` (int64): stores dx (and dy), adds the tile's
+        per-segment sums to the run's accumulators (_run_add), returns them and the segment
+        they now hold."""
+        rows, row_mask, mask, offs = _run_tile(tile, N, D, cols, col_mask, ROWS)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if LAYER:
+            x = tl.where(mask, x - tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        xhat = x * rstd[:, None]
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = dout                                     # gradient of the weighted xhat
+        if scale_ptr is not None:
+            seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
+            seg_offs = seg.to(tl.int64)[:, None] * D + cols[None, :]
+            g = dout * (1.0 + tl.load(scale_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32))
+            # the per-segment sums first, so dout's tile is dead before dx's is formed
+            first, last = _tile_segments(seg, row_mask)
+            acc_shift = _run_add(dshift_ptr, acc_shift, cur, first, last, seg, cols, col_mask, dout, D)
+            acc_scale = _run_add(dscale_ptr, acc_scale, cur, first, last, seg, cols, col_mask, dout * xhat * w, D)
+        if w_ptr is not None:
+            acc_w += tl.sum(g * xhat, 0)
+            g = g * w
+        c2 = tl.sum(g * xhat, 1) / D
+        if LAYER:
+            dx = g - (tl.sum(g, 1) / D)[:, None] - xhat * c2[:, None]
+        else:
+            dx = g - xhat * c2[:, None]
+        dx = tl.where(mask, dx * rstd[:, None], 0.0)
+        if RESIDUAL:  # h = x + gate * y: dx = dh, dy = dh * gate, dgate = sum dh * y
+            dx += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+            acc_gate = _run_add(dgate_ptr, acc_gate, cur, first, last, seg, cols, col_mask,
+                                dx * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), D)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if scale_ptr is not None:
+            cur = last
+        return acc_w, acc_shift, acc_scale, acc_gate, cur
+
+    @triton.jit
     def adaln_bwd_kernel(
         x_ptr,                 # [N, D] what was normalised (h when RESIDUAL)
         dout_ptr,              # [N, D] gradient of the modulated norm
@@ -169,13 +217,15 @@ if B.TRITON_MISSING is None:
         dshift_ptr, dscale_ptr,  # fp32 [n, D] accumulators, or None without modulation
         dw_ptr,                # fp32 [D] accumulator, or None
         N, D,
-        tiles_per_program,     # this program's tiles: [pid, pid + 1) * tiles_per_program
-        RESIDUAL: tl.constexpr, LAYER: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        tiles_per_program,     # RUNS: this program's tiles, [pid, pid + 1) * tiles_per_program
+        RESIDUAL: tl.constexpr, LAYER: tl.constexpr, RUNS: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
-        """Gradients of a contiguous run of ROWS-token tiles. The per-segment gradients of the
-        tiles that lie in one segment are summed in registers while the segment lasts, and
-        added to the fp32 accumulators when it changes (and at the end); a tile that mixes
-        segments adds its rows directly. The weight gradient is summed over the whole run."""
+        """Gradients of a contiguous run of ROWS-token tiles (RUNS; else of tile pid alone).
+        The per-segment gradients of the tiles that lie in one segment are summed in registers
+        while the segment lasts, and added to the fp32 accumulators when it changes (and at
+        the end); a tile that mixes segments adds each segment's sums. The weight gradient is
+        summed over the whole run."""
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < D
         w = 1.0
@@ -186,42 +236,18 @@ if B.TRITON_MISSING is None:
         acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
         cur = tl.program_id(0) * 0 - 1        # the segment the accumulators hold, -1: none
-        first_tile, end_tile = _program_run(N, tiles_per_program, ROWS)
-        for tile in range(first_tile, end_tile):
-            rows, row_mask, mask, offs = _run_tile(tile, N, D, cols, col_mask, ROWS)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if LAYER:
-                x = tl.where(mask, x - tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None], 0.0)
-            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-            xhat = x * rstd[:, None]
-            dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = dout                                     # gradient of the weighted xhat
-            if scale_ptr is not None:
-                seg = tl.load(seg_ptr + rows, mask=row_mask, other=0)
-                seg_offs = seg.to(tl.int64)[:, None] * D + cols[None, :]
-                g = dout * (1.0 + tl.load(scale_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32))
-                # the per-segment sums first, so dout's tile is dead before dx's is formed
-                first, last = _tile_segments(seg, row_mask)
-                acc_shift = _run_add(dshift_ptr, acc_shift, cur, first, last, seg, cols, col_mask, dout, D)
-                acc_scale = _run_add(dscale_ptr, acc_scale, cur, first, last, seg, cols, col_mask, dout * xhat * w, D)
-            if w_ptr is not None:
-                acc_w += tl.sum(g * xhat, 0)
-                g = g * w
-            c2 = tl.sum(g * xhat, 1) / D
-            if LAYER:
-                dx = g - (tl.sum(g, 1) / D)[:, None] - xhat * c2[:, None]
-            else:
-                dx = g - xhat * c2[:, None]
-            dx = tl.where(mask, dx * rstd[:, None], 0.0)
-            if RESIDUAL:  # h = x + gate * y: dx = dh, dy = dh * gate, dgate = sum dh * y
-                dx += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                gate = tl.load(gate_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
-                acc_gate = _run_add(dgate_ptr, acc_gate, cur, first, last, seg, cols, col_mask,
-                                    dx * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), D)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            if scale_ptr is not None:
-                cur = last
+        if RUNS:
+            first_tile, end_tile = _program_run(N, tiles_per_program, ROWS)
+            for tile in range(first_tile, end_tile):
+                acc_w, acc_shift, acc_scale, acc_gate, cur = _adaln_bwd_tile(
+                    tile, x_ptr, dout_ptr, dh_ptr, y_ptr, gate_ptr, scale_ptr, w_ptr, seg_ptr, mean_ptr, rstd_ptr,
+                    dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr, N, D, cols, col_mask, w,
+                    acc_w, acc_shift, acc_scale, acc_gate, cur, RESIDUAL, LAYER, ROWS)
+        else:  # nothing carried from tile to tile: no accumulator lives across a loop
+            acc_w, acc_shift, acc_scale, acc_gate, cur = _adaln_bwd_tile(
+                tl.program_id(0).to(tl.int64), x_ptr, dout_ptr, dh_ptr, y_ptr, gate_ptr, scale_ptr, w_ptr, seg_ptr,
+                mean_ptr, rstd_ptr, dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr, N, D, cols, col_mask, w,
+                acc_w, acc_shift, acc_scale, acc_gate, cur, RESIDUAL, LAYER, ROWS)
         if scale_ptr is not None:
             _run_end(dshift_ptr, acc_shift, cur, cols, col_mask, D)
             _run_end(dscale_ptr, acc_scale, cur, cols, col_mask, D)
@@ -309,13 +335,14 @@ def adaln_backward(x, dout, dh, y, gate, scale, weight, seg, mean, rstd, n_segme
     if N > 0:
         cfg = tile_config(D, backward=True)
         tiles = triton.cdiv(N, cfg["ROWS"])
-        per_program = triton.cdiv(tiles, backward_programs(tiles, x.device))
+        runs = cfg["BLOCK_D"] < RUNS_MAX_BLOCK_D
+        per_program = triton.cdiv(tiles, backward_programs(tiles, x.device)) if runs else 1
         adaln_bwd_kernel[(triton.cdiv(tiles, per_program),)](
             x.contiguous(), dout.contiguous(), dh.contiguous() if residual else None,
             y.contiguous() if residual else None, gate.contiguous() if residual else None, _contiguous(scale),
             _contiguous(weight), seg, mean if layer else None, rstd, dx, dy, acc[2] if residual else None, acc[0],
             acc[1], dw, N, D, per_program,
-            RESIDUAL=residual, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"]), **cfg)
+            RESIDUAL=residual, LAYER=layer, RUNS=runs, num_warps=num_warps(cfg["BLOCK_D"]), **cfg)
     dshift, dscale = (acc[0].to(scale.dtype), acc[1].to(scale.dtype)) if modulated else (None, None)
     dgate = acc[2].to(gate.dtype) if residual else None
     return dx, dy, dgate, dshift, dscale, dw.to(weight.dtype) if dw is not None else None

@@ -145,6 +145,8 @@ def dit_jobs(archs: list[int]) -> list[dict]:
     for fn, flags, none in variants:
         for cfg in op.config_space(backward=fn is op.adaln_bwd_kernel):
             constexprs = {**flags, **cfg, **{name: None for name in none}}
+            if fn is op.adaln_bwd_kernel:  # as adaln_backward launches it
+                constexprs["RUNS"] = cfg["BLOCK_D"] < op.RUNS_MAX_BLOCK_D
             for arch in archs:
                 jobs.append({"module": fn.__module__, "kernel": fn.__name__, "arch": arch,
                              "num_warps": op.num_warps(cfg["BLOCK_D"]) if fn is not gr.gated_residual_kernel else 4,
