@@ -618,7 +618,9 @@ def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cu_seq
         norm: "layer" (LayerNorm without bias) or "rms" (RMSNorm).
         weight: optional [D] norm weight (applied before the modulation).
         segment_ids: optional int32 [N] segment of each token (Packed.segment_ids, computed
-            once per batch); by default derived from cu_seqlens.
+            once per batch); by default derived from cu_seqlens. It must agree with cu_seqlens,
+            so it never decreases (not checked: that would cost a device sync); the Triton
+            backward loops over the ids between a tile's first and last.
         backend: force "triton" or "reference".
 
     Returns [N, D] in x.dtype (math in fp32). Differentiable in x, shift, scale and weight.
