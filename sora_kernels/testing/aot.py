@@ -296,9 +296,8 @@ def compile_job(job: dict) -> dict:
         # Spills go to the stack frame (ptxas -v: "N bytes stack frame, N bytes spill stores");
         # a Triton kernel has no calls or local arrays, so STACK is the spill area (checked
         # against ptxas -v on spilling and non-spilling configs). LOCAL stays 0 either way.
-        result.update(regs=int(fields["REG"]), local=int(fields["LOCAL"]), stack=int(fields["STACK"]),
-                      spill=int(fields["STACK"]), shared_static=int(fields["SHARED"]), shared=k.metadata.shared,
-                      ok=True)
+        result.update(regs=int(fields["REG"]), spill=int(fields["STACK"]), shared_static=int(fields["SHARED"]),
+                      shared=k.metadata.shared, ok=True)
         if sass:  # which matrix instructions the attention kernels use
             result["mma"] = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "none"
         if job["kernel"] == "frames_to_uint8_kernel":  # the 1.5 * 2^23 rounding add fused with the product
