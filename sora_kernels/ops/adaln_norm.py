@@ -290,7 +290,12 @@ def _sm_count(index: int | None) -> int:
                                             ).multi_processor_count
 
 
-def num_warps(bd: int) -> int:
+def num_warps(bd: int, backward: bool = False) -> int:
+    """Warps of the adaln kernels for rows of BLOCK_D elements. The backward's 2048-wide runs
+    take 8: at 4 the fused op's run (four [BLOCK_D] accumulators besides the tile) needed
+    255 registers and spilled 64-72 bytes on sm_80 (testing/aot.py, Triton 3.8)."""
+    if backward and bd == 2048:
+        return 8
     return 4 if bd <= 2048 else 8 if bd <= 8192 else 16
 
 
@@ -342,7 +347,7 @@ def adaln_backward(x, dout, dh, y, gate, scale, weight, seg, mean, rstd, n_segme
             y.contiguous() if residual else None, gate.contiguous() if residual else None, _contiguous(scale),
             _contiguous(weight), seg, mean if layer else None, rstd, dx, dy, acc[2] if residual else None, acc[0],
             acc[1], dw, N, D, per_program,
-            RESIDUAL=residual, LAYER=layer, RUNS=runs, num_warps=num_warps(cfg["BLOCK_D"]), **cfg)
+            RESIDUAL=residual, LAYER=layer, RUNS=runs, num_warps=num_warps(cfg["BLOCK_D"], backward=True), **cfg)
     dshift, dscale = (acc[0].to(scale.dtype), acc[1].to(scale.dtype)) if modulated else (None, None)
     dgate = acc[2].to(gate.dtype) if residual else None
     return dx, dy, dgate, dshift, dscale, dw.to(weight.dtype) if dw is not None else None

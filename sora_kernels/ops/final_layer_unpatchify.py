@@ -50,8 +50,13 @@ if B.TRITON_MISSING is None:
 # 0.55 ms for the old pipelined 64 x 64 x 64 and 1.23 ms for torch.compile)
 # (benchmarks/results/cuda-nvidia-h200.final_layer_race.json). BLOCK_P=128 was also wrong on
 # the H200 (P=160) under the pipelined config; it stays off until measured unpipelined.
+# BLOCK_K is smaller where 128 spilled (testing/aot.py, Triton 3.8): fp32 ("ieee" products on
+# the FMA units, both tiles in registers: 7 KB per thread on sm_80 at BLOCK_P=64) takes 32, and
+# the 16-wide patch tile 64 (16 bytes on sm_80 with LayerNorm).
 CONFIG = {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
 MAX_BLOCK_P = 64
+FP32_BLOCK_K = 32
+NARROW_BLOCK_K = 64
 
 if B.TRITON_MISSING is None:
 
@@ -70,19 +75,20 @@ if B.TRITON_MISSING is None:
         """videos[BLOCK_M tokens, BLOCK_P patch features] = rstd * (x @ W_s^T - mean * u_s) + c_s,
         scattered into the tokens' video."""
         p_blocks = tl.cdiv(P, BLOCK_P)
-        tile = tl.program_id(0).to(tl.int64) // p_blocks   # the P blocks of a tile run side by side
+        tile = (tl.program_id(0) // p_blocks).to(tl.int64)  # the P blocks of a tile run side by side
         p = (tl.program_id(0) % p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
         slot = owner_slot(slots_ptr, tile, n_videos, search_steps)
         video_ptr = tl.load(slot).to(tl.pointer_type(x_ptr.dtype.element_ty))
         T = tl.load(slot + 1)
         H = tl.load(slot + 2)
         W = tl.load(slot + 3)
-        Hg = H // ph
-        Wg = W // pw
-        local = (tile - tl.load(slot + 5)) * BLOCK_M    # first token of the tile inside its video
+        # Grid indices in int32 (a video's tokens fit): the GPU divides int64 in a called routine.
+        Hg = H.to(tl.int32) // ph
+        Wg = W.to(tl.int32) // pw
+        local = (tile - tl.load(slot + 5)).to(tl.int32) * BLOCK_M  # first token of the tile inside its video
         tok0 = tl.load(slot + 4) + local
         m = tl.arange(0, BLOCK_M)
-        m_mask = local + m < (T // pt) * Hg * Wg
+        m_mask = local + m < (T.to(tl.int32) // pt) * Hg * Wg
         seg = tl.load(seg_ptr + tok0).to(tl.int64)      # every token of the tile is in one video
         x_tile = x_ptr + tok0 * D                       # the tile's rows, at offsets m * D + k
         p_mask = p < P
@@ -134,9 +140,15 @@ def block_p(P: int) -> int:
     return min(MAX_BLOCK_P, max(16, 1 << (P - 1).bit_length()))
 
 
-def config_space() -> list[dict]:
+def config(block_p: int, fp32: bool) -> dict:
+    """The kernel's compile-time config for a BLOCK_P-wide patch tile of fp32 or 16-bit tokens."""
+    block_k = FP32_BLOCK_K if fp32 else NARROW_BLOCK_K if block_p == 16 else CONFIG["BLOCK_K"]
+    return dict(CONFIG, BLOCK_P=block_p, BLOCK_K=block_k)
+
+
+def config_space(fp32: bool) -> list[dict]:
     """Every compile-time config the launcher can produce (compiled ahead of time in the tests)."""
-    return [dict(CONFIG, BLOCK_P=1 << p) for p in range(4, MAX_BLOCK_P.bit_length())]
+    return [config(1 << p, fp32) for p in range(4, MAX_BLOCK_P.bit_length())]
 
 
 def folded_weights(weight: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor):
@@ -171,11 +183,11 @@ def launch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: to
     slots = torch.tensor(rows, dtype=torch.int64).to(x.device, non_blocking=True)
     wmod, u, c = folded_weights(weight, bias, shift, scale)
     n = len(rows)
-    bp = block_p(P)
-    final_layer_kernel[(first_tile * triton.cdiv(P, bp),)](
+    fp32 = x.dtype == torch.float32
+    cfg = config(block_p(P), fp32)
+    final_layer_kernel[(first_tile * triton.cdiv(P, cfg["BLOCK_P"]),)](
         x, wmod, u, c, seg, slots, n, max(1, math.ceil(math.log2(n))) if n > 1 else 0,
-        D, P, pt, ph, pw, eps, LAYER=layer, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_P=bp, **CONFIG)
+        D, P, pt, ph, pw, eps, LAYER=layer, PRECISION="ieee" if fp32 else "tf32", **cfg)
     return videos
 
 

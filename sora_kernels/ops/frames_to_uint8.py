@@ -16,8 +16,20 @@ if B.TRITON_MISSING is None:
     import triton
     import triton.language as tl
 
-BLOCK_POSITIONS = 1024
+TILE_ELEMENTS = 4096   # positions x channels of one program (1024 RGB pixels); 8192 (1024
+                       # positions of 8 channels) spilled 24 bytes on sm_90 (testing/aot.py)
 MAX_CHANNELS = 16
+
+
+def tile_config(channels: int) -> dict:
+    """The kernel's compile-time tile for frames of `channels` channels."""
+    block_c = max(2, 1 << (channels - 1).bit_length())
+    return {"BLOCK_P": TILE_ELEMENTS // block_c, "BLOCK_C": block_c}
+
+
+def config_space() -> list[dict]:
+    """Every tile the launcher can produce (compiled ahead of time in the tests)."""
+    return [tile_config(1 << p) for p in range(1, MAX_CHANNELS.bit_length())]
 
 if B.TRITON_MISSING is None:
 
@@ -43,8 +55,8 @@ def launch(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((T, H, W, C), dtype=torch.uint8, device=x.device)
     P = T * H * W
     if P:
-        frames_to_uint8_kernel[(triton.cdiv(P, BLOCK_POSITIONS),)](
-            x, out, P, C, BLOCK_P=BLOCK_POSITIONS, BLOCK_C=max(2, 1 << (C - 1).bit_length()))
+        cfg = tile_config(C)
+        frames_to_uint8_kernel[(triton.cdiv(P, cfg["BLOCK_P"]),)](x, out, P, C, **cfg)
     return out
 
 

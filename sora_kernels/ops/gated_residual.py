@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from sora_kernels import backends as B
+from sora_kernels.ops import adaln_norm
 from sora_kernels.ops.adaln_norm import (backward_programs, check_like, check_segments, check_tokens, cpu_reasons,
                                          tile_config, triton_reasons)
 from sora_kernels.reference import dit_ops as ref
@@ -60,6 +61,13 @@ if B.TRITON_MISSING is None:
             tl.store(out_ptr + offs, (x + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def num_warps(block_d: int) -> int:
+    """8 warps (16 elements a thread of a 4096-element tile), 16 for the widest rows: at 4 the
+    forward spilled 32 bytes (BLOCK_D=1024, sm_90) and the backward 2.4-3 KB (16384), at 8 the
+    16384-wide backward needed 244 registers (testing/aot.py, Triton 3.8)."""
+    return max(8, adaln_norm.num_warps(block_d))
+
+
 def launch(x, y, gate, seg, backward: bool):
     """Forward: x + gate[seg] * y. Backward (x = dout): (dout * gate[seg], fp32 sum of dout * y
     per segment). The forward runs a program per tile, the backward adaln_norm's grid of
@@ -73,8 +81,8 @@ def launch(x, y, gate, seg, backward: bool):
         tiles = triton.cdiv(N, cfg["ROWS"])
         per_program = triton.cdiv(tiles, backward_programs(tiles, x.device)) if backward else 1
         gated_residual_kernel[(triton.cdiv(tiles, per_program),)](x, y, gate.contiguous(), seg, out, dgate, N, D,
-                                                                  per_program, BACKWARD=backward, num_warps=4,
-                                                                  **cfg)
+                                                                  per_program, BACKWARD=backward,
+                                                                  num_warps=num_warps(cfg["BLOCK_D"]), **cfg)
     return out, dgate
 
 

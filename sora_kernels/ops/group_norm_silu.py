@@ -42,6 +42,8 @@ if B.TRITON_MISSING is None:
 
 ACTS = ("silu", None)
 TILE_ELEMENTS = 4096     # BLOCK_C * BLOCK_S of one program
+NUM_WARPS = 8            # 16 elements a thread: 4 warps (32, each with an int64 offset) spilled up
+                         # to 104 bytes in the backward and 16 in the apply (testing/aot.py, Triton 3.8)
 MAX_GROUP_CHANNELS = 128  # C / num_groups the Triton kernels are compiled for
 
 
@@ -164,8 +166,9 @@ if B.TRITON_MISSING is None:
 # -----------------------------------------------------------------------------
 
 def tile_config(group_channels: int) -> dict:
+    """The kernels' launch config (constexprs and num_warps) for groups of `group_channels`."""
     bc = 1 << (group_channels - 1).bit_length()
-    return {"BLOCK_C": bc, "BLOCK_S": max(16, TILE_ELEMENTS // bc)}
+    return {"BLOCK_C": bc, "BLOCK_S": max(16, TILE_ELEMENTS // bc), "num_warps": NUM_WARPS}
 
 
 def config_space() -> list[dict]:

@@ -52,12 +52,15 @@ if B.TRITON_MISSING is None:
         T = tl.load(slot + 1)
         H = tl.load(slot + 2)
         W = tl.load(slot + 3)
-        Wg = W // pw
+        # Divisions in int32 (sizes and a video's tile count fit): the GPU divides int64 in a
+        # called routine, whose saved registers were these kernels' only stack (spill) use.
+        Wg = W.to(tl.int32) // pw
+        Hg = H.to(tl.int32) // ph
         wtiles = tl.cdiv(Wg, TW)
-        local = tile - tl.load(slot + 5)
+        local = (tile - tl.load(slot + 5)).to(tl.int32)
         row = local // wtiles           # grid row (tt, hh) inside the video
         w0 = (local - row * wtiles) * TW
-        return T, H, W, Wg, row // (H // ph), row % (H // ph), w0, tl.load(slot + 4) + row * Wg + w0
+        return T, H, W, Wg, row // Hg, row % Hg, w0, tl.load(slot + 4) + row.to(tl.int64) * Wg + w0
 
     @triton.jit
     def patchify_tile_kernel(

@@ -24,6 +24,15 @@ if B.TRITON_MISSING is None:
 
 # (BLOCK_M tokens of one grid row, BLOCK_N output features, BLOCK_K patch features, warps)
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+# fp32 ("ieee" products on the FMA units, both tiles in registers): 64 output features per
+# program spilled 64 bytes on sm_80 (testing/aot.py, Triton 3.8); 32 do not.
+FP32_CONFIG = dict(CONFIG, BLOCK_N=32)
+
+
+def config(fp32: bool) -> dict:
+    """The kernel's compile-time config for fp32 or 16-bit videos (compiled ahead of time in the tests)."""
+    return FP32_CONFIG if fp32 else CONFIG
+
 
 if B.TRITON_MISSING is None:
 
@@ -85,10 +94,11 @@ def launch(videos: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Ten
         return out
     slots = torch.tensor(rows, dtype=torch.int64).to(weight.device, non_blocking=True)
     n = len(rows)
-    cfg = dict(CONFIG)
+    fp32 = weight.dtype == torch.float32
+    cfg = config(fp32)
     patch_embed_kernel[(first_tile, triton.cdiv(E, cfg["BLOCK_N"]))](
         slots, weight, bias, out, n, max(1, math.ceil(math.log2(n))) if n > 1 else 0, videos[0].shape[0], pt, ph, pw,
-        E, K, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", **cfg)
+        E, K, PRECISION="ieee" if fp32 else "tf32", **cfg)
     return out
 
 

@@ -7,9 +7,9 @@ The Triton kernels are FlashAttention-2: each program owns one block of queries 
 dq) or keys (dk/dv) of one segment and one head, streams the other side's blocks of the
 same segment through an online softmax in fp32, and saves the log-sum-exp for a backward
 that recomputes the probabilities. Segments come from cu_seqlens, so a batch of videos of
-different sizes runs in one launch with no padding. With rope, q and k tiles are rotated
-(ops/rope3d.py rotate_tile) as they are loaded, and the gradients are rotated back before
-they are stored.
+different sizes runs in one launch with no padding. With rope, the rope3d kernel rotates q
+and k once before the attention kernels, and the backward kernels rotate dq and dk back
+(ops/rope3d.py rotate_tile) as they store them.
 """
 from __future__ import annotations
 
@@ -59,15 +59,6 @@ if B.TRITON_MISSING is None:
                        mask=row_mask[:, None] & (d < head_dim)[None, :], other=0.0)
 
     @triton.jit
-    def _load_rotated(ptr, rows, row_mask, stride_n, head, stride_h, head_dim, pos_ptr, freq_ptr,
-                      ROTATE: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr):
-        """_load_rows, then rotated by the rows' 3D positions when ROTATE (same dtype back)."""
-        x = _load_rows(ptr, rows, row_mask, stride_n, head, stride_h, head_dim, BLOCK_D)
-        if ROTATE:
-            x = rotate_tile(x.to(tl.float32), pos_ptr, rows, row_mask, freq_ptr, False, FAST, BLOCK_D).to(x.dtype)
-        return x
-
-    @triton.jit
     def _store_rows(ptr, x, rows, row_mask, stride_n, head, stride_h, head_dim, BLOCK_D: tl.constexpr):
         d = tl.arange(0, BLOCK_D)
         tl.store(ptr + rows[:, None] * stride_n + head * stride_h + d[None, :], x.to(ptr.dtype.element_ty),
@@ -79,15 +70,14 @@ if B.TRITON_MISSING is None:
         return start, tl.load(cu_ptr + seq + 1) - start
 
     @triton.jit
-    def _query_block(q_ptr, pos_q_ptr, freq_ptr, m_block, q_start, Lq, head, stride_qn, stride_qh, head_dim,
-                     ROT_Q: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _query_block(q_ptr, m_block, q_start, Lq, head, stride_qn, stride_qh, head_dim,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """(offs_m, row_mask, rows, q): a program's query block, its indices in the segment,
-        which exist, their packed rows (int64), and the tile (rotated when ROT_Q)."""
+        which exist, their packed rows (int64), and the tile."""
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = offs_m < Lq
         rows = (q_start + offs_m).to(tl.int64)
-        q = _load_rotated(q_ptr, rows, row_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
-                          ROT_Q, FAST, BLOCK_D)
+        q = _load_rows(q_ptr, rows, row_mask, stride_qn, head, stride_qh, head_dim, BLOCK_D)
         return offs_m, row_mask, rows, q
 
     @triton.jit
@@ -100,10 +90,10 @@ if B.TRITON_MISSING is None:
         return lse, delta
 
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, pos_k_ptr, k_start, lo, hi, offs_m, Lk, diag,
-                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, freq_ptr,
-                   MASK: tl.constexpr, CAUSAL: tl.constexpr, ROT_K: tl.constexpr, FAST: tl.constexpr,
-                   TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, k_start, lo, hi, offs_m, Lk, diag,
+                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2,
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
         """Online softmax over key blocks lo..hi of one segment; MASK: blocks that need the
         length / causal mask, else every (query, key) pair of the blocks is allowed. TMA: the
         blocks without a mask are loaded through the tensor descriptors k_desc, v_desc ([Nk,
@@ -118,8 +108,7 @@ if B.TRITON_MISSING is None:
             if TMA and not MASK:
                 k = k_desc.load([k_start + start_n, kv_head * head_dim])
             else:
-                k = _load_rotated(k_ptr, rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, pos_k_ptr,
-                                  freq_ptr, ROT_K, FAST, BLOCK_D)
+                k = _load_rows(k_ptr, rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, BLOCK_D)
             qk = tl.dot(q, tl.trans(k))                 # [BLOCK_M, BLOCK_N], unscaled
             if MASK:
                 allowed = col_mask[None, :]
@@ -162,16 +151,12 @@ if B.TRITON_MISSING is None:
         out_ptr,               # [Nq, H, D], contiguous
         lse_ptr,               # fp32 [H, Nq]: natural-log log-sum-exp per query (-inf: no keys)
         cu_q_ptr, cu_k_ptr,    # int32 [B+1] segment offsets
-        pos_q_ptr, pos_k_ptr,  # int32 [Nq, 3], [Nk, 3] (t, h, w) with rope, else None
-        freq_ptr,              # fp32 [2, BLOCK_D/2] rope_table with rope, else None
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
         n_q,                   # Nq (row stride of lse)
         heads, group,          # H, H // Hkv
         head_dim,              # D
         scale_log2,            # softmax_scale * log2(e)
         CAUSAL: tl.constexpr,
-        ROT_Q: tl.constexpr, ROT_K: tl.constexpr,  # rotate q / k tiles as they are loaded
-        FAST: tl.constexpr,                        # approximate sin / cos (rope3d._sincos)
         TMA: tl.constexpr,                         # unmasked key blocks through k_desc, v_desc
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -185,18 +170,18 @@ if B.TRITON_MISSING is None:
             return
         k_start, Lk = _segment(cu_k_ptr, seq)
         kv_head = head // group
-        offs_m, row_mask, rows, q = _query_block(q_ptr, pos_q_ptr, freq_ptr, m_block, q_start, Lq, head, stride_qn,
-                                                 stride_qh, head_dim, ROT_Q, FAST, BLOCK_M, BLOCK_D)
+        offs_m, row_mask, rows, q = _query_block(q_ptr, m_block, q_start, Lq, head, stride_qn, stride_qh, head_dim,
+                                                 BLOCK_M, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         full, hi, diag = _key_range(m_block, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, pos_k_ptr, k_start, 0, full,
-                                   offs_m, Lk, diag, kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim,
-                                   scale_log2, freq_ptr, False, CAUSAL, ROT_K, FAST, TMA, BLOCK_N, BLOCK_D)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, pos_k_ptr, k_start, full, hi,
-                                   offs_m, Lk, diag, kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim,
-                                   scale_log2, freq_ptr, True, CAUSAL, ROT_K, FAST, TMA, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, k_start, 0, full, offs_m, Lk, diag,
+                                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2,
+                                   False, CAUSAL, TMA, BLOCK_N, BLOCK_D)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, k_start, full, hi, offs_m, Lk, diag,
+                                   kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2,
+                                   True, CAUSAL, TMA, BLOCK_N, BLOCK_D)
         empty = l_i == 0.0  # a query with no keys: output 0, lse -inf
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
@@ -220,10 +205,10 @@ if B.TRITON_MISSING is None:
         tl.store(delta_ptr + (r % heads) * (n_rows // heads) + token, tl.sum(o * do, 1), mask=r < n_rows)
 
     @triton.jit
-    def _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr, pos_q_ptr, freq_ptr,
+    def _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
                     q_start, Lq, lo, mask_end, hi, head, stride_qn, stride_qh, n_q, heads, head_dim, diag,
-                    scale_log2, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, ROT_Q: tl.constexpr, FAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                    scale_log2, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
         """dk, dv of one key block summed over query blocks lo..hi (multiples of BLOCK_M, or
         hi = Lq) of one head; MASK (causal): the blocks before mask_end cross the causal
         diagonal and are masked (a branch inside the loop: one inlined copy of it, not two, which
@@ -238,8 +223,7 @@ if B.TRITON_MISSING is None:
             qi = start_m + offs_m
             q_mask = qi < Lq
             rows = (q_start + qi).to(tl.int64)
-            q = _load_rotated(q_ptr, rows, q_mask, stride_qn, head, stride_qh, head_dim, pos_q_ptr, freq_ptr,
-                              ROT_Q, FAST, BLOCK_D)
+            q = _load_rows(q_ptr, rows, q_mask, stride_qn, head, stride_qh, head_dim, BLOCK_D)
             do = _load_rows(dout_ptr, rows, q_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
             lse, delta = _row_stats(lse_ptr, delta_ptr, head, n_q, rows, q_mask)
             qkT = tl.dot(k, tl.trans(q)) * scale_log2   # [BLOCK_N, BLOCK_M]
@@ -263,13 +247,14 @@ if B.TRITON_MISSING is None:
         lse_ptr, delta_ptr,             # fp32 [H, Nq]
         dk_ptr, dv_ptr,                 # [Nk, Hkv, D] contiguous
         dq_acc_ptr,                     # fp32 [Nq, H, D] zeros with ATOMIC_DQ, else None
-        cu_q_ptr, cu_k_ptr, pos_q_ptr, pos_k_ptr, freq_ptr,
+        cu_q_ptr, cu_k_ptr,
+        pos_k_ptr, freq_ptr,            # ROPE: int32 [Nk, 3] key positions, fp32 [2, BLOCK_D/2] rope_table
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
         n_q, heads, kv_heads, group, head_dim,
         scale_log2, softmax_scale,
         CAUSAL: tl.constexpr,
         ROPE: tl.constexpr,                        # rotate dk back (the kernel sees rotated keys)
-        ROT_Q: tl.constexpr, ROT_K: tl.constexpr, FAST: tl.constexpr,
+        FAST: tl.constexpr,                        # approximate sin / cos (rope3d._sincos)
         ATOMIC_DQ: tl.constexpr,                   # also accumulate dq (DQ_MODE "atomic")
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -287,8 +272,7 @@ if B.TRITON_MISSING is None:
         cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < Lk
         k_rows = (k_start + cols).to(tl.int64)
-        k = _load_rotated(k_ptr, k_rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, pos_k_ptr, freq_ptr,
-                          ROT_K, FAST, BLOCK_D)
+        k = _load_rows(k_ptr, k_rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, BLOCK_D)
         v = _load_rows(v_ptr, k_rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -301,8 +285,8 @@ if B.TRITON_MISSING is None:
         for g in range(group):
             head = kv_head * group + g
             dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
-                                 pos_q_ptr, freq_ptr, q_start, Lq, lo, mid, Lq, head, stride_qn, stride_qh, n_q, heads,
-                                 head_dim, diag, scale_log2, CAUSAL, ATOMIC_DQ, ROT_Q, FAST, BLOCK_M, BLOCK_D)
+                                 q_start, Lq, lo, mid, Lq, head, stride_qn, stride_qh, n_q, heads, head_dim, diag,
+                                 scale_log2, CAUSAL, ATOMIC_DQ, BLOCK_M, BLOCK_D)
         # dv first: its registers are free before dk's rotation needs its sin / cos tiles
         _store_rows(dv_ptr, dv, k_rows, col_mask, kv_heads * head_dim, kv_head, head_dim, head_dim, BLOCK_D)
         dk = dk * softmax_scale
@@ -314,13 +298,14 @@ if B.TRITON_MISSING is None:
     def attn_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,
         dq_ptr,                         # [Nq, H, D] contiguous
-        cu_q_ptr, cu_k_ptr, pos_q_ptr, pos_k_ptr, freq_ptr,
+        cu_q_ptr, cu_k_ptr,
+        pos_q_ptr, freq_ptr,            # ROPE: int32 [Nq, 3] query positions, fp32 [2, BLOCK_D/2] rope_table
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
         n_q, heads, group, head_dim,
         scale_log2, softmax_scale,
         CAUSAL: tl.constexpr,
         ROPE: tl.constexpr,                        # rotate dq back (the kernel sees rotated queries)
-        ROT_Q: tl.constexpr, ROT_K: tl.constexpr, FAST: tl.constexpr,
+        FAST: tl.constexpr,                        # approximate sin / cos (rope3d._sincos)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """dq of BLOCK_M queries of one segment and one head (program_id: query block,
@@ -333,8 +318,8 @@ if B.TRITON_MISSING is None:
             return
         k_start, Lk = _segment(cu_k_ptr, seq)
         kv_head = head // group
-        offs_m, q_mask, rows, q = _query_block(q_ptr, pos_q_ptr, freq_ptr, m_block, q_start, Lq, head, stride_qn,
-                                               stride_qh, head_dim, ROT_Q, FAST, BLOCK_M, BLOCK_D)
+        offs_m, q_mask, rows, q = _query_block(q_ptr, m_block, q_start, Lq, head, stride_qn, stride_qh, head_dim,
+                                               BLOCK_M, BLOCK_D)
         do = _load_rows(dout_ptr, rows, q_mask, heads * head_dim, head, head_dim, head_dim, BLOCK_D)
         lse, delta = _row_stats(lse_ptr, delta_ptr, head, n_q, rows, q_mask)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -344,8 +329,7 @@ if B.TRITON_MISSING is None:
             cols = start_n + offs_n
             col_mask = cols < Lk
             k_rows = (k_start + cols).to(tl.int64)
-            k = _load_rotated(k_ptr, k_rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, pos_k_ptr, freq_ptr,
-                              ROT_K, FAST, BLOCK_D)
+            k = _load_rows(k_ptr, k_rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, BLOCK_D)
             v = _load_rows(v_ptr, k_rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
             qk = tl.dot(q, tl.trans(k)) * scale_log2
             p = tl.exp2(qk - lse[:, None])
@@ -376,47 +360,76 @@ class KernelConfig:
     num_stages: int
 
 
-# Candidates per kernel, best guess first, pruned per padded head dim by fits(). On a GPU the
-# first AUTOTUNE_CANDIDATES are timed once per (kernel, head dim, causal, rope, dtype) and the
-# fastest kept, unless SORA_KERNELS_AUTOTUNE=0 (then, and under the interpreter, the first).
-FWD_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
-               [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)]]
-DKDV_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
-                [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 8, 2)]]
-DQ_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
-              [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]]
-# The dk/dv kernel with ATOMIC_DQ also holds a [BLOCK_M, BLOCK_D] dq tile.
-DKDV_DQ_CONFIGS = [KernelConfig(m, n, w, s) for m, n, w, s in
-                   [(32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)]]
-KERNEL_CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS, "dkdv_dq": DKDV_DQ_CONFIGS}
+def _configs(*configs: tuple[int, int, int, int]) -> list[KernelConfig]:
+    return [KernelConfig(*c) for c in configs]
 
-# fp32 accumulators the tiles of a program hold: at most this many per thread (a budget, not a
-# guarantee: compiled with the JIT's alignment hints, in their heaviest variant (causal, rope),
-# every D=128 dk/dv config still spills on sm_90; tests/aot_spills.json lists each spilling config).
-_ACC_PER_THREAD = 160
+
+# Launch configs per GPU family, kernel and padded head dim, best guess first. Family 80 is
+# Ampere / Ada (mma.sync: a dot's second operand sits whole in every warp's registers, so the
+# dk/dv kernel's q, q^T, do and do^T tiles cost BLOCK_M * BLOCK_D / 16 registers a thread),
+# 90 is Hopper (wgmma reads it from shared memory). Each list holds the configs of the old
+# single list (and smaller ones) that compile without spilling registers on that family, in
+# the variants the launchers run (testing/aot.py, Triton 3.8, 2026-12-06; the old lists'
+# first dk/dv config spilled 5.9 KB a thread on sm_80 at D=128). One exception, listed in
+# tests/aot_spills.json: dk/dv 64 x 128 at D=128 on Hopper spills 80-128 bytes and stays
+# first, because the H200 timed it fastest (benchmarks/results/cuda-nvidia-h200.json).
+# On a GPU the first AUTOTUNE_CANDIDATES are timed once per (kernel, head dim, causal, rope,
+# dtype) and the fastest kept, unless SORA_KERNELS_AUTOTUNE=0 (then, and under the
+# interpreter, the first). dk/dv with ATOMIC_DQ (DQ_MODE "atomic") also holds a
+# [BLOCK_M, BLOCK_D] dq tile: at D=256 every config spilled, so that head dim computes dq
+# the "separate" way.
+_WIDE = _configs((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3))
+_FWD_256 = _configs((64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2))
+_DKDV_NARROW = _configs((64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2))
+_DQ_NARROW = _configs((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2))
+_DKDV_DQ_NARROW = _configs((32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2))
+KERNEL_CONFIGS = {
+    80: {
+        "fwd": {16: _WIDE, 32: _WIDE, 64: _WIDE,
+                128: _configs((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)), 256: _FWD_256},
+        "dkdv": {16: _DKDV_NARROW, 32: _DKDV_NARROW,
+                 64: _configs((32, 128, 8, 2), (16, 64, 4, 2), (32, 32, 8, 2), (16, 128, 8, 2)),
+                 128: _configs((64, 64, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2)),
+                 256: _configs((32, 32, 8, 2))},
+        "dq": {16: _DQ_NARROW, 32: _DQ_NARROW, 64: _DQ_NARROW[1:],
+               128: _configs((64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)),
+               256: _configs((32, 32, 4, 2), (16, 32, 4, 2))},
+        "dkdv_dq": {16: _configs((32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)),
+                    32: _DKDV_DQ_NARROW, 64: _DKDV_DQ_NARROW,
+                    128: _configs((16, 64, 8, 2), (16, 32, 4, 2)), 256: []},
+    },
+    90: {
+        "fwd": {16: _WIDE, 32: _WIDE, 64: _WIDE,
+                128: _configs((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)), 256: _FWD_256},
+        "dkdv": {16: _DKDV_NARROW, 32: _DKDV_NARROW, 64: _DKDV_NARROW,
+                 128: _configs((64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 8, 2)),
+                 256: _configs((32, 32, 8, 2), (16, 64, 8, 2))},
+        "dq": {16: _DQ_NARROW, 32: _DQ_NARROW, 64: _DQ_NARROW, 128: _DQ_NARROW,
+               256: _configs((32, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (16, 32, 4, 2))},
+        "dkdv_dq": {16: _configs((32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)),
+                    32: _configs((32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)),
+                    64: _configs((32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)),
+                    128: _configs((32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)), 256: []},
+    },
+}
+FAMILIES = tuple(KERNEL_CONFIGS)
 AUTOTUNE_CANDIDATES = 3
 AUTOTUNE_ENV = "SORA_KERNELS_AUTOTUNE"
 
 
-def fits(kind: str, cfg: KernelConfig, BLOCK_D: int) -> bool:
-    """Whether `cfg` keeps kernel `kind`'s fp32 accumulators at head dim BLOCK_D in registers."""
-    threads = 32 * cfg.num_warps
-    if kind == "fwd":
-        acc = cfg.BLOCK_M * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N
-    elif kind == "dkdv":
-        acc = 2 * cfg.BLOCK_N * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N
-    elif kind == "dkdv_dq":
-        acc = 2 * cfg.BLOCK_N * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N + cfg.BLOCK_M * BLOCK_D
-    else:
-        acc = cfg.BLOCK_M * BLOCK_D + cfg.BLOCK_M * cfg.BLOCK_N
-    return acc // threads <= _ACC_PER_THREAD
+def config_family(device: torch.device) -> int:
+    """The config family of a device: 80 for sm_8x GPUs, 90 for Hopper and newer, and for the
+    interpreter (whose choice of config changes no result)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return 80
+    return 90
 
 
-def configs_for(kind: str, BLOCK_D: int) -> list[KernelConfig]:
-    return [c for c in KERNEL_CONFIGS[kind] if fits(kind, c, BLOCK_D)]
+def configs_for(kind: str, BLOCK_D: int, family: int = 90) -> list[KernelConfig]:
+    return KERNEL_CONFIGS[family][kind][BLOCK_D]
 
 
-_TUNED: dict = {}  # (kind, BLOCK_D, causal, [rope,] ROT_Q, ROT_K, [tma,] dtype, short_keys, device) -> config
+_TUNED: dict = {}  # (kind, BLOCK_D, causal, [rope,] [tma,] dtype, short_keys, device) -> config
 
 
 # Key segments up to this long (cross-attention to captions) get their own tuning key and
@@ -427,10 +440,10 @@ SHORT_KEYS = 512
 SHORT_KEY_BLOCK_N = 64
 
 
-def launch_candidates(kind: str, BLOCK_D: int, short_keys: bool) -> list[KernelConfig]:
+def launch_candidates(kind: str, BLOCK_D: int, short_keys: bool, family: int = 90) -> list[KernelConfig]:
     """The configs `_launch` tries for a kernel, best guess first: with short key segments
     those with BLOCK_N <= SHORT_KEY_BLOCK_N first."""
-    candidates = configs_for(kind, BLOCK_D)
+    candidates = configs_for(kind, BLOCK_D, family)
     if short_keys:
         candidates = [c for c in candidates if c.BLOCK_N <= SHORT_KEY_BLOCK_N] + \
                      [c for c in candidates if c.BLOCK_N > SHORT_KEY_BLOCK_N]
@@ -446,7 +459,7 @@ def _launch(kind: str, kernel, grid_of, args: tuple, key: tuple, constexprs: dic
     OutOfResources before launching one that does not: D=256 with 3 stages needs 256 KiB under
     Triton 3.6, over an H100's 227 KiB). short_keys: every key segment is at most SHORT_KEYS
     long (its own tuning key and candidates)."""
-    candidates = launch_candidates(kind, constexprs["BLOCK_D"], short_keys)
+    candidates = launch_candidates(kind, constexprs["BLOCK_D"], short_keys, config_family(device))
     full_key = (kind,) + key + (short_keys, device.index)
 
     def launch(c: KernelConfig) -> None:
@@ -494,19 +507,13 @@ class RopeArgs:
     sections: tuple[int, int, int]
 
 
-# How rope enters the Triton kernels (all compute the same function):
-#   "prerotate": the rope3d kernel rotates q and k once before the attention kernels, which
-#                rotate only their gradients back, as they store dq and dk;
-#   "owned":     a program rotates the tiles it owns (its query block in the forward and dq,
-#                its key block in dk/dv) as they are loaded, and streams tiles that the rope3d
-#                kernel rotated once beforehand;
-#   "fused":     every q and k tile is rotated as it is loaded, also the streamed ones (each
-#                key block once per query block).
-# Measured on an H200 (bf16, D=128, mixed batch; docs/NOTES-attention.md), against no rope:
-# prerotate-like cost 3% of the forward, owned 9%, fused 2x; so "prerotate" is the default.
-# benchmarks/bench_varlen_attention.py (test_rope_fusion) times all three.
-ROPE_MODES = ("prerotate", "owned", "fused")
-ROPE_MODE = "prerotate"
+# How rope enters the Triton kernels: the rope3d kernel rotates q and k once before the
+# attention kernels (the rotated copies are shared by the backward's two kernels), and the
+# backward kernels rotate dq and dk back as they store them. Measured on an H200 (bf16, D=128,
+# mixed batch; docs/NOTES-attention.md) against no rope: +2% forward, +1.5% forward+backward.
+# Rotating tiles inside the kernels as they load cost more and is gone (2026-12-06): each
+# program's own tile +9% / +6%, every tile (streamed key blocks once per query block) +95% /
+# +63%; and those variants spilled registers where this one does not.
 
 # How the backward computes dq (both compute the same function):
 #   "separate": attn_bwd_dq_kernel streams every key block again for each query block: 7 matrix
@@ -516,7 +523,8 @@ ROPE_MODE = "prerotate"
 #               (FlashAttention-2's way): 5 products per pair, one pass, but the order of the
 #               additions, and so dq's last bits, vary from run to run.
 # benchmarks/bench_varlen_attention.py (test_dq_modes) times both; "separate" stays the
-# default until a GPU measures "atomic".
+# default until a GPU measures "atomic". Head dims over 128 always compute dq "separate"
+# (KERNEL_CONFIGS has no atomic config there that keeps its tiles in registers).
 DQ_MODES = ("separate", "atomic")
 DQ_MODE = "separate"
 
@@ -540,46 +548,34 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _RopeLaunch:
-    """How one kernel launch sees rope: the kernel arguments and which operands the launcher
-    rotates beforehand."""
+    """How the backward kernels see rope: positions, the frequency table and whether sin / cos
+    are approximate (all None / False without rope)."""
     positions_q: torch.Tensor | None = None
     positions_k: torch.Tensor | None = None
     table: torch.Tensor | None = None
-    ROT_Q: bool = False      # the kernel rotates q tiles as it loads them
-    ROT_K: bool = False
     FAST: bool = False
-    prerotate_q: bool = False  # the launcher passes rope3d(q) instead of q
-    prerotate_k: bool = False
 
 
-def _rope_launch(rope: RopeArgs | None, q: torch.Tensor, streamed: str) -> _RopeLaunch:
-    """The rope part of a launch of a kernel that streams `streamed` ("q" or "k") tiles."""
+def _rope_launch(rope: RopeArgs | None, q: torch.Tensor) -> _RopeLaunch:
     if rope is None:
         return _RopeLaunch()
-    if ROPE_MODE not in ROPE_MODES:
-        raise ValueError(f"ROPE_MODE: expected one of {ROPE_MODES}, got {ROPE_MODE!r}")
-    common = dict(positions_q=rope.positions_q.contiguous(), positions_k=rope.positions_k.contiguous(),
-                  table=rope_table(q.shape[2], rope.theta, rope.sections, q.device),
-                  FAST=fast_trig(q.dtype, q.device))
-    if ROPE_MODE == "fused":
-        return _RopeLaunch(**common, ROT_Q=True, ROT_K=True)
-    if ROPE_MODE == "owned":
-        return _RopeLaunch(**common, ROT_Q=streamed != "q", ROT_K=streamed != "k", prerotate_q=streamed == "q",
-                           prerotate_k=streamed == "k")
-    return _RopeLaunch(**common, prerotate_q=True, prerotate_k=True)
+    return _RopeLaunch(positions_q=rope.positions_q.contiguous(), positions_k=rope.positions_k.contiguous(),
+                       table=rope_table(q.shape[2], rope.theta, rope.sections, q.device),
+                       FAST=fast_trig(q.dtype, q.device))
 
 
-def _operands(q: torch.Tensor, k: torch.Tensor, rope: RopeArgs | None, launch: _RopeLaunch, cache: dict):
-    """q and k as the kernel reads them: rotated by the rope3d kernel where the launch says
-    (once per call: `cache` keeps them for the next kernel of the same call)."""
-    if launch.prerotate_q and "q" not in cache:
-        cache["q"] = launch_rope3d(q, launch.positions_q, rope.theta, rope.sections, False)
-    if launch.prerotate_k and "k" not in cache:
-        cache["k"] = launch_rope3d(k, launch.positions_k, rope.theta, rope.sections, False)
-    return cache["q"] if launch.prerotate_q else q, cache["k"] if launch.prerotate_k else k
+def _operands(q: torch.Tensor, k: torch.Tensor, rope: RopeArgs | None, cache: dict):
+    """q and k as the kernels read them: rotated by the rope3d kernel with rope (once per call:
+    `cache` keeps them for the next kernel of the same call)."""
+    if rope is None:
+        return q, k
+    if "q" not in cache:
+        cache["q"] = launch_rope3d(q, rope.positions_q.contiguous(), rope.theta, rope.sections, False)
+        cache["k"] = launch_rope3d(k, rope.positions_k.contiguous(), rope.theta, rope.sections, False)
+    return cache["q"], cache["k"]
 
 
-def tma_reasons(k: torch.Tensor, v: torch.Tensor, rot_k: bool) -> list[str]:
+def tma_reasons(k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Why the forward cannot load k and v blocks through tensor descriptors (empty: it can)."""
     reasons = []
     if TensorDescriptor is None:
@@ -587,8 +583,6 @@ def tma_reasons(k: torch.Tensor, v: torch.Tensor, rot_k: bool) -> list[str]:
     if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
         reasons.append(f"TMA needs sm_90 or newer, {torch.cuda.get_device_name(k.device)} is "
                        f"sm_{''.join(map(str, torch.cuda.get_device_capability(k.device)))}")
-    if rot_k:
-        reasons.append(f"rope mode {ROPE_MODE!r} rotates key tiles as they load")
     for name, x in (("k", k), ("v", v)):
         if x.stride(1) != x.shape[2] and x.shape[1] > 1:
             reasons.append(f"{name}: heads not dense in a row (stride {tuple(x.stride())})")
@@ -615,20 +609,17 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float,
         return out.zero_(), lse.fill_(float("-inf"))
     if FWD_LOAD not in FWD_LOADS:
         raise ValueError(f"FWD_LOAD: expected one of {FWD_LOADS}, got {FWD_LOAD!r}")
-    r = _rope_launch(rope, q, "k")
-    q, k = _operands(q, k, rope, r, {})
+    q, k = _operands(q, k, rope, {})
     BLOCK_D = block_d(D)
-    tma = FWD_LOAD == "tma" and k.shape[0] > 0 and not tma_reasons(k, v, r.ROT_K)
+    tma = FWD_LOAD == "tma" and k.shape[0] > 0 and not tma_reasons(k, v)
 
     def args(c: KernelConfig) -> tuple:
         descriptors = _kv_descriptors(k, v, c.BLOCK_N, BLOCK_D) if tma else (None, None)
-        return (q, k, v, *descriptors, out, lse, cu_q, cu_k, r.positions_q, r.positions_k, r.table, q.stride(0),
-                q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), Nq, H, H // k.shape[1], D,
-                scale * LOG2E)
-    constexprs = dict(CAUSAL=causal, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, TMA=tma, BLOCK_D=BLOCK_D)
+        return (q, k, v, *descriptors, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), Nq, H, H // k.shape[1], D, scale * LOG2E)
+    constexprs = dict(CAUSAL=causal, TMA=tma, BLOCK_D=BLOCK_D)
     _launch("fwd", attn_fwd_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H), args,
-            (BLOCK_D, causal, r.ROT_Q, r.ROT_K, tma, q.dtype), constexprs, q.device,
-            short_keys=max_k <= SHORT_KEYS)
+            (BLOCK_D, causal, tma, q.dtype), constexprs, q.device, short_keys=max_k <= SHORT_KEYS)
     return out, lse
 
 
@@ -653,21 +644,21 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
     rotated: dict = {}  # q, k rotated by rope3d, shared by the two kernels
     if DQ_MODE not in DQ_MODES:
         raise ValueError(f"DQ_MODE: expected one of {DQ_MODES}, got {DQ_MODE!r}")
-    atomic = DQ_MODE == "atomic" and Nq > 0 and max_q > 0
+    atomic = (DQ_MODE == "atomic" and Nq > 0 and max_q > 0
+              and bool(configs_for("dkdv_dq", BLOCK_D, config_family(q.device))))  # none at D=256
     dq_acc = torch.zeros((Nq, H, D), dtype=torch.float32, device=q.device) if atomic else None
 
     def strides(qs, ks):  # of the tensors a kernel reads (rope3d's copies are contiguous)
         return qs.stride(0), qs.stride(1), ks.stride(0), ks.stride(1), v.stride(0), v.stride(1)
+    r = _rope_launch(rope, q)
     if Nk > 0 and max_k > 0:
-        r = _rope_launch(rope, q, "q")
-        qs, ks = _operands(q, k, rope, r, rotated)
+        qs, ks = _operands(q, k, rope, rotated)
         kind = "dkdv_dq" if atomic else "dkdv"
         _launch(kind, attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(max_k, c.BLOCK_N), n_seqs, Hkv),
-                (qs, ks, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, r.positions_q, r.positions_k, r.table,
+                (qs, ks, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, r.positions_k, r.table,
                  *strides(qs, ks), Nq, H, Hkv, H // Hkv, D, scale * LOG2E, scale),
-                (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
-                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST,
-                     ATOMIC_DQ=atomic, BLOCK_D=BLOCK_D),
+                (BLOCK_D, causal, rope is not None, q.dtype),
+                dict(CAUSAL=causal, ROPE=rope is not None, FAST=r.FAST, ATOMIC_DQ=atomic, BLOCK_D=BLOCK_D),
                 q.device, prepare=dq_acc.zero_ if atomic else None, short_keys=max_k <= SHORT_KEYS)
     else:
         dk.zero_(), dv.zero_()
@@ -677,13 +668,12 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
             dq_acc = launch_rope3d(dq_acc, rope.positions_q, rope.theta, rope.sections, True)
         dq.copy_(dq_acc)
     elif Nq > 0 and max_q > 0:
-        r = _rope_launch(rope, q, "k")
-        qs, ks = _operands(q, k, rope, r, rotated)
+        qs, ks = _operands(q, k, rope, rotated)
         _launch("dq", attn_bwd_dq_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H),
-                (qs, ks, v, dout, lse, delta, dq, cu_q, cu_k, r.positions_q, r.positions_k, r.table,
+                (qs, ks, v, dout, lse, delta, dq, cu_q, cu_k, r.positions_q, r.table,
                  *strides(qs, ks), Nq, H, H // Hkv, D, scale * LOG2E, scale),
-                (BLOCK_D, causal, rope is not None, r.ROT_Q, r.ROT_K, q.dtype),
-                dict(CAUSAL=causal, ROPE=rope is not None, ROT_Q=r.ROT_Q, ROT_K=r.ROT_K, FAST=r.FAST, BLOCK_D=BLOCK_D),
+                (BLOCK_D, causal, rope is not None, q.dtype),
+                dict(CAUSAL=causal, ROPE=rope is not None, FAST=r.FAST, BLOCK_D=BLOCK_D),
                 q.device, short_keys=max_k <= SHORT_KEYS)
     return dq, dk, dv
 
@@ -1100,7 +1090,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return_lse: also return the log-sum-exp, fp32 [H, Nq] (natural log).
         rope: None; an int32 positions tensor [Nq, 3] of (t, h, w) (self-attention: keys use
             the same); or a Rope3D(positions_q, positions_k, theta, sections). q and k are
-            rotated as rope3d would rotate them, fused into the kernel's loads.
+            rotated as rope3d would rotate them (by the rope3d kernel, before the attention
+            kernels; the backward kernels rotate dq and dk back as they store them).
         backend: force "triton", "cpu" or "reference" (default: the first that can run;
             SORA_KERNELS_BACKEND sets it too).
 

@@ -66,36 +66,40 @@ def _attention_signature(fn, dtype: str, constexprs: dict) -> dict:
 
 
 def attention_jobs(archs: list[int]) -> list[dict]:
-    """One job per (kernel, config, padded head dim, arch) of the varlen_attention kernels, each
-    in its heaviest variant: bf16, causal, rope rotating both q and k tiles as they load."""
+    """One job per (kernel, config the launcher can try, padded head dim, arch, causal) of the
+    varlen_attention kernels, bf16, in the variants the launchers run: the backward's with
+    rope (dq, dk rotated back as they are stored), the forward with pointer loads and, on
+    sm_90, with TMA descriptors."""
     from sora_kernels.ops import varlen_attention as op
     kernels = {"fwd": op.attn_fwd_kernel, "dkdv": op.attn_bwd_dkdv_kernel, "dq": op.attn_bwd_dq_kernel,
                "dkdv_dq": op.attn_bwd_dkdv_kernel}  # dkdv_dq: with ATOMIC_DQ (DQ_MODE "atomic")
     jobs = []
     for kind, fn in kernels.items():
         for BLOCK_D in op.HEAD_DIM_BLOCKS:
-            for cfg in op.configs_for(kind, BLOCK_D):
-                constexprs = {"CAUSAL": True, "ROT_Q": True, "ROT_K": True, "FAST": True,
-                              "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": BLOCK_D}
-                if kind != "fwd":
-                    constexprs["ROPE"] = True
-                if fn is op.attn_bwd_dkdv_kernel:
-                    constexprs["ATOMIC_DQ"] = kind == "dkdv_dq"
-                    if kind == "dkdv":
-                        constexprs["dq_acc_ptr"] = None
-                variants = [(constexprs, archs)]
-                if kind == "fwd":  # pointer loads everywhere; TMA (keys not rotated as they load) on sm_90
-                    variants = [({**constexprs, "TMA": False, "k_desc": None, "v_desc": None}, archs),
-                                ({**constexprs, "TMA": True, "ROT_K": False}, [a for a in archs if a >= 90])]
-                for cx, variant_archs in variants:
-                    signature = _attention_signature(fn, "bf16", cx)
-                    if cx.get("TMA"):
-                        signature.update(k_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>",
-                                         v_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>")
-                    for arch in variant_archs:
-                        jobs.append({"module": "sora_kernels.ops.varlen_attention", "kernel": fn.__name__,
-                                     "arch": arch, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                     "signature": signature, "constexprs": cx})
+            for arch in archs:
+                family = 80 if arch < 90 else 90
+                tried = [c for short in (False, True) for c in op.launch_candidates(kind, BLOCK_D, short, family)]
+                for cfg in dict.fromkeys(tried):
+                    for causal in (False, True):
+                        cx = {"CAUSAL": causal, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": BLOCK_D}
+                        if kind == "fwd":
+                            variants = [dict(cx, TMA=False, k_desc=None, v_desc=None)]
+                            if arch >= 90:
+                                variants.append(dict(cx, TMA=True))
+                        else:
+                            variants = [dict(cx, ROPE=True, FAST=True)]
+                        for v in variants:
+                            if fn is op.attn_bwd_dkdv_kernel:
+                                v["ATOMIC_DQ"] = kind == "dkdv_dq"
+                                if kind == "dkdv":
+                                    v["dq_acc_ptr"] = None
+                            signature = _attention_signature(fn, "bf16", v)
+                            if v.get("TMA"):
+                                signature.update(k_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>",
+                                                 v_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>")
+                            jobs.append({"module": "sora_kernels.ops.varlen_attention", "kernel": fn.__name__,
+                                         "arch": arch, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                         "signature": signature, "constexprs": v})
     return jobs
 
 
@@ -149,7 +153,8 @@ def dit_jobs(archs: list[int]) -> list[dict]:
                 constexprs["RUNS"] = cfg["BLOCK_D"] < op.RUNS_MAX_BLOCK_D
             for arch in archs:
                 jobs.append({"module": fn.__module__, "kernel": fn.__name__, "arch": arch,
-                             "num_warps": op.num_warps(cfg["BLOCK_D"]) if fn is not gr.gated_residual_kernel else 4,
+                             "num_warps": (gr.num_warps(cfg["BLOCK_D"]) if fn is gr.gated_residual_kernel
+                                           else op.num_warps(cfg["BLOCK_D"], backward=fn is op.adaln_bwd_kernel)),
                              "num_stages": 3, "signature": _pointer_signature(fn, constexprs, none, "bf16"),
                              "constexprs": constexprs})
     from sora_kernels.ops import activations as act
@@ -170,12 +175,13 @@ def patch_embed_jobs(archs: list[int]) -> list[dict]:
     from sora_kernels.ops import patch_embed3d as op
     jobs = []
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        cfg = op.config(fp32=dtype == "fp32")
         for bias in (True, False):
             none = set() if bias else {"bias_ptr"}
-            constexprs = {"PRECISION": precision, **{k: v for k, v in op.CONFIG.items() if k.startswith("BLOCK")},
+            constexprs = {"PRECISION": precision, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")},
                           **{name: None for name in none}}
             signature = _pointer_signature(op.patch_embed_kernel, constexprs, none, dtype, {"slots_ptr": "*i64"})
-            jobs += [_job(op.patch_embed_kernel, arch, op.CONFIG["num_warps"], op.CONFIG["num_stages"], signature,
+            jobs += [_job(op.patch_embed_kernel, arch, cfg["num_warps"], cfg["num_stages"], signature,
                           constexprs) for arch in archs]
     return jobs
 
@@ -187,7 +193,7 @@ def final_layer_jobs(archs: list[int]) -> list[dict]:
     jobs = []
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for layer in (True, False):
-            for cfg in op.config_space():
+            for cfg in op.config_space(fp32=dtype == "fp32"):
                 constexprs = {"LAYER": layer, "PRECISION": precision,
                               **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}}
                 signature = _pointer_signature(op.final_layer_kernel, constexprs, set(), dtype,
@@ -210,10 +216,12 @@ def group_norm_jobs(archs: list[int]) -> list[dict]:
         for none in variants:
             for silu in ((False, True) if "SILU" in fn.arg_names else (None,)):
                 for cfg in op.config_space():
-                    constexprs = dict(cfg) if silu is None else dict(cfg, SILU=silu)
+                    constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+                    if silu is not None:
+                        constexprs["SILU"] = silu
                     constexprs.update({name: None for name in none})
                     signature = _pointer_signature(fn, constexprs, none, "bf16", fp32)
-                    jobs += [_job(fn, arch, 4, 3, signature, constexprs) for arch in archs]
+                    jobs += [_job(fn, arch, cfg["num_warps"], 3, signature, constexprs) for arch in archs]
     return jobs
 
 
@@ -222,8 +230,7 @@ def frames_jobs(archs: list[int]) -> list[dict]:
     from sora_kernels.ops import frames_to_uint8 as op
     jobs = []
     for dtype in ("bf16", "fp32"):
-        for p in range(1, op.MAX_CHANNELS.bit_length()):
-            constexprs = {"BLOCK_P": op.BLOCK_POSITIONS, "BLOCK_C": 1 << p}
+        for constexprs in op.config_space():
             signature = _pointer_signature(op.frames_to_uint8_kernel, constexprs, set(), dtype, {"out_ptr": "*u8"})
             jobs += [_job(op.frames_to_uint8_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
     return jobs
