@@ -78,20 +78,23 @@ def test_gated_residual_adaln(backend, dtype, D, norm, weight):
     _compare(sk.gated_residual_adaln, args, cu, dtype, f"gated_residual_adaln {norm}", backend, norm=norm)
 
 
-@pytest.mark.parametrize("runs", [True, False], ids=["runs", "tile_per_program"])
+@pytest.mark.parametrize("wide", [False, True], ids=["runs", "wide_rows"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_backward_runs_of_tiles(residual, runs, monkeypatch):
+def test_backward_runs_of_tiles(residual, wide, monkeypatch):
     """The Triton backward's programs sum a segment's gradients over a run of tiles: segments
     that begin on a tile boundary (one uniform tile after another of a different segment),
     tiles that mix segments (rows 16-19: segments 3, 5 and 6 around the empty segment 4),
     runs that cross programs. D = 1152 with 8192-element backward tiles gives 4-row tiles;
-    3 programs give runs of 3 tiles over these 32 tokens, on any device; with RUNS_MAX_BLOCK_D
-    at 2048 the same tiles go one per program (what rows over 4096 elements take)."""
+    3 programs give runs of 3 tiles over these 32 tokens, on any device. With WIDE_CHUNK at
+    512 the rows take the wide-row path instead (what rows over 4096 elements take): a row per
+    program in chunks of 512, 512 and 128 columns."""
     require_backend(op.ADALN_BACKENDS, "triton", (torch.empty(0, device=DEVICE),))
     monkeypatch.setattr(op, "BACKWARD_PROGRAMS_LIMIT", 3)
     monkeypatch.setattr(op, "TILE_ELEMENTS_BACKWARD", 8192)
-    monkeypatch.setattr(op, "RUNS_MAX_BLOCK_D", op.RUNS_MAX_BLOCK_D if runs else 2048)  # BLOCK_D is 2048 here
-    assert op.tile_config(1152, backward=True)["ROWS"] == 4
+    if wide:
+        monkeypatch.setattr(op, "WIDE_CHUNK", 512)
+    cfg = op.tile_config(1152, backward=True)
+    assert cfg == ({"ROWS": 1, "BLOCK_D": 512, "WIDE": True} if wide else {"ROWS": 4, "BLOCK_D": 2048, "WIDE": False})
     args, cu = make([4, 8, 4, 1, 0, 1, 2, 12], 1152, torch.float32, residual=residual)
     fn = sk.gated_residual_adaln if residual else sk.adaln_norm
     _compare(fn, args, cu, torch.float32, "runs of tiles", "triton")

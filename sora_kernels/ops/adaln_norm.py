@@ -45,10 +45,12 @@ MAX_D = 16384          # widest row the kernels are compiled for
 TILE_ELEMENTS = 4096
 TILE_ELEMENTS_BACKWARD = 4096
 BACKWARD_PROGRAMS_PER_SM = 8
-# Rows this wide (BLOCK_D >= 8192, D > 4096) take one tile per backward program instead of runs:
-# a run's four [BLOCK_D] register accumulators then spill (the fused op's 2 KB per thread at
-# 8192, sm_80 / sm_90, where a program per tile spills at most 224 bytes).
-RUNS_MAX_BLOCK_D = 8192
+# Rows wider than this (D > 4096) take the backward's WIDE path: a program per row, two passes
+# over chunks of WIDE_CHUNK columns (the row sums, then dx), so a thread holds a 4096-element
+# chunk of each array instead of the whole row. Rows held whole spilled: a run's four [BLOCK_D]
+# accumulators 2 KB per thread at 8192, and a program per row 104-752 bytes at 8192 / 16384
+# (sm_80 / sm_90; testing/aot.py, Triton 3.8). The second pass reads x, dout and scale again.
+WIDE_CHUNK = 4096
 INTERPRETER_PROGRAMS = 3       # under the interpreter: runs of several tiles that cross segments
 BACKWARD_PROGRAMS_LIMIT = None  # at most this many backward programs, if set (tests: runs on a GPU too)
 NORMS = ("layer", "rms")
@@ -204,6 +206,69 @@ if B.TRITON_MISSING is None:
         return acc_w, acc_shift, acc_scale, acc_gate, cur
 
     @triton.jit
+    def _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, w_ptr, seg_row, mean, rstd, D):
+        """(xhat, dout, g) of one chunk of a row: g the gradient of the weighted xhat, before
+        the weight (dout * (1 + scale[seg]), or dout without modulation)."""
+        offs = row * D + cols
+        xhat = tl.where(col_mask, (tl.load(x_ptr + offs, mask=col_mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+        dout = tl.load(dout_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
+        g = dout
+        if scale_ptr is not None:
+            g = dout * (1.0 + tl.load(scale_ptr + seg_row + cols, mask=col_mask, other=0.0).to(tl.float32))
+        return xhat, dout, g
+
+    @triton.jit
+    def _adaln_bwd_wide_row(row, x_ptr, dout_ptr, dh_ptr, y_ptr, gate_ptr, scale_ptr, w_ptr, seg_ptr, mean_ptr,
+                            rstd_ptr, dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr, dw_ptr, D,
+                            RESIDUAL: tl.constexpr, LAYER: tl.constexpr, BLOCK_D: tl.constexpr):
+        """adaln_bwd_kernel's work on one row wider than BLOCK_D: a first pass over its chunks
+        sums g*w and g*w*xhat and adds the per-column gradients (shift, scale, weight) with
+        atomics; a second pass recomputes each chunk and stores dx (and dy, adding dgate)."""
+        mean = 0.0
+        if LAYER:
+            mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        seg_row = row * 0
+        if scale_ptr is not None:
+            seg_row = tl.load(seg_ptr + row).to(tl.int64) * D
+        sum_g = 0.0
+        sum_gx = 0.0
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            xhat, dout, g = _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, w_ptr, seg_row, mean, rstd, D)
+            w = 1.0
+            if w_ptr is not None:
+                w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                tl.atomic_add(dw_ptr + cols, g * xhat, mask=col_mask)
+            if scale_ptr is not None:
+                tl.atomic_add(dshift_ptr + seg_row + cols, dout, mask=col_mask)
+                tl.atomic_add(dscale_ptr + seg_row + cols, dout * xhat * w, mask=col_mask)
+            sum_g += tl.sum(g * w, 0)
+            sum_gx += tl.sum(g * w * xhat, 0)
+        c1 = sum_g / D
+        c2 = sum_gx / D
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            xhat, dout, g = _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, w_ptr, seg_row, mean, rstd, D)
+            if w_ptr is not None:
+                g = g * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            if LAYER:
+                dx = g - c1 - xhat * c2
+            else:
+                dx = g - xhat * c2
+            dx = tl.where(col_mask, dx * rstd, 0.0)
+            offs = row * D + cols
+            if RESIDUAL:  # h = x + gate * y: dx = dh, dy = dh * gate, dgate = sum dh * y
+                dx += tl.load(dh_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
+                gate = tl.load(gate_ptr + seg_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+                tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=col_mask)
+                tl.atomic_add(dgate_ptr + seg_row + cols,
+                              dx * tl.load(y_ptr + offs, mask=col_mask, other=0.0).to(tl.float32), mask=col_mask)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=col_mask)
+
+    @triton.jit
     def adaln_bwd_kernel(
         x_ptr,                 # [N, D] what was normalised (h when RESIDUAL)
         dout_ptr,              # [N, D] gradient of the modulated norm
@@ -217,15 +282,20 @@ if B.TRITON_MISSING is None:
         dshift_ptr, dscale_ptr,  # fp32 [n, D] accumulators, or None without modulation
         dw_ptr,                # fp32 [D] accumulator, or None
         N, D,
-        tiles_per_program,     # RUNS: this program's tiles, [pid, pid + 1) * tiles_per_program
-        RESIDUAL: tl.constexpr, LAYER: tl.constexpr, RUNS: tl.constexpr, ROWS: tl.constexpr,
+        tiles_per_program,     # this program's tiles, [pid, pid + 1) * tiles_per_program (not WIDE)
+        RESIDUAL: tl.constexpr, LAYER: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """Gradients of a contiguous run of ROWS-token tiles (RUNS; else of tile pid alone).
-        The per-segment gradients of the tiles that lie in one segment are summed in registers
-        while the segment lasts, and added to the fp32 accumulators when it changes (and at
-        the end); a tile that mixes segments adds each segment's sums. The weight gradient is
-        summed over the whole run."""
+        """Gradients of a contiguous run of ROWS-token tiles; WIDE: of row pid, BLOCK_D
+        columns at a time (_adaln_bwd_wide_row). The per-segment gradients of the tiles that
+        lie in one segment are summed in registers while the segment lasts, and added to the
+        fp32 accumulators when it changes (and at the end); a tile that mixes segments adds each
+        segment's sums. The weight gradient is summed over the whole run."""
+        if WIDE:
+            _adaln_bwd_wide_row(tl.program_id(0).to(tl.int64), x_ptr, dout_ptr, dh_ptr, y_ptr, gate_ptr, scale_ptr,
+                                w_ptr, seg_ptr, mean_ptr, rstd_ptr, dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr,
+                                dw_ptr, D, RESIDUAL, LAYER, BLOCK_D)
+            return
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < D
         w = 1.0
@@ -236,17 +306,11 @@ if B.TRITON_MISSING is None:
         acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
         cur = tl.program_id(0) * 0 - 1        # the segment the accumulators hold, -1: none
-        if RUNS:
-            first_tile, end_tile = _program_run(N, tiles_per_program, ROWS)
-            for tile in range(first_tile, end_tile):
-                acc_w, acc_shift, acc_scale, acc_gate, cur = _adaln_bwd_tile(
-                    tile, x_ptr, dout_ptr, dh_ptr, y_ptr, gate_ptr, scale_ptr, w_ptr, seg_ptr, mean_ptr, rstd_ptr,
-                    dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr, N, D, cols, col_mask, w,
-                    acc_w, acc_shift, acc_scale, acc_gate, cur, RESIDUAL, LAYER, ROWS)
-        else:  # nothing carried from tile to tile: no accumulator lives across a loop
+        first_tile, end_tile = _program_run(N, tiles_per_program, ROWS)
+        for tile in range(first_tile, end_tile):
             acc_w, acc_shift, acc_scale, acc_gate, cur = _adaln_bwd_tile(
-                tl.program_id(0).to(tl.int64), x_ptr, dout_ptr, dh_ptr, y_ptr, gate_ptr, scale_ptr, w_ptr, seg_ptr,
-                mean_ptr, rstd_ptr, dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr, N, D, cols, col_mask, w,
+                tile, x_ptr, dout_ptr, dh_ptr, y_ptr, gate_ptr, scale_ptr, w_ptr, seg_ptr, mean_ptr, rstd_ptr,
+                dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr, N, D, cols, col_mask, w,
                 acc_w, acc_shift, acc_scale, acc_gate, cur, RESIDUAL, LAYER, ROWS)
         if scale_ptr is not None:
             _run_end(dshift_ptr, acc_shift, cur, cols, col_mask, D)
@@ -263,13 +327,19 @@ if B.TRITON_MISSING is None:
 
 def tile_config(D: int, backward: bool = False) -> dict:
     """Compile-time tile for rows of D elements: every config this returns is compiled ahead of
-    time in the tests (config_space)."""
+    time in the tests (config_space). The backward's rows wider than WIDE_CHUNK go a row per
+    program, WIDE_CHUNK columns at a time."""
     bd = block_d(D)
-    return {"ROWS": max(1, (TILE_ELEMENTS_BACKWARD if backward else TILE_ELEMENTS) // bd), "BLOCK_D": bd}
+    if not backward:
+        return {"ROWS": max(1, TILE_ELEMENTS // bd), "BLOCK_D": bd}
+    if bd > WIDE_CHUNK:
+        return {"ROWS": 1, "BLOCK_D": WIDE_CHUNK, "WIDE": True}
+    return {"ROWS": max(1, TILE_ELEMENTS_BACKWARD // bd), "BLOCK_D": bd, "WIDE": False}
 
 
 def config_space(backward: bool = False) -> list[dict]:
-    return [tile_config(1 << p, backward) for p in range(4, MAX_D.bit_length())]
+    configs = [tile_config(1 << p, backward) for p in range(4, MAX_D.bit_length())]
+    return [c for i, c in enumerate(configs) if c not in configs[:i]]
 
 
 def backward_programs(tiles: int, device: torch.device) -> int:
@@ -290,11 +360,12 @@ def _sm_count(index: int | None) -> int:
                                             ).multi_processor_count
 
 
-def num_warps(bd: int, backward: bool = False) -> int:
+def num_warps(bd: int, backward: bool = False, residual: bool = False) -> int:
     """Warps of the adaln kernels for rows of BLOCK_D elements. The backward's 2048-wide runs
     take 8: at 4 the fused op's run (four [BLOCK_D] accumulators besides the tile) needed
-    255 registers and spilled 64-72 bytes on sm_80 (testing/aot.py, Triton 3.8)."""
-    if backward and bd == 2048:
+    255 registers and spilled 64-72 bytes on sm_80; so does the fused residual forward at rows
+    of 128 or fewer, which spilled 16 bytes at 80 registers on sm_80 (testing/aot.py, Triton 3.8)."""
+    if (backward and bd == 2048) or (residual and not backward and bd <= 128):
         return 8
     return 4 if bd <= 2048 else 8 if bd <= 8192 else 16
 
@@ -313,7 +384,7 @@ def adaln_forward(x, y, gate, shift, scale, weight, seg, eps: float, layer: bool
             x, y.contiguous() if y is not None else None, gate.contiguous() if gate is not None else None, h,
             _contiguous(shift), _contiguous(scale), _contiguous(weight), seg, out, mean if layer else None, rstd, N, D,
             eps,
-            RESIDUAL=y is not None, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"]), **cfg)
+            RESIDUAL=y is not None, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"], residual=y is not None), **cfg)
     return h, out, mean, rstd
 
 
@@ -340,14 +411,13 @@ def adaln_backward(x, dout, dh, y, gate, scale, weight, seg, mean, rstd, n_segme
     if N > 0:
         cfg = tile_config(D, backward=True)
         tiles = triton.cdiv(N, cfg["ROWS"])
-        runs = cfg["BLOCK_D"] < RUNS_MAX_BLOCK_D
-        per_program = triton.cdiv(tiles, backward_programs(tiles, x.device)) if runs else 1
+        per_program = 1 if cfg["WIDE"] else triton.cdiv(tiles, backward_programs(tiles, x.device))
         adaln_bwd_kernel[(triton.cdiv(tiles, per_program),)](
             x.contiguous(), dout.contiguous(), dh.contiguous() if residual else None,
             y.contiguous() if residual else None, gate.contiguous() if residual else None, _contiguous(scale),
             _contiguous(weight), seg, mean if layer else None, rstd, dx, dy, acc[2] if residual else None, acc[0],
             acc[1], dw, N, D, per_program,
-            RESIDUAL=residual, LAYER=layer, RUNS=runs, num_warps=num_warps(cfg["BLOCK_D"], backward=True), **cfg)
+            RESIDUAL=residual, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"], backward=True), **cfg)
     dshift, dscale = (acc[0].to(scale.dtype), acc[1].to(scale.dtype)) if modulated else (None, None)
     dgate = acc[2].to(gate.dtype) if residual else None
     return dx, dy, dgate, dshift, dscale, dw.to(weight.dtype) if dw is not None else None

@@ -149,12 +149,11 @@ def dit_jobs(archs: list[int]) -> list[dict]:
     for fn, flags, none in variants:
         for cfg in op.config_space(backward=fn is op.adaln_bwd_kernel):
             constexprs = {**flags, **cfg, **{name: None for name in none}}
-            if fn is op.adaln_bwd_kernel:  # as adaln_backward launches it
-                constexprs["RUNS"] = cfg["BLOCK_D"] < op.RUNS_MAX_BLOCK_D
             for arch in archs:
                 jobs.append({"module": fn.__module__, "kernel": fn.__name__, "arch": arch,
                              "num_warps": (gr.num_warps(cfg["BLOCK_D"]) if fn is gr.gated_residual_kernel
-                                           else op.num_warps(cfg["BLOCK_D"], backward=fn is op.adaln_bwd_kernel)),
+                                           else op.num_warps(cfg["BLOCK_D"], backward=fn is op.adaln_bwd_kernel,
+                                                             residual=flags["RESIDUAL"])),
                              "num_stages": 3, "signature": _pointer_signature(fn, constexprs, none, "bf16"),
                              "constexprs": constexprs})
     from sora_kernels.ops import activations as act
