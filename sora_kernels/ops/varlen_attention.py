@@ -533,8 +533,7 @@ DQ_MODE = "separate"
 #   "tma":      the blocks without a mask through tensor descriptors (Hopper's TMA engine:
 #               one instruction per block, no address registers); the masked tail block
 #               and query tiles stay pointer loads. Needs sm_90+, the heads of k and v dense
-#               in their rows (stride(1) == D) and 16-byte aligned rows; elsewhere, and with
-#               the "owned" / "fused" rope modes (which rotate key tiles as they load), the
+#               in their rows (stride(1) == D) and 16-byte aligned rows; elsewhere the
 #               launcher uses "pointers" (tma_reasons says why).
 # benchmarks/bench_varlen_attention.py (test_fwd_loads) times both; "pointers" stays the
 # default until a GPU has measured "tma".
