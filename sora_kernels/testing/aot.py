@@ -65,14 +65,31 @@ def _attention_signature(fn, dtype: str, constexprs: dict) -> dict:
     return signature
 
 
+def _attention_variants(kind: str, cfg, BLOCK_D: int, arch: int) -> list[dict]:
+    """The constexprs of the variants the launchers run for one config: causal and not; the
+    backward's with rope (dq, dk rotated back as they are stored), the forward with pointer
+    loads and, on sm_90, with TMA descriptors."""
+    variants = []
+    for causal in (False, True):
+        cx = {"CAUSAL": causal, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": BLOCK_D}
+        if kind == "fwd":
+            variants.append(dict(cx, TMA=False, k_desc=None, v_desc=None))
+            if arch >= 90:
+                variants.append(dict(cx, TMA=True))
+        elif kind == "dq":
+            variants.append(dict(cx, ROPE=True, FAST=True))
+        else:  # dkdv_dq: with ATOMIC_DQ (DQ_MODE "atomic")
+            variants.append(dict(cx, ROPE=True, FAST=True, ATOMIC_DQ=kind == "dkdv_dq",
+                                 **({"dq_acc_ptr": None} if kind == "dkdv" else {})))
+    return variants
+
+
 def attention_jobs(archs: list[int]) -> list[dict]:
-    """One job per (kernel, config the launcher can try, padded head dim, arch, causal) of the
-    varlen_attention kernels, bf16, in the variants the launchers run: the backward's with
-    rope (dq, dk rotated back as they are stored), the forward with pointer loads and, on
-    sm_90, with TMA descriptors."""
+    """One job per (kernel, config its family's launcher can try, padded head dim, arch,
+    variant) of the varlen_attention kernels, bf16."""
     from sora_kernels.ops import varlen_attention as op
     kernels = {"fwd": op.attn_fwd_kernel, "dkdv": op.attn_bwd_dkdv_kernel, "dq": op.attn_bwd_dq_kernel,
-               "dkdv_dq": op.attn_bwd_dkdv_kernel}  # dkdv_dq: with ATOMIC_DQ (DQ_MODE "atomic")
+               "dkdv_dq": op.attn_bwd_dkdv_kernel}
     jobs = []
     for kind, fn in kernels.items():
         for BLOCK_D in op.HEAD_DIM_BLOCKS:
@@ -80,26 +97,12 @@ def attention_jobs(archs: list[int]) -> list[dict]:
                 family = 80 if arch < 90 else 90
                 tried = [c for short in (False, True) for c in op.launch_candidates(kind, BLOCK_D, short, family)]
                 for cfg in dict.fromkeys(tried):
-                    for causal in (False, True):
-                        cx = {"CAUSAL": causal, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": BLOCK_D}
-                        if kind == "fwd":
-                            variants = [dict(cx, TMA=False, k_desc=None, v_desc=None)]
-                            if arch >= 90:
-                                variants.append(dict(cx, TMA=True))
-                        else:
-                            variants = [dict(cx, ROPE=True, FAST=True)]
-                        for v in variants:
-                            if fn is op.attn_bwd_dkdv_kernel:
-                                v["ATOMIC_DQ"] = kind == "dkdv_dq"
-                                if kind == "dkdv":
-                                    v["dq_acc_ptr"] = None
-                            signature = _attention_signature(fn, "bf16", v)
-                            if v.get("TMA"):
-                                signature.update(k_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>",
-                                                 v_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>")
-                            jobs.append({"module": "sora_kernels.ops.varlen_attention", "kernel": fn.__name__,
-                                         "arch": arch, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                         "signature": signature, "constexprs": v})
+                    for cx in _attention_variants(kind, cfg, BLOCK_D, arch):
+                        signature = _attention_signature(fn, "bf16", cx)
+                        if cx.get("TMA"):
+                            signature.update(k_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>",
+                                             v_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>")
+                        jobs.append(_job(fn, arch, cfg.num_warps, cfg.num_stages, signature, cx))
     return jobs
 
 
