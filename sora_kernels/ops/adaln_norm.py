@@ -10,9 +10,9 @@ and normalises it without reading it back. The backward runs a few programs per 
 a contiguous run of tiles: it sums the per-segment gradients (shift, scale, gate) of tiles
 that lie in one segment in registers and adds them to fp32 accumulators with one atomic add
 per column each time the segment changes; a tile that mixes segments adds each segment's sums.
-Rows of more than 4096 elements take a tile per program. Atomic adds land in run-dependent order,
-so on CUDA those gradients (and the weights they flow into) differ from run to run at float32
-rounding: ~2e-5 at most in a tiny DiT's parameters on an H200 (2026-11-26).
+Rows of more than 4096 elements take a program each, in 4096-column chunks. Atomic adds land
+in run-dependent order, so on CUDA those gradients (and the weights they flow into) differ
+from run to run at float32 rounding: ~2e-5 at most in a tiny DiT's parameters on an H200 (2026-11-26).
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ if B.TRITON_MISSING is None:
         return acc_w, acc_shift, acc_scale, acc_gate, cur
 
     @triton.jit
-    def _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, w_ptr, seg_row, mean, rstd, D):
+    def _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, seg_row, mean, rstd, D):
         """(xhat, dout, g) of one chunk of a row: g the gradient of the weighted xhat, before
         the weight (dout * (1 + scale[seg]), or dout without modulation)."""
         offs = row * D + cols
@@ -236,7 +236,7 @@ if B.TRITON_MISSING is None:
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            xhat, dout, g = _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, w_ptr, seg_row, mean, rstd, D)
+            xhat, dout, g = _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, seg_row, mean, rstd, D)
             w = 1.0
             if w_ptr is not None:
                 w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -251,7 +251,7 @@ if B.TRITON_MISSING is None:
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            xhat, dout, g = _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, w_ptr, seg_row, mean, rstd, D)
+            xhat, dout, g = _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, seg_row, mean, rstd, D)
             if w_ptr is not None:
                 g = g * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             if LAYER:
