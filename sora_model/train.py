@@ -377,6 +377,11 @@ def main(argv=None) -> None:
             torch.cuda.set_device(device)
     try:
         train(cfg, load_vae(args.vae), args.out, device=device, resume=args.resume, progress=not args.no_progress)
+        if dist.is_initialized():
+            # every rank past its last collective before any tears its connections down: a
+            # rank that destroyed the group while another was still in it aborted the other
+            # once on gloo ("terminate called without an active exception", CI under load)
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

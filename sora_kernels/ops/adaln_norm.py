@@ -162,6 +162,27 @@ if B.TRITON_MISSING is None:
         tl.store(out_ptr + offs, xhat.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _norm_dx(g, xhat, mean_g, mean_gx, rstd, mask, LAYER: tl.constexpr):
+        """The gradient of a norm's input, zero where masked: rstd * (g - mean(g) - xhat *
+        mean(g * xhat)), g the gradient of xhat; RMS (not LAYER) has no mean(g) term. The means
+        are per row: [ROWS, 1] tiles, or scalars for a row in chunks."""
+        if LAYER:
+            dx = g - mean_g - xhat * mean_gx
+        else:
+            dx = g - xhat * mean_gx
+        return tl.where(mask, dx * rstd, 0.0)
+
+    @triton.jit
+    def _residual_grads(dx, dh_ptr, y_ptr, gate_ptr, dy_ptr, offs, gate_offs, mask):
+        """h = x + gate * y feeds the norm: the gradient of h adds dh (its other uses), dy =
+        dh * gate is stored; returns that gradient and the dgate terms dh * y, to be summed per
+        segment."""
+        dx += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + gate_offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+        return dx, dx * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _adaln_bwd_tile(tile, x_ptr, dout_ptr, dh_ptr, y_ptr, gate_ptr, scale_ptr, w_ptr, seg_ptr, mean_ptr, rstd_ptr,
                         dx_ptr, dy_ptr, dgate_ptr, dshift_ptr, dscale_ptr, N, D, cols, col_mask, w,
                         acc_w, acc_shift, acc_scale, acc_gate, cur,
@@ -188,18 +209,13 @@ if B.TRITON_MISSING is None:
         if w_ptr is not None:
             acc_w += tl.sum(g * xhat, 0)
             g = g * w
-        c2 = tl.sum(g * xhat, 1) / D
+        mean_g = 0.0
         if LAYER:
-            dx = g - (tl.sum(g, 1) / D)[:, None] - xhat * c2[:, None]
-        else:
-            dx = g - xhat * c2[:, None]
-        dx = tl.where(mask, dx * rstd[:, None], 0.0)
-        if RESIDUAL:  # h = x + gate * y: dx = dh, dy = dh * gate, dgate = sum dh * y
-            dx += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            gate = tl.load(gate_ptr + seg_offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
-            acc_gate = _run_add(dgate_ptr, acc_gate, cur, first, last, seg, cols, col_mask,
-                                dx * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32), D)
+            mean_g = (tl.sum(g, 1) / D)[:, None]
+        dx = _norm_dx(g, xhat, mean_g, (tl.sum(g * xhat, 1) / D)[:, None], rstd[:, None], mask, LAYER)
+        if RESIDUAL:
+            dx, dgate = _residual_grads(dx, dh_ptr, y_ptr, gate_ptr, dy_ptr, offs, seg_offs, mask)
+            acc_gate = _run_add(dgate_ptr, acc_gate, cur, first, last, seg, cols, col_mask, dgate, D)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if scale_ptr is not None:
             cur = last
@@ -254,18 +270,11 @@ if B.TRITON_MISSING is None:
             xhat, dout, g = _wide_chunk(row, cols, col_mask, x_ptr, dout_ptr, scale_ptr, seg_row, mean, rstd, D)
             if w_ptr is not None:
                 g = g * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            if LAYER:
-                dx = g - c1 - xhat * c2
-            else:
-                dx = g - xhat * c2
-            dx = tl.where(col_mask, dx * rstd, 0.0)
+            dx = _norm_dx(g, xhat, c1, c2, rstd, col_mask, LAYER)
             offs = row * D + cols
-            if RESIDUAL:  # h = x + gate * y: dx = dh, dy = dh * gate, dgate = sum dh * y
-                dx += tl.load(dh_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
-                gate = tl.load(gate_ptr + seg_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-                tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=col_mask)
-                tl.atomic_add(dgate_ptr + seg_row + cols,
-                              dx * tl.load(y_ptr + offs, mask=col_mask, other=0.0).to(tl.float32), mask=col_mask)
+            if RESIDUAL:
+                dx, dgate = _residual_grads(dx, dh_ptr, y_ptr, gate_ptr, dy_ptr, offs, seg_row + cols, col_mask)
+                tl.atomic_add(dgate_ptr + seg_row + cols, dgate, mask=col_mask)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=col_mask)
 
     @triton.jit
