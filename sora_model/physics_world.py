@@ -65,9 +65,13 @@ def _sample_balls(cfg: WorldConfig, H: int, W: int, rand) -> list[Ball]:
     balls = []
     for i in range(n):
         size = "small" if rand() < 0.5 else "large"
+        taken = {b.colour for b in balls if b.size == size}
+        if len(taken) == len(colours):          # every colour has a ball of this size: the other
+            size = "large" if size == "small" else "small"
+            taken = {b.colour for b in balls if b.size == size}
         r = RADII[size] * min(H, W)
         colour = colours[int(rand() * len(colours))]
-        while any(b.colour == colour and b.size == size for b in balls):   # captions tell balls apart
+        while colour in taken:                  # captions tell balls apart by colour and size
             colour = colours[(colours.index(colour) + 1) % len(colours)]
         x = r + rand() * (W - 2 * r)
         y = r + rand() * 0.5 * (H - 2 * r)                                   # upper half: room to fall

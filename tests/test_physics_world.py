@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sora_model.physics_world import COLOURS, Ball, WorldConfig, _caption, _step, physics_clips, render_clip
+from sora_model.physics_world import COLOURS, RADII, Ball, WorldConfig, _caption, _sample_balls, _step, physics_clips, render_clip
 
 
 def test_clip_sizes_durations_and_determinism():
@@ -25,6 +25,21 @@ def test_config_errors():
     import pytest
     with pytest.raises(ValueError, match=r"max_balls: expected 1 to 10 \(each ball a distinct colour and size"):
         WorldConfig(max_balls=11)
+
+
+def test_every_ball_count_the_config_allows():
+    """Up to all 10 (colour, size) pairs in one clip: a size whose colours are all taken gives
+    way to the other size (it used to loop forever looking for a free colour)."""
+    cfg = WorldConfig(max_balls=len(COLOURS) * len(RADII))
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        balls = _sample_balls(cfg, 32, 48, lambda: torch.rand((), generator=g).item())
+        assert len({(b.colour, b.size) for b in balls}) == len(balls)
+    always_small = iter([0.999] + [0.0] * 6 * 10)    # 10 balls, each drawn small and red (6 draws a ball)
+    balls = _sample_balls(cfg, 32, 48, lambda: next(always_small))
+    assert len(balls) == 10 and {(b.colour, b.size) for b in balls} == {(c, s) for c in COLOURS for s in RADII}
+    video, caption = render_clip(cfg, torch.Generator().manual_seed(0))
+    assert caption.startswith("a ")
 
 
 def test_free_fall_and_floor_bounce():
