@@ -17,6 +17,7 @@ from sora_kernels.ops.frames_to_uint8 import FRAMES_BACKENDS
 from sora_kernels.ops.gated_residual import GATED_RESIDUAL_BACKENDS
 from sora_kernels.ops.group_norm_silu import GROUP_NORM_BACKENDS
 from sora_kernels.ops.latent_denorm import LATENT_DENORM_BACKENDS
+from sora_kernels.ops.patch_embed3d import PATCH_EMBED_BACKENDS
 from sora_kernels.ops.patchify3d import PATCHIFY_BACKENDS, UNPATCHIFY_BACKENDS
 from sora_kernels.ops.rms_norm import RMS_NORM_BACKENDS
 from sora_kernels.ops.rope3d import ROPE_BACKENDS
@@ -36,6 +37,7 @@ def _sample_calls(device: torch.device) -> dict:
         "unpatchify3d": (UNPATCHIFY_BACKENDS, (tokens[None], (1, 2, 2), (1, 1, 1))),
         "pack_patchify": (PACK_BACKENDS, (videos, (1, 2, 2))),
         "unpack_unpatchify": (UNPACK_BACKENDS, (tokens, (1, 2, 2), [(1, 2, 2)])),
+        "patch_embed3d (bf16)": (PATCH_EMBED_BACKENDS, (videos, tokens, None, (1, 2, 2))),
         "varlen_attention (bf16, D=64)": (ATTENTION_BACKENDS, (qkv, qkv, qkv)),
         "rope3d (bf16, D=64)": (ROPE_BACKENDS, (qkv, positions, 10000.0, (20, 22, 22))),
         "adaln_norm (fp32)": (ADALN_BACKENDS, (rows,)),

@@ -39,15 +39,40 @@ def native_kernels(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
+def _traced_outputs(f, args) -> list:
+    """The shapes and dtypes torch.compile's graph of f gives its outputs (the custom ops'
+    fake implementations' answers, never run for real): None for an output the graph passes
+    through from its inputs or constants."""
+    traced = []
+
+    def backend(gm, example_inputs):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        traced.extend(a.meta.get("example_value") if isinstance(a, torch.fx.Node) else None
+                      for a in torch.utils._pytree.tree_leaves(out.args[0]))
+        return gm.forward
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True, backend=backend)(*args)
+    return traced
+
+
 def assert_compiles_exactly(f, *args) -> None:
     """torch.compile(f, fullgraph=True) (aot_eager: the graph capture, not codegen) gives
-    f's outputs bit for bit."""
+    f's outputs bit for bit, and the traced graph (the fake implementations) the same shapes
+    and dtypes as the real outputs: aot_eager runs the real kernels, so a fake that gets a
+    shape wrong would pass the comparison of values alone."""
     expected = f(*args)
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
     expected, got = ((t,) if isinstance(t, torch.Tensor) else t for t in (expected, got))
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    tensors = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    traced = _traced_outputs(f, args)
+    assert len(traced) == len(tensors), f"the traced graph returns {len(traced)} outputs, f {len(tensors)}"
+    for i, (fake, real) in enumerate(zip(traced, tensors)):
+        if isinstance(fake, torch.Tensor):
+            assert (tuple(fake.shape), fake.dtype) == (tuple(real.shape), real.dtype), \
+                f"output {i}: traced as {tuple(fake.shape)} {fake.dtype}, computed {tuple(real.shape)} {real.dtype}"
 
 
 def require_backend(backends, name: str, args: tuple) -> None:

@@ -1,10 +1,10 @@
 """gelu_tanh and swiglu against the reference (the 2x rule in fp16 / bf16, tight in fp32) and
-against torch's own functions."""
+against torch's own functions; gradcheck in fp64; torch.compile with fullgraph."""
 import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, assert_2x_rule, require_backend
+from conftest import DEVICE, assert_2x_rule, assert_compiles_exactly, require_backend
 from sora_kernels.ops.activations import GELU_BACKENDS, SWIGLU_BACKENDS
 
 
@@ -41,6 +41,34 @@ def test_swiglu(backend, dtype, shape):
     gate, up = ((3 * torch.randn(*shape, generator=g)).to(DEVICE, dtype).requires_grad_() for _ in range(2))
     require_backend(SWIGLU_BACKENDS, backend, (gate, up))
     _check(sk.swiglu, [gate, up], dtype, backend)
+
+
+# fp64 runs on the reference backend only (the kernels' reasons: fp16, bf16, fp32).
+def test_gelu_tanh_gradcheck_reference():
+    x = (3 * torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).to(DEVICE)
+    assert torch.autograd.gradcheck(lambda x: sk.gelu_tanh(x, backend="reference"), (x.requires_grad_(),))
+
+
+def test_swiglu_gradcheck_reference():
+    g = torch.Generator().manual_seed(0)
+    gate, up = ((3 * torch.randn(3, 5, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_()
+                for _ in range(2))
+    assert torch.autograd.gradcheck(lambda gate, up: sk.swiglu(gate, up, backend="reference"), (gate, up))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_gelu_tanh_torch_compile_fullgraph(backend):
+    x = (3 * torch.randn(7, 24, generator=torch.Generator().manual_seed(0))).to(DEVICE).requires_grad_()
+    require_backend(GELU_BACKENDS, backend, (x,))
+    assert_compiles_exactly(lambda x: sk.gelu_tanh(x, backend=backend), x)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_swiglu_torch_compile_fullgraph(backend):
+    g = torch.Generator().manual_seed(0)
+    gate, up = ((3 * torch.randn(7, 24, generator=g)).to(DEVICE).requires_grad_() for _ in range(2))
+    require_backend(SWIGLU_BACKENDS, backend, (gate, up))
+    assert_compiles_exactly(lambda gate, up: sk.swiglu(gate, up, backend=backend), gate, up)
 
 
 def test_errors():

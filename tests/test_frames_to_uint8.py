@@ -1,10 +1,10 @@
 """frames_to_uint8 equals clamp -> (v + 1) * 127.5 -> round half to even -> uint8, transposed to
-[T, H, W, C], bit for bit."""
+[T, H, W, C], bit for bit, eager and under torch.compile with fullgraph."""
 import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, assert_bitwise_equal, require_backend
+from conftest import DEVICE, assert_bitwise_equal, assert_compiles_exactly, require_backend
 from sora_kernels.ops.frames_to_uint8 import FRAMES_BACKENDS, reference
 
 
@@ -29,6 +29,13 @@ def test_values(backend):
     require_backend(FRAMES_BACKENDS, backend, (x,))
     # 127.5 -> 128 and 128.0 -> 128 (ties to even); out of range clamps
     assert sk.frames_to_uint8(x, backend=backend).flatten().tolist() == [0, 0, 128, 128, 255, 255]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cpu"])
+def test_torch_compile_fullgraph(backend):
+    x = (1.3 * torch.randn(3, 2, 3, 5, generator=torch.Generator().manual_seed(0))).to(DEVICE)
+    require_backend(FRAMES_BACKENDS, backend, (x,))
+    assert_compiles_exactly(lambda x: sk.frames_to_uint8(x, backend=backend), x)
 
 
 def test_errors():

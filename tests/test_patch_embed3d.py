@@ -1,10 +1,10 @@
 """patch_embed3d equals Conv3d(kernel = stride = patch) on each video, packed; gradients too
-(2x rule in fp16 / bf16 against float64, tight in fp32)."""
+(2x rule in fp16 / bf16 against float64, tight in fp32); torch.compile with fullgraph."""
 import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, assert_2x_rule, require_backend
+from conftest import DEVICE, assert_2x_rule, assert_compiles_exactly, require_backend
 from sora_kernels.ops.patch_embed3d import PATCH_EMBED_BACKENDS
 
 SIZES = [(3, 8, 12), (1, 6, 4), (1, 2, 2), (2, 10, 70)]  # clips, images, a 1-token image, a wide row
@@ -39,6 +39,21 @@ def test_matches_conv3d(backend, dtype):
     wide = [t.detach().double().requires_grad_() for t in leaves]
     exact = _run(lambda v, w, b: _conv(v, w, b, patch), wide, len(videos), dout.double())
     assert_2x_rule(ours, plain, exact, dtype, "patch_embed3d")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_torch_compile_fullgraph(backend):
+    g = torch.Generator().manual_seed(0)
+    patch = (1, 2, 2)
+    videos = [torch.randn(4, *s, generator=g).to(DEVICE).requires_grad_() for s in [(1, 2, 4), (2, 2, 2)]]
+    weight = (0.2 * torch.randn(8, 4, *patch, generator=g)).to(DEVICE).requires_grad_()
+    bias = torch.randn(8, generator=g).to(DEVICE).requires_grad_()
+    require_backend(PATCH_EMBED_BACKENDS, backend, (videos, weight.reshape(8, -1), bias, patch))
+
+    def embed(videos, weight, bias):
+        p = sk.patch_embed3d(videos, weight, bias, patch, backend=backend)
+        return p.tokens, p.cu_seqlens, p.positions, p.grid_sizes
+    assert_compiles_exactly(embed, videos, weight, bias)
 
 
 def test_packed_metadata_and_errors():

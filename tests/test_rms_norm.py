@@ -1,10 +1,10 @@
 """rms_norm (QK-norm) against the reference, and gated_residual alone: the rules of
-tests/test_adaln_norm.py."""
+tests/test_adaln_norm.py (the 2x rule, gradcheck in fp64, torch.compile with fullgraph)."""
 import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, assert_2x_rule, require_backend
+from conftest import DEVICE, assert_2x_rule, assert_compiles_exactly, require_backend
 from sora_kernels.ops.gated_residual import GATED_RESIDUAL_BACKENDS
 from sora_kernels.ops.rms_norm import RMS_NORM_BACKENDS
 
@@ -32,22 +32,57 @@ def test_rms_norm(backend, dtype, shape):
                                                                              1e-6), rtol=2e-2, atol=2e-2)
 
 
+def _segments(lengths, D, dtype):
+    """Packed x, y [N, D], gate [n, D] (leaves) and cu_seqlens for segments of `lengths` tokens."""
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
+    x, y = (torch.randn(sum(lengths), D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    gate = torch.randn(len(lengths), D, generator=g).to(DEVICE, dtype).requires_grad_()
+    return x, y, gate, cu
+
+
 @pytest.mark.parametrize("D", [72, 3080])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_gated_residual(backend, dtype, D):
-    g = torch.Generator().manual_seed(0)
-    lengths = [1, 9, 1, 30]
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
-    x, y = (torch.randn(sum(lengths), D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
-    gate = torch.randn(len(lengths), D, generator=g).to(DEVICE, dtype).requires_grad_()
+    x, y, gate, cu = _segments([1, 9, 1, 30], D, dtype)
     require_backend(GATED_RESIDUAL_BACKENDS, backend, (x,))
-    dout = torch.randn(x.shape, generator=g).to(DEVICE)
+    dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ours = _grads(sk.gated_residual, [x, y, gate], dout, cu_seqlens=cu, backend=backend)
     plain = _grads(sk.gated_residual, [x, y, gate], dout, cu_seqlens=cu, backend="reference")
     wide = [t.detach().double().requires_grad_() for t in (x, y, gate)]
     exact = _grads(sk.gated_residual, wide, dout.double(), cu_seqlens=cu, backend="reference")
     assert_2x_rule(ours, plain, exact, dtype, "gated_residual")
+
+
+# fp64 runs on the reference backend only (the kernels' reasons: fp16, bf16, fp32).
+def test_rms_norm_gradcheck_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 8, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    w = (1 + 0.3 * torch.randn(8, generator=g, dtype=torch.float64)).to(DEVICE).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: sk.rms_norm(x, w, backend="reference"), (x, w))
+
+
+def test_gated_residual_gradcheck_reference():
+    x, y, gate, cu = _segments([1, 3, 2], 8, torch.float64)
+    assert torch.autograd.gradcheck(lambda x, y, gate: sk.gated_residual(x, y, gate, cu, backend="reference"),
+                                    (x, y, gate))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_rms_norm_torch_compile_fullgraph(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, 24, generator=g).to(DEVICE).requires_grad_()
+    w = (1 + 0.3 * torch.randn(24, generator=g)).to(DEVICE).requires_grad_()
+    require_backend(RMS_NORM_BACKENDS, backend, (x, w, 1e-6))
+    assert_compiles_exactly(lambda x, w: sk.rms_norm(x, w, backend=backend), x, w)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_gated_residual_torch_compile_fullgraph(backend):
+    x, y, gate, cu = _segments([1, 9, 1, 3], 24, torch.float32)
+    require_backend(GATED_RESIDUAL_BACKENDS, backend, (x,))
+    assert_compiles_exactly(lambda x, y, gate: sk.gated_residual(x, y, gate, cu, backend=backend), x, y, gate)
 
 
 def test_errors():
