@@ -17,6 +17,7 @@ class Packed:
     grid_sizes  [n, 3]     int32, (T/pt, H/ph, W/pw) of each video
     max_seqlen  int        the longest video's token count
     grids       host copy of grid_sizes, so unpacking needs no device sync
+    patch_size  (pt, ph, pw) the videos were cut with (None: not known); unpacking checks it
     """
 
     tokens: torch.Tensor
@@ -25,6 +26,7 @@ class Packed:
     grid_sizes: torch.Tensor
     max_seqlen: int
     grids: tuple[tuple[int, int, int], ...]
+    patch_size: tuple[int, int, int] | None = None
 
     @property
     def num_videos(self) -> int:
@@ -48,6 +50,32 @@ def packed_metadata(grids, device: torch.device):
     meta = torch.tensor(cu + [x for g in grids for x in g], dtype=torch.int32).to(device, non_blocking=True)
     n = len(grids)
     return meta[: n + 1], meta[n + 1:].view(n, 3), max(lengths)
+
+
+def check_packed(packed, patch: tuple[int, int, int]) -> None:
+    """ValueError unless `packed` is a Packed record cut with patch `patch` (when it knows its
+    patch): unpacking with another patch of the same volume would give videos of other sizes."""
+    if not isinstance(packed, Packed):
+        raise ValueError(f"packed: expected a Packed record (from pack_patchify or patch_embed3d), "
+                         f"got {type(packed).__name__}")
+    if packed.patch_size is not None and tuple(patch) != tuple(packed.patch_size):
+        raise ValueError(f"patch_size: expected {tuple(packed.patch_size)}, the patch the videos were packed with, "
+                         f"got {tuple(patch)}")
+
+
+def check_offsets(name: str, values: list[int], n: int) -> list[int]:
+    """ValueError naming `name` unless the offsets `values` (cu_seqlens read on the host) start
+    at 0, never decrease and end at the token count n; returns the segment lengths."""
+    if values[0] != 0:
+        raise ValueError(f"{name}: expected cu_seqlens[0] == 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    bad = next((i for i, length in enumerate(lengths) if length < 0), None)
+    if bad is not None:
+        raise ValueError(f"{name}: expected non-decreasing offsets, got {values[bad]} then {values[bad + 1]} "
+                         f"at index {bad}")
+    if values[-1] != n:
+        raise ValueError(f"{name}: expected the last entry to equal the token count {n}, got {values[-1]}")
+    return lengths
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, min_entries: int = 1) -> None:

@@ -119,6 +119,15 @@ def test_gradcheck_reference(norm):
     assert torch.autograd.gradcheck(fn, tuple(args[k] for k in ("x", "y", "gate", "shift", "scale", "weight")))
 
 
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_adaln_norm_gradcheck_reference(norm):
+    """fp64 runs on the reference backend only (the kernels' reasons: fp16, bf16, fp32)."""
+    args, cu = make([1, 3, 2], 8, torch.float64)
+    fn = lambda x, shift, scale, weight: sk.adaln_norm(  # noqa: E731
+        x, shift, scale, cu, norm=norm, weight=weight, backend="reference")
+    assert torch.autograd.gradcheck(fn, tuple(args[k] for k in ("x", "shift", "scale", "weight")))
+
+
 def test_segment_ids_cached_on_packed():
     videos = [torch.randn(4, 1, 4, 4, device=DEVICE), torch.randn(4, 2, 2, 2, device=DEVICE)]
     packed = sk.pack_patchify(videos, (1, 2, 2))
@@ -135,6 +144,13 @@ def test_torch_compile_fullgraph():
     assert_compiles_exactly(lambda a: sk.gated_residual_adaln(**a, cu_seqlens=cu), args)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaln_norm_torch_compile_fullgraph(backend):
+    args, cu = make(LENGTHS, 72, torch.float32)
+    require_backend(op.ADALN_BACKENDS, backend, (args["x"],))
+    assert_compiles_exactly(lambda a: sk.adaln_norm(**a, cu_seqlens=cu, backend=backend), args)
+
+
 ERRORS = [
     (dict(shift=torch.zeros(4, 16)), r"shift: expected shape \(5, 16\), got \(4, 16\)"),
     (dict(scale=torch.zeros(5, 8)), r"scale: expected shape \(5, 16\)"),
@@ -147,7 +163,17 @@ ERRORS = [
     (dict(eps=-1.0), "eps: expected a finite number >= 0"),
     (dict(x=torch.zeros(50)), r"x: expected a 2-dim tensor \[N, D\]"),
     (dict(segment_ids=torch.zeros(49, dtype=torch.int32)), r"segment_ids: expected int32 \[50\]"),
+    # values: checked on CPU tensors only (no device sync)
+    (dict(cu_seqlens=torch.tensor([1, 1, 8, 9, 49, 50], dtype=torch.int32)),
+     r"cu_seqlens: expected cu_seqlens\[0\] == 0, got 1"),
+    (dict(cu_seqlens=torch.tensor([0, 8, 1, 9, 49, 50], dtype=torch.int32)),
+     "cu_seqlens: expected non-decreasing offsets, got 8 then 1 at index 1"),
+    (dict(segment_ids=torch.full((50,), 5, dtype=torch.int32)),
+     r"segment_ids: expected ids in \[0, 5\) \(cu_seqlens has 5 segments\), got ids from 5 to 5"),
+    (dict(segment_ids=torch.arange(-1, 49, dtype=torch.int32) // 10),
+     r"segment_ids: expected ids in \[0, 5\) .* got ids from -1 to 4"),
 ]
+HOST_CHECKED = ("last entry", "cu_seqlens\\[0\\]", "non-decreasing", "ids in")
 
 
 @pytest.mark.parametrize("change,message", ERRORS)
@@ -159,8 +185,8 @@ def test_errors(change, message):
                  for k, v in change.items()})
     if "cu_seqlens" in change:
         args["cu_seqlens"] = change["cu_seqlens"].to(DEVICE)
-        if DEVICE.type == "cuda" and "last entry" in message:
-            pytest.skip("the token count is checked against a CPU cu_seqlens only (no device sync)")
+    if DEVICE.type == "cuda" and any(m in message for m in HOST_CHECKED):
+        pytest.skip("values are checked on CPU tensors only (no device sync)")
     x, shift, scale, cu_seqlens = (args.pop(k) for k in ("x", "shift", "scale", "cu_seqlens"))
     with pytest.raises(ValueError, match=message):
         sk.adaln_norm(x, shift, scale, cu_seqlens, **args)

@@ -1,5 +1,7 @@
 """pack_patchify / unpack_unpatchify: every backend bitwise equal to the reference, on
 awkward mixes of sizes, forward and backward, under torch.compile, and with clear errors."""
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -164,6 +166,8 @@ def test_torch_compile_inductor():
     ([torch.zeros(3, 1, 5, 4)], (1, 2, 2), r"videos\[0\]: H=5 is not divisible by patch_size\[1\]=2"),
     ([torch.zeros(3, 1, 4, 4)], (1, 0, 2), r"patch_size\[1\]: expected a positive int, got 0"),
     ([torch.zeros(3, 1, 4, 4)], (1, 2), r"patch_size: expected an int or 3 ints"),
+    ([torch.zeros(3, 1, 4, 4)], True, r"patch_size: expected an int or 3 ints \(pt, ph, pw\), got True"),
+    ([torch.zeros(3, 1, 4, 4)], (1, True, 2), r"patch_size: expected an int or 3 ints"),
     ([torch.zeros(3, 0, 4, 4)], (1, 2, 2), r"videos\[0\]: expected T > 0, got T=0"),
     ([torch.zeros(0, 1, 4, 4)], (1, 2, 2), r"videos\[0\]: expected C >= 1 channels, got C=0"),
 ])
@@ -187,6 +191,26 @@ def test_unpack_checks_token_count_and_width():
         sk.unpack_unpatchify(torch.zeros(5, 10), packed, (1, 2, 2))
     with pytest.raises(ValueError, match=r"tokens: expected a 2-dim tensor \[N, D\], got \(5, 12, 1\)"):
         sk.unpack_unpatchify(torch.zeros(5, 12, 1), packed, (1, 2, 2))
+
+
+def test_unpack_checks_the_record_and_its_patch():
+    """Unpacking with another patch of the same volume would return videos of other sizes;
+    the record knows the patch it was cut with (patch_embed3d's too)."""
+    videos = make_videos([(1, 4, 4), (2, 2, 2)], 3)
+    packed = sk.pack_patchify(videos, (1, 2, 2))
+    assert packed.patch_size == (1, 2, 2)
+    with pytest.raises(ValueError, match=r"patch_size: expected \(1, 2, 2\), the patch the videos were packed with, "
+                                         r"got \(1, 1, 4\)"):
+        sk.unpack_unpatchify(packed.tokens, packed, (1, 1, 4))
+    with pytest.raises(ValueError, match=r"packed: expected a Packed record .* got NoneType"):
+        sk.unpack_unpatchify(packed.tokens, None, (1, 2, 2))
+    embedded = sk.patch_embed3d(videos, torch.zeros(8, 3, 1, 2, 2, device=DEVICE), None, (1, 2, 2), backend="reference")
+    assert embedded.patch_size == (1, 2, 2)
+    with pytest.raises(ValueError, match=r"patch_size: expected \(1, 2, 2\)"):
+        sk.unpack_unpatchify(packed.tokens, embedded, 2)
+    # a record made by hand, without its patch, is taken at its word
+    unknown = dataclasses.replace(packed, patch_size=None)
+    assert [v.shape for v in sk.unpack_unpatchify(packed.tokens, unknown, (1, 1, 4))] == [(3, 1, 2, 8), (3, 2, 1, 4)]
 
 
 def test_compiled_op_checks_its_arguments():

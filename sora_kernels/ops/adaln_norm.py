@@ -23,7 +23,7 @@ import torch
 
 from sora_kernels import backends as B
 from sora_kernels.ops.rope3d import block_d
-from sora_kernels.packed import check_cu_seqlens
+from sora_kernels.packed import check_cu_seqlens, check_offsets
 from sora_kernels.reference import dit_ops as ref
 
 if B.TRITON_MISSING is None:
@@ -602,14 +602,14 @@ def check_like(name: str, t, x: torch.Tensor, shape: tuple) -> None:
 
 
 def check_segments(x: torch.Tensor, cu_seqlens, segment_ids) -> tuple[int, torch.Tensor]:
-    """(segments, int32 segment id per token) from cu_seqlens, checked against x (no device
-    sync: the count of tokens is compared through cu_seqlens' last entry only on the host
-    when cu_seqlens is on the CPU, else by the shape of segment_ids)."""
+    """(segments, int32 segment id per token) from cu_seqlens, checked against x. Their values
+    are checked on CPU tensors only (on a GPU reading them would cost a device sync): the
+    offsets start at 0, never decrease and end at the token count; given segment ids lie in
+    [0, segments) (a backend indexes shift / scale / gate rows with them)."""
     check_cu_seqlens("cu_seqlens", cu_seqlens, x.device, min_entries=2)
-    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        last = int(cu_seqlens[-1])
-        if last != x.shape[0]:
-            raise ValueError(f"cu_seqlens: expected the last entry to equal the token count {x.shape[0]}, got {last}")
+    on_host = cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_host:
+        check_offsets("cu_seqlens", cu_seqlens.tolist(), x.shape[0])
     n = cu_seqlens.shape[0] - 1
     if segment_ids is None:
         return n, ref.segment_ids(cu_seqlens, x.shape[0])
@@ -618,6 +618,11 @@ def check_segments(x: torch.Tensor, cu_seqlens, segment_ids) -> tuple[int, torch
         got = (tuple(segment_ids.shape), segment_ids.dtype, str(segment_ids.device)) \
             if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
         raise ValueError(f"segment_ids: expected int32 [{x.shape[0]}] on {x.device}, got {got}")
+    if on_host and segment_ids.numel() > 0:
+        low, high = (int(v) for v in torch.aminmax(segment_ids))
+        if low < 0 or high >= n:
+            raise ValueError(f"segment_ids: expected ids in [0, {n}) (cu_seqlens has {n} segments), "
+                             f"got ids from {low} to {high}")
     return n, segment_ids
 
 

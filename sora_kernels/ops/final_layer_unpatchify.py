@@ -29,7 +29,7 @@ from sora_kernels import backends as B
 from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, MAX_D, adaln_backward, adaln_forward, check_like, check_norm, \
     check_tokens
 from sora_kernels.ops.pack_patchify import check_patch_size, pack_patchify, unpack_unpatchify
-from sora_kernels.packed import Packed
+from sora_kernels.packed import Packed, check_packed
 from sora_kernels.reference import dit_ops as ref
 
 if B.TRITON_MISSING is None:
@@ -310,8 +310,7 @@ def final_layer_unpatchify(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     check_tokens("x", x)
     layer = check_norm(norm, eps)
     patch = check_patch_size(patch_size)
-    if not isinstance(packed, Packed):
-        raise ValueError(f"packed: expected a Packed record (pack_patchify, patch_embed3d), got {type(packed).__name__}")
+    check_packed(packed, patch)
     n, D = len(packed.grids), x.shape[1]
     n_tokens = sum(t * h * w for t, h, w in packed.grids)
     if x.shape[0] != n_tokens:

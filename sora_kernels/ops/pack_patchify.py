@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from sora_kernels import backends as B
-from sora_kernels.packed import Packed, packed_metadata
+from sora_kernels.packed import Packed, check_packed, packed_metadata
 from sora_kernels.reference import patchify as ref
 
 if B.TRITON_MISSING is None:
@@ -275,10 +275,10 @@ _register_autograd("pack_patchify_triton", "unpack_unpatchify_triton")
 
 def check_patch_size(patch_size) -> tuple[int, int, int]:
     """(pt, ph, pw) from an int or 3 ints; ValueError naming `patch_size` otherwise."""
-    if isinstance(patch_size, int):
+    if isinstance(patch_size, int) and not isinstance(patch_size, bool):
         patch_size = (patch_size,) * 3
-    patch = tuple(patch_size)
-    if len(patch) != 3 or not all(isinstance(p, int) for p in patch):
+    patch = tuple(patch_size) if isinstance(patch_size, (tuple, list, torch.Size)) else ()
+    if len(patch) != 3 or not all(isinstance(p, int) and not isinstance(p, bool) for p in patch):
         raise ValueError(f"patch_size: expected an int or 3 ints (pt, ph, pw), got {patch_size!r}")
     for a, p in enumerate(patch):
         if p <= 0:
@@ -420,7 +420,7 @@ def pack_patchify(videos: Sequence[torch.Tensor], patch_size, *, backend: str | 
 
     Returns:
         Packed(tokens [N, D], cu_seqlens int32 [n+1], positions int32 [N, 3], grid_sizes int32 [n, 3],
-        max_seqlen, grids), with D = C*pt*ph*pw, tokens in raster (t, h, w) order and features in
+        max_seqlen, grids, patch_size), with D = C*pt*ph*pw, tokens in raster (t, h, w) order and features in
         (C, pt, ph, pw) order. Differentiable with respect to the videos. Equivalent PyTorch::
 
             torch.cat([v.reshape(C, T//pt, pt, H//ph, ph, W//pw, pw)
@@ -436,7 +436,7 @@ def pack_patchify(videos: Sequence[torch.Tensor], patch_size, *, backend: str | 
     pt, ph, pw = patch
     grids = tuple([(T // pt, H // ph, W // pw) for _, T, H, W in [v.shape for v in videos]])
     cu_seqlens, grid_sizes, max_seqlen = packed_metadata(grids, tokens.device)
-    return Packed(tokens, cu_seqlens, positions, grid_sizes, max_seqlen, grids)
+    return Packed(tokens, cu_seqlens, positions, grid_sizes, max_seqlen, grids, patch)
 
 
 def unpack_unpatchify(tokens: torch.Tensor, packed: Packed, patch_size, *,
@@ -446,10 +446,12 @@ def unpack_unpatchify(tokens: torch.Tensor, packed: Packed, patch_size, *,
     Args:
         tokens: [N, D] in the layout of `packed` (for example the model's output for it).
         packed: the Packed record that gives each video's grid.
-        patch_size: (pt, ph, pw), or one int; D must be a multiple of pt*ph*pw.
+        patch_size: (pt, ph, pw), or one int: the patch `packed` was cut with (checked when
+            the record knows it); D must be a multiple of pt*ph*pw.
         backend: as for pack_patchify.
     """
     patch = check_patch_size(patch_size)
+    check_packed(packed, patch)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"tokens: expected a 2-dim tensor [N, D], got {got}")

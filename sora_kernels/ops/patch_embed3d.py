@@ -147,7 +147,7 @@ def _metadata(videos, patch) -> Packed:
     cu_seqlens, grid_sizes, max_seqlen = packed_metadata(grids, videos[0].device)
     n = sum(t * h * w for t, h, w in grids)
     return Packed(videos[0].new_empty((n, 0)), cu_seqlens, videos[0].new_empty((n, 3), dtype=torch.int32),
-                  grid_sizes, max_seqlen, grids)
+                  grid_sizes, max_seqlen, grids, tuple(patch))
 
 
 patch_embed3d_triton.register_autograd(_backward, setup_context=_setup)
@@ -223,4 +223,4 @@ def patch_embed3d(videos: Sequence[torch.Tensor], weight: torch.Tensor, bias: to
     tokens = B.select("patch_embed3d", PATCH_EMBED_BACKENDS, args, backend).run(*args)
     meta = _metadata(videos, patch)
     positions = ref.packed_positions(meta.grids, tokens.device)
-    return Packed(tokens, meta.cu_seqlens, positions, meta.grid_sizes, meta.max_seqlen, meta.grids)
+    return Packed(tokens, meta.cu_seqlens, positions, meta.grid_sizes, meta.max_seqlen, meta.grids, meta.patch_size)
