@@ -21,7 +21,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sora_kernels import backends as B
-from sora_kernels.packed import check_cu_seqlens
+from sora_kernels.packed import check_cu_seqlens, check_offsets
 from sora_kernels.ops.rope3d import (block_d, check_positions, check_sections, check_theta, fast_trig, launch_rope3d,
                                      rope_table)
 from sora_kernels.reference import attention as ref
@@ -744,6 +744,19 @@ def _put_lse(lse: torch.Tensor, rows: torch.Tensor | slice, batch: torch.Tensor)
         lse.index_copy_(1, rows, batch.transpose(0, 1).reshape(H, n * length).float())
 
 
+def _whole(rows: torch.Tensor | slice, n_rows: int) -> bool:
+    """Whether `rows` are all n_rows rows in order. For a group of every row in order (dense
+    segments of one shape) the packed tensor is aten's batch itself: aten's CPU flash attention
+    returns [n, heads, length, D] laid out as [n, length, heads, D], the packed rows, so its
+    outputs are the results as views, with no copy back."""
+    return isinstance(rows, slice) and rows.start == 0 and rows.stop == n_rows
+
+
+def _packed_view(batch: torch.Tensor) -> torch.Tensor:
+    """A batch [n, h, length, D] of every row in order as packed rows [n * length, h, D]."""
+    return batch.transpose(1, 2).reshape(-1, batch.shape[1], batch.shape[3])
+
+
 def _covers(groups: list[_Group], n_rows: int) -> bool:
     """Whether the groups write every query row (no row needs its zero / -inf default)."""
     return sum(g.n * g.lq for g in groups) == n_rows
@@ -783,6 +796,7 @@ def cpu_forward(q, k, v, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs 
     q, k = _rotated(q, k, rope)
     q, k, v = q.to(work), k.to(work), v.to(work)
     groups = _cpu_groups(cu_q, cu_k, causal, q.device)
+    whole = len(groups) == 1 and _whole(groups[0].rows_q, Nq)
     if _covers(groups, Nq):
         out, lse = q.new_empty((Nq, H, D)), torch.empty((H, Nq), device=q.device)
     else:
@@ -791,6 +805,8 @@ def cpu_forward(q, k, v, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs 
         o, m = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _gather(q, g.rows_q, g.n, g.lq, H), _gather(k, g.rows_k, g.n, g.lk, H), _gather(v, g.rows_k, g.n, g.lk, H),
             0.0, g.is_causal, attn_mask=_additive(g.mask, work), scale=scale)     # [n, H, lq, D], [n, H, lq]
+        if whole:
+            return _packed_view(o).to(dtype), m.transpose(0, 1).reshape(H, Nq).float()
         _put(out, g.rows_q, o)
         _put_lse(lse, g.rows_q, m)
     return out.to(dtype), lse
@@ -803,18 +819,25 @@ def cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float, causal: bool
     dtype, work = q.dtype, _cpu_work_dtype(q.dtype)
     q, k = _rotated(q, k, rope)
     q, k, v, dout, out = (x.to(work) for x in (q, k, v, dout, out))
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for g in _cpu_groups(cu_q, cu_k, causal, q.device):
+    groups = _cpu_groups(cu_q, cu_k, causal, q.device)
+    whole = len(groups) == 1 and _whole(groups[0].rows_q, Nq) and _whole(groups[0].rows_k, k.shape[0])
+    if not whole:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for g in groups:
         lse_g = _take(lse, g.rows_q, dim=1).view(H, g.n, g.lq).transpose(0, 1).to(work).contiguous()
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _gather(dout, g.rows_q, g.n, g.lq, H), _gather(q, g.rows_q, g.n, g.lq, H),
             _gather(k, g.rows_k, g.n, g.lk, H), _gather(v, g.rows_k, g.n, g.lk, H),
             _gather(out, g.rows_q, g.n, g.lq, H), lse_g, 0.0, g.is_causal, attn_mask=_additive(g.mask, work),
             scale=scale)
+        if Hkv != H:  # GQA: the heads of a group share their kv head, so their gradients add up
+            gk, gv = (t.view(g.n, Hkv, H // Hkv, g.lk, D).sum(2) for t in (gk, gv))
+        if whole:
+            dq, dk, dv = _packed_view(gq), _packed_view(gk), _packed_view(gv)
+            break
         _put(dq, g.rows_q, gq)
-        # GQA: the heads of a group share their kv head, so their gradients add up.
-        _put(dk, g.rows_k, gk.view(g.n, Hkv, H // Hkv, g.lk, D).sum(2))
-        _put(dv, g.rows_k, gv.view(g.n, Hkv, H // Hkv, g.lk, D).sum(2))
+        _put(dk, g.rows_k, gk)
+        _put(dv, g.rows_k, gv)
     dq, dk = _rotated(dq, dk, rope, inverse=True)  # gradients of the rotated q, k -> of q, k
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
@@ -935,16 +958,7 @@ def check_seqlens_values(cu_q: torch.Tensor, cu_k: torch.Tensor, n_q: int, n_k: 
     one small device-to-host copy on a GPU the first time a tensor (at its version) is seen."""
     for name, cu, n, max_name, max_len in (("cu_seqlens_q", cu_q, n_q, "max_seqlen_q", max_q),
                                            ("cu_seqlens_k", cu_k, n_k, "max_seqlen_k", max_k)):
-        values = _read_seqlens(cu)
-        if values[0] != 0:
-            raise ValueError(f"{name}: expected cu_seqlens[0] == 0, got {values[0]}")
-        lengths = [b - a for a, b in zip(values, values[1:])]
-        bad = next((i for i, length in enumerate(lengths) if length < 0), None)
-        if bad is not None:
-            raise ValueError(f"{name}: expected non-decreasing offsets, got {values[bad]} then {values[bad + 1]} "
-                             f"at index {bad}")
-        if values[-1] != n:
-            raise ValueError(f"{name}: expected the last entry to equal the token count {n}, got {values[-1]}")
+        lengths = check_offsets(name, _read_seqlens(cu), n)
         longest = max(lengths, default=0)
         if max_len < longest:
             raise ValueError(f"{max_name}: expected at least the longest segment, {longest}, got {max_len}")
