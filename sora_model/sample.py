@@ -7,7 +7,8 @@ writes them through the autoencoder's streaming decode.
 --size is FRAMES x HEIGHT x WIDTH in pixels (frames 1 + 4k; height and width multiples of 16):
 each gives one output, an image when FRAMES is 1. One --prompt for all, or one per --size.
 Each output is written as MP4 and GIF (an image as a 1-frame one), its prompt beside it in a
-.txt. The EMA weights are used unless --no-ema.
+.txt. The EMA weights are used unless --no-ema. A progress bar counts the sampling steps
+unless --no-progress.
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ def load_run(run: str, ema: bool = True, device: str | torch.device = "cpu") -> 
 
 @torch.no_grad()
 def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, int, int]], *, steps: int = 30,
-             guidance: float = 4.0, method: str = "heun", seed: int = 0) -> list[torch.Tensor]:
-    """uint8 frames [T, H, W, 3] for each (prompt, pixel size), sampled as one packed batch."""
+             guidance: float = 4.0, method: str = "heun", seed: int = 0, progress: bool = False) -> list[torch.Tensor]:
+    """uint8 frames [T, H, W, 3] for each (prompt, pixel size), sampled as one packed batch
+    (with a progress bar over the sampling steps when progress)."""
     dit: DiT = model.dit
     device = dit.patch_embed.device
     tc, sc = vae.cfg.temporal_compression, vae.cfg.spatial_compression
@@ -68,7 +70,7 @@ def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, in
     with autocast:
         latents = sample(dit, shapes, text, dit.cfg.patch_size, null=model.text.null(len(prompts)),
                          guidance=guidance, steps=steps, method=method, generator=torch.Generator().manual_seed(seed),
-                         device=device)
+                         device=device, progress=progress)
     videos = []
     for z in latents:
         chunks = [to_uint8_frames(c) for c in vae.decode_stream(z[None], chunk_frames=2)]
@@ -90,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--out", default="samples")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if len(args.prompt) not in (1, len(args.size)):
         p.error(f"--prompt: expected one, or one per --size ({len(args.size)}), got {len(args.prompt)}")
@@ -106,7 +109,7 @@ def main(argv=None) -> list[str]:
     vae = load_checkpoint(args.vae, args.device).eval()
     prompts = args.prompt * len(args.size) if len(args.prompt) == 1 else args.prompt
     videos = generate(model, vae, prompts, args.size, steps=args.steps, guidance=args.guidance, method=args.method,
-                      seed=args.seed)
+                      seed=args.seed, progress=not args.no_progress)
     os.makedirs(args.out, exist_ok=True)
     paths = []
     for i, (frames, prompt) in enumerate(zip(videos, prompts)):

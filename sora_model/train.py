@@ -178,13 +178,25 @@ def encode(vae, videos, device) -> list[torch.Tensor]:
 # Checkpoints
 # -----------------------------------------------------------------------------
 
+def save_atomically(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """safetensors' save_file to path + '.tmp', synced to disk (fsync), then renamed over path: a
+    run killed at any point leaves the previous file whole, and after a crash the new name never
+    points at data that was not written yet. (sora_model.train_vae's checkpoints use it too.)"""
+    from safetensors.torch import save_file
+    tmp = path + ".tmp"
+    save_file(state, tmp, metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
                     cfg: TrainConfig) -> None:
     """One safetensors file of full tensors (model.*, ema.*, and optim.<parameter index>.<name>
-    for AdamW's state), written by rank 0 whole to path + '.tmp' and then renamed over path.
+    for AdamW's state), written by rank 0 whole to path + '.tmp', synced and then renamed over
+    path (save_atomically).
     Under FSDP2 every rank must call it: each sharded tensor is gathered whole, one at a time,
     and only rank 0 keeps a (CPU) copy."""
-    from safetensors.torch import save_file
     write = not dist.is_initialized() or dist.get_rank() == 0
     opt_state = opt.state_dict()
     named = [(f"model.{k}", v) for k, v in model.state_dict().items()]
@@ -201,9 +213,7 @@ def save_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.opti
         return
     meta = {"step": str(step), "config": json.dumps(asdict(cfg)),
             "param_groups": json.dumps(opt_state["param_groups"])}
-    tmp = path + ".tmp"
-    save_file(state, tmp, metadata=meta)
-    os.replace(tmp, path)
+    save_atomically(state, path, meta)
 
 
 def _like(v: torch.Tensor, ref) -> torch.Tensor:

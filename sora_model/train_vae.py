@@ -8,21 +8,32 @@ optional adversarial term), checkpoints in safetensors.
 
 The adversarial term (sora_model/discriminator.py) is off by default (--adv-weight 0). From
 step --adv-start the decoder also minimises adv_weight * -D(reconstruction), and the
-discriminator takes one hinge-loss step per training step. Checkpoints hold the autoencoder
-only.
+discriminator takes one hinge-loss step per training step.
+
+Checkpoints (--out, one safetensors file) hold the autoencoder's weights under their own names
+(encoder.*, decoder.*: what load_checkpoint, sora-train and sora-sample read) and the training
+state beside them: AdamW's (optim.*), the discriminator's weights and AdamW state (disc.*,
+disc_optim.*) and the random generators' states (rng.*). They are written to a temporary name,
+synced and renamed (a killed run leaves the previous checkpoint whole). --resume continues from
+the checkpoint's step: the next steps' losses are those of an uninterrupted run (the clips of a
+folder are read again up to the checkpoint's step to continue their order).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import sys
 from dataclasses import asdict
+from typing import Iterator
 
 import torch
 
-from sora_model.data import folder_videos, synthetic_videos
-from sora_model.physics_world import WorldConfig, physics_clips
+from sora_model.data import folder_videos, synthetic_video
+from sora_model.physics_world import WorldConfig, render_clip
 from sora_model.discriminator import PatchDiscriminator3D, discriminator_hinge_loss, generator_hinge_loss
+from sora_model.train import save_atomically
 from sora_model.vae import SIZES, VAEConfig, VideoAutoencoder, vae_config
 
 
@@ -38,22 +49,118 @@ RECON_LOSSES = {
 }
 
 
-def save_checkpoint(path: str, vae: VideoAutoencoder, step: int) -> None:
-    from safetensors.torch import save_file
-    state = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    save_file(state, path, metadata={"config": json.dumps(asdict(vae.cfg)), "step": str(step)})
+# -----------------------------------------------------------------------------
+# Checkpoints
+# -----------------------------------------------------------------------------
+
+# the names of the training state, beside the autoencoder's own (encoder.*, decoder.*)
+TRAINING_STATE = ("optim.", "disc.", "disc_optim.", "rng.")
+
+
+def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    """AdamW's state as tensors named <prefix>.<parameter index>.<name>, and its param_groups as JSON."""
+    state = opt.state_dict()
+    tensors = {f"{prefix}.{pid}.{name}": v if torch.is_tensor(v) else torch.tensor(v)
+               for pid, s in state["state"].items() for name, v in s.items()}
+    return tensors, json.dumps(state["param_groups"])
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], prefix: str, param_groups: str) -> dict:
+    """The state dict that _optimizer_tensors wrote."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            pid, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": json.loads(param_groups)}
+
+
+def _config(meta: dict[str, str]) -> VAEConfig:
+    fields = json.loads(meta["config"])
+    return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def save_checkpoint(path: str, vae: VideoAutoencoder, step: int, *, opt: torch.optim.Optimizer | None = None,
+                    disc: PatchDiscriminator3D | None = None, opt_d: torch.optim.Optimizer | None = None,
+                    rng: dict[str, torch.Tensor] | None = None) -> None:
+    """The autoencoder's weights, its config and the step, and the training state --resume needs
+    when given: AdamW's (opt), the discriminator's weights and AdamW (disc, opt_d), random
+    generators' states (rng, by name). Written to path + '.tmp', synced and renamed over path
+    (train.save_atomically)."""
+    state = dict(vae.state_dict())
+    meta = {"config": json.dumps(asdict(vae.cfg)), "step": str(step)}
+    if opt is not None:
+        tensors, meta["param_groups"] = _optimizer_tensors("optim", opt)
+        state.update(tensors)
+    if disc is not None:
+        state.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
+    if opt_d is not None:
+        tensors, meta["disc_param_groups"] = _optimizer_tensors("disc_optim", opt_d)
+        state.update(tensors)
+    state.update({f"rng.{name}": v for name, v in (rng or {}).items()})
+    save_atomically({k: v.detach().contiguous().cpu() for k, v in state.items()}, path, meta)
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> VideoAutoencoder:
+    """The autoencoder of a save_checkpoint file (its training state, if any, is not read)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
+    with safe_open(path, framework="pt") as f:
+        vae = VideoAutoencoder(_config(f.metadata()))
+        vae.load_state_dict({k: f.get_tensor(k) for k in f.keys() if not k.startswith(TRAINING_STATE)})
+    return vae.to(device)
+
+
+def load_training_state(path: str, vae: VideoAutoencoder, opt: torch.optim.Optimizer,
+                        disc: PatchDiscriminator3D | None = None,
+                        opt_d: torch.optim.Optimizer | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+    """Loads a checkpoint's autoencoder and training state into vae and opt (and disc and opt_d
+    when given); returns its step and its random generators' states."""
+    from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
-    fields = json.loads(meta["config"])
-    cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    vae = VideoAutoencoder(cfg)
-    vae.load_state_dict(load_file(path, device="cpu"))
-    return vae.to(device)
+        if "param_groups" not in meta:
+            raise ValueError(f"resume: {path!r} holds the autoencoder only, without its optimizer state (written "
+                             "before --resume existed, or by save_checkpoint without opt); it cannot be resumed")
+        if disc is not None and "disc_param_groups" not in meta:
+            raise ValueError(f"resume: {path!r} holds no discriminator state (trained with --adv-weight 0); "
+                             "expected one for --adv-weight > 0")
+        if _config(meta) != vae.cfg:
+            raise ValueError(f"resume: {path!r} holds an autoencoder of another config: expected {vae.cfg}, "
+                             f"got {_config(meta)}")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    vae.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE)})
+    opt.load_state_dict(_optimizer_state(tensors, "optim", meta["param_groups"]))
+    if disc is not None:
+        disc.load_state_dict({k[len("disc."):]: v for k, v in tensors.items() if k.startswith("disc.")})
+        opt_d.load_state_dict(_optimizer_state(tensors, "disc_optim", meta["disc_param_groups"]))
+    return int(meta["step"]), {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+
+def clips(args) -> tuple[Iterator[torch.Tensor], torch.Generator | None]:
+    """The training clips, one at a time, and the generator they are drawn from (None for a
+    folder: folder_videos keeps its order inside), which a checkpoint saves to continue them."""
+    if args.data == "synthetic":
+        g = torch.Generator().manual_seed(args.seed)
+        return (synthetic_video(args.frames, args.size, args.size, g) for _ in itertools.count()), g
+    if args.data == "physics":
+        g = torch.Generator().manual_seed(args.seed)
+        world = WorldConfig(frames=(args.frames,), sizes=((args.size, args.size),))
+        return (render_clip(world, g)[0] for _ in itertools.count()), g
+    return folder_videos(args.data, args.frames, args.size, args.size, args.seed), None
+
+
+def rng_states(device: torch.device, data_generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """What a resume restores to draw the same posterior noise and clips as an uninterrupted run."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    if data_generator is not None:
+        states["data"] = data_generator.get_state()
+    return states
 
 
 def parse_args(argv=None):
@@ -74,6 +181,8 @@ def parse_args(argv=None):
     p.add_argument("--adv-start", type=int, default=0, help="first step with the adversarial term")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--out", default="vae.safetensors")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out's checkpoint: its step, weights, AdamW and discriminator state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs every 10%% instead)")
@@ -88,26 +197,34 @@ def parse_args(argv=None):
 
 
 def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float]:
-    """Runs the training; returns the loss of every step (the autoencoder's: reconstruction +
-    KL, + the weighted generator term once it is on). With --adv-weight > 0 a discriminator is made
-    unless one is given (its weights are updated in place)."""
+    """Runs the training (from --out's checkpoint with --resume); returns the loss of every step
+    run (the autoencoder's: reconstruction + KL, + the weighted generator term once it is on). With
+    --adv-weight > 0 a discriminator is made unless one is given (its weights are updated in place)."""
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     vae = VideoAutoencoder(vae_config(args.config)).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     adversarial = args.adv_weight > 0
+    disc = opt_d = None
     if adversarial:
         disc = (discriminator or PatchDiscriminator3D()).to(device).train()
         opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    if args.data == "synthetic":
-        data = synthetic_videos(args.frames, args.size, args.size, args.seed)
-    elif args.data == "physics":
-        world = WorldConfig(frames=(args.frames,), sizes=((args.size, args.size),))
-        data = (video for video, _ in physics_clips(world, args.seed))
-    else:
-        data = folder_videos(args.data, args.frames, args.size, args.size, args.seed)
+    data, data_generator = clips(args)
+    start = 0
+    if args.resume:
+        if not os.path.exists(args.out):
+            raise ValueError(f"resume: no checkpoint at {args.out!r}")
+        start, rng = load_training_state(args.out, vae, opt, disc, opt_d)
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        if data_generator is not None and "data" in rng:
+            data_generator.set_state(rng["data"])
+        else:                                   # a folder: draw the clips of the steps done again
+            for _ in range(start * args.batch):
+                next(data)
     losses = []
-    steps = range(1, args.steps + 1)
+    steps = range(start + 1, args.steps + 1)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -143,7 +260,8 @@ def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float
         elif step % max(1, args.steps // 10) == 0:
             print(f"step {step}/{args.steps} " + " ".join(f"{k} {v}" for k, v in stats.items()), file=sys.stderr)
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(args.out, vae, step)
+            save_checkpoint(args.out, vae, step, opt=opt, disc=disc, opt_d=opt_d,
+                            rng=rng_states(device, data_generator))
     return losses
 
 

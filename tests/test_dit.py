@@ -75,7 +75,7 @@ def test_adaln_zero_output_is_zero():
     assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
 
 
-def _train(steps=5):
+def _train(steps=20):
     dit = model(seed=2)
     latents, t, text = batch(seed=2)
     targets = [torch.randn_like(z) for z in latents]

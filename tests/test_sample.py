@@ -1,5 +1,6 @@
 """Sampling from a training run (sora_model/sample.py): three aspect ratios and an image in one
-packed batch, written as MP4 and GIF through the streaming decode; clear argument errors."""
+packed batch, written as MP4 and GIF through the streaming decode; a progress bar unless
+--no-progress; clear argument errors."""
 import os
 
 import pytest
@@ -13,7 +14,7 @@ from sora_model.vae import VideoAutoencoder, vae_config
 pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
-def test_sample_mixed_sizes(tmp_path):
+def test_sample_mixed_sizes(tmp_path, capfd):
     pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
     from sora_model.train_vae import load_checkpoint
     from sora_model.video_io import read_video
@@ -25,14 +26,20 @@ def test_sample_mixed_sizes(tmp_path):
     sizes = ["5x32x48", "9x48x32", "5x32x64", "1x32x32"]
     paths = sm.main(["--run", str(tmp_path / "run"), "--vae", vae_file, "--prompt", "a small red ball falls",
                      *[a for s in sizes for a in ("--size", s)], "--steps", "2", "--out", str(tmp_path / "out"),
-                     "--device", "cpu"])
+                     "--device", "cpu", "--no-progress"])
     assert len(paths) == 8
+    assert "sample:" not in capfd.readouterr().err
     for i, size in enumerate(sizes):
         T, H, W = map(int, size.split("x"))
         frames, _ = read_video(str(tmp_path / "out" / f"sample_{i}.mp4"))
         assert tuple(frames.shape) == (T, H, W, 3)
         assert os.path.exists(tmp_path / "out" / f"sample_{i}.gif")
         assert open(tmp_path / "out" / f"sample_{i}.txt").read() == "a small red ball falls\n"
+    # without --no-progress a bar counts the sampling steps
+    sm.main(["--run", str(tmp_path / "run"), "--vae", vae_file, "--prompt", "a ball", "--size", "1x32x32",
+             "--steps", "3", "--method", "euler", "--out", str(tmp_path / "bar"), "--device", "cpu"])
+    err = capfd.readouterr().err
+    assert "sample: 100%" in err and "3/3" in err, err
 
 
 def test_argument_errors(tmp_path):

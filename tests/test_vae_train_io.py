@@ -1,5 +1,6 @@
 """Video I/O (PyAV), the data sources and the VAE training entry point, on small videos the
-tests make themselves."""
+tests make themselves: a resume gives the next steps of an uninterrupted run, with and without
+the adversarial term, and a checkpoint save killed half-way leaves the previous one whole."""
 import os
 
 import pytest
@@ -86,6 +87,77 @@ def test_train_argument_errors():
         train_vae.parse_args(["--frames", "8"])
     with pytest.raises(SystemExit):
         train_vae.parse_args(["--size", "20"])
+
+
+def _args(out, steps, *more):
+    return train_vae.parse_args(["--config", "tiny", "--frames", "5", "--size", "16", "--batch", "2", "--steps",
+                                 str(steps), "--lr", "1e-3", "--out", out, "--device", "cpu", "--no-progress", *more])
+
+
+@pytest.mark.parametrize("extra", [[], ["--adv-weight", "0.5", "--adv-start", "2"]], ids=["plain", "adversarial"])
+def test_resume_gives_the_same_next_steps(tmp_path, extra):
+    """Steps 1-2, then a resume for steps 3-4: the losses of 4 uninterrupted steps (the weights,
+    AdamW's state, the discriminator's, the clips and the posterior's noise all continue)."""
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    straight = train_vae.train(_args(a, 4, *extra))
+    first = train_vae.train(_args(b, 2, *extra))
+    resumed = train_vae.train(_args(b, 4, "--resume", *extra))
+    assert first == straight[:2] and len(resumed) == 2
+    assert resumed == straight[2:]
+    assert not os.path.exists(b + ".tmp")
+    vae = train_vae.load_checkpoint(b)           # the autoencoder alone, beside its training state
+    assert vae.cfg == train_vae.vae_config("tiny")
+
+
+def test_resume_errors(tmp_path):
+    from sora_model.vae import VideoAutoencoder
+    out = str(tmp_path / "vae.safetensors")
+    with pytest.raises(ValueError, match="resume: no checkpoint at"):
+        train_vae.train(_args(out, 2, "--resume"))
+    train_vae.save_checkpoint(out, VideoAutoencoder(train_vae.vae_config("tiny")), 1)   # no training state
+    with pytest.raises(ValueError, match="resume: .*vae.safetensors' holds the autoencoder only"):
+        train_vae.train(_args(out, 2, "--resume"))
+    train_vae.train(_args(out, 1))
+    with pytest.raises(ValueError, match="resume: .* holds no discriminator state"):
+        train_vae.train(_args(out, 2, "--resume", "--adv-weight", "0.5"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A save killed half-way leaves the previous checkpoint whole; a finished one is synced
+    before it is renamed over the previous one."""
+    from safetensors.torch import load_file
+    import safetensors.torch
+    out = str(tmp_path / "vae.safetensors")
+    train_vae.train(_args(out, 1))
+    before = load_file(out)
+    vae = train_vae.load_checkpoint(out)
+
+    def dies(state, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", dies)
+        with pytest.raises(KeyboardInterrupt):
+            train_vae.save_checkpoint(out, vae, 9, opt=torch.optim.AdamW(vae.parameters()))
+    after = load_file(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert train_vae.load_checkpoint(out).cfg == vae.cfg
+
+    calls = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd):
+        calls.append(("fsync", os.fstat(fd).st_ino == os.stat(out + ".tmp").st_ino))   # of the temporary file
+        fsync(fd)
+
+    def logged_replace(src, dst):
+        calls.append(("replace", src, dst))
+        replace(src, dst)
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    train_vae.save_checkpoint(out, vae, 9)
+    assert calls == [("fsync", True), ("replace", out + ".tmp", out)]
 
 
 def _reconstruction_spread(tmp_path, recon: str, steps: int) -> float:
