@@ -69,3 +69,27 @@ def test_packed_metadata_and_errors():
         sk.patch_embed3d(videos, weight, torch.randn(7, device=DEVICE), (1, 2, 2))
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         sk.patch_embed3d([torch.randn(4, 1, 3, 4, device=DEVICE)], weight, None, (1, 2, 2))
+
+
+def test_packed_record_input():
+    """A Packed record of patch tokens (pack_patchify's) is projected as its videos would be,
+    its metadata kept; gradients reach the tokens, weight and bias."""
+    g = torch.Generator().manual_seed(0)
+    videos = [torch.randn(3, *s, generator=g).to(DEVICE) for s in SIZES[:3]]
+    weight, bias = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in ((16, 3, 1, 2, 2), (16,)))
+    packed = sk.pack_patchify([v.requires_grad_() for v in videos], (1, 2, 2))
+    got = sk.patch_embed3d(packed, weight, bias, (1, 2, 2))
+    want = sk.patch_embed3d(videos, weight, bias, (1, 2, 2), backend="reference")
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
+    assert got.grids == packed.grids and got.patch_size == (1, 2, 2) and torch.equal(got.positions, packed.positions)
+    dout = torch.randn(want.tokens.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad(got.tokens, videos + [weight, bias], dout)
+    expected = torch.autograd.grad(want.tokens, videos + [weight, bias], dout)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"patch_size: expected \(1, 2, 2\), the patch the videos were packed with"):
+        sk.patch_embed3d(packed, weight.reshape(16, 12), bias, (1, 1, 4))
+    with pytest.raises(ValueError, match=r"weight: expected \[E, 3, 1, 2, 2\] or \[E, 12\], got \(16, 13\)"):
+        sk.patch_embed3d(packed, torch.zeros(16, 13, device=DEVICE), None, (1, 2, 2))
+    with pytest.raises(ValueError, match=r"backend: a Packed record's tokens are projected by one matrix product"):
+        sk.patch_embed3d(packed, weight, bias, (1, 2, 2), backend="triton")

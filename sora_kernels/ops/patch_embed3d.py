@@ -7,13 +7,15 @@ Order: Triton kernel -> launcher -> custom op and autograd -> backends -> public
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from sora_kernels import backends as B
 from sora_kernels.ops.pack_patchify import check_patch_size, check_videos, pack_patchify
-from sora_kernels.packed import Packed, packed_metadata
+from sora_kernels.packed import Packed, check_packed, packed_metadata
 from sora_kernels.reference import patchify as ref
 
 if B.TRITON_MISSING is None:
@@ -186,18 +188,37 @@ PATCH_EMBED_BACKENDS = (
 )
 
 
-def patch_embed3d(videos: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, patch_size, *,
-                  backend: str | None = None) -> Packed:
+def _check_projection(weight, bias, C: int, patch: tuple[int, int, int], like: torch.Tensor):
+    """weight as [E, K] (K = C*pt*ph*pw) and bias, checked against the input `like`."""
+    K = C * patch[0] * patch[1] * patch[2]
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 5) or weight[0].numel() != K:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight: expected [E, {C}, {patch[0]}, {patch[1]}, {patch[2]}] or [E, {K}], got {got}")
+    if weight.dtype != like.dtype or weight.device != like.device:
+        raise ValueError(f"weight: expected dtype {like.dtype} on {like.device} like the videos, "
+                         f"got {weight.dtype} on {weight.device}")
+    weight = weight.reshape(weight.shape[0], K)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
+                             or bias.dtype != weight.dtype or bias.device != weight.device):
+        got = (tuple(bias.shape), bias.dtype) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias: expected [{weight.shape[0]}] of dtype {weight.dtype}, got {got}")
+    return weight, bias
+
+
+def patch_embed3d(videos: Sequence[torch.Tensor] | Packed, weight: torch.Tensor, bias: torch.Tensor | None,
+                  patch_size, *, backend: str | None = None) -> Packed:
     """Cuts videos of different sizes into spacetime patches and projects them: the packed
     equivalent of Conv3d(kernel_size=stride=patch) on each video, one sequence, no padding.
 
     Args:
-        videos: list of [C, Ti, Hi, Wi] (as pack_patchify; each size divisible by the patch).
+        videos: list of [C, Ti, Hi, Wi] (as pack_patchify; each size divisible by the patch),
+            or the Packed record pack_patchify made of them (its tokens are then projected:
+            one matrix product, the record's metadata kept).
         weight: [E, C, pt, ph, pw] (a Conv3d weight) or [E, C*pt*ph*pw]; the videos' dtype.
         bias: [E] or None.
         patch_size: (pt, ph, pw) or one int.
         backend: "triton" (the fused implicit GEMM), "cpu" (pack_patchify's C++ kernel, then a
-            matrix product) or "reference".
+            matrix product) or "reference" (for a Packed record: "reference" or None).
 
     Returns Packed(tokens [N, E], cu_seqlens, positions, grid_sizes, max_seqlen, grids).
     Differentiable in the videos, weight and bias. Equivalent PyTorch, per video::
@@ -205,20 +226,24 @@ def patch_embed3d(videos: Sequence[torch.Tensor], weight: torch.Tensor, bias: to
         F.conv3d(v[None], weight, bias, stride=patch).flatten(2).transpose(1, 2)[0]
     """
     patch = check_patch_size(patch_size)
-    videos = check_videos(videos, patch)
-    C = videos[0].shape[0]
-    K = C * patch[0] * patch[1] * patch[2]
-    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 5) or weight[0].numel() != K:
-        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight: expected [E, {C}, {patch[0]}, {patch[1]}, {patch[2]}] or [E, {K}], got {got}")
-    if weight.dtype != videos[0].dtype or weight.device != videos[0].device:
-        raise ValueError(f"weight: expected dtype {videos[0].dtype} on {videos[0].device} like the videos, "
-                         f"got {weight.dtype} on {weight.device}")
-    weight = weight.reshape(weight.shape[0], K)
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
-                             or bias.dtype != weight.dtype or bias.device != weight.device):
-        got = (tuple(bias.shape), bias.dtype) if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise ValueError(f"bias: expected [{weight.shape[0]}] of dtype {weight.dtype}, got {got}")
+    volume = patch[0] * patch[1] * patch[2]
+    if isinstance(videos, Packed):
+        check_packed(videos, patch)
+        like = videos.tokens
+        if like.dim() != 2 or like.shape[1] == 0 or like.shape[1] % volume:
+            raise ValueError(f"videos: expected a Packed record of patch tokens [N, C*{volume}] (pack_patchify's), "
+                             f"got tokens {tuple(like.shape)}")
+        C = like.shape[1] // volume
+    else:
+        videos = check_videos(videos, patch)
+        like = videos[0]
+        C = like.shape[0]
+    weight, bias = _check_projection(weight, bias, C, patch, like)
+    if isinstance(videos, Packed):
+        if backend not in (None, "reference"):
+            raise ValueError(f"backend: a Packed record's tokens are projected by one matrix product (the "
+                             f"reference), got {backend!r}")
+        return replace(videos, tokens=F.linear(videos.tokens, weight, bias))
     args = (videos, weight, bias, patch)
     tokens = B.select("patch_embed3d", PATCH_EMBED_BACKENDS, args, backend).run(*args)
     meta = _metadata(videos, patch)
