@@ -1,12 +1,13 @@
 """sora_kernels: kernels for video diffusion transformers.
 
-Public ops (differentiable, torch.compile-friendly, each with cuda / triton / cpu / reference
-backends; see sora_kernels.backends for how one is picked):
+Public ops (differentiable, torch.compile-friendly; each has a pure-PyTorch reference backend
+and some of cuda / triton / cpu: the README's op table says which; sora_kernels.backends says
+how one is picked):
 
     patchify3d, unpatchify3d             [B, C, T, H, W] <-> [B, L, C*pt*ph*pw]
     pack_patchify, unpack_unpatchify     list of [C, Ti, Hi, Wi] <-> one packed sequence (Packed)
     patch_embed3d                        pack_patchify fused with the patch projection (Conv3d per video)
-    varlen_attention                     attention over packed segments (cu_seqlens), optional fused rope
+    varlen_attention                     attention over packed segments (cu_seqlens), optional 3D rope
     rope3d                               3D rotary embedding of [N, H, D] from (t, h, w) positions
     adaln_norm, gated_residual,          segment-aware adaLN and gated residual on packed tokens
     gated_residual_adaln                 (the fused residual -> norm -> modulate)

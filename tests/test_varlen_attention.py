@@ -100,6 +100,8 @@ CASES = {
     "d128": (dict(lens_q=[130, 17], heads=2, head_dim=128), False),
     "d32-causal": (dict(lens_q=[17, 97], heads=2, head_dim=32), True),
     "d256": (dict(lens_q=[70, 17], heads=2, head_dim=256), False),
+    "d96-causal": (dict(lens_q=[33, 70], heads=2, head_dim=96), True),      # padded to 128 columns
+    "d136": (dict(lens_q=[17, 40], heads=2, head_dim=136), False),          # padded to 256 columns
     "image-and-clips": (dict(lens_q=[1, 300, 1, 1, 150, 1], heads=2, head_dim=64), False),
     "cross-attention": (dict(lens_q=[97, 1, 120, 40], lens_k=[0, 77, 200, 3], heads=2, kv_heads=1,
                              head_dim=64), False),
@@ -359,6 +361,7 @@ ERRORS = [
      r"sections: expected \(t, h, w\) summing to the head dim 16"),
     (dict(rope="positions"), "rope: expected None, an int32 positions tensor"),
     (dict(softmax_scale=float("nan")), "softmax_scale: expected a finite number"),
+    (dict(dropout_p=0.1), r"dropout_p: expected 0.0 \(attention dropout is not implemented\), got 0.1"),
 ]
 if DEVICE.type == "cuda":
     ERRORS.append((dict(k=torch.randn(6, 2, 16, dtype=torch.float16), v=torch.randn(6, 2, 16, dtype=torch.float16)),
@@ -376,6 +379,14 @@ def test_errors(change, message, backend):
     args = {**valid, **change}
     with pytest.raises(ValueError, match=message):
         sk.varlen_attention(**args, backend=backend)
+
+
+def test_flash_attn_varlen_positional_call():
+    """flash_attn_varlen_func's positional call (dropout_p eighth) runs unchanged."""
+    valid = _valid()
+    args = [valid[k] for k in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
+    out = sk.varlen_attention(*args, 0.0, softmax_scale=0.3, causal=True, backend="reference")
+    assert torch.equal(out, sk.varlen_attention(*args, softmax_scale=0.3, causal=True, backend="reference"))
 
 
 def test_seqlens_read_once_per_version(monkeypatch):

@@ -710,7 +710,7 @@ def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cu_seq
             once per batch); by default derived from cu_seqlens. It must agree with cu_seqlens,
             so it never decreases (not checked: that would cost a device sync); the Triton
             backward loops over the ids between a tile's first and last.
-        backend: force "triton" or "reference".
+        backend: force "triton", "cpu" or "reference" (default: the first that can run).
 
     Returns [N, D] in x.dtype (math in fp32). Differentiable in x, shift, scale and weight.
     Equivalent PyTorch::

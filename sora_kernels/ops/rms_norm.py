@@ -74,7 +74,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, backen
         x: [..., D], for example queries or keys [N, H, D] (QK-norm).
         weight: [D].
         eps: added to the mean square.
-        backend: force "triton" or "reference".
+        backend: force "triton", "cpu" or "reference" (default: the first that can run).
 
     Returns x's shape and dtype (math in fp32). Differentiable in x and weight.
     Equivalent PyTorch: ``torch.nn.functional.rms_norm(x, (D,), weight, eps)``.

@@ -1081,7 +1081,7 @@ def _rope_record(rope, q, k) -> RopeArgs | None:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0, *,
                      softmax_scale: float | None = None, causal: bool = False, return_lse: bool = False,
                      rope=None, backend: str | None = None):
     """Attention over packed sequences of different lengths (block-diagonal), with no padding.
@@ -1096,6 +1096,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             offsets for self-attention, different ones for cross-attention (video tokens to
             their own sample's text tokens). Zero-length segments are allowed.
         max_seqlen_q, max_seqlen_k: at least the longest segment (they size the GPU grid).
+        dropout_p: 0.0 only (attention dropout is not implemented; DiTs train without it). In
+            flash_attn_varlen_func's place, so its positional calls run unchanged.
         softmax_scale: default 1 / sqrt(D).
         causal: mask aligned bottom-right: query i of a segment sees keys j <= i + Lk - Lq.
         return_lse: also return the log-sum-exp, fp32 [H, Nq] (natural log).
@@ -1116,6 +1118,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     The cu_seqlens values are checked on the host: one small device-to-host copy per call.
     """
     check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p: expected 0.0 (attention dropout is not implemented), got {dropout_p!r}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[2])
     elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
