@@ -1,5 +1,6 @@
 """The C++ side without Python: CMake builds the CPU kernels and their unit tests (run by
 ctest) and compiles every .cu for sm_80 and sm_90a when nvcc is here."""
+import glob
 import os
 import shutil
 import subprocess
@@ -19,9 +20,18 @@ def test_cmake_build_and_ctest(tmp_path):
     build = tmp_path / "build"
     configure = subprocess.run(["cmake", "-S", ROOT, "-B", str(build)], capture_output=True, text=True, env=env)
     assert configure.returncode == 0, configure.stdout + configure.stderr
+    if "CUDACXX" in env and env.get("SORA_KERNELS_SKIP_CUDA_BUILD", "0") in ("", "0"):
+        # with nvcc here every .cu must be compiled: a configure that quietly found no CUDA
+        # compiler would pass the rest of this test on the CPU kernels alone
+        assert "sora_kernels: compiling CUDA kernels for" in configure.stdout, configure.stdout[-3000:]
     jobs = str(min(2, os.cpu_count() or 1))
     compiled = subprocess.run(["cmake", "--build", str(build), "-j", jobs], capture_output=True, text=True, env=env)
     assert compiled.returncode == 0, compiled.stdout[-4000:] + compiled.stderr[-4000:]
+    if "compiling CUDA kernels" in configure.stdout:
+        sources = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*", "*.cu"))}
+        objects = {os.path.relpath(p, build / "CMakeFiles" / "sora_kernels_cuda.dir")[:-len(".o")]
+                   for p in glob.glob(str(build / "CMakeFiles" / "sora_kernels_cuda.dir" / "csrc" / "*" / "*.cu.o"))}
+        assert sources and objects == sources, f"compiled {sorted(objects)}, sources {sorted(sources)}"
     ctest = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True)
     assert ctest.returncode == 0, ctest.stdout + ctest.stderr
     assert "tests passed" in ctest.stdout
