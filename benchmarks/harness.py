@@ -244,7 +244,8 @@ def write_results(rows: list[Row], env: dict, copy_bw: float, path: str | None =
 BASELINES = {"varlen_attention": "sdpa_padded", "rope3d": "reference", "adaln_norm": "eager",
              "gated_residual_adaln": "eager", "patch_embed3d": "conv3d_loop", "final_layer_unpatchify": "eager",
              "group_norm_silu": "eager", "vae_decode": "eager_full", "latent_denorm": "eager",
-             "dit_train": "padded", "sample": "loop"}
+             "dit_train": "padded", "sample": "loop", "gated_residual": "eager", "rms_norm": "eager",
+             "gelu_tanh": "eager", "swiglu": "eager"}
 
 
 def format_table(rows: list[Row]) -> str:

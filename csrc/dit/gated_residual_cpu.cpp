@@ -3,12 +3,29 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "dit/segment_sums.h"
 
 namespace sora_kernels {
 namespace dit {
+
+namespace generic {
+#include "dit/activation_cpu_impl.h"
+}  // namespace generic
+
+// The activations again for AVX2 + FMA, picked at run time (the extension is built for
+// baseline x86-64: 4 lanes without FMA).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SORA_KERNELS_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "dit/activation_cpu_impl.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
 
 void gated_residual_forward_cpu(const float* x, const float* y, const float* gate, const int32_t* seg, int64_t rows,
                                 int64_t dim, float* out) {
@@ -55,24 +72,11 @@ void gated_residual_backward_cpu(const float* dout, const float* y, const float*
 }
 
 void activation_cpu(int kind, const float* a, const float* b, const float* dout, int64_t n, float* out, float* db) {
-  const float k0 = 0.7978845608028654f, k1 = 0.044715f;
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = a[i];
-    if (kind == 0) {
-      const float t = std::tanh(k0 * (v + k1 * v * v * v));
-      out[i] = dout ? dout[i] * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * k0 * (1.f + 3.f * k1 * v * v))
-                    : 0.5f * v * (1.f + t);
-    } else {
-      const float sig = 1.f / (1.f + std::exp(-v));
-      if (dout) {
-        out[i] = dout[i] * b[i] * sig * (1.f + v * (1.f - sig));
-        db[i] = dout[i] * v * sig;
-      } else {
-        out[i] = v * sig * b[i];
-      }
-    }
-  }
+#ifdef SORA_KERNELS_AVX2
+  static const bool avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2_fma) return avx2::activation(kind, a, b, dout, n, out, db);
+#endif
+  generic::activation(kind, a, b, dout, n, out, db);
 }
 
 }  // namespace dit
