@@ -62,11 +62,22 @@ def test_register_budget(aot_results):
 def test_attention_uses_tensor_cores(aot_results):
     """Every attention config's SASS has warpgroup MMA (HGMMA) on sm_90 or at least HMMA on
     sm_80: a kernel on FFMA would be an order of magnitude slower."""
-    attention = [r for r in aot_results if r["kernel"].startswith("attn_")]
+    attention = [r for r in aot_results if r["kernel"] in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel",
+                                                           "attn_bwd_dq_kernel")]
     assert attention and all(r["mma"] in ("HGMMA", "HMMA") for r in attention), \
         [(r["kernel"], r["arch"], r["constexprs"]) for r in attention if r["mma"] not in ("HGMMA", "HMMA")][:5]
     on_hopper = [r for r in attention if r["arch"] == 90 and r["kernel"] == "attn_fwd_kernel"]
     assert all(r["mma"] == "HGMMA" for r in on_hopper), [r["constexprs"] for r in on_hopper if r["mma"] != "HGMMA"]
+
+
+def test_spill_in_loops_reads_backward_branches():
+    """spill_in_loops counts local accesses between a backward branch and its target only."""
+    from sora_kernels.testing.aot import spill_in_loops
+    sass = "\n".join(f"        /*{a:04x}*/                   {text} ;" for a, text in [
+        (0x10, "STL [R1], R2"), (0x20, "FFMA R3, R4, R5, R6"), (0x30, "LDL R7, [R1+0x4]"),
+        (0x40, "ISETP.GE.AND P0, PT, R3, R8, PT"), (0x50, "@!P0 BRA 0x20"), (0x60, "LDL.LU R2, [R1]"),
+        (0x70, "BRA 0x70")])
+    assert spill_in_loops(sass) == 1
 
 
 def test_frames_rounding_add_not_fused(aot_results):

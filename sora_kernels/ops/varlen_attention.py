@@ -369,10 +369,12 @@ def _configs(*configs: tuple[int, int, int, int]) -> list[KernelConfig]:
 # dk/dv kernel's q, q^T, do and do^T tiles cost BLOCK_M * BLOCK_D / 16 registers a thread),
 # 90 is Hopper (wgmma reads it from shared memory). Each list holds the configs of the old
 # single list (and smaller ones) that compile without spilling registers on that family, in
-# the variants the launchers run (testing/aot.py, Triton 3.8, 2026-12-06; the old lists'
-# first dk/dv config spilled 5.9 KB a thread on sm_80 at D=128). One exception, listed in
-# tests/aot_spills.json: dk/dv 64 x 128 at D=128 on Hopper spills 80-128 bytes and stays
-# first, because the H200 timed it fastest (benchmarks/results/cuda-nvidia-h200.json).
+# the variants the launchers run with rope (testing/aot.py, Triton 3.8, 2026-12-06; the old
+# lists' first dk/dv config spilled 5.9 KB a thread on sm_80 at D=128). Listed in
+# tests/aot_spills.json: dk/dv 64 x 128 at D=128 on Hopper spills 80-128 bytes (some inside
+# the key loop) and stays first, because the H200 timed it fastest (benchmarks/results/
+# cuda-nvidia-h200.json); without rope (no rotation when storing dq / dk) five more configs
+# spill 16-40 bytes, all of them values stored in the prologue and read in the epilogue.
 # On a GPU the first AUTOTUNE_CANDIDATES are timed once per (kernel, head dim, causal, rope,
 # dtype) and the fastest kept, unless SORA_KERNELS_AUTOTUNE=0 (then, and under the
 # interpreter, the first). dk/dv with ATOMIC_DQ (DQ_MODE "atomic") also holds a

@@ -67,8 +67,9 @@ def _attention_signature(fn, dtype: str, constexprs: dict) -> dict:
 
 def _attention_variants(kind: str, cfg, BLOCK_D: int, arch: int) -> list[dict]:
     """The constexprs of the variants the launchers run for one config: causal and not; the
-    backward's with rope (dq, dk rotated back as they are stored), the forward with pointer
-    loads and, on sm_90, with TMA descriptors."""
+    backward's with rope (dq, dk rotated back as they are stored, approximate sin / cos: bf16)
+    and without (no position or frequency pointers); the forward with pointer loads and, on
+    sm_90, with TMA descriptors."""
     variants = []
     for causal in (False, True):
         cx = {"CAUSAL": causal, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": BLOCK_D}
@@ -76,11 +77,12 @@ def _attention_variants(kind: str, cfg, BLOCK_D: int, arch: int) -> list[dict]:
             variants.append(dict(cx, TMA=False, k_desc=None, v_desc=None))
             if arch >= 90:
                 variants.append(dict(cx, TMA=True))
-        elif kind == "dq":
-            variants.append(dict(cx, ROPE=True, FAST=True))
-        else:  # dkdv_dq: with ATOMIC_DQ (DQ_MODE "atomic")
-            variants.append(dict(cx, ROPE=True, FAST=True, ATOMIC_DQ=kind == "dkdv_dq",
-                                 **({"dq_acc_ptr": None} if kind == "dkdv" else {})))
+            continue
+        if kind != "dq":  # dkdv_dq: with ATOMIC_DQ (DQ_MODE "atomic")
+            cx.update(ATOMIC_DQ=kind == "dkdv_dq", **({"dq_acc_ptr": None} if kind == "dkdv" else {}))
+        positions = "pos_q_ptr" if kind == "dq" else "pos_k_ptr"
+        variants.append(dict(cx, ROPE=True, FAST=True))
+        variants.append(dict(cx, ROPE=False, FAST=False, **{positions: None, "freq_ptr": None}))
     return variants
 
 
@@ -103,6 +105,28 @@ def attention_jobs(archs: list[int]) -> list[dict]:
                             signature.update(k_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>",
                                              v_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>")
                         jobs.append(_job(fn, arch, cfg.num_warps, cfg.num_stages, signature, cx))
+    return jobs
+
+
+def rope_jobs(archs: list[int]) -> list[dict]:
+    """The attention's helper kernels in bf16, for every padded head dim: rope3d (forward and
+    inverse rotation, approximate and accurate sin / cos: FAST is bf16 / fp16 on a GPU, fp32
+    takes the accurate ones) and the backward's preprocess (delta = rowsum(out * dout))."""
+    from sora_kernels.ops import rope3d as rope
+    from sora_kernels.ops import varlen_attention as op
+    jobs = []
+    for BLOCK_D in op.HEAD_DIM_BLOCKS:
+        for inverse in (False, True):
+            for fast in (True, False):
+                constexprs = {"INVERSE": inverse, "FAST": fast, "BLOCK_ROWS": rope.block_rows(BLOCK_D),
+                              "BLOCK_D": BLOCK_D}
+                signature = _pointer_signature(rope.rope3d_kernel, constexprs, set(), "bf16" if fast else "fp32",
+                                               {"pos_ptr": "*i32", "freq_ptr": "*fp32"})
+                jobs += [_job(rope.rope3d_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
+        constexprs = {"BLOCK_ROWS": 32, "BLOCK_D": BLOCK_D}
+        signature = _pointer_signature(op.attn_bwd_preprocess_kernel, constexprs, set(), "bf16",
+                                       {"delta_ptr": "*fp32"})
+        jobs += [_job(op.attn_bwd_preprocess_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
     return jobs
 
 
@@ -251,7 +275,7 @@ def latent_denorm_jobs(archs: list[int]) -> list[dict]:
 
 
 def kernel_jobs(archs: list[int]) -> list[dict]:
-    return (patchify_jobs(archs) + attention_jobs(archs) + dit_jobs(archs) + patch_embed_jobs(archs)
+    return (patchify_jobs(archs) + attention_jobs(archs) + rope_jobs(archs) + dit_jobs(archs) + patch_embed_jobs(archs)
             + final_layer_jobs(archs) + group_norm_jobs(archs) + frames_jobs(archs) + latent_denorm_jobs(archs))
 
 
@@ -302,13 +326,19 @@ def compile_job(job: dict) -> dict:
             sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True,
                                   check=True).stdout if job["module"].endswith("attention") else ""
         fields = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", usage))
-        # Spills go to the stack frame (ptxas -v: "N bytes stack frame, N bytes spill stores");
-        # a Triton kernel has no calls or local arrays, so STACK is the spill area (checked
-        # against ptxas -v on spilling and non-spilling configs). LOCAL stays 0 either way.
-        result.update(regs=int(fields["REG"]), spill=int(fields["STACK"]), shared_static=int(fields["SHARED"]),
-                      shared=k.metadata.shared, ok=True)
-        if sass:  # which matrix instructions the attention kernels use
+        # Spills go to the stack frame (ptxas -v: "N bytes stack frame, N bytes spill stores"),
+        # which also holds the PTX's own local arrays (`__local_depot`): a Triton kernel has no
+        # calls, and its only local array is libdevice's argument reduction in the accurate
+        # sin / cos (28 bytes). The stack frame past those arrays (8-byte aligned) is the spill
+        # area (checked against ptxas -v on spilling and non-spilling configs). LOCAL stays 0.
+        local_array = sum(int(n) for n in re.findall(r"\.local\s+\.align\s+\d+\s+\.b8\s+__local_depot\d*\[(\d+)\]",
+                                                     k.asm["ptx"]))
+        spill = max(0, int(fields["STACK"]) - (local_array + 7) // 8 * 8)
+        result.update(regs=int(fields["REG"]), spill=spill, local_array=local_array,
+                      shared_static=int(fields["SHARED"]), shared=k.metadata.shared, ok=True)
+        if sass:  # which matrix instructions the attention kernels use, and where they spill
             result["mma"] = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "none"
+            result["spill_in_loops"] = spill_in_loops(sass)
         if job["kernel"] == "frames_to_uint8_kernel":  # the 1.5 * 2^23 rounding add fused with the product
             result["fma_rounding"] = bool(re.search(r"fma\.rn\.f32\s[^;]*0f4B400000", k.asm["ptx"]))
         if job["arch"] >= 90:
@@ -316,6 +346,21 @@ def compile_job(job: dict) -> dict:
     except Exception as e:  # report every failure, keep compiling the rest
         result.update(ok=False, error=f"{type(e).__name__}: {e}")
     return result
+
+
+def spill_in_loops(sass: str) -> int:
+    """Local loads and stores (STL / LDL) inside a loop of the SASS: between a backward branch
+    and its target. Spills outside every loop (values stored in the prologue, loaded in the
+    epilogue) cost a few accesses a program; inside the key loop they cost one per step."""
+    address = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+    instructions = [(int(a, 16), text) for a, text in address.findall(sass)]
+    loops = []
+    for at, text in instructions:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < at:
+            loops.append((int(target.group(1), 16), at))
+    return sum(1 for at, text in instructions if re.search(r"\b(STL|LDL)\b", text)
+               and any(lo <= at <= hi for lo, hi in loops))
 
 
 def spill_key(result: dict) -> str:
