@@ -93,6 +93,18 @@ def test_random_batches(backend, patch, grids, channels, dtype):
     assert packed.grid_sizes.tolist() == [list(g) for g in grids]
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(large=st.tuples(st.integers(1, 4), st.integers(4, 12), st.integers(4, 20)),
+       small=st.lists(st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 2)), min_size=5, max_size=40),
+       at=st.floats(0, 1), dtype=st.sampled_from(DTYPES))
+def test_random_many_small_videos_around_a_large_one(backend, large, small, at, dtype):
+    """Sora's mix: one long clip among many 1-4 token clips and images, anywhere in the list."""
+    grids = list(small)
+    grids.insert(int(at * len(small)), large)
+    check_roundtrip(backend, make_videos([(t, 2 * h, 2 * w) for t, h, w in grids], 4, dtype), (1, 2, 2))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
 def test_metadata_is_int32_and_positions_are_grid_indices(backend):
     videos = make_videos([(2, 4, 6), (1, 2, 4)], 3)

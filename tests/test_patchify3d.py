@@ -43,10 +43,11 @@ def test_matches_reference(backend, dtype, shape, patch):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.integers(1, 3), channels=st.integers(1, 6),
        grid=st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 7)),
-       patch=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 4)))
-def test_random_shapes(backend, batch, channels, grid, patch):
+       patch=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 4)),
+       dtype=st.sampled_from(DTYPES))
+def test_random_shapes(backend, batch, channels, grid, patch, dtype):
     shape = (batch, channels, *(g * p for g, p in zip(grid, patch)))
-    check_roundtrip(backend, make_batch(shape), patch)
+    check_roundtrip(backend, make_batch(shape, dtype), patch)
 
 
 def test_linear_on_tokens_equals_conv3d():
