@@ -93,6 +93,9 @@ def _build_ext():
 
 
 MODEL_EXTRAS = ["av", "safetensors", "tqdm"]
+# text: sora_model.text.HFTextEncoder (`sora-train --text hf:<folder>`); 4.31 added
+# AutoModelForTextEncoding (T5's encoder alone)
+TEXT_EXTRAS = ["transformers>=4.31"]
 
 setup(
     name="sora-kernels",
@@ -103,8 +106,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     # model: what sora_model's video I/O, checkpoints and training loop use (the tests need it too)
-    extras_require={"model": MODEL_EXTRAS,
-                    "dev": ["pytest", "hypothesis", "pytest-benchmark", "ninja", "numpy", *MODEL_EXTRAS]},
+    extras_require={"model": MODEL_EXTRAS, "text": TEXT_EXTRAS,
+                    "dev": ["pytest", "hypothesis", "pytest-benchmark", "ninja", "numpy", *MODEL_EXTRAS, *TEXT_EXTRAS]},
     entry_points={"console_scripts": ["sora-train=sora_model.train:main", "sora-sample=sora_model.sample:main",
                                       "sora-train-vae=sora_model.train_vae:main"]},
     ext_modules=_extensions(),

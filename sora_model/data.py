@@ -91,10 +91,20 @@ def folder_videos(root: str, frames: int, height: int, width: int, seed: int = 0
 # Captioned clips at native size, and token-budget batches
 # -----------------------------------------------------------------------------
 
+# The VAE's compression: `temporal` and `spatial` below are its cfg's temporal_compression and
+# spatial_compression (the defaults are the tiny, small and base VAE's: sora_model/vae.py SIZES).
+
+def check_compression(temporal: int, spatial: int) -> None:
+    for name, f in (("temporal", temporal), ("spatial", spatial)):
+        if not isinstance(f, int) or f < 1:
+            raise ValueError(f"{name}: expected the VAE's {name}_compression, a positive int, got {f!r}")
+
+
 def latent_tokens(shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2), temporal: int = 4,
                   spatial: int = 8) -> int:
     """DiT tokens of a video [3, T, H, W] once encoded (1 + (T - 1) / temporal frames, H and W
     / spatial) and cut into patches."""
+    check_compression(temporal, spatial)
     _, T, H, W = shape
     t = 1 + (T - 1) // temporal
     return (t // patch_size[0]) * (H // spatial // patch_size[1]) * (W // spatial // patch_size[2])
@@ -103,12 +113,17 @@ def latent_tokens(shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2), t
 def fitted_shape(shape: Sequence[int], max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), temporal: int = 4,
                  spatial: int = 8) -> tuple[int, int, int, int]:
     """The [C, T, H, W] shape fit_to_tokens gives a clip of `shape`, computed from the shape alone."""
+    check_compression(temporal, spatial)
     C, T, H, W = shape
-    T = 1 + (T - 1) // temporal * temporal
-    unit_h, unit_w = spatial * patch_size[1], spatial * patch_size[2]
-    frames = (1 + (T - 1) // temporal) // patch_size[0]
-    if frames < 1 or H < unit_h or W < unit_w:
-        raise ValueError(f"video: {(C, T, H, W)} is smaller than one token ({unit_h}x{unit_w} pixels)")
+    pt = patch_size[0]
+    t = (1 + (T - 1) // temporal) // pt * pt           # latent frames: as many as the patch's frames divide
+    unit_t, unit_h, unit_w = 1 + (pt - 1) * temporal, spatial * patch_size[1], spatial * patch_size[2]
+    if t < 1 or H < unit_h or W < unit_w:
+        frames = "1 frame" if unit_t == 1 else f"{unit_t} frames"
+        raise ValueError(f"video: {(C, T, H, W)} is smaller than one token ({frames} of {unit_h}x{unit_w} pixels: the "
+                         f"VAE's compression {temporal} in time and {spatial} in space, the DiT's patch "
+                         f"{tuple(patch_size)})")
+    T, frames = 1 + (t - 1) * temporal, t // pt
     scale = min(1.0, math.sqrt(max_tokens / (frames * (H / unit_h) * (W / unit_w))))
     h, w = int(H * scale // unit_h) * unit_h, int(W * scale // unit_w) * unit_w
     if h < unit_h or w < unit_w or frames * (h // unit_h) * (w // unit_w) > max_tokens:
@@ -121,9 +136,10 @@ def fitted_shape(shape: Sequence[int], max_tokens: int, patch_size: Sequence[int
 def fit_to_tokens(video: torch.Tensor, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), temporal: int = 4,
                   spatial: int = 8) -> torch.Tensor:
     """The clip as the model takes it: T down to the largest 1 + temporal*k (the VAE's frame
-    rule: at most temporal - 1 last frames dropped), H and W to multiples of spatial * patch,
-    and, when its tokens exceed max_tokens, downscaled by one factor on both sides (aspect
-    ratio kept, no crop)."""
+    rule: at most temporal - 1 last frames dropped; with a patch of pt > 1 frames, the largest
+    whose 1 + k latent frames pt divides), H and W to multiples of spatial * patch, and, when
+    its tokens exceed max_tokens, downscaled by one factor on both sides (aspect ratio kept, no
+    crop). temporal and spatial: the VAE's compression."""
     _, T, H, W = video.shape
     _, T, h, w = fitted_shape(video.shape, max_tokens, patch_size, temporal, spatial)
     video = video[:, :T]
@@ -142,11 +158,13 @@ class ManifestClip:
     shape: tuple[int, int, int, int]
     max_tokens: int
     patch_size: tuple[int, int, int]
+    temporal: int = 4                 # the VAE's compression
+    spatial: int = 8
 
     def load(self) -> torch.Tensor:
         from sora_model.video_io import read_video, to_model
         frames, _ = read_video(self.path)
-        video = fit_to_tokens(to_model(frames), self.max_tokens, self.patch_size)
+        video = fit_to_tokens(to_model(frames), self.max_tokens, self.patch_size, self.temporal, self.spatial)
         if tuple(video.shape) != self.shape:
             raise ValueError(f"{self.path!r}: decodes to a {tuple(video.shape)} clip, but its metadata gave "
                              f"{self.shape} (packets that are not one frame each?)")
@@ -160,11 +178,13 @@ def _probe(path: str, mtime_ns: int) -> tuple[int, int, int]:
     return probe_video(path)
 
 
-def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2),
-                    seed: int = 0) -> Iterator[tuple[ManifestClip, str]]:
+def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), seed: int = 0,
+                    temporal: int = 4, spatial: int = 8) -> Iterator[tuple[ManifestClip, str]]:
     """(ManifestClip, caption) in random order, from a JSONL manifest of {"path": ...,
     "caption": ...} (paths relative to the manifest's folder), nothing decoded: the clips'
-    shapes come from their metadata. Images are 1-frame videos."""
+    shapes come from their metadata (fitted for the VAE's compression temporal, spatial and
+    the DiT's patch). Images are 1-frame videos."""
+    check_compression(temporal, spatial)
     entries = []
     with open(manifest, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -186,15 +206,15 @@ def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = 
         for i in torch.randperm(len(entries), generator=g).tolist():
             path, caption = entries[i]
             version = os.stat(path).st_mtime_ns if os.path.exists(path) else -1   # missing: probe_video says so
-            shape = fitted_shape((3, *_probe(path, version)), max_tokens, patch_size)
-            yield ManifestClip(path, shape, max_tokens, tuple(patch_size)), caption
+            shape = fitted_shape((3, *_probe(path, version)), max_tokens, patch_size, temporal, spatial)
+            yield ManifestClip(path, shape, max_tokens, tuple(patch_size), temporal, spatial), caption
 
 
-def captioned_videos(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2),
-                     seed: int = 0) -> Iterator[tuple[torch.Tensor, str]]:
+def captioned_videos(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), seed: int = 0,
+                     temporal: int = 4, spatial: int = 8) -> Iterator[tuple[torch.Tensor, str]]:
     """(video [3, T, H, W] in [-1, 1], caption) at native size and duration (fit_to_tokens), in
     random order, from a JSONL manifest (captioned_clips, decoded)."""
-    for clip, caption in captioned_clips(manifest, max_tokens, patch_size, seed):
+    for clip, caption in captioned_clips(manifest, max_tokens, patch_size, seed, temporal, spatial):
         yield clip.load(), caption
 
 
@@ -220,14 +240,16 @@ def first_fit_decreasing(tokens: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def token_batches(clips: Iterable[tuple[torch.Tensor, str]], budget: int, patch_size: Sequence[int] = (1, 2, 2),
-                  window: int = 64) -> Iterator[list[tuple[torch.Tensor, str]]]:
-    """Batches of (video, caption) of at most `budget` latent tokens each, no padding: at least
-    `window` clips (and more than one batch's worth) at a time, packed first-fit decreasing;
-    the emptiest bin of a window goes back into the next one (so batches stay full)."""
+                  window: int = 64, temporal: int = 4, spatial: int = 8) -> Iterator[list[tuple[torch.Tensor, str]]]:
+    """Batches of (video, caption) of at most `budget` latent tokens each (latent_tokens with
+    the VAE's compression temporal, spatial), no padding: at least `window` clips (and more
+    than one batch's worth) at a time, packed first-fit decreasing; the emptiest bin of a
+    window goes back into the next one (so batches stay full)."""
+    check_compression(temporal, spatial)
     it = iter(clips)
     carry: list[tuple[torch.Tensor, str]] = []
     while True:
-        items, counts = carry, [latent_tokens(v.shape, patch_size) for v, _ in carry]
+        items, counts = carry, [latent_tokens(v.shape, patch_size, temporal, spatial) for v, _ in carry]
         done = False
         while len(items) < window or sum(counts) <= budget:
             clip = next(it, None)
@@ -235,7 +257,7 @@ def token_batches(clips: Iterable[tuple[torch.Tensor, str]], budget: int, patch_
                 done = True
                 break
             items.append(clip)
-            counts.append(latent_tokens(clip[0].shape, patch_size))
+            counts.append(latent_tokens(clip[0].shape, patch_size, temporal, spatial))
         if not items:
             return
         bins = first_fit_decreasing(counts, budget)

@@ -4,8 +4,11 @@ writes them through the autoencoder's streaming decode.
     sora-sample --run run/ --vae vae.safetensors --prompt "a small red ball falls" \
         --size 13x64x96 --size 1x64x64 --size 9x96x48 --steps 30 --guidance 4 --out samples/
 
---size is FRAMES x HEIGHT x WIDTH in pixels (frames 1 + 4k; height and width multiples of 16):
-each gives one output, an image when FRAMES is 1. One --prompt for all, or one per --size.
+--size is FRAMES x HEIGHT x WIDTH in pixels: frames 1 + t*k, height and width multiples of s*p,
+with t and s the VAE's temporal and spatial compression and p the DiT's patch (size_problem):
+1 + 4k and multiples of 16 for the tiny, small and base VAEs with a patch-2 DiT (tiny, S, B,
+...), multiples of 8 with the patch-1 mini. Each gives one output, an image when FRAMES is 1.
+One --prompt for all, or one per --size.
 Each output is written as MP4 and GIF (an image as a 1-frame one), its prompt beside it in a
 .txt. The EMA weights are used unless --no-ema. A progress bar counts the sampling steps
 unless --no-progress.
@@ -21,31 +24,60 @@ import torch
 
 from sora_model.diffusion import sample
 from sora_model.dit import DiT
-from sora_model.train import Denoiser, TrainConfig, make_denoiser
-from sora_model.vae import to_uint8_frames
+from sora_model.train import Denoiser, TrainConfig, make_denoiser, text_problem
+from sora_model.vae import VAEConfig, to_uint8_frames
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
+    """FRAMESxHEIGHTxWIDTH, positive; which sizes the VAE and the DiT take is size_problem's
+    (they are known once the run and the VAE are loaded)."""
     m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", text)
     if not m:
         raise argparse.ArgumentTypeError(f"--size: expected FRAMESxHEIGHTxWIDTH, got {text!r}")
     T, H, W = map(int, m.groups())
-    if T < 1 or (T - 1) % 4:
-        raise argparse.ArgumentTypeError(f"--size {text}: frames must be 1 + 4k, got {T}")
-    if H % 16 or W % 16 or not H or not W:
-        raise argparse.ArgumentTypeError(f"--size {text}: height and width must be positive multiples of 16")
+    if not T or not H or not W:
+        raise argparse.ArgumentTypeError(f"--size {text}: expected positive frames, height and width")
     return T, H, W
 
 
-def load_run(run: str, ema: bool = True, device: str | torch.device = "cpu") -> Denoiser:
-    """The denoiser of a training run's checkpoint (its EMA DiT weights when ema)."""
+def size_problem(size: tuple[int, int, int], vae: VAEConfig, patch_size) -> str | None:
+    """Why a pixel size (T, H, W) cannot be sampled with this VAE and DiT patch, or None. The
+    latent is [C, 1 + (T - 1) / t, H / s, W / s] (t, s: the VAE's temporal and spatial
+    compression), and the DiT's patch (pt, ph, pw) must divide it: frames 1 + t*k with 1 + k a
+    multiple of pt, H a multiple of s*ph, W of s*pw."""
+    T, H, W = size
+    tc, sc = vae.temporal_compression, vae.spatial_compression
+    pt, ph, pw = patch_size
+    if T < 1 or (T - 1) % tc:
+        return f"frames must be 1 + {tc}k (the VAE's temporal compression is {tc}), got {T}"
+    if (1 + (T - 1) // tc) % pt:
+        return (f"frames must be 1 + {tc}k with 1 + k a multiple of {pt} (the DiT's patch takes {pt} latent frames), "
+                f"got {T}: {1 + (T - 1) // tc} latent frames")
+    for name, n, p in (("height", H, ph), ("width", W, pw)):
+        if n < 1 or n % (sc * p):
+            return (f"{name} must be a positive multiple of {sc * p} (the VAE's spatial compression {sc} x the DiT's "
+                    f"patch {p}), got {n}")
+    return None
+
+
+def run_config(run: str) -> TrainConfig:
+    """The TrainConfig a training run's checkpoint was written with."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
     path = os.path.join(run, "checkpoint.safetensors")
     if not os.path.exists(path):
         raise ValueError(f"run: no checkpoint.safetensors in {run!r}")
     with safe_open(path, framework="pt") as f:
-        cfg = TrainConfig(**json.loads(f.metadata()["config"]))
+        return TrainConfig(**json.loads(f.metadata()["config"]))
+
+
+def load_run(run: str, ema: bool = True, device: str | torch.device = "cpu") -> Denoiser:
+    """The denoiser of a training run's checkpoint (its EMA DiT weights when ema)."""
+    from safetensors.torch import load_file
+    path = os.path.join(run, "checkpoint.safetensors")
+    cfg = run_config(run)
+    why = text_problem(cfg.text)          # "hf:<folder>": the encoder is rebuilt from the folder's weights
+    if why:
+        raise ValueError(f"run: the text encoder {run!r} was trained with cannot be rebuilt here: {why}")
     model = make_denoiser(cfg)
     state = load_file(path)
     model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
@@ -61,6 +93,10 @@ def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, in
     (with a progress bar over the sampling steps when progress)."""
     dit: DiT = model.dit
     device = dit.patch_embed.device
+    for i, size in enumerate(sizes):
+        why = size_problem(size, vae.cfg, dit.cfg.patch_size)
+        if why:
+            raise ValueError(f"sizes[{i}]: {why}")
     tc, sc = vae.cfg.temporal_compression, vae.cfg.spatial_compression
     shapes = [(dit.cfg.in_channels, 1 + (T - 1) // tc, H // sc, W // sc) for T, H, W in sizes]
     text = model.text(prompts)
@@ -105,8 +141,17 @@ def main(argv=None) -> list[str]:
     from sora_model.train_vae import load_checkpoint
     from sora_model.video_io import _av, write_video
     _av()  # without PyAV, say so before sampling rather than after
-    model = load_run(args.run, ema=not args.no_ema, device=args.device)
+    cfg = run_config(args.run)
     vae = load_checkpoint(args.vae, args.device).eval()
+    trained = (cfg.temporal_compression, cfg.spatial_compression)
+    given = (vae.cfg.temporal_compression, vae.cfg.spatial_compression)
+    if given != trained:
+        raise ValueError(f"--vae: expected a VAE of the run's compression (temporal, spatial) = {trained}, got {given}")
+    model = load_run(args.run, ema=not args.no_ema, device=args.device)
+    for T, H, W in args.size:
+        why = size_problem((T, H, W), vae.cfg, model.dit.cfg.patch_size)
+        if why:
+            raise ValueError(f"--size {T}x{H}x{W}: {why}")
     prompts = args.prompt * len(args.size) if len(args.prompt) == 1 else args.prompt
     videos = generate(model, vae, prompts, args.size, steps=args.steps, guidance=args.guidance, method=args.method,
                       seed=args.seed, progress=not args.no_progress)

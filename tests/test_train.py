@@ -143,16 +143,18 @@ def test_fsdp_equals_one_rank_and_checkpoints_cross(vae_file, one_rank, tmp_path
 
 
 def test_resume_gives_the_same_next_step(vae_file, tmp_path):
+    """Two steps after a resume: the first depends on the weights alone, the second also on the
+    AdamW state and the EMA the checkpoint carried."""
     from sora_model.train_vae import load_checkpoint
-    cfg = tr.TrainConfig(steps=3, save_every=1, budget=128, max_tokens=64)
+    cfg = tr.TrainConfig(steps=4, save_every=1, budget=128, max_tokens=64)
     straight = tr.train(cfg, load_checkpoint(vae_file), str(tmp_path / "a"), progress=False)
     first = tr.train(cfg, load_checkpoint(vae_file), str(tmp_path / "b"), progress=False, steps=2)
     resumed = tr.train(cfg, load_checkpoint(vae_file), str(tmp_path / "b"), progress=False, resume=True)
-    assert first == straight[:2] and len(resumed) == 1
-    assert resumed[0] == straight[2]
+    assert first == straight[:2] and len(resumed) == 2
+    assert resumed == straight[2:]
     assert not os.path.exists(str(tmp_path / "b" / "checkpoint.safetensors.tmp"))
     log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
-    assert [e["step"] for e in log] == [1, 2, 3] and all(e["tokens"] <= 128 and e["tokens_per_s"] > 0 for e in log)
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and all(e["tokens"] <= 128 and e["tokens_per_s"] > 0 for e in log)
 
 
 def test_checkpoint_write_is_atomic(vae_file, tmp_path, monkeypatch):
