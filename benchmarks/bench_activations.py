@@ -52,13 +52,7 @@ def _tokens(device) -> int:
 def _liger(kernel, device):
     if kernel == "gelu_tanh":
         pytest.skip("Liger-Kernel has no GELU alone (its GeGLU is gelu_tanh(a) * b)")
-    try:
-        from liger_kernel.transformers.functional import liger_swiglu
-    except ImportError as e:
-        pytest.skip(f"liger-kernel is not installed ({e})")
-    if device.type != "cuda":
-        pytest.skip("Liger-Kernel runs on CUDA")
-    return liger_swiglu
+    return harness.liger("liger_kernel.transformers.functional", "liger_swiglu", device)
 
 
 def _provider(kernel, provider, inputs, device):

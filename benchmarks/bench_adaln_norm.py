@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sora_kernels as sk
+from benchmarks import harness
 from sora_kernels.ops import adaln_norm as op
 from sora_kernels.reference import dit_ops as ref
 
@@ -37,12 +38,7 @@ def _eager_fused(x, y, gate, shift, scale, seg):
 
 
 def _liger_adaln(device):
-    try:
-        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-    except ImportError as e:
-        pytest.skip(f"liger-kernel is not installed ({e})")
-    if device.type != "cuda":
-        pytest.skip("Liger-Kernel runs on CUDA")
+    LigerLayerNormFunction = harness.liger("liger_kernel.ops.layer_norm", "LigerLayerNormFunction", device)
 
     def fn(x, shift, scale, seg):
         ones = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)

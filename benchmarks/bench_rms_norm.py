@@ -35,12 +35,7 @@ def _eager(x, weight):
 
 
 def _liger(device):
-    try:
-        from liger_kernel.transformers.functional import liger_rms_norm
-    except ImportError as e:
-        pytest.skip(f"liger-kernel is not installed ({e})")
-    if device.type != "cuda":
-        pytest.skip("Liger-Kernel runs on CUDA")
+    liger_rms_norm = harness.liger("liger_kernel.transformers.functional", "liger_rms_norm", device)
     return lambda x, weight: liger_rms_norm(x, weight, EPS, offset=0.0, casting_mode="gemma", in_place=False)
 
 

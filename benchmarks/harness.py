@@ -8,6 +8,7 @@ device's measured copy bandwidth.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -241,6 +242,19 @@ def write_results(rows: list[Row], env: dict, copy_bw: float, path: str | None =
 
 
 # The baseline each op's speedup column is taken against.
+def liger(module: str, name: str, device: torch.device):
+    """Liger-Kernel's `module`.`name` for the `liger` provider, or a skip with the reason it
+    cannot run here (not installed; not on CUDA)."""
+    import pytest
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"liger-kernel is not installed ({e})")
+    if device.type != "cuda":
+        pytest.skip("Liger-Kernel runs on CUDA")
+    return fn
+
+
 BASELINES = {"varlen_attention": "sdpa_padded", "rope3d": "reference", "adaln_norm": "eager",
              "gated_residual_adaln": "eager", "patch_embed3d": "conv3d_loop", "final_layer_unpatchify": "eager",
              "group_norm_silu": "eager", "vae_decode": "eager_full", "latent_denorm": "eager",
