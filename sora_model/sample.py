@@ -143,10 +143,11 @@ def main(argv=None) -> list[str]:
     _av()  # without PyAV, say so before sampling rather than after
     cfg = run_config(args.run)
     vae = load_checkpoint(args.vae, args.device).eval()
-    trained = (cfg.temporal_compression, cfg.spatial_compression)
-    given = (vae.cfg.temporal_compression, vae.cfg.spatial_compression)
+    trained = (cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels)
+    given = (vae.cfg.temporal_compression, vae.cfg.spatial_compression, vae.cfg.latent_channels)
     if given != trained:
-        raise ValueError(f"--vae: expected a VAE of the run's compression (temporal, spatial) = {trained}, got {given}")
+        raise ValueError(f"--vae: expected a VAE of the run's (temporal compression, spatial compression, latent "
+                         f"channels) = {trained}, got {given}")
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
     for T, H, W in args.size:
         why = size_problem((T, H, W), vae.cfg, model.dit.cfg.patch_size)

@@ -72,11 +72,13 @@ class TrainConfig:
     save_every: int = 500
     fsdp: bool = False                 # several ranks: FSDP2 instead of DDP (no effect in one process)
     latent_pool: int = 0               # > 0: step k trains on step (k mod latent_pool)'s clips, encoded once
-    # the VAE's compression (its cfg's properties of these names; 4 and 8: the tiny, small and
-    # base VAE's): clips are fitted and counted in latent tokens with them. train() checks them
-    # against its VAE, sora-train sets them from --vae, sora-sample checks its --vae against them.
+    # the VAE's compression and latent channels (its cfg's properties of these names; 4, 8 and
+    # 16: the tiny, small and base VAE's): clips are fitted and counted in latent tokens with
+    # them, and the DiT takes latent_channels in. train() checks them against its VAE,
+    # sora-train sets them from --vae, sora-sample checks its --vae against them.
     temporal_compression: int = 4
     spatial_compression: int = 8
+    latent_channels: int = 16
 
 
 class Denoiser(nn.Module):
@@ -143,7 +145,7 @@ def text_encoder(text: str) -> nn.Module:
 
 def make_denoiser(cfg: TrainConfig) -> Denoiser:
     encoder = text_encoder(cfg.text)
-    dit = DiT(dit_config(cfg.dit, text_dim=encoder.dim))
+    dit = DiT(dit_config(cfg.dit, text_dim=encoder.dim, in_channels=cfg.latent_channels))
     return Denoiser(dit, CaptionConditioner(encoder, cfg.caption_dropout))
 
 
@@ -301,10 +303,11 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     returns the loss of each step run (the global batch's). With torch.distributed initialised,
     the ranks share each global batch under DDP, or FSDP2 with cfg.fsdp."""
     device = torch.device(device)
-    got = (cfg.temporal_compression, cfg.spatial_compression)
-    if got != (vae.cfg.temporal_compression, vae.cfg.spatial_compression):
-        raise ValueError(f"cfg.temporal_compression, cfg.spatial_compression: expected the VAE's "
-                         f"({vae.cfg.temporal_compression}, {vae.cfg.spatial_compression}), got {got}")
+    got = (cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels)
+    want = (vae.cfg.temporal_compression, vae.cfg.spatial_compression, vae.cfg.latent_channels)
+    if got != want:
+        raise ValueError(f"cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels: expected the "
+                         f"VAE's {want}, got {got}")
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(cfg.seed)
@@ -433,7 +436,7 @@ def main(argv=None) -> None:
                       steps=args.steps, lr=args.lr, ema=args.ema, clip_grad=args.clip_grad,
                       caption_dropout=args.caption_dropout, seed=args.seed, save_every=args.save_every,
                       fsdp=args.fsdp, latent_pool=args.latent_pool, temporal_compression=vae.cfg.temporal_compression,
-                      spatial_compression=vae.cfg.spatial_compression)
+                      spatial_compression=vae.cfg.spatial_compression, latent_channels=vae.cfg.latent_channels)
     device = args.device
     if "RANK" in os.environ and not dist.is_initialized():          # launched by torchrun
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")

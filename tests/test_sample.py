@@ -47,7 +47,7 @@ def test_sample_mixed_sizes(tmp_path, capfd):
 
 # compression 2 in time and 4 in space (the tiny VAE's are 4 and 8): one stage fewer, one
 # temporal down-sample
-OTHER_VAE = {"channel_mults": (1, 2, 2), "temporal_down": (True, False)}
+OTHER_VAE = {"channel_mults": (1, 2, 2), "temporal_down": (True, False), "latent_channels": 8}
 
 
 def test_sizes_follow_the_vae_and_the_patch():
@@ -72,9 +72,10 @@ def test_sizes_follow_the_vae_and_the_patch():
 
 
 def test_sample_with_another_vae(tmp_path):
-    """A run trained on a VAE of compression (2, 4) samples 3-frame clips and 8-pixel multiples
-    (which the tiny VAE would refuse), and refuses the tiny VAE, a size this VAE cannot take,
-    and (train) a config whose compression is not its VAE's."""
+    """A run trained on a VAE of compression (2, 4) and 8 latent channels samples 3-frame clips
+    and 8-pixel multiples (which the tiny VAE would refuse) with a DiT of 8 input channels, and
+    refuses the tiny VAE, a size this VAE cannot take, and (train) a config whose compression
+    or channels are not its VAE's."""
     pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
     from sora_model.train_vae import load_checkpoint
     from sora_model.video_io import read_video
@@ -84,15 +85,16 @@ def test_sample_with_another_vae(tmp_path):
     save_vae(tiny_file, VideoAutoencoder(vae_config("tiny")), 0)
     vae = load_checkpoint(vae_file)
     run = str(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"cfg.temporal_compression, cfg.spatial_compression: expected the VAE's "
-                                         r"\(2, 4\), got \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels: "
+                                         r"expected the VAE's \(2, 4, 8\), got \(4, 8, 16\)"):
         tr.train(tr.TrainConfig(steps=1), vae, run, progress=False)
     # sora-train takes the compression from --vae; the physics world's largest clips (13 x 48 x 48)
     # are 7 x 6 x 6 = 252 tokens through this VAE
     tr.main(["--vae", vae_file, "--out", run, "--steps", "1", "--budget", "256", "--max-tokens", "64", "--device",
              "cpu", "--no-progress"])
     cfg = sm.run_config(run)
-    assert (cfg.temporal_compression, cfg.spatial_compression) == (2, 4)
+    assert (cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels) == (2, 4, 8)
+    assert sm.load_run(run).dit.cfg.in_channels == 8
     with open(os.path.join(run, "log.jsonl")) as f:
         logged = json.loads(f.readline())["tokens"]
     assert 0 < logged <= 256          # packed in this VAE's tokens
@@ -107,8 +109,8 @@ def test_sample_with_another_vae(tmp_path):
     with pytest.raises(ValueError, match=r"--size 5x24x36: width must be a positive multiple of 8 \(the VAE's "
                                          r"spatial compression 4 x the DiT's patch 2\), got 36"):
         sm.main(args + ["--size", "5x24x36"])
-    with pytest.raises(ValueError, match=r"--vae: expected a VAE of the run's compression \(temporal, spatial\) = "
-                                         r"\(2, 4\), got \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"--vae: expected a VAE of the run's \(temporal compression, spatial "
+                                         r"compression, latent channels\) = \(2, 4, 8\), got \(4, 8, 16\)"):
         sm.main([a if a != vae_file else tiny_file for a in args] + ["--size", "3x24x40"])
     with pytest.raises(ValueError, match=r"sizes\[1\]: frames must be 1 \+ 2k"):
         sm.generate(sm.load_run(run), vae, ["a", "b"], [(3, 24, 40), (4, 24, 40)], steps=1)
