@@ -241,7 +241,6 @@ def write_results(rows: list[Row], env: dict, copy_bw: float, path: str | None =
     return path
 
 
-# The baseline each op's speedup column is taken against.
 def liger(module: str, name: str, device: torch.device):
     """Liger-Kernel's `module`.`name` for the `liger` provider, or a skip with the reason it
     cannot run here (not installed; not on CUDA)."""
@@ -255,6 +254,7 @@ def liger(module: str, name: str, device: torch.device):
     return fn
 
 
+# The baseline each op's speedup column is taken against.
 BASELINES = {"varlen_attention": "sdpa_padded", "rope3d": "reference", "adaln_norm": "eager",
              "gated_residual_adaln": "eager", "patch_embed3d": "conv3d_loop", "final_layer_unpatchify": "eager",
              "group_norm_silu": "eager", "vae_decode": "eager_full", "latent_denorm": "eager",

@@ -96,7 +96,7 @@ def folder_videos(root: str, frames: int, height: int, width: int, seed: int = 0
 
 def check_compression(temporal: int, spatial: int) -> None:
     for name, f in (("temporal", temporal), ("spatial", spatial)):
-        if not isinstance(f, int) or f < 1:
+        if not isinstance(f, int) or isinstance(f, bool) or f < 1:
             raise ValueError(f"{name}: expected the VAE's {name}_compression, a positive int, got {f!r}")
 
 

@@ -40,9 +40,9 @@ def native_kernels(monkeypatch):
 
 
 def _traced_outputs(f, args) -> list:
-    """The shapes and dtypes torch.compile's graph of f gives its outputs (the custom ops'
-    fake implementations' answers, never run for real): None for an output the graph passes
-    through from its inputs or constants."""
+    """The shapes, strides and dtypes torch.compile's graph of f gives its outputs (the custom
+    ops' fake implementations' answers, never run for real): None for an output the graph
+    passes through from its inputs or constants."""
     traced = []
 
     def backend(gm, example_inputs):
@@ -57,9 +57,10 @@ def _traced_outputs(f, args) -> list:
 
 def assert_compiles_exactly(f, *args) -> None:
     """torch.compile(f, fullgraph=True) (aot_eager: the graph capture, not codegen) gives
-    f's outputs bit for bit, and the traced graph (the fake implementations) the same shapes
-    and dtypes as the real outputs: aot_eager runs the real kernels, so a fake that gets a
-    shape wrong would pass the comparison of values alone."""
+    f's outputs bit for bit, and the traced graph (the fake implementations) the same shapes,
+    strides and dtypes as the real outputs: aot_eager runs the real kernels, so a fake that
+    gets a shape wrong would pass the comparison of values alone (and inductor asserts the
+    fake's strides on the real tensors)."""
     expected = f(*args)
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
     expected, got = ((t,) if isinstance(t, torch.Tensor) else t for t in (expected, got))
@@ -71,8 +72,8 @@ def assert_compiles_exactly(f, *args) -> None:
     assert len(traced) == len(tensors), f"the traced graph returns {len(traced)} outputs, f {len(tensors)}"
     for i, (fake, real) in enumerate(zip(traced, tensors)):
         if isinstance(fake, torch.Tensor):
-            assert (tuple(fake.shape), fake.dtype) == (tuple(real.shape), real.dtype), \
-                f"output {i}: traced as {tuple(fake.shape)} {fake.dtype}, computed {tuple(real.shape)} {real.dtype}"
+            traced_as, computed = ((tuple(t.shape), t.stride(), t.dtype) for t in (fake, real))
+            assert traced_as == computed, f"output {i}: traced as {traced_as}, computed {computed}"
 
 
 def require_backend(backends, name: str, args: tuple) -> None:

@@ -2,6 +2,7 @@
 against torch's own functions; gradcheck in fp64; torch.compile with fullgraph."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sora_kernels as sk
 from conftest import DEVICE, assert_2x_rule, assert_compiles_exactly, require_backend
@@ -69,6 +70,23 @@ def test_swiglu_torch_compile_fullgraph(backend):
     gate, up = ((3 * torch.randn(7, 24, generator=g)).to(DEVICE).requires_grad_() for _ in range(2))
     require_backend(SWIGLU_BACKENDS, backend, (gate, up))
     assert_compiles_exactly(lambda gate, up: sk.swiglu(gate, up, backend=backend), gate, up)
+
+
+EXTREMES = [-1e19, -1e12, -1e6, -100.0, -20.0, -1e-30, 0.0, 20.0, 1e6, 1e19, float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_extreme_inputs_match_torch(backend):
+    """Huge, infinite and NaN inputs give torch's values and gradients: 0 far below zero (the
+    CPU kernels' exp clamps at -88, where sigmoid must still reach 0: a gelu derivative of
+    -1e19 came out as -1.3e18), NaN where torch gives NaN."""
+    x = torch.tensor(EXTREMES, device=DEVICE).repeat(8).requires_grad_()
+    require_backend(GELU_BACKENDS, backend, (x,))
+    for ours, eager in ((lambda t: sk.gelu_tanh(t, backend=backend), lambda t: F.gelu(t, approximate="tanh")),
+                        (lambda t: sk.swiglu(t, torch.ones_like(t), backend=backend), F.silu)):
+        got, want = _grads(ours, [x], torch.ones_like(x)), _grads(eager, [x], torch.ones_like(x))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-30, equal_nan=True)
 
 
 def test_errors():

@@ -381,6 +381,23 @@ def test_errors(change, message, backend):
         sk.varlen_attention(**args, backend=backend)
 
 
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [3, 6, 1]], ids=["equal", "mixed"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_op_opcheck(backend, lengths):
+    """torch.library.opcheck of the backend's custom op (schema, fake outputs' shapes, dtypes and
+    strides against the real ones, autograd registration): equal segments take the cpu
+    backend's one-batch path, whose outputs are aten's own tensors (an lse with transposed
+    strides once failed inductor's stride assertion there)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
+               for _ in range(3))
+    require_backend(op.ATTENTION_BACKENDS, backend, (q, k, v))
+    cu = _cu(*[sum(lengths[:i]) for i in range(len(lengths) + 1)])
+    custom = getattr(torch.ops.sora_kernels, f"varlen_attention_{backend}")
+    torch.library.opcheck(custom, (q, k, v, cu, cu, max(lengths), max(lengths), 0.25, False, None, None, 10000.0,
+                                   [4, 2, 2]))
+
+
 def test_flash_attn_varlen_positional_call():
     """flash_attn_varlen_func's positional call (dropout_p eighth) runs unchanged."""
     valid = _valid()

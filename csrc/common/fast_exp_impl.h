@@ -28,5 +28,7 @@ inline float exp_approx(float z) {
   return p * two_k;
 }
 
-inline float sigmoid(float z) { return 1.f / (1.f + exp_approx(-z)); }
+// 0 below -kExpMax, where e^-z would pass the clamp (1 / (1 + e^88) would stay ~6e-39, and a
+// gelu derivative multiplies it by v^3); NaN stays NaN (the compare is false).
+inline float sigmoid(float z) { return z < -kExpMax ? 0.f : 1.f / (1.f + exp_approx(-z)); }
 

@@ -34,7 +34,9 @@ inline __m256 sigmoid8(__m256 z) {
   const __m256 two_k = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
   const __m256 d = _mm256_fmadd_ps(p, two_k, one);  // 1 + e^-z
   const __m256 inv = _mm256_rcp_ps(d);
-  return _mm256_mul_ps(inv, _mm256_fnmadd_ps(d, inv, _mm256_set1_ps(2.f)));
+  const __m256 s = _mm256_mul_ps(inv, _mm256_fnmadd_ps(d, inv, _mm256_set1_ps(2.f)));
+  // 0 below -kExpMax, as sigmoid() (an ordered compare: NaN lanes keep their NaN)
+  return _mm256_andnot_ps(_mm256_cmp_ps(z, _mm256_set1_ps(-kExpMax), _CMP_LT_OQ), s);
 }
 
 inline __m256 silu8(__m256 z) { return _mm256_mul_ps(z, sigmoid8(z)); }

@@ -220,7 +220,7 @@ def patch_embed3d(videos: Sequence[torch.Tensor] | Packed, weight: torch.Tensor,
         backend: "triton" (the fused implicit GEMM), "cpu" (pack_patchify's C++ kernel, then a
             matrix product) or "reference" (for a Packed record: "reference" or None).
 
-    Returns Packed(tokens [N, E], cu_seqlens, positions, grid_sizes, max_seqlen, grids).
+    Returns Packed(tokens [N, E], cu_seqlens, positions, grid_sizes, max_seqlen, grids, patch_size).
     Differentiable in the videos, weight and bias. Equivalent PyTorch, per video::
 
         F.conv3d(v[None], weight, bias, stride=patch).flatten(2).transpose(1, 2)[0]

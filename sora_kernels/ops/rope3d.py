@@ -23,8 +23,12 @@ if B.TRITON_MISSING is None:
 TILE_ELEMENTS = 4096
 
 
+
+
 def block_rows(BLOCK_D: int) -> int:
     return TILE_ELEMENTS // BLOCK_D
+
+
 MAX_HEAD_DIM = 256
 
 # -----------------------------------------------------------------------------

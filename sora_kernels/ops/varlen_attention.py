@@ -750,7 +750,8 @@ def _whole(rows: torch.Tensor | slice, n_rows: int) -> bool:
     """Whether `rows` are all n_rows rows in order. For a group of every row in order (dense
     segments of one shape) the packed tensor is aten's batch itself: aten's CPU flash attention
     returns [n, heads, length, D] laid out as [n, length, heads, D], the packed rows, so its
-    outputs are the results as views, with no copy back."""
+    outputs are the results as (contiguous) views, with no copy back; lse, [n, H, length] laid
+    out [n, length, H], is copied to the contiguous [H, N] the op's fake promises."""
     return isinstance(rows, slice) and rows.start == 0 and rows.stop == n_rows
 
 
@@ -808,7 +809,7 @@ def cpu_forward(q, k, v, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs 
             _gather(q, g.rows_q, g.n, g.lq, H), _gather(k, g.rows_k, g.n, g.lk, H), _gather(v, g.rows_k, g.n, g.lk, H),
             0.0, g.is_causal, attn_mask=_additive(g.mask, work), scale=scale)     # [n, H, lq, D], [n, H, lq]
         if whole:
-            return _packed_view(o).to(dtype), m.transpose(0, 1).reshape(H, Nq).float()
+            return _packed_view(o).to(dtype), m.transpose(0, 1).reshape(H, Nq).float().contiguous()
         _put(out, g.rows_q, o)
         _put_lse(lse, g.rows_q, m)
     return out.to(dtype), lse
@@ -1099,7 +1100,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             their own sample's text tokens). Zero-length segments are allowed.
         max_seqlen_q, max_seqlen_k: at least the longest segment (they size the GPU grid).
         dropout_p: 0.0 only (attention dropout is not implemented; DiTs train without it). In
-            flash_attn_varlen_func's place, so its positional calls run unchanged.
+            flash_attn_varlen_func's place, so its calls with dropout_p positional and the rest
+            by keyword run unchanged.
         softmax_scale: default 1 / sqrt(D).
         causal: mask aligned bottom-right: query i of a segment sees keys j <= i + Lk - Lq.
         return_lse: also return the log-sum-exp, fp32 [H, Nq] (natural log).

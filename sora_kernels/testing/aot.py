@@ -338,7 +338,7 @@ def compile_job(job: dict) -> dict:
                       shared_static=int(fields["SHARED"]), shared=k.metadata.shared, ok=True)
         if sass:  # which matrix instructions the attention kernels use, and where they spill
             result["mma"] = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "none"
-            result["spill_in_loops"] = spill_in_loops(sass)
+            result["spill_in_loops"] = spill_in_loops(sass) if spill else 0
         if job["kernel"] == "frames_to_uint8_kernel":  # the 1.5 * 2^23 rounding add fused with the product
             result["fma_rounding"] = bool(re.search(r"fma\.rn\.f32\s[^;]*0f4B400000", k.asm["ptx"]))
         if job["arch"] >= 90:
@@ -351,7 +351,9 @@ def compile_job(job: dict) -> dict:
 def spill_in_loops(sass: str) -> int:
     """Local loads and stores (STL / LDL) inside a loop of the SASS: between a backward branch
     and its target. Spills outside every loop (values stored in the prologue, loaded in the
-    epilogue) cost a few accesses a program; inside the key loop they cost one per step."""
+    epilogue) cost a few accesses a program; inside the key loop they cost one per step. It
+    counts every local access, a local array's too (libdevice's accurate sin / cos reduction
+    loops over one): compile_job reports it for kernels that spill."""
     address = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
     instructions = [(int(a, 16), text) for a, text in address.findall(sass)]
     loops = []
