@@ -11,21 +11,9 @@
 namespace sora_kernels {
 namespace dit {
 
-namespace generic {
-#include "dit/activation_cpu_impl.h"
-}  // namespace generic
-
-// The activations again for AVX2 + FMA, picked at run time (the extension is built for
-// baseline x86-64: 4 lanes without FMA).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SORA_KERNELS_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "dit/activation_cpu_impl.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
+// The activations for baseline x86-64 and for AVX2 + FMA, picked at run time.
+#define SORA_KERNELS_PER_TARGET "dit/activation_cpu_impl.h"
+#include "common/per_target.h"
 
 void gated_residual_forward_cpu(const float* x, const float* y, const float* gate, const int32_t* seg, int64_t rows,
                                 int64_t dim, float* out) {
@@ -73,8 +61,7 @@ void gated_residual_backward_cpu(const float* dout, const float* y, const float*
 
 void activation_cpu(int kind, const float* a, const float* b, const float* dout, int64_t n, float* out, float* db) {
 #ifdef SORA_KERNELS_AVX2
-  static const bool avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2_fma) return avx2::activation(kind, a, b, dout, n, out, db);
+  if (cpu_has_avx2_fma()) return avx2::activation(kind, a, b, dout, n, out, db);
 #endif
   generic::activation(kind, a, b, dout, n, out, db);
 }

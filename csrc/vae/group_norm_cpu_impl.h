@@ -13,7 +13,7 @@ inline float silu_grad(float z) {
   return s * (1.f + z * (1.f - s));
 }
 
-#if SORA_KERNELS_GN_INTRINSICS
+#if SORA_KERNELS_AVX2_INTRINSICS
 // sigmoid of 8 lanes (this copy is compiled for AVX2 + FMA): e^-z as exp_approx computes it,
 // and 1 / (1 + e^-z) from the reciprocal estimate refined by one Newton step, r (2 - d r):
 // relative error about 2^-22 against vdivps's correct rounding, which took about 40% of the
