@@ -265,6 +265,24 @@ def _like(v: torch.Tensor, ref) -> torch.Tensor:
     return v
 
 
+# The config fields that shape the model and its data's tokens: a resume must keep them (the
+# steps, the batch budget, the learning rate and the rest may change).
+MODEL_FIELDS = ("dit", "text", "temporal_compression", "spatial_compression", "latent_channels")
+
+
+def check_resumable(path: str, cfg: TrainConfig) -> None:
+    """ValueError naming each model field whose value in the checkpoint's config differs from
+    cfg's (a resume of another model would fail later as a mismatch of tensor shapes)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        saved = json.loads(f.metadata()["config"])
+    default = asdict(TrainConfig())      # checkpoints from before a field existed had its default
+    differ = [f"{name} {saved.get(name, default[name])!r} there, {getattr(cfg, name)!r} here" for name in MODEL_FIELDS
+              if saved.get(name, default[name]) != getattr(cfg, name)]
+    if differ:
+        raise ValueError(f"resume: {path!r} holds another model: " + "; ".join(differ))
+
+
 def load_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> int:
     """Loads a save_checkpoint file, from any number of ranks, DDP or FSDP2, into model, ema and
     opt; returns its step. Tensors are read one at a time, and under FSDP2 each rank keeps its
@@ -325,9 +343,11 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     os.makedirs(out, exist_ok=True)
     ckpt = os.path.join(out, "checkpoint.safetensors")
-    start = load_checkpoint(ckpt, model, ema, opt) if resume and os.path.exists(ckpt) else 0
-    if resume and start == 0 and not os.path.exists(ckpt):
+    if resume and not os.path.exists(ckpt):
         raise ValueError(f"resume: no checkpoint at {ckpt!r}")
+    if resume:
+        check_resumable(ckpt, cfg)
+    start = load_checkpoint(ckpt, model, ema, opt) if resume else 0
     net: nn.Module = model
     if distributed and not fsdp:
         # find_unused_parameters: the null caption is unused in steps that drop no caption

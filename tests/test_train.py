@@ -188,6 +188,12 @@ def test_argument_errors(vae_file, tmp_path):
     from sora_model.train_vae import load_checkpoint
     with pytest.raises(ValueError, match="resume: no checkpoint at"):
         tr.train(tr.TrainConfig(steps=1), load_checkpoint(vae_file), str(tmp_path / "new"), progress=False, resume=True)
+    # a resume keeps the model: another DiT size is named, not left to a shape mismatch
+    tr.train(tr.TrainConfig(steps=1, budget=128, max_tokens=64), load_checkpoint(vae_file), str(tmp_path / "run"),
+             progress=False)
+    with pytest.raises(ValueError, match=r"resume: .* holds another model: dit 'tiny' there, 'mini' here"):
+        tr.train(tr.TrainConfig(dit="mini", steps=2, budget=128, max_tokens=64), load_checkpoint(vae_file),
+                 str(tmp_path / "run"), progress=False, resume=True)
 
 
 def test_latent_pool_encodes_each_batch_once(vae_file, tmp_path, monkeypatch):
