@@ -24,7 +24,7 @@ import torch
 
 from sora_model.diffusion import sample
 from sora_model.dit import DiT
-from sora_model.train import Denoiser, TrainConfig, make_denoiser, text_problem
+from sora_model.train import VAE_FIELDS, Denoiser, TrainConfig, make_denoiser, text_problem, vae_fields
 from sora_model.vae import VAEConfig, to_uint8_frames
 
 
@@ -60,6 +60,14 @@ def size_problem(size: tuple[int, int, int], vae: VAEConfig, patch_size) -> str 
     return None
 
 
+def check_sizes(sizes, vae: VAEConfig, patch_size, names: list[str]) -> None:
+    """ValueError naming the first size (by its name in `names`) that size_problem refuses."""
+    for name, size in zip(names, sizes):
+        why = size_problem(size, vae, patch_size)
+        if why:
+            raise ValueError(f"{name}: {why}")
+
+
 def run_config(run: str) -> TrainConfig:
     """The TrainConfig a training run's checkpoint was written with."""
     from safetensors import safe_open
@@ -93,10 +101,7 @@ def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, in
     (with a progress bar over the sampling steps when progress)."""
     dit: DiT = model.dit
     device = dit.patch_embed.device
-    for i, size in enumerate(sizes):
-        why = size_problem(size, vae.cfg, dit.cfg.patch_size)
-        if why:
-            raise ValueError(f"sizes[{i}]: {why}")
+    check_sizes(sizes, vae.cfg, dit.cfg.patch_size, [f"sizes[{i}]" for i in range(len(sizes))])
     tc, sc = vae.cfg.temporal_compression, vae.cfg.spatial_compression
     shapes = [(dit.cfg.in_channels, 1 + (T - 1) // tc, H // sc, W // sc) for T, H, W in sizes]
     text = model.text(prompts)
@@ -143,16 +148,12 @@ def main(argv=None) -> list[str]:
     _av()  # without PyAV, say so before sampling rather than after
     cfg = run_config(args.run)
     vae = load_checkpoint(args.vae, args.device).eval()
-    trained = (cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels)
-    given = (vae.cfg.temporal_compression, vae.cfg.spatial_compression, vae.cfg.latent_channels)
+    trained, given = tuple(getattr(cfg, name) for name in VAE_FIELDS), tuple(vae_fields(vae.cfg).values())
     if given != trained:
         raise ValueError(f"--vae: expected a VAE of the run's (temporal compression, spatial compression, latent "
                          f"channels) = {trained}, got {given}")
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
-    for T, H, W in args.size:
-        why = size_problem((T, H, W), vae.cfg, model.dit.cfg.patch_size)
-        if why:
-            raise ValueError(f"--size {T}x{H}x{W}: {why}")
+    check_sizes(args.size, vae.cfg, model.dit.cfg.patch_size, [f"--size {T}x{H}x{W}" for T, H, W in args.size])
     prompts = args.prompt * len(args.size) if len(args.prompt) == 1 else args.prompt
     videos = generate(model, vae, prompts, args.size, steps=args.steps, guidance=args.guidance, method=args.method,
                       seed=args.seed, progress=not args.no_progress)

@@ -143,6 +143,15 @@ def text_encoder(text: str) -> nn.Module:
     return HFTextEncoder(text[3:])
 
 
+# TrainConfig's fields that must equal the VAE's cfg's of the same names
+VAE_FIELDS = ("temporal_compression", "spatial_compression", "latent_channels")
+
+
+def vae_fields(vae_cfg) -> dict[str, int]:
+    """The VAE's compression and latent channels, as TrainConfig holds them."""
+    return {name: getattr(vae_cfg, name) for name in VAE_FIELDS}
+
+
 def make_denoiser(cfg: TrainConfig) -> Denoiser:
     encoder = text_encoder(cfg.text)
     dit = DiT(dit_config(cfg.dit, text_dim=encoder.dim, in_channels=cfg.latent_channels))
@@ -231,6 +240,13 @@ def save_atomically(state: dict[str, torch.Tensor], path: str, metadata: dict[st
     os.replace(tmp, path)
 
 
+def optimizer_tensors(prefix: str, opt_state: dict) -> dict[str, torch.Tensor]:
+    """An optimizer state_dict's per-parameter state as tensors named <prefix>.<parameter
+    index>.<name> (scalars, as AdamW's step, as 0-dim tensors); sora_model.train_vae's too."""
+    return {f"{prefix}.{pid}.{name}": v if torch.is_tensor(v) else torch.tensor(v)
+            for pid, s in opt_state["state"].items() for name, v in s.items()}
+
+
 def save_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int,
                     cfg: TrainConfig) -> None:
     """One safetensors file of full tensors (model.*, ema.*, and optim.<parameter index>.<name>
@@ -242,8 +258,7 @@ def save_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.opti
     opt_state = opt.state_dict()
     named = [(f"model.{k}", v) for k, v in model.state_dict().items()]
     named += [(f"ema.{k}", v) for k, v in ema.state_dict().items()]
-    named += [(f"optim.{pid}.{k}", v if torch.is_tensor(v) else torch.tensor(v))
-              for pid, s in opt_state["state"].items() for k, v in s.items()]
+    named += list(optimizer_tensors("optim", opt_state).items())
     state = {}
     for name, v in named:
         if isinstance(v, DTensor):
@@ -321,8 +336,7 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     returns the loss of each step run (the global batch's). With torch.distributed initialised,
     the ranks share each global batch under DDP, or FSDP2 with cfg.fsdp."""
     device = torch.device(device)
-    got = (cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels)
-    want = (vae.cfg.temporal_compression, vae.cfg.spatial_compression, vae.cfg.latent_channels)
+    got, want = tuple(getattr(cfg, name) for name in VAE_FIELDS), tuple(vae_fields(vae.cfg).values())
     if got != want:
         raise ValueError(f"cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels: expected the "
                          f"VAE's {want}, got {got}")
@@ -455,8 +469,7 @@ def main(argv=None) -> None:
     cfg = TrainConfig(dit=args.dit, text=args.text, data=args.data, budget=args.budget, max_tokens=args.max_tokens,
                       steps=args.steps, lr=args.lr, ema=args.ema, clip_grad=args.clip_grad,
                       caption_dropout=args.caption_dropout, seed=args.seed, save_every=args.save_every,
-                      fsdp=args.fsdp, latent_pool=args.latent_pool, temporal_compression=vae.cfg.temporal_compression,
-                      spatial_compression=vae.cfg.spatial_compression, latent_channels=vae.cfg.latent_channels)
+                      fsdp=args.fsdp, latent_pool=args.latent_pool, **vae_fields(vae.cfg))
     device = args.device
     if "RANK" in os.environ and not dist.is_initialized():          # launched by torchrun
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")

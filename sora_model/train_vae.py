@@ -33,7 +33,7 @@ import torch
 from sora_model.data import folder_videos, synthetic_video
 from sora_model.physics_world import WorldConfig, render_clip
 from sora_model.discriminator import PatchDiscriminator3D, discriminator_hinge_loss, generator_hinge_loss
-from sora_model.train import save_atomically
+from sora_model.train import optimizer_tensors, save_atomically
 from sora_model.vae import SIZES, VAEConfig, VideoAutoencoder, vae_config
 
 
@@ -60,9 +60,7 @@ TRAINING_STATE = ("optim.", "disc.", "disc_optim.", "rng.")
 def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
     """AdamW's state as tensors named <prefix>.<parameter index>.<name>, and its param_groups as JSON."""
     state = opt.state_dict()
-    tensors = {f"{prefix}.{pid}.{name}": v if torch.is_tensor(v) else torch.tensor(v)
-               for pid, s in state["state"].items() for name, v in s.items()}
-    return tensors, json.dumps(state["param_groups"])
+    return optimizer_tensors(prefix, state), json.dumps(state["param_groups"])
 
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], prefix: str, param_groups: str) -> dict:
