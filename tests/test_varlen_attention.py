@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sora_kernels as sk
+from sora_kernels import backends as B
 from sora_kernels.ops import varlen_attention as op
 from sora_kernels.reference import attention as ref
 from sora_kernels.reference import rope as ref_rope
@@ -20,6 +21,15 @@ from conftest import DEVICE, require_backend
 
 BACKENDS = ["triton", "cpu"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+ENGINES = ["kernel", "aten"]  # the cpu backend's two ways (op._use_kernel)
+
+
+def use_engine(monkeypatch, backend, engine):
+    """Makes the cpu backend run its C++ kernel ("kernel") or aten's CPU flash attention ("aten")
+    whatever the sizes (op._use_kernel picks by them). Other backends run once, as "kernel"."""
+    if engine != "kernel" and backend != "cpu":
+        pytest.skip("the engines are the cpu backend's")
+    monkeypatch.setattr(op, "KERNEL_FLOPS_PER_SHAPE", math.inf if engine == "kernel" else 0.0)
 
 
 def _skip_unsupported(backend, dtype):
@@ -110,11 +120,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case_name", list(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, case_name, dtype):
+def test_matches_reference(backend, case_name, dtype, engine, monkeypatch):
     _skip_unsupported(backend, dtype)
+    use_engine(monkeypatch, backend, engine)
     kw, causal = CASES[case_name]
     case = make_case(**kw, dtype=dtype)
     require_backend(op.ATTENTION_BACKENDS, backend, (case["q"], case["k"], case["v"]))
@@ -207,11 +219,13 @@ def test_dq_mode_checked(monkeypatch):
         out.sum().backward()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("length", [1025, 4099])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_long_segment(backend, causal, length):
+def test_long_segment(backend, causal, length, engine, monkeypatch):
     """1025 and 4099 tokens: many key blocks, a ragged last block, a short segment beside it."""
+    use_engine(monkeypatch, backend, engine)
     if backend == "triton" and DEVICE.type == "cpu" and (length > 1025 or causal):
         pytest.skip("minutes under the Triton interpreter: 1025 non-causal runs here, every size on a GPU")
     dtype = torch.float16
@@ -221,13 +235,15 @@ def test_long_segment(backend, causal, length):
     assert_within_2x(ours, case, causal, dout, f"{backend} {length}")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rope_fused_equals_unfused(backend, dtype):
+def test_rope_fused_equals_unfused(backend, dtype, engine, monkeypatch):
     """rope= gives rope3d followed by attention (both within the 2x rule of the oracle, and
     within it of each other), forward and gradients: the gradients' rotation back happens in
     the backward kernels."""
     _skip_unsupported(backend, dtype)
+    use_engine(monkeypatch, backend, engine)
     for causal, kw in ((False, dict(lens_q=[17, 97, 1], heads=4, kv_heads=2, head_dim=72)),
                        (True, dict(lens_q=[33, 130], heads=2, head_dim=64))):
         case = make_case(**kw, dtype=dtype, rope=True)
@@ -250,10 +266,12 @@ def test_rope_fused_equals_unfused(backend, dtype):
             assert gap <= 2 * err_plain + rounding, f"{name}: fused vs unfused {gap:.3g} > {2 * err_plain:.3g}"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_rows_without_keys(backend):
+def test_rows_without_keys(backend, engine, monkeypatch):
     """Zero-length segments produce nothing; queries with no key output 0 and lse -inf, and
     send no gradient; causal with Lq > Lk leaves the first Lq - Lk queries without keys."""
+    use_engine(monkeypatch, backend, engine)
     case = make_case([0, 4, 6, 3], [2, 0, 2, 0], heads=2, head_dim=32, dtype=torch.float16)
     require_backend(op.ATTENTION_BACKENDS, backend, (case["q"], case["k"], case["v"]))
     (out, lse, dq, dk, dv), _ = run(case, True, backend)
@@ -271,8 +289,10 @@ def test_default_backend_and_gradients_flow():
     assert case["q"].grad is not None and case["k"].grad is not None and case["v"].grad is not None
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, engine, monkeypatch):
+    use_engine(monkeypatch, backend, engine)
     case = make_case([17, 40], heads=2, kv_heads=1, head_dim=64, dtype=torch.float16, rope=True)
     require_backend(op.ATTENTION_BACKENDS, backend, (case["q"], case["k"], case["v"]))
     positions = case.pop("rope").positions_q
@@ -381,13 +401,15 @@ def test_errors(change, message, backend):
         sk.varlen_attention(**args, backend=backend)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("lengths", [[4, 4, 4], [3, 6, 1]], ids=["equal", "mixed"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_custom_op_opcheck(backend, lengths):
+def test_custom_op_opcheck(backend, lengths, engine, monkeypatch):
     """torch.library.opcheck of the backend's custom op (schema, fake outputs' shapes, dtypes and
-    strides against the real ones, autograd registration): equal segments take the cpu
-    backend's one-batch path, whose outputs are aten's own tensors (an lse with transposed
+    strides against the real ones, autograd registration): equal segments take the aten
+    engine's one-batch path, whose outputs are aten's own tensors (an lse with transposed
     strides once failed inductor's stride assertion there)."""
+    use_engine(monkeypatch, backend, engine)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(sum(lengths), 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
                for _ in range(3))
@@ -492,3 +514,61 @@ def test_short_key_candidates():
     assert long[0].BLOCK_N == 128
     assert all(c.BLOCK_N <= op.SHORT_KEY_BLOCK_N for c in short)
     assert all(c.BLOCK_N <= op.SHORT_KEY_BLOCK_N for c in op.launch_candidates("dkdv", 128, True))
+
+
+def test_cpu_engine_choice():
+    """The cpu backend sends a call to its C++ kernel when aten's per-call cost (one call per
+    segment shape) would be a tenth of aten's time: the benchmark's cross-attention (16 key
+    lengths) goes to the kernel, its dense and mixed batches (1 and 3 shapes) to aten, and
+    float64 always to aten (the kernel is float32)."""
+    from benchmarks.bench_varlen_attention import make_inputs, workloads
+    expected = {"dense-512": False, "mixed": False, "cross-text": True}
+    for name, (lens_q, lens_k, heads, kv_heads, head_dim, causal) in workloads(torch.device("cpu")).items():
+        q, k, v, cu_q, cu_k, _, _ = make_inputs(lens_q, lens_k, heads, kv_heads, head_dim, torch.device("cpu"),
+                                                torch.float32)
+        shapes = op._segment_shapes(cu_q, cu_k)[2]
+        assert op._use_kernel(shapes, q) == expected[name], name
+        assert not op._use_kernel(shapes, q.double()), name
+
+
+def _kernel_args(**change):
+    q, k = torch.randn(7, 4, 16), torch.randn(5, 2, 16)
+    args = dict(q=q, k=k, v=torch.randn_like(k), cu_seqlens_q=_cu(0, 3, 7).cpu(), cu_seqlens_k=_cu(0, 4, 5).cpu(),
+                scale=0.25, causal=False)
+    return {**args, **change}
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(q=torch.randn(7, 4, 16, dtype=torch.float64)), "q: the cpu kernels run float32"),
+    (dict(k=torch.randn(5, 3, 16), v=torch.randn(5, 3, 16)), "k: expected kv heads dividing the 4 query heads"),
+    (dict(v=torch.randn(5, 2, 8)), "v: expected the shape of k"),
+    (dict(cu_seqlens_k=torch.tensor([0, 4, 3], dtype=torch.int32)), "cu_seqlens_k: expected non-decreasing"),
+    (dict(cu_seqlens_k=torch.tensor([0, 4, 6], dtype=torch.int32)), "cu_seqlens_k: expected its last entry"),
+    (dict(cu_seqlens_q=torch.tensor([1, 3, 7], dtype=torch.int32)), "cu_seqlens_q: expected to start at 0"),
+    (dict(cu_seqlens_k=torch.tensor([0, 5], dtype=torch.int32)), r"cu_seqlens_k: expected 3 entries"),
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 7])), "cu_seqlens_q: expected an int32 CPU vector"),
+])
+def test_cpu_kernel_checks(change, message):
+    """The C++ ops check what they index with (the public function checks first, with its own
+    messages; these guard direct callers of torch.ops.sora_kernels.varlen_attention_*)."""
+    if B.COMPILED_MISSING or not B.compiled_has("varlen_attention_forward", "CPU"):
+        pytest.skip("sora_kernels._C has no CPU attention kernel")
+    args = _kernel_args(**change)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.sora_kernels.varlen_attention_forward(*args.values())
+    q, k, v, cq, ck, scale, causal = args.values()
+    dout = torch.zeros(q.shape, dtype=torch.float32)
+    lse = torch.zeros(q.shape[1], q.shape[0])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.sora_kernels.varlen_attention_backward(dout, q, k, v, dout, lse, cq, ck, scale, causal)
+
+
+def test_cpu_kernel_backward_checks():
+    if B.COMPILED_MISSING or not B.compiled_has("varlen_attention_backward", "CPU"):
+        pytest.skip("sora_kernels._C has no CPU attention kernel")
+    q, k, v, cq, ck, scale, causal = _kernel_args().values()
+    out, lse = torch.ops.sora_kernels.varlen_attention_forward(q, k, v, cq, ck, scale, causal)
+    with pytest.raises(RuntimeError, match=r"lse: expected \[4, 7\]"):
+        torch.ops.sora_kernels.varlen_attention_backward(out, q, k, v, out, lse.t(), cq, ck, scale, causal)
+    with pytest.raises(RuntimeError, match="dout: expected the shape of q"):
+        torch.ops.sora_kernels.varlen_attention_backward(out[:3], q, k, v, out, lse, cq, ck, scale, causal)

@@ -9,7 +9,8 @@
 //
 // Inside, SORA_KERNELS_AVX2_INTRINSICS is 0 in the generic copy and 1 in the AVX2 one (for
 // hand-written intrinsics). No include guard: each kernel file includes it once per header.
-// The including file includes <cstring> (and <immintrin.h> on x86-64) at file scope first.
+// The including file includes <cstdlib> and <cstring> (and <immintrin.h> on x86-64) at file
+// scope first.
 
 namespace generic {
 #define SORA_KERNELS_AVX2_INTRINSICS 0
@@ -33,10 +34,12 @@ namespace avx2 {
 
 #ifndef SORA_KERNELS_CPU_HAS_AVX2_FMA
 #define SORA_KERNELS_CPU_HAS_AVX2_FMA
-// Whether this CPU runs the avx2 copies (checked once).
+// Whether this CPU runs the avx2 copies (checked once). SORA_KERNELS_CPU_BASELINE=1 in the
+// environment keeps the baseline copies (ctest runs every test both ways).
 inline bool cpu_has_avx2_fma() {
 #ifdef SORA_KERNELS_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("SORA_KERNELS_CPU_BASELINE") == nullptr;
   return ok;
 #else
   return false;

@@ -29,8 +29,9 @@ inline __m256 sigmoid8(__m256 z) {
   const __m256 k = _mm256_sub_ps(t, magic);
   __m256 r = _mm256_fnmsub_ps(k, _mm256_set1_ps(kLn2Hi), m);  // -m - k ln2, in two parts
   r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kExpPoly[0]);
-  for (int i = 1; i <= kExpDegree; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+  __m256 q = _mm256_set1_ps(kExpPoly[0]);  // e^r = 1 + r + r^2 q(r), as exp_reduced
+  for (int i = 1; i <= kExpDegree; ++i) q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(kExpPoly[i]));
+  const __m256 p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(r, r), q, r), one);
   const __m256 two_k = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
   const __m256 d = _mm256_fmadd_ps(p, two_k, one);  // 1 + e^-z
   const __m256 inv = _mm256_rcp_ps(d);

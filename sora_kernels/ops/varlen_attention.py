@@ -678,7 +678,8 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
 
 
 # -----------------------------------------------------------------------------
-# CPU backend: PyTorch's fused CPU attention, one batched call per distinct segment shape
+# CPU backend: the C++ kernel, or PyTorch's fused CPU attention one batched call per distinct
+# segment shape
 # -----------------------------------------------------------------------------
 
 @dataclass
@@ -694,13 +695,18 @@ class _Group:
     mask: torch.Tensor | None   # bool [lq, lk], bottom-right causal with lq < lk
 
 
-def _cpu_groups(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool, device: torch.device) -> list[_Group]:
+def _segment_shapes(cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[list, list, dict[tuple[int, int], list[int]]]:
+    """(cu_q, cu_k as lists, {(Lq, Lk): the segments of that shape}) for segments with queries and keys."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
     shapes: dict[tuple[int, int], list[int]] = {}
     for b in range(len(cq) - 1):
         Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
         if Lq > 0 and Lk > 0:
             shapes.setdefault((Lq, Lk), []).append(b)
+    return cq, ck, shapes
+
+
+def _cpu_groups(cq: list, ck: list, shapes: dict, causal: bool, device: torch.device) -> list[_Group]:
     groups = []
     for (Lq, Lk), segs in shapes.items():
         skip = Lq - Lk if causal and Lq > Lk else 0  # bottom-right causal: the first queries see no key
@@ -791,14 +797,43 @@ def _cpu_work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# The CPU backend has two engines: the C++ kernel (csrc/attention/varlen_attention_cpu.cpp: every
+# segment and head in one OpenMP region, blocks of 48 queries x 128 keys, no gathers or copies
+# back), and aten's flash-attention CPU kernel, one batched call per segment shape. Per flop,
+# aten's is 10-20% faster (its matrix products are BLAS's), but each of its calls costs about
+# 100 us more than its work (the call, the gathers into a batch, the copies back). So a call
+# goes to the C++ kernel when aten would spend a tenth of its time on that: when its work
+# (4 * sum(Lq * Lk) * H * D flops) is at most KERNEL_FLOPS_PER_SHAPE per distinct segment shape.
+# On this 2-core CPU (docs/NOTES-attention.md): the cross-attention benchmark (16 shapes) goes
+# to the kernel, dense and mixed batches (1 and 3 shapes) to aten. The backward makes the same
+# choice from the same segments, so it recomputes the scores with the forward's own code, bit
+# for bit (mixing the engines made dq 3x less accurate: P = e^(S - lse) no longer matched the
+# forward's out). Float64 always goes to aten (the kernel is float32).
+KERNEL_FLOPS_PER_SHAPE = 1.25e8  # 100 us x 125 GFLOP/s x 10
+
+
+def _use_kernel(shapes: dict[tuple[int, int], list[int]], q: torch.Tensor) -> bool:
+    flops = sum(4 * len(segs) * Lq * Lk for (Lq, Lk), segs in shapes.items()) * q.shape[1] * q.shape[2]
+    return q.dtype == torch.float32 and flops <= KERNEL_FLOPS_PER_SHAPE * len(shapes)
+
+
 def cpu_forward(q, k, v, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs | None):
-    """(out, lse): segments of equal (Lq, Lk) gathered into one batch each and run through
-    aten's flash-attention CPU kernel."""
-    Nq, H, D = q.shape
+    """(out, lse) with the C++ kernel or aten's, as _use_kernel chooses."""
     dtype, work = q.dtype, _cpu_work_dtype(q.dtype)
     q, k = _rotated(q, k, rope)
     q, k, v = q.to(work), k.to(work), v.to(work)
-    groups = _cpu_groups(cu_q, cu_k, causal, q.device)
+    cq, ck, shapes = _segment_shapes(cu_q, cu_k)
+    if _use_kernel(shapes, q):
+        out, lse = torch.ops.sora_kernels.varlen_attention_forward(q, k, v, cu_q, cu_k, scale, causal)
+    else:
+        out, lse = _aten_forward(q, k, v, _cpu_groups(cq, ck, shapes, causal, q.device), scale)
+    return out.to(dtype), lse
+
+
+def _aten_forward(q, k, v, groups: list[_Group], scale: float):
+    """(out, lse): the segments of each group gathered into one batch and run through aten's
+    flash-attention CPU kernel."""
+    Nq, H, D = q.shape
     whole = len(groups) == 1 and _whole(groups[0].rows_q, Nq)
     if _covers(groups, Nq):
         out, lse = q.new_empty((Nq, H, D)), torch.empty((H, Nq), device=q.device)
@@ -807,22 +842,34 @@ def cpu_forward(q, k, v, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs 
     for g in groups:
         o, m = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _gather(q, g.rows_q, g.n, g.lq, H), _gather(k, g.rows_k, g.n, g.lk, H), _gather(v, g.rows_k, g.n, g.lk, H),
-            0.0, g.is_causal, attn_mask=_additive(g.mask, work), scale=scale)     # [n, H, lq, D], [n, H, lq]
+            0.0, g.is_causal, attn_mask=_additive(g.mask, q.dtype), scale=scale)     # [n, H, lq, D], [n, H, lq]
         if whole:
-            return _packed_view(o).to(dtype), m.transpose(0, 1).reshape(H, Nq).float().contiguous()
+            return _packed_view(o), m.transpose(0, 1).reshape(H, Nq).float().contiguous()
         _put(out, g.rows_q, o)
         _put_lse(lse, g.rows_q, m)
-    return out.to(dtype), lse
+    return out, lse
 
 
 def cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs | None):
-    """(dq, dk, dv) with aten's flash-attention CPU backward, one batched call per group."""
-    Nq, H, D = q.shape
-    Hkv = k.shape[1]
+    """(dq, dk, dv) with the engine the forward used (_use_kernel on the same segments)."""
     dtype, work = q.dtype, _cpu_work_dtype(q.dtype)
     q, k = _rotated(q, k, rope)
     q, k, v, dout, out = (x.to(work) for x in (q, k, v, dout, out))
-    groups = _cpu_groups(cu_q, cu_k, causal, q.device)
+    cq, ck, shapes = _segment_shapes(cu_q, cu_k)
+    if _use_kernel(shapes, q):
+        dq, dk, dv = torch.ops.sora_kernels.varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale,
+                                                                      causal)
+    else:
+        dq, dk, dv = _aten_backward(dout, q, k, v, out, lse, _cpu_groups(cq, ck, shapes, causal, q.device), scale)
+    dq, dk = _rotated(dq, dk, rope, inverse=True)  # gradients of the rotated q, k -> of q, k
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
+def _aten_backward(dout, q, k, v, out, lse, groups: list[_Group], scale: float):
+    """(dq, dk, dv) with aten's flash-attention CPU backward, one batched call per group."""
+    Nq, H, D = q.shape
+    Hkv = k.shape[1]
+    work = q.dtype
     whole = len(groups) == 1 and _whole(groups[0].rows_q, Nq) and _whole(groups[0].rows_k, k.shape[0])
     if not whole:
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -841,8 +888,7 @@ def cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float, causal: bool
         _put(dq, g.rows_q, gq)
         _put(dk, g.rows_k, gk)
         _put(dv, g.rows_k, gv)
-    dq, dk = _rotated(dq, dk, rope, inverse=True)  # gradients of the rotated q, k -> of q, k
-    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+    return dq, dk, dv
 
 
 # -----------------------------------------------------------------------------
@@ -1022,8 +1068,7 @@ def _reasons(name: str):
                 out.append(f"launches one program column per segment: at most {MAX_GRID_YZ} segments, "
                            f"got {cu_q.shape[0] - 1}")
         elif name == "cpu":
-            if q.device.type != "cpu":
-                out.append(f"runs on CPU tensors, got {q.device.type}")
+            out += B.device_reasons("cpu", q.device, "varlen_attention_forward")
             if q.dtype not in CPU_DTYPES:
                 out.append(f"runs fp16, bf16, fp32 and fp64, got {q.dtype}")
         return out

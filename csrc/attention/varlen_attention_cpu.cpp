@@ -1,0 +1,87 @@
+#include "attention/varlen_attention_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+namespace sora_kernels {
+namespace attention {
+
+namespace {
+
+// At least n floats of this thread's workspace, 64-byte aligned (every vector load of the
+// blocks is then aligned: their rows are multiples of 16 floats). Grown on demand and kept
+// across calls (OpenMP's threads persist), so that a call does not fault in fresh pages for
+// its packed keys and values, which took 10-40% of the time with megabytes of packs.
+float* thread_workspace(int64_t n) {
+  struct Buffer {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Buffer() { operator delete[](p, std::align_val_t(64)); }
+  };
+  static thread_local Buffer buffer;
+  if (buffer.n < n) {
+    operator delete[](buffer.p, std::align_val_t(64));
+    buffer.p = new (std::align_val_t(64)) float[n];
+    buffer.n = n;
+  }
+  return buffer.p;
+}
+
+// The blocks for baseline x86-64 and for AVX2 + FMA, picked at run time.
+#define SORA_KERNELS_PER_TARGET "attention/varlen_attention_cpu_impl.h"
+#include "common/per_target.h"
+
+// Per segment, its first query that sees a key (Lq when none does). With out / lse, the rows
+// before it get 0 and -inf.
+std::vector<int64_t> first_queries(const int32_t* cu_q, const int32_t* cu_k, int64_t segments, int64_t H, int64_t D,
+                                   bool causal, float* out, float* lse) {
+  const int64_t Nq = cu_q[segments];
+  std::vector<int64_t> first(segments);
+  for (int64_t b = 0; b < segments; ++b) {
+    const int64_t Lq = cu_q[b + 1] - cu_q[b], Lk = cu_k[b + 1] - cu_k[b];
+    first[b] = Lk == 0 ? Lq : (causal && Lq > Lk ? Lq - Lk : 0);
+    for (int64_t i = 0; out && i < first[b]; ++i) {
+      std::memset(out + (cu_q[b] + i) * H * D, 0, sizeof(float) * H * D);
+      for (int64_t h = 0; h < H; ++h) lse[h * Nq + cu_q[b] + i] = -INFINITY;
+    }
+  }
+  return first;
+}
+
+}  // namespace
+
+void varlen_attention_forward_cpu(const float* q, const float* k, const float* v, const int32_t* cu_q,
+                                  const int32_t* cu_k, int64_t segments, int64_t H, int64_t Hkv, int64_t D,
+                                  float scale, bool causal, float* out, float* lse) {
+  const std::vector<int64_t> first = first_queries(cu_q, cu_k, segments, H, D, causal, out, lse);
+#ifdef SORA_KERNELS_AVX2
+  if (cpu_has_avx2_fma()) {
+    avx2::forward_all(first, q, k, v, cu_q, cu_k, segments, H, Hkv, D, scale, causal, out, lse);
+    return;
+  }
+#endif
+  generic::forward_all(first, q, k, v, cu_q, cu_k, segments, H, Hkv, D, scale, causal, out, lse);
+}
+
+void varlen_attention_backward_cpu(const float* dout, const float* q, const float* k, const float* v,
+                                   const float* out, const float* lse, const int32_t* cu_q, const int32_t* cu_k,
+                                   int64_t segments, int64_t H, int64_t Hkv, int64_t D, float scale, bool causal,
+                                   float* dq, float* dk, float* dv) {
+  const std::vector<int64_t> first = first_queries(cu_q, cu_k, segments, H, D, causal, nullptr, nullptr);
+#ifdef SORA_KERNELS_AVX2
+  if (cpu_has_avx2_fma()) {
+    avx2::backward_all(first, dout, q, k, v, out, lse, cu_q, cu_k, segments, H, Hkv, D, scale, causal, dq, dk, dv);
+    return;
+  }
+#endif
+  generic::backward_all(first, dout, q, k, v, out, lse, cu_q, cu_k, segments, H, Hkv, D, scale, causal, dq, dk, dv);
+}
+
+}  // namespace attention
+}  // namespace sora_kernels

@@ -1,0 +1,444 @@
+// The packed attention's blocks, included twice by varlen_attention_cpu.cpp: for the baseline
+// x86-64 target (4-lane vectors) and under `#pragma GCC target("avx2,fma")` (8 lanes), each copy
+// inside its own namespace (so no include guard, no #includes but the exp).
+//
+// FlashAttention-2 on the CPU. The forward takes QB query rows of one (segment, head) and, for
+// each block of KB keys, computes scores S = (scale q) k^T, an online softmax (running max m and
+// sum l per row; the output rescaled by e^(m_old - m_new)) and O += P V; at the end out = O / l
+// and lse = m + log l. The backward takes one (segment, kv head) and, for each query block of
+// each of its query heads and each key block, recomputes S with the same code (so P =
+// e^(S - lse) is the forward's P to the last bit), then
+//   dV += P^T dO,  dP = dO V^T,  dS = P (dP - delta) with delta = rowsum(dO * out),
+//   dQ += dS K (times scale),  dK += dS^T (scale q).
+// Every product is one of two register-tiled kernels of R rows x 2 vectors:
+//   dot_tiles:  C = A B^T, B packed transposed in blocks of KB ([D][KB] per block)
+//   add_tiles:  C = alpha C + P V, V row-major
+// Keys and values are packed once per segment and kv head (kt, k, vt, v), zero-padded to whole
+// tiles; all blocks are 64-byte aligned with rows a multiple of 16 floats.
+//
+// Causal is bottom-right: query i of a segment (Lq queries, Lk keys) sees keys j <= i + Lk - Lq.
+// Keys a row does not see get probability exactly 0 (not e^-87, where the exp clamps).
+#include "common/fast_exp_impl.h"
+
+constexpr int64_t kQB = 48;   // query rows of a block; a multiple of R
+constexpr int64_t kKB = 128;  // keys of a block; a multiple of TILE
+constexpr int64_t kDotChunk = 16;  // terms of a dot product's FMA chain (dot_tiles)
+constexpr int W = SORA_KERNELS_AVX2_INTRINSICS ? 8 : 4;  // floats per vector
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef float vf_unaligned __attribute__((vector_size(W * sizeof(float)), aligned(sizeof(float))));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline void store(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
+
+constexpr int64_t R = 6;         // rows of a register tile: 2R accumulators, 2 loads, 1 broadcast
+constexpr int64_t TILE = 2 * W;  // columns of a register tile (keys, or head dims)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// -----------------------------------------------------------------------------
+// The two products
+// -----------------------------------------------------------------------------
+
+// C[r][0:cols) = A[r][0:D) . Bt[0:D)[0:cols) for rows [0, rows) (a multiple of R), cols a multiple
+// of TILE. A is packed in panels of R rows ([rows / R][D][R], pack_panels), so that a tile's
+// broadcasts are one pointer plus constant offsets (with 6 row pointers GCC ran out of
+// registers and reloaded them from the stack every iteration); Bt is one packed block (row
+// stride KB); C has row stride ldc. The dot products add chunks of kDotChunk terms (one FMA
+// chain each) instead of one chain of D: the rounding error of a chain grows with its length,
+// and at D = 64 one chain gave scores, and the lse and dq that follow, up to 2.6x PyTorch's
+// float32 error (chunks of 16: 1.5x).
+inline void dot_tiles(const float* A, const float* Bt, int64_t D, int64_t rows, int64_t cols, float* C, int64_t ldc) {
+  for (int64_t c = 0; c < cols; c += TILE) {  // one column of B (D x 64 bytes) at a time, kept in L1
+    for (int64_t r0 = 0; r0 < rows; r0 += R) {
+      const float* panel = A + r0 * D;
+      for (int64_t d0 = 0; d0 < D; d0 += kDotChunk) {
+        vf acc[R][2] = {};
+        const int64_t d1 = std::min(D, d0 + kDotChunk);
+        for (int64_t d = d0; d < d1; ++d) {
+          const vf b0 = load(Bt + d * kKB + c), b1 = load(Bt + d * kKB + c + W);
+          const float* a = panel + d * R;
+#pragma GCC unroll 6
+          for (int64_t i = 0; i < R; ++i) {
+            acc[i][0] += b0 * a[i];  // vector * scalar: a broadcast
+            acc[i][1] += b1 * a[i];
+          }
+        }
+#pragma GCC unroll 6
+        for (int64_t i = 0; i < R; ++i) {
+          float* out = C + (r0 + i) * ldc + c;
+          store(out, d0 == 0 ? acc[i][0] : load(out) + acc[i][0]);
+          store(out + W, d0 == 0 ? acc[i][1] : load(out + W) + acc[i][1]);
+        }
+      }
+    }
+  }
+}
+
+// C[r][0:cols) = alpha[r] C[r] + P[r][0:n) V[0:n)[0:cols) for rows [0, rows) (a multiple of R),
+// cols a multiple of TILE; alpha null for 1. P's row stride LDP is a constant, so that its R
+// rows are one pointer plus constant offsets.
+template <int64_t LDP>
+inline void add_tiles(float* C, int64_t ldc, const float* alpha, const float* P, int64_t n, const float* V,
+                      int64_t ldv, int64_t rows, int64_t cols) {
+  for (int64_t c = 0; c < cols; c += TILE) {  // one column of V (n x 64 bytes) at a time, kept in L1
+    for (int64_t r0 = 0; r0 < rows; r0 += R) {
+      vf acc[R][2];
+#pragma GCC unroll 6
+      for (int64_t i = 0; i < R; ++i) {
+        const float a = alpha ? alpha[r0 + i] : 1.f;
+        acc[i][0] = load(C + (r0 + i) * ldc + c) * a;
+        acc[i][1] = load(C + (r0 + i) * ldc + c + W) * a;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const vf v0 = load(V + j * ldv + c), v1 = load(V + j * ldv + c + W);
+#pragma GCC unroll 6
+        for (int64_t i = 0; i < R; ++i) {
+          const float p = P[(r0 + i) * LDP + j];
+          acc[i][0] += v0 * p;
+          acc[i][1] += v1 * p;
+        }
+      }
+#pragma GCC unroll 6
+      for (int64_t i = 0; i < R; ++i) {
+        store(C + (r0 + i) * ldc + c, acc[i][0]);
+        store(C + (r0 + i) * ldc + c + W, acc[i][1]);
+      }
+    }
+  }
+}
+
+// -----------------------------------------------------------------------------
+// Packing
+// -----------------------------------------------------------------------------
+
+// Rows x[0:n) (row stride `stride`, D values) as [n][Dp], head dims past D zero.
+inline void pack_rows(const float* x, int64_t stride, int64_t n, int64_t D, float* out) {
+  const int64_t Dp = round_up(D, TILE);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t d = 0; d < Dp; ++d) out[j * Dp + d] = d < D ? x[j * stride + d] : 0.f;
+  }
+}
+
+// Rows x[0:n) transposed by blocks of KB rows: block b at out + b * D * KB holds [D][KB], columns
+// past n zero up to the next TILE.
+inline void pack_transposed(const float* x, int64_t stride, int64_t n, int64_t D, float* out) {
+  for (int64_t j0 = 0; j0 < n; j0 += kKB) {
+    const int64_t kb = std::min(kKB, n - j0), cols = round_up(kb, TILE);
+    float* block = out + j0 * D;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t j = 0; j < cols; ++j) block[d * kKB + j] = j < kb ? x[(j0 + j) * stride + d] : 0.f;
+    }
+  }
+}
+
+inline int64_t transposed_floats(int64_t n, int64_t D) { return (n + kKB - 1) / kKB * D * kKB; }
+inline int64_t rows_floats(int64_t n, int64_t D) { return n * round_up(D, TILE); }
+
+// One segment's keys and values of one kv head, packed for all its query blocks and heads: kt
+// (transposed blocks, for S) and v (rows, for O += P V); the backward also k (rows, for dQ) and
+// vt (transposed blocks, for dP).
+struct PackedKV {
+  const float* kt;
+  const float* v;
+  const float* k;
+  const float* vt;
+  PackedKV(const float* base, int64_t Lk, int64_t D, bool backward)
+      : kt(base),
+        v(kt + transposed_floats(Lk, D)),
+        k(backward ? v + rows_floats(Lk, D) : nullptr),
+        vt(backward ? k + rows_floats(Lk, D) : nullptr) {}
+  static int64_t floats(int64_t Lk, int64_t D, bool backward) {
+    return (transposed_floats(Lk, D) + rows_floats(Lk, D)) * (backward ? 2 : 1);
+  }
+};
+
+inline void pack_kv(const float* keys, const float* values, int64_t kv_stride, int64_t Lk, int64_t D, bool backward,
+                    float* base) {
+  const PackedKV p(base, Lk, D, backward);
+  pack_transposed(keys, kv_stride, Lk, D, const_cast<float*>(p.kt));
+  pack_rows(values, kv_stride, Lk, D, const_cast<float*>(p.v));
+  if (backward) {
+    pack_rows(keys, kv_stride, Lk, D, const_cast<float*>(p.k));
+    pack_transposed(values, kv_stride, Lk, D, const_cast<float*>(p.vt));
+  }
+}
+
+// -----------------------------------------------------------------------------
+// Forward
+// -----------------------------------------------------------------------------
+
+// Thread-local buffers of the forward, for head dim D (Dp = D rounded up to TILE).
+struct Scratch {
+  int64_t D, Dp;
+  float *q, *s, *o, *m, *l, *alpha;
+  Scratch(float* base, int64_t D_) : D(D_), Dp(round_up(D_, TILE)) {
+    q = base;           // scale * q in panels (pack_panels; rows past the block zero), [QB][Dp] room
+    s = q + kQB * Dp;   // [QB][KB] scores, then probabilities
+    o = s + kQB * kKB;  // [QB][Dp]
+    m = o + kQB * Dp;   // [QB]
+    l = m + kQB;        // [QB]
+    alpha = l + kQB;    // [QB]
+  }
+  static int64_t floats(int64_t D) { return 2 * kQB * round_up(D, TILE) + kQB * kKB + 3 * kQB; }
+};
+
+// The keys query i of a segment sees.
+inline int64_t visible_keys(int64_t i, int64_t Lq, int64_t Lk, bool causal) {
+  return causal ? std::min(Lk, i + Lk - Lq + 1) : Lk;
+}
+
+// panels[r / R][d][r % R] = scale * x[i0 + r][d] for r < qb, zero for qb <= r < rows (A of
+// dot_tiles).
+inline void pack_panels(const float* x, int64_t stride, int64_t i0, int64_t qb, int64_t rows, int64_t D, float scale,
+                        float* panels) {
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t i = 0; i < R; ++i) {
+        panels[r0 * D + d * R + i] = r0 + i < qb ? scale * x[(i0 + r0 + i) * stride + d] : 0.f;
+      }
+    }
+  }
+}
+
+// sq[r][0:Dp) = scale * x[i0 + r] for r < qb, zero for qb <= r < rows (V of add_tiles).
+inline void load_rows(const float* x, int64_t stride, int64_t i0, int64_t qb, int64_t rows, int64_t D, float scale,
+                      float* sq) {
+  const int64_t Dp = round_up(D, TILE);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < Dp; ++d) sq[r * Dp + d] = r < qb && d < D ? scale * x[(i0 + r) * stride + d] : 0.f;
+  }
+}
+
+// How many of keys [j0, j0 + kb) block row r (query i0 + r) sees.
+inline int64_t seen_in_block(int64_t r, int64_t qb, int64_t i0, int64_t j0, int64_t kb, int64_t Lq, int64_t Lk,
+                             bool causal) {
+  return r < qb ? std::max<int64_t>(0, std::min(kb, visible_keys(i0 + r, Lq, Lk, causal) - j0)) : 0;
+}
+
+// Rows [i0, i0 + qb) of one (segment, head) against the segment's packed keys and values:
+// q_rows / out_rows point at the segment's first query row of this head (row strides
+// q_stride / out_stride floats), lse_row at lse[head][the segment's first query row]. Every
+// row must see at least one key.
+inline void attend_block(const Scratch& sc, const float* q_rows, int64_t q_stride, const PackedKV& kv, int64_t Lq,
+                         int64_t Lk, bool causal, int64_t i0, int64_t qb, float scale, float* out_rows,
+                         int64_t out_stride, float* lse_row) {
+  const int64_t D = sc.D, Dp = sc.Dp;
+  const int64_t rows = round_up(qb, R);  // rows the tiles compute: qb and up to R - 1 zero rows
+  pack_panels(q_rows, q_stride, i0, qb, rows, D, scale, sc.q);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < Dp; ++d) sc.o[r * Dp + d] = 0.f;
+    sc.m[r] = -INFINITY;
+    sc.l[r] = 0.f;
+  }
+  const int64_t kend = visible_keys(i0 + qb - 1, Lq, Lk, causal);
+  for (int64_t j0 = 0; j0 < kend; j0 += kKB) {
+    const int64_t kb = std::min(kKB, kend - j0), cols = round_up(kb, TILE);
+    dot_tiles(sc.q, kv.kt + j0 * D, D, rows, cols, sc.s, kKB);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = sc.s + r * kKB;
+      const int64_t seen = seen_in_block(r, qb, i0, j0, kb, Lq, Lk, causal);
+      float mx = sc.m[r];
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < seen; ++j) mx = s[j] > mx ? s[j] : mx;
+      sc.alpha[r] = seen == 0 ? 1.f : (sc.m[r] == -INFINITY ? 0.f : exp_approx(sc.m[r] - mx));
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < cols; ++j) {
+        const float p = j < seen ? exp_approx(s[j] - mx) : 0.f;
+        s[j] = p;
+        sum += p;
+      }
+      if (seen > 0) {
+        sc.l[r] = sc.l[r] * sc.alpha[r] + sum;
+        sc.m[r] = mx;
+      }
+    }
+    add_tiles<kKB>(sc.o, Dp, sc.alpha, sc.s, kb, kv.v + j0 * Dp, Dp, rows, Dp);
+  }
+  for (int64_t r = 0; r < qb; ++r) {
+    const float inv = 1.f / sc.l[r];
+    for (int64_t d = 0; d < D; ++d) out_rows[(i0 + r) * out_stride + d] = sc.o[r * Dp + d] * inv;
+    lse_row[i0 + r] = sc.m[r] + std::log(sc.l[r]);
+  }
+}
+
+// -----------------------------------------------------------------------------
+// Backward
+// -----------------------------------------------------------------------------
+
+// Thread-local buffers of the backward, for head dim D and a segment of up to Lk keys.
+struct BackwardScratch {
+  int64_t D, Dp;
+  float *q, *dout, *q_panels, *dout_panels, *p, *dp, *t, *dq, *delta, *lse, *dk, *dv;
+  BackwardScratch(float* base, int64_t D_, int64_t Lk) : D(D_), Dp(round_up(D_, TILE)) {
+    q = base;                        // [QB][Dp] scale * q
+    dout = q + kQB * Dp;             // [QB][Dp]
+    q_panels = dout + kQB * Dp;      // q and dout again, in panels (pack_panels)
+    dout_panels = q_panels + kQB * Dp;
+    p = dout_panels + kQB * Dp;      // [QB][KB] S, then P
+    dp = p + kQB * kKB;       // [QB][KB] dP, then dS
+    t = dp + kQB * kKB;       // [KB + R][QB] P^T or dS^T (rows past the block zero)
+    dq = t + (kKB + R) * kQB;  // [QB][Dp]
+    delta = dq + kQB * Dp;    // [QB]
+    lse = delta + kQB;        // [QB]
+    dk = lse + kQB;           // [Lk + KB][Dp] (rows past Lk only ever get zeros added)
+    dv = dk + (Lk + kKB) * Dp;  // [Lk + KB][Dp]
+  }
+  static int64_t floats(int64_t D, int64_t Lk) {
+    const int64_t Dp = round_up(D, TILE);
+    return 5 * kQB * Dp + 2 * kQB * kKB + (kKB + R) * kQB + 2 * kQB + 2 * (Lk + kKB) * Dp;
+  }
+};
+
+// t[j][0:qb) = x[0:qb)[j] for j < kb, and rows kb..kbr of t zero (kbr = kb rounded up to R).
+inline void transpose_block(const float* x, int64_t qb, int64_t kb, float* t) {
+  const int64_t kbr = round_up(kb, R);
+  for (int64_t j = 0; j < kbr; ++j) {
+    for (int64_t r = 0; r < qb; ++r) t[j * kQB + r] = j < kb ? x[r * kKB + j] : 0.f;
+  }
+}
+
+// Query rows [i0, i0 + qb) of one head of a segment: adds to sc.dk / sc.dv (the segment's kv
+// head) and writes dq rows. Pointers at the segment's first row of this head (row strides
+// `stride` for q / out / dout / dq), lse_row at lse[head][the segment's first query row].
+inline void attend_block_backward(const BackwardScratch& sc, const float* q_rows, const float* out_rows,
+                                  const float* dout_rows, int64_t stride, const float* lse_row, const PackedKV& kv,
+                                  int64_t Lq, int64_t Lk, bool causal, int64_t i0, int64_t qb, float scale,
+                                  float* dq_rows, int64_t dq_stride) {
+  const int64_t D = sc.D, Dp = sc.Dp;
+  const int64_t rows = round_up(qb, R);
+  load_rows(q_rows, stride, i0, qb, rows, D, scale, sc.q);
+  load_rows(dout_rows, stride, i0, qb, rows, D, 1.f, sc.dout);
+  pack_panels(q_rows, stride, i0, qb, rows, D, scale, sc.q_panels);
+  pack_panels(dout_rows, stride, i0, qb, rows, D, 1.f, sc.dout_panels);
+  for (int64_t r = 0; r < rows; ++r) {
+    float delta = 0.f;
+    if (r < qb) {
+#pragma omp simd reduction(+ : delta)
+      for (int64_t d = 0; d < D; ++d) delta += sc.dout[r * Dp + d] * out_rows[(i0 + r) * stride + d];
+    }
+    sc.delta[r] = delta;
+    sc.lse[r] = r < qb ? lse_row[i0 + r] : 0.f;
+    for (int64_t d = 0; d < Dp; ++d) sc.dq[r * Dp + d] = 0.f;
+  }
+  const int64_t kend = visible_keys(i0 + qb - 1, Lq, Lk, causal);
+  for (int64_t j0 = 0; j0 < kend; j0 += kKB) {
+    const int64_t kb = std::min(kKB, kend - j0), cols = round_up(kb, TILE), kbr = round_up(kb, R);
+    dot_tiles(sc.q_panels, kv.kt + j0 * D, D, rows, cols, sc.p, kKB);      // S, as the forward's
+    dot_tiles(sc.dout_panels, kv.vt + j0 * D, D, rows, cols, sc.dp, kKB);  // dP = dO V^T
+    for (int64_t r = 0; r < rows; ++r) {
+      float* p = sc.p + r * kKB;
+      float* ds = sc.dp + r * kKB;
+      const int64_t seen = seen_in_block(r, qb, i0, j0, kb, Lq, Lk, causal);
+      const float lse = sc.lse[r], delta = sc.delta[r];
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) {
+        const float pj = j < seen ? exp_approx(p[j] - lse) : 0.f;
+        p[j] = pj;
+        ds[j] = pj * (ds[j] - delta);
+      }
+    }
+    transpose_block(sc.p, qb, kb, sc.t);  // dV += P^T dO
+    add_tiles<kQB>(sc.dv + j0 * Dp, Dp, nullptr, sc.t, qb, sc.dout, Dp, kbr, Dp);
+    transpose_block(sc.dp, qb, kb, sc.t);  // dK += dS^T (scale q)
+    add_tiles<kQB>(sc.dk + j0 * Dp, Dp, nullptr, sc.t, qb, sc.q, Dp, kbr, Dp);
+    add_tiles<kKB>(sc.dq, Dp, nullptr, sc.dp, kb, kv.k + j0 * Dp, Dp, rows, Dp);  // dQ += dS K
+  }
+  for (int64_t r = 0; r < qb; ++r) {
+    for (int64_t d = 0; d < D; ++d) dq_rows[(i0 + r) * dq_stride + d] = scale * sc.dq[r * Dp + d];
+  }
+}
+
+// -----------------------------------------------------------------------------
+// Every segment and head, in one parallel region each
+// -----------------------------------------------------------------------------
+
+// Work items of (segment, kv head, chunk of queries): the item packs the segment's keys and
+// values of that kv head into its thread's workspace (unless the thread's last item packed the
+// same), then runs the chunk's query blocks for each query head of the group. Chunks are
+// 4 blocks long, or 1 when that leaves fewer than 4 items per thread: packing costs about an
+// eighth of a 4-block chunk's products (it transposes with scalar loads and stores).
+inline void forward_all(const std::vector<int64_t>& first, const float* q, const float* k, const float* v,
+                        const int32_t* cu_q, const int32_t* cu_k, int64_t segments, int64_t H, int64_t Hkv, int64_t D,
+                        float scale, bool causal, float* out, float* lse) {
+  const int64_t Nq = cu_q[segments], group = H / Hkv;
+  int64_t max_lk = 0, long_chunks = 0;
+  for (int64_t b = 0; b < segments; ++b) {
+    max_lk = std::max<int64_t>(max_lk, cu_k[b + 1] - cu_k[b]);
+    long_chunks += Hkv * ((cu_q[b + 1] - cu_q[b] - first[b] + 4 * kQB - 1) / (4 * kQB));
+  }
+  const int64_t chunk = long_chunks >= 4 * omp_get_max_threads() ? 4 * kQB : kQB;
+  struct Item {
+    int64_t b, g, i0, i1;
+  };
+  std::vector<Item> items;
+  for (int64_t b = 0; b < segments; ++b) {
+    const int64_t Lq = cu_q[b + 1] - cu_q[b];
+    for (int64_t g = 0; g < Hkv; ++g) {
+      for (int64_t i0 = first[b]; i0 < Lq; i0 += chunk) items.push_back({b, g, i0, std::min(Lq, i0 + chunk)});
+    }
+  }
+  const int64_t pack_floats = round_up(PackedKV::floats(max_lk, D, false), 16);
+#pragma omp parallel
+  {
+    float* packs = thread_workspace(pack_floats + Scratch::floats(D));
+    const Scratch sc(packs + pack_floats, D);
+    int64_t packed = -1;  // b * Hkv + g of what `packs` holds
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < static_cast<int64_t>(items.size()); ++t) {
+      const Item& it = items[t];
+      const int64_t Lq = cu_q[it.b + 1] - cu_q[it.b], Lk = cu_k[it.b + 1] - cu_k[it.b];
+      if (packed != it.b * Hkv + it.g) {
+        pack_kv(k + (cu_k[it.b] * Hkv + it.g) * D, v + (cu_k[it.b] * Hkv + it.g) * D, Hkv * D, Lk, D, false, packs);
+        packed = it.b * Hkv + it.g;
+      }
+      const PackedKV kv(packs, Lk, D, false);
+      for (int64_t h = it.g * group; h < (it.g + 1) * group; ++h) {
+        for (int64_t i0 = it.i0; i0 < it.i1; i0 += kQB) {
+          attend_block(sc, q + (cu_q[it.b] * H + h) * D, H * D, kv, Lq, Lk, causal, i0, std::min(kQB, it.i1 - i0),
+                       scale, out + (cu_q[it.b] * H + h) * D, H * D, lse + h * Nq + cu_q[it.b]);
+        }
+      }
+    }
+  }
+}
+
+// One work item a (segment, kv head): its keys and values packed, then every query block of its
+// query heads, adding to the segment's dk / dv, which are written at the end (one thread owns
+// them: no atomics). dq, dk, dv zeroed by the caller.
+inline void backward_all(const std::vector<int64_t>& first, const float* dout, const float* q, const float* k,
+                         const float* v, const float* out, const float* lse, const int32_t* cu_q, const int32_t* cu_k,
+                         int64_t segments, int64_t H, int64_t Hkv, int64_t D, float scale, bool causal, float* dq,
+                         float* dk, float* dv) {
+  const int64_t Nq = cu_q[segments], group = H / Hkv, Dp = round_up(D, TILE);
+  int64_t max_lk = 0;
+  for (int64_t b = 0; b < segments; ++b) max_lk = std::max<int64_t>(max_lk, cu_k[b + 1] - cu_k[b]);
+  const int64_t pack_floats = round_up(PackedKV::floats(max_lk, D, true), 16);
+#pragma omp parallel
+  {
+    float* packs = thread_workspace(pack_floats + BackwardScratch::floats(D, max_lk));
+    const BackwardScratch sc(packs + pack_floats, D, max_lk);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < segments * Hkv; ++t) {
+      const int64_t b = t / Hkv, g = t % Hkv;
+      const int64_t Lq = cu_q[b + 1] - cu_q[b], Lk = cu_k[b + 1] - cu_k[b];
+      if (first[b] == Lq) continue;  // no query of the segment sees a key
+      pack_kv(k + (cu_k[b] * Hkv + g) * D, v + (cu_k[b] * Hkv + g) * D, Hkv * D, Lk, D, true, packs);
+      const PackedKV kv(packs, Lk, D, true);
+      for (int64_t j = 0; j < (Lk + kKB) * Dp; ++j) sc.dk[j] = sc.dv[j] = 0.f;
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        const int64_t row = (cu_q[b] * H + h) * D;
+        for (int64_t i0 = first[b]; i0 < Lq; i0 += kQB) {
+          attend_block_backward(sc, q + row, out + row, dout + row, H * D, lse + h * Nq + cu_q[b], kv, Lq, Lk, causal,
+                                i0, std::min(kQB, Lq - i0), scale, dq + row, H * D);
+        }
+      }
+      for (int64_t j = 0; j < Lk; ++j) {
+        for (int64_t d = 0; d < D; ++d) {
+          dk[((cu_k[b] + j) * Hkv + g) * D + d] = sc.dk[j * Dp + d];
+          dv[((cu_k[b] + j) * Hkv + g) * D + d] = sc.dv[j * Dp + d];
+        }
+      }
+    }
+  }
+}
