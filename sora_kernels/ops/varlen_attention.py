@@ -835,7 +835,9 @@ def _aten_forward(q, k, v, groups: list[_Group], scale: float):
     flash-attention CPU kernel."""
     Nq, H, D = q.shape
     whole = len(groups) == 1 and _whole(groups[0].rows_q, Nq)
-    if _covers(groups, Nq):
+    if whole:  # aten's outputs are the results (no buffers to fill)
+        out = lse = None
+    elif _covers(groups, Nq):
         out, lse = q.new_empty((Nq, H, D)), torch.empty((H, Nq), device=q.device)
     else:
         out, lse = q.new_zeros((Nq, H, D)), torch.full((H, Nq), float("-inf"), device=q.device)
