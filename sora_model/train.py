@@ -362,6 +362,8 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     if resume:
         check_resumable(ckpt, cfg)
     start = load_checkpoint(ckpt, model, ema, opt) if resume else 0
+    for group in opt.param_groups:  # this run's lr and weight decay, not the checkpoint's: they may change on resume
+        group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
     net: nn.Module = model
     if distributed and not fsdp:
         # find_unused_parameters: the null caption is unused in steps that drop no caption

@@ -213,6 +213,8 @@ def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float
         if not os.path.exists(args.out):
             raise ValueError(f"resume: no checkpoint at {args.out!r}")
         start, rng = load_training_state(args.out, vae, opt, disc, opt_d)
+        for group in [*opt.param_groups, *(opt_d.param_groups if opt_d else [])]:
+            group["lr"] = args.lr        # this run's --lr, not the checkpoint's: it may change on resume
         torch.set_rng_state(rng["torch"])
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)

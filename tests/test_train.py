@@ -11,6 +11,7 @@ the last bits (seen: 1e-7 in the losses and gradient norms, 3e-6 in the weights 
 steps; AdamW turns the rounding of tiny gradients into larger relative changes of the
 zero-initialised layers, so each tensor's own magnitude is no scale). A shard in the wrong
 place or a missing state is off by the scale itself. Within one rank count, resumes are exact."""
+import dataclasses
 import json
 import os
 import socket
@@ -213,3 +214,17 @@ def test_latent_pool_encodes_each_batch_once(vae_file, tmp_path, monkeypatch):
     logged = [json.loads(line) for line in open(tmp_path / "pool" / "log.jsonl")]
     assert [r["clips"] for r in logged[2:]] == [r["clips"] for r in logged[:2]] + [logged[0]["clips"]]
 
+
+
+def test_resume_takes_this_runs_lr(vae_file, tmp_path):
+    """--lr and the weight decay may change on resume: AdamW's state comes from the checkpoint,
+    its hyperparameters from this run (the checkpoint written after the resume holds them)."""
+    from safetensors import safe_open
+    from sora_model.train_vae import load_checkpoint
+    cfg = tr.TrainConfig(steps=2, save_every=1, budget=128, max_tokens=64)
+    tr.train(cfg, load_checkpoint(vae_file), str(tmp_path), progress=False, steps=1)
+    changed = dataclasses.replace(cfg, lr=1e-5, weight_decay=0.5)
+    tr.train(changed, load_checkpoint(vae_file), str(tmp_path), progress=False, resume=True)
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-5, 0.5)] * len(groups)

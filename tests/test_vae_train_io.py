@@ -1,6 +1,7 @@
 """Video I/O (PyAV), the data sources and the VAE training entry point, on small videos the
 tests make themselves: a resume gives the next steps of an uninterrupted run, with and without
 the adversarial term, and a checkpoint save killed half-way leaves the previous one whole."""
+import json
 import os
 
 import pytest
@@ -107,6 +108,21 @@ def test_resume_gives_the_same_next_steps(tmp_path, extra):
     assert not os.path.exists(b + ".tmp")
     vae = train_vae.load_checkpoint(b)           # the autoencoder alone, beside its training state
     assert vae.cfg == train_vae.vae_config("tiny")
+
+
+def test_resume_takes_this_runs_lr(tmp_path):
+    """--lr may change on resume (the autoencoder's and the discriminator's AdamW): the state
+    comes from the checkpoint, the learning rate from this run."""
+    from safetensors import safe_open
+    path = str(tmp_path / "vae.safetensors")
+    train_vae.train(_args(path, 1, "--adv-weight", "0.5"))
+    args = _args(path, 2, "--resume", "--adv-weight", "0.5")
+    args.lr = 2e-4
+    train_vae.train(args)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    for key in ("param_groups", "disc_param_groups"):
+        assert [g["lr"] for g in json.loads(meta[key])] == [2e-4], key
 
 
 def test_resume_errors(tmp_path):
