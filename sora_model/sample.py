@@ -79,15 +79,18 @@ def run_config(run: str) -> TrainConfig:
 
 
 def load_run(run: str, ema: bool = True, device: str | torch.device = "cpu") -> Denoiser:
-    """The denoiser of a training run's checkpoint (its EMA DiT weights when ema)."""
-    from safetensors.torch import load_file
+    """The denoiser of a training run's checkpoint (its EMA DiT weights when ema). Reads the
+    model's and the EMA's tensors only, not AdamW's moments (twice the model)."""
+    from safetensors import safe_open
     path = os.path.join(run, "checkpoint.safetensors")
     cfg = run_config(run)
     why = text_problem(cfg.text)          # "hf:<folder>": the encoder is rebuilt from the folder's weights
     if why:
         raise ValueError(f"run: the text encoder {run!r} was trained with cannot be rebuilt here: {why}")
     model = make_denoiser(cfg)
-    state = load_file(path)
+    wanted = ("model.", "ema.") if ema else ("model.",)
+    with safe_open(path, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)}
     model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     if ema:
         model.dit.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
