@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -14,23 +15,63 @@ namespace attention {
 
 namespace {
 
-// At least n floats of this thread's workspace, 64-byte aligned (every vector load of the
-// blocks is then aligned: their rows are multiples of 16 floats). Grown on demand and kept
-// across calls (OpenMP's threads persist), so that a call does not fault in fresh pages for
-// its packed keys and values, which took 10-40% of the time with megabytes of packs.
-float* thread_workspace(int64_t n) {
-  struct Buffer {
-    float* p = nullptr;
-    int64_t n = 0;
-    ~Buffer() { operator delete[](p, std::align_val_t(64)); }
-  };
-  static thread_local Buffer buffer;
-  if (buffer.n < n) {
-    operator delete[](buffer.p, std::align_val_t(64));
-    buffer.p = new (std::align_val_t(64)) float[n];
-    buffer.n = n;
+// n floats, 64-byte aligned (every vector load of the blocks is then aligned: their rows are
+// multiples of 16 floats).
+struct AlignedBuffer {
+  float* p = nullptr;
+  int64_t n = 0;
+  void reset(int64_t size) {
+    operator delete[](p, std::align_val_t(64));
+    p = nullptr;
+    n = 0;
+    p = new (std::align_val_t(64)) float[size];
+    n = size;
   }
-  return buffer.p;
+  ~AlignedBuffer() { operator delete[](p, std::align_val_t(64)); }
+};
+
+// A thread's workspace of at least n floats. Up to kKeptFloats (64 MB) it is the thread's own
+// buffer, grown on demand and kept across calls (OpenMP's threads persist), so that a call does
+// not fault in fresh pages for its packed keys and values (10-40% of the time with megabytes of
+// packs); a larger one is this call's alone.
+class Workspace {
+ public:
+  static constexpr int64_t kKeptFloats = int64_t{16} << 20;
+  explicit Workspace(int64_t n) {
+    static thread_local AlignedBuffer kept;
+    AlignedBuffer& buffer = n <= kKeptFloats ? kept : own_;
+    if (buffer.n < n) buffer.reset(n);
+    p_ = buffer.p;
+  }
+  float* data() const { return p_; }
+
+ private:
+  AlignedBuffer own_;
+  float* p_ = nullptr;
+};
+
+// Runs body(workspace of `floats`) on every thread of one parallel region (body holds the
+// `omp for`). A thread that cannot allocate makes every thread skip the body, and the call
+// throws std::bad_alloc after the region (an exception may not leave it: std::terminate).
+template <typename Body>
+void parallel_with_workspace(int64_t floats, Body body) {
+  bool failed = false;
+#pragma omp parallel
+  {
+    std::unique_ptr<Workspace> workspace;
+    try {
+      workspace = std::make_unique<Workspace>(floats);
+    } catch (const std::bad_alloc&) {
+#pragma omp atomic write
+      failed = true;
+    }
+#pragma omp barrier
+    bool skip;
+#pragma omp atomic read
+    skip = failed;
+    if (!skip) body(workspace->data());
+  }
+  if (failed) throw std::bad_alloc();
 }
 
 // The blocks for baseline x86-64 and for AVX2 + FMA, picked at run time.

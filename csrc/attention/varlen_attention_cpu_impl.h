@@ -6,8 +6,8 @@
 // each block of KB keys, computes scores S = (scale q) k^T, an online softmax (running max m and
 // sum l per row; the output rescaled by e^(m_old - m_new)) and O += P V; at the end out = O / l
 // and lse = m + log l. The backward takes one (segment, kv head) and, for each query block of
-// each of its query heads and each key block, recomputes S with the same code (so P =
-// e^(S - lse) is the forward's P to the last bit), then
+// each of its query heads and each key block, recomputes S with the same code, bit for bit
+// (P = e^(S - lse) then differs from the forward's e^(S - m) / l by rounding only), then
 //   dV += P^T dO,  dP = dO V^T,  dS = P (dP - delta) with delta = rowsum(dO * out),
 //   dQ += dS K (times scale),  dK += dS^T (scale q).
 // Every product is one of two register-tiled kernels of R rows x 2 vectors:
@@ -379,9 +379,7 @@ inline void forward_all(const std::vector<int64_t>& first, const float* q, const
     }
   }
   const int64_t pack_floats = round_up(PackedKV::floats(max_lk, D, false), 16);
-#pragma omp parallel
-  {
-    float* packs = thread_workspace(pack_floats + Scratch::floats(D));
+  parallel_with_workspace(pack_floats + Scratch::floats(D), [&](float* packs) {
     const Scratch sc(packs + pack_floats, D);
     int64_t packed = -1;  // b * Hkv + g of what `packs` holds
 #pragma omp for schedule(dynamic, 1)
@@ -400,7 +398,7 @@ inline void forward_all(const std::vector<int64_t>& first, const float* q, const
         }
       }
     }
-  }
+  });
 }
 
 // One work item a (segment, kv head): its keys and values packed, then every query block of its
@@ -414,9 +412,7 @@ inline void backward_all(const std::vector<int64_t>& first, const float* dout, c
   int64_t max_lk = 0;
   for (int64_t b = 0; b < segments; ++b) max_lk = std::max<int64_t>(max_lk, cu_k[b + 1] - cu_k[b]);
   const int64_t pack_floats = round_up(PackedKV::floats(max_lk, D, true), 16);
-#pragma omp parallel
-  {
-    float* packs = thread_workspace(pack_floats + BackwardScratch::floats(D, max_lk));
+  parallel_with_workspace(pack_floats + BackwardScratch::floats(D, max_lk), [&](float* packs) {
     const BackwardScratch sc(packs + pack_floats, D, max_lk);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < segments * Hkv; ++t) {
@@ -440,5 +436,5 @@ inline void backward_all(const std::vector<int64_t>& first, const float* dout, c
         }
       }
     }
-  }
+  });
 }

@@ -37,6 +37,7 @@ inline void check_float_cpu(const at::Tensor& t, const char* name) {
 inline int64_t check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& cu_q, const at::Tensor& cu_k) {
   TORCH_CHECK(q.dim() == 3, "q: expected [Nq, H, D], got ", q.sizes());
+  TORCH_CHECK(q.size(2) > 0, "q: expected a head dim of at least 1, got ", q.sizes());
   TORCH_CHECK(k.dim() == 3 && k.size(2) == q.size(2), "k: expected [Nk, Hkv, ", q.size(2), "], got ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "k: expected kv heads dividing the ", q.size(1),

@@ -809,12 +809,17 @@ def _cpu_work_dtype(dtype: torch.dtype) -> torch.dtype:
 # choice from the same segments, so it recomputes the scores with the forward's own code, bit
 # for bit (mixing the engines made dq 3x less accurate: P = e^(S - lse) no longer matched the
 # forward's out). Float64 always goes to aten (the kernel is float32).
+#
+# Without sora_kernels._C (or with one built before the kernel existed) every call goes to aten.
+# The forward and the backward read KERNEL_FLOPS_PER_SHAPE when they run: change it between
+# steps, not between a forward and its backward.
 KERNEL_FLOPS_PER_SHAPE = 1.25e8  # 100 us x 125 GFLOP/s x 10
+KERNEL_BUILT = B.compiled_has("varlen_attention_forward", "CPU") and B.compiled_has("varlen_attention_backward", "CPU")
 
 
 def _use_kernel(shapes: dict[tuple[int, int], list[int]], q: torch.Tensor) -> bool:
     flops = sum(4 * len(segs) * Lq * Lk for (Lq, Lk), segs in shapes.items()) * q.shape[1] * q.shape[2]
-    return q.dtype == torch.float32 and flops <= KERNEL_FLOPS_PER_SHAPE * len(shapes)
+    return KERNEL_BUILT and q.dtype == torch.float32 and flops <= KERNEL_FLOPS_PER_SHAPE * len(shapes)
 
 
 def cpu_forward(q, k, v, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs | None):
@@ -1030,6 +1035,8 @@ def check_inputs(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
             raise ValueError(f"{name}: expected device {q.device} like q, got {x.device}")
         if x.shape[2] != q.shape[2]:
             raise ValueError(f"{name}: expected head_dim {q.shape[2]} like q, got {x.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError("q: expected a head_dim of at least 1, got 0")
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(f"v: expected [Nk, Hkv] = {tuple(k.shape[:2])} like k, got {tuple(v.shape[:2])}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
@@ -1069,8 +1076,9 @@ def _reasons(name: str):
             if cu_q is not None and cu_q.shape[0] - 1 > MAX_GRID_YZ:
                 out.append(f"launches one program column per segment: at most {MAX_GRID_YZ} segments, "
                            f"got {cu_q.shape[0] - 1}")
-        elif name == "cpu":
-            out += B.device_reasons("cpu", q.device, "varlen_attention_forward")
+        elif name == "cpu":  # aten's kernel always, the C++ one when built (_use_kernel)
+            if q.device.type != "cpu":
+                out.append(f"runs on CPU tensors, got {q.device.type}")
             if q.dtype not in CPU_DTYPES:
                 out.append(f"runs fp16, bf16, fp32 and fp64, got {q.dtype}")
         return out
