@@ -11,10 +11,11 @@
 //   dV += P^T dO,  dP = dO V^T,  dS = P (dP - delta) with delta = rowsum(dO * out),
 //   dQ += dS K (times scale),  dK += dS^T (scale q).
 // Every product is one of two register-tiled kernels of R rows x 2 vectors:
-//   dot_tiles:  C = A B^T, B packed transposed in blocks of KB ([D][KB] per block)
+//   dot_tiles:  C = A B^T, A in panels of R rows, B packed transposed in blocks of KB
 //   add_tiles:  C = alpha C + P V, V row-major
-// Keys and values are packed once per segment and kv head (kt, k, vt, v), zero-padded to whole
-// tiles; all blocks are 64-byte aligned with rows a multiple of 16 floats.
+// A work item packs its segment's keys and values of its kv head (kt, v; the backward also k,
+// vt) into its thread's workspace, zero-padded to whole tiles; all blocks are 64-byte aligned
+// with rows a multiple of 16 floats.
 //
 // Causal is bottom-right: query i of a segment (Lq queries, Lk keys) sees keys j <= i + Lk - Lq.
 // Keys a row does not see get probability exactly 0 (not e^-87, where the exp clamps).
