@@ -229,15 +229,21 @@ def encode(vae, videos, device) -> list[torch.Tensor]:
 # -----------------------------------------------------------------------------
 
 def save_atomically(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """safetensors' save_file to path + '.tmp', synced to disk (fsync), then renamed over path: a
-    run killed at any point leaves the previous file whole, and after a crash the new name never
-    points at data that was not written yet. (sora_model.train_vae's checkpoints use it too.)"""
+    """safetensors' save_file to path + '.tmp', synced to disk (fsync), then renamed over path, and
+    the folder synced: a run killed at any point leaves the previous file whole, after a crash the
+    new name never points at data that was not written yet, and the rename itself is on disk
+    when this returns. (sora_model.train_vae's checkpoints use it too.)"""
     from safetensors.torch import save_file
     tmp = path + ".tmp"
     save_file(state, tmp, metadata=metadata)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename is the folder's entry
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def optimizer_tensors(prefix: str, opt_state: dict) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ tests make themselves: a resume gives the next steps of an uninterrupted run, wi
 the adversarial term, and a checkpoint save killed half-way leaves the previous one whole."""
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -163,8 +164,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     calls = []
     fsync, replace = os.fsync, os.replace
 
-    def logged_fsync(fd):
-        calls.append(("fsync", os.fstat(fd).st_ino == os.stat(out + ".tmp").st_ino))   # of the temporary file
+    def logged_fsync(fd):  # of the temporary file (True), or of the folder after the rename
+        st = os.fstat(fd)
+        calls.append(("fsync", "folder" if stat.S_ISDIR(st.st_mode) else st.st_ino == os.stat(out + ".tmp").st_ino))
         fsync(fd)
 
     def logged_replace(src, dst):
@@ -173,7 +175,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", logged_fsync)
     monkeypatch.setattr(os, "replace", logged_replace)
     train_vae.save_checkpoint(out, vae, 9)
-    assert calls == [("fsync", True), ("replace", out + ".tmp", out)]
+    assert calls == [("fsync", True), ("replace", out + ".tmp", out), ("fsync", "folder")]
 
 
 def _reconstruction_spread(tmp_path, recon: str, steps: int) -> float:
