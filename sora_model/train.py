@@ -179,8 +179,9 @@ def step_batch(cfg: TrainConfig, step: int, patch_size) -> list[tuple[torch.Tens
     tokens of the VAE's compression (cfg's) and the DiT's patch_size."""
     seed = cfg.seed * 1_000_003 + step
     factors = {"temporal": cfg.temporal_compression, "spatial": cfg.spatial_compression}   # the VAE's compression
-    if cfg.data == "physics":
-        clips = physics_clips(WorldConfig(), seed=seed)
+    if cfg.data == "physics":  # durations 1 + k * the VAE's temporal compression, k = 0..3 (1, 5, 9, 13 at 4x)
+        world = WorldConfig(frames=tuple(1 + k * cfg.temporal_compression for k in range(4)))
+        clips = physics_clips(world, seed=seed)
         return next(token_batches(clips, cfg.budget, patch_size, window=16, **factors))
     # manifest clips are packed by their metadata's shapes; only the batch's are decoded
     clips = captioned_clips(cfg.data, cfg.max_tokens, patch_size, seed=seed, **factors)

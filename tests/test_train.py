@@ -228,3 +228,14 @@ def test_resume_takes_this_runs_lr(vae_file, tmp_path):
     with safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt") as f:
         groups = json.loads(f.metadata()["param_groups"])
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-5, 0.5)] * len(groups)
+
+
+@pytest.mark.parametrize("temporal", [4, 8])
+def test_physics_durations_follow_the_vae(temporal):
+    """The physics world's clips last 1 + k * the VAE's temporal compression frames (a clip of 5
+    frames has no whole latent frame past the first under an 8x VAE)."""
+    cfg = tr.TrainConfig(budget=256, temporal_compression=temporal)
+    frames = {clip.shape[1] for step in range(3) for clip, _ in tr.step_batch(cfg, step, (1, 2, 2))}
+    assert frames and all((T - 1) % temporal == 0 for T in frames), frames
+    if temporal == 4:
+        assert frames <= {1, 5, 9, 13}
