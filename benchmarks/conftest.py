@@ -20,6 +20,7 @@ def pytest_addoption(parser):
 class Suite:
     def __init__(self, config):
         self.device = harness.bench_device()
+        harness.steady_malloc()  # steady allocation costs for every provider (harness.MALLOC_SETTINGS)
         self.quick = config.getoption("--quick")
         self.profile = config.getoption("--profile")
         self.rows: list[harness.Row] = []
