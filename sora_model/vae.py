@@ -84,6 +84,11 @@ class CausalConv3d(nn.Module):
     forward(x, state): with a DecodeState (chunked decoding) the left padding is the last
     kernel_t - 1 input frames of the previous chunk (zeros for the first), and the state
     keeps this chunk's last ones for the next.
+
+    Where the left padding is zeros (a video's first chunk, or no state), the first
+    kernel_t - 1 output frames are computed from the taps that see real frames only, instead
+    of convolving zeros: an image (one frame) costs one tap instead of kernel_t, a 2-frame
+    latent half its taps. Equal to the padded convolution up to the order of the additions.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1):
@@ -98,6 +103,10 @@ class CausalConv3d(nn.Module):
         # x: [B, C, T, H, W]
         if self.pad_t:
             left = state.frames.get(id(self)) if state is not None else None
+            if left is None and self.stride == 1:
+                if state is not None and state.update:
+                    state.frames[id(self)] = self._last_frames(x)
+                return self._from_zeros(x)
             if left is None:
                 left = x.new_zeros(x.shape[0], x.shape[1], self.pad_t, *x.shape[3:])
             x = torch.cat([left, x], dim=2)
@@ -105,14 +114,33 @@ class CausalConv3d(nn.Module):
                 state.frames[id(self)] = x[:, :, -self.pad_t:].clone()
         if self.stride > 1:  # stride-2 down-sample: pad right / bottom only (as in LDM)
             x = F.pad(x, (0, 1, 0, 1))
+        return self._conv(x, self.conv.weight)
+
+    def _last_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """The last pad_t frames of x behind its zero padding: what the next chunk sees."""
+        T = x.shape[2]
+        if T >= self.pad_t:
+            return x[:, :, T - self.pad_t:].clone()
+        return torch.cat([x.new_zeros(x.shape[0], x.shape[1], self.pad_t - T, *x.shape[3:]), x], dim=2)
+
+    def _from_zeros(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of x behind pad_t zero frames, without the zeros: output frame
+        t < pad_t from x[:t + 1] and the last t + 1 taps, the rest from x and every tap."""
+        T, w = x.shape[2], self.conv.weight
+        parts = [self._conv(x[:, :, :t + 1], w[:, :, self.pad_t - t:].contiguous()) for t in range(min(self.pad_t, T))]
+        if T > self.pad_t:
+            parts.append(self._conv(x, w))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        c = self.conv
         if _cpu_inference(x):
             # PyTorch's CPU conv3d takes its unblocked slow_conv3d path for inputs of at most 5
             # frames (a chunked decode's), about 10x slower per frame than oneDNN here (32
             # channels, 128 x 128: 75 ms vs 7 ms a frame); so oneDNN is called directly.
-            c = self.conv
-            return torch.mkldnn_convolution(x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation),
+            return torch.mkldnn_convolution(x, weight, c.bias, list(c.padding), list(c.stride), list(c.dilation),
                                             c.groups)
-        return self.conv(x)
+        return F.conv3d(x, weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:

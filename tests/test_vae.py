@@ -5,7 +5,7 @@ import torch
 
 from conftest import DEVICE
 from sora_kernels.testing.memory import peak_bytes
-from sora_model.vae import VideoAutoencoder, to_uint8_frames, vae_config
+from sora_model.vae import CausalConv3d, DecodeState, VideoAutoencoder, to_uint8_frames, vae_config
 
 pytestmark = pytest.mark.usefixtures("native_kernels")
 
@@ -25,6 +25,27 @@ def test_encode_decode_shapes(T, H, W):
         out = vae.decode(posterior.sample())
     assert out.shape == video.shape
     assert torch.isfinite(posterior.kl())
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("T", [1, 2, 3, 5])
+def test_causal_conv_from_zeros_equals_the_padded_conv(T, grad):
+    """A first chunk (zero left padding) skips the taps that would read the zeros: equal to
+    Conv3d over the zero-padded input, and it carries the padded input's last frames on."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(8, 6).to(DEVICE)
+    x = torch.randn(2, 8, T, 9, 7, device=DEVICE)
+    padded = torch.cat([x.new_zeros(2, 8, 2, 9, 7), x], dim=2)
+    expected = torch.nn.functional.conv3d(padded, conv.conv.weight, conv.conv.bias, padding=(0, 1, 1))
+    state = DecodeState()
+    with torch.set_grad_enabled(grad):
+        out = conv(x, state)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.frames[id(conv)], padded[:, :, -2:], rtol=0, atol=0)
+    if grad:  # the weight's gradient flows through the sliced taps
+        (g_ours,) = torch.autograd.grad(out.square().sum(), conv.conv.weight)
+        (g_ref,) = torch.autograd.grad(expected.square().sum(), conv.conv.weight)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_first_frame_is_encoded_on_its_own():
