@@ -38,15 +38,18 @@ inline __m256 one_plus_exp_neg8(__m256 z) {
 inline __m256 below_exp_range8(__m256 z) { return _mm256_cmp_ps(z, _mm256_set1_ps(-kExpMax), _CMP_LT_OQ); }
 
 // sigmoid and SiLU of 8 lanes divide by 1 + e^-z (vdivps, correctly rounded). The loops are
-// bound by the two FMA pipes (the affine and the exp are 11 of their operations), and the divider is a unit of
-// its own: z / d is one operation where the reciprocal estimate refined by a Newton step and
-// then times z was three on those pipes. The SiLU forward of group_norm_silu ran 12-15% faster
-// (best of 8 alternating runs, channels-last and contiguous, 2026-12-06), the backward 2-3%.
+// bound by the two FMA pipes (the affine and the exp are 11 of their operations), and the
+// divider is a unit of its own: z / d is one operation where the reciprocal estimate refined
+// by a Newton step and then times z was three on those pipes. The SiLU forward of
+// group_norm_silu ran 12-15% faster (best of 8 alternating runs, channels-last and contiguous,
+// 2026-12-06), the backward 2-3%.
 inline __m256 sigmoid8(__m256 z) {
   return _mm256_andnot_ps(below_exp_range8(z), _mm256_div_ps(_mm256_set1_ps(1.f), one_plus_exp_neg8(z)));
 }
 
-inline __m256 silu8(__m256 z) { return _mm256_andnot_ps(below_exp_range8(z), _mm256_div_ps(z, one_plus_exp_neg8(z))); }
+inline __m256 silu8(__m256 z) {
+  return _mm256_andnot_ps(below_exp_range8(z), _mm256_div_ps(z, one_plus_exp_neg8(z)));
+}
 
 // q = silu(q) in place.
 inline void silu_inplace(float* q, int64_t n) {
