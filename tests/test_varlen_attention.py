@@ -24,13 +24,14 @@ ENGINES = ["kernel", "aten"]  # the cpu backend's two ways (op._use_kernel)
 
 
 def use_engine(monkeypatch, backend, engine):
-    """Makes the cpu backend run its C++ kernel ("kernel") or aten's CPU flash attention ("aten")
-    whatever the sizes (op._use_kernel picks by them). Other backends run once, as "kernel"."""
+    """Makes the cpu backend run its C++ kernel ("kernel", its default when built) or aten's CPU
+    flash attention ("aten", what runs without the kernel). Other backends run once, as
+    "kernel"."""
     if engine != "kernel" and backend != "cpu":
         pytest.skip("the engines are the cpu backend's")
     if engine == "kernel" and backend == "cpu" and not op.KERNEL_BUILT:
         pytest.skip("sora_kernels._C has no CPU attention kernel")
-    monkeypatch.setattr(op, "KERNEL_FLOPS_PER_SHAPE", math.inf if engine == "kernel" else 0.0)
+    monkeypatch.setattr(op, "USE_KERNEL", engine == "kernel")
 
 
 def _skip_unsupported(backend, dtype):
@@ -523,19 +524,51 @@ def test_short_key_candidates():
     assert all(c.BLOCK_N <= op.SHORT_KEY_BLOCK_N for c in op.launch_candidates("dkdv", 128, True))
 
 
-def test_cpu_engine_choice():
-    """The cpu backend sends a call to its C++ kernel when aten's per-call cost (one call per
-    segment shape) would be a tenth of aten's time: the benchmark's cross-attention (16 key
-    lengths) goes to the kernel, its dense and mixed batches (1 and 3 shapes) to aten, and
-    float64 always to aten (the kernel is float32)."""
-    from benchmarks.bench_varlen_attention import make_inputs, workloads
-    expected = {"dense-512": False, "mixed": False, "cross-text": True}
-    for name, (lens_q, lens_k, heads, kv_heads, head_dim, causal) in workloads(torch.device("cpu")).items():
-        q, k, v, cu_q, cu_k, _, _ = make_inputs(lens_q, lens_k, heads, kv_heads, head_dim, torch.device("cpu"),
-                                                torch.float32)
-        shapes = op._segment_shapes(cu_q, cu_k)[2]
-        assert op._use_kernel(shapes, q) == expected[name], name
-        assert not op._use_kernel(shapes, q.double()), name
+def test_cpu_engine_choice(monkeypatch):
+    """The cpu backend runs float32 (and half precision, in float32) on its C++ kernel when it is
+    built, whatever the sizes, and float64 on aten's."""
+    if not op.KERNEL_BUILT:
+        pytest.skip("sora_kernels._C has no CPU attention kernel")
+    q = torch.randn(3, 2, 16)
+    assert op._use_kernel(q) and not op._use_kernel(q.double())
+    calls = []
+    monkeypatch.setattr(op, "_aten_forward", lambda *a: calls.append("aten"))
+    qkv = [torch.randn(813, 2, 64) for _ in range(3)]
+    cu = torch.tensor([0, 512, 513, 813], dtype=torch.int32)
+    sk.varlen_attention(*qkv, cu, cu, 512, 512, backend="cpu")
+    assert calls == []
+    with pytest.raises(TypeError):  # the patched aten engine returns None: float64 reached it
+        sk.varlen_attention(*(x.double() for x in qkv), cu, cu, 512, 512, backend="cpu")
+    assert calls == ["aten"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_kernel_batch_invariant(causal):
+    """On the cpu backend (float32: the C++ kernel) a segment's out, lse and gradients are the
+    same bits whether it runs alone or packed with others of any sizes: each (segment, head) is
+    computed by the same blocks in the same order, whichever thread takes them, and the engine
+    no longer depends on the batch (it did when aten took batches of few, large shapes)."""
+    if not op.KERNEL_BUILT:
+        pytest.skip("sora_kernels._C has no CPU attention kernel")
+    lens_q, lens_k = [97, 1, 300, 17, 1025], [90, 3, 300, 17, 700]
+    case = make_case(lens_q, lens_k, heads=4, kv_heads=2, head_dim=72, dtype=torch.float32, seed=3)
+    q, k, v, cu_q, cu_k = (case[n].detach().cpu() for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = sk.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True,
+                                   backend="cpu")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in (0, 2, 4):
+        sq, sk_ = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        alone = [x[s].clone().requires_grad_() for x, s in zip((q, k, v), (sq, sk_, sk_))]
+        one_q, one_k = (torch.tensor([0, n], dtype=torch.int32) for n in (lens_q[b], lens_k[b]))
+        out_b, lse_b = sk.varlen_attention(*alone, one_q, one_k, lens_q[b], lens_k[b], causal=causal,
+                                           return_lse=True, backend="cpu")
+        grads_b = torch.autograd.grad(out_b, alone, dout[sq])
+        assert torch.equal(out_b, out[sq]) and torch.equal(lse_b, lse[:, sq]), f"segment {b}"
+        for name, g_b, g, s in zip("qkv", grads_b, grads, (sq, sk_, sk_)):
+            assert torch.equal(g_b, g[s]), f"segment {b}: d{name}"
 
 
 def _kernel_args(**change):

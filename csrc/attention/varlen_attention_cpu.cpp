@@ -2,7 +2,12 @@
 
 #include <omp.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -50,9 +55,10 @@ class Workspace {
   float* p_ = nullptr;
 };
 
-// Runs body(workspace of `floats`) on every thread of one parallel region (body holds the
-// `omp for`). A thread that cannot allocate makes every thread skip the body, and the call
-// throws std::bad_alloc after the region (an exception may not leave it: std::terminate).
+// Runs body(workspace of `floats`) on every thread of one parallel region (body shares out the
+// work: an `omp for`, or counters of its own). A thread that cannot allocate makes every
+// thread skip the body, and the call throws std::bad_alloc after the region (an exception may
+// not leave it: std::terminate).
 template <typename Body>
 void parallel_with_workspace(int64_t floats, Body body) {
   bool failed = false;

@@ -11,8 +11,8 @@
 //   dV += P^T dO,  dP = dO V^T,  dS = P (dP - delta) with delta = rowsum(dO * out),
 //   dQ += dS K (times scale),  dK += dS^T (scale q).
 // Every product is one of two register-tiled kernels of R rows x 2 vectors:
-//   dot_tiles:  C = A B^T, A in panels of R rows, B packed transposed in blocks of KB
-//   add_tiles:  C = alpha C + P V, V row-major
+//   dot_tiles:  C = A B^T, A in panels of R rows, B packed transposed in column tiles
+//   add_tiles:  C = alpha C + P V, V row-major or packed in column tiles
 // A work item packs its segment's keys and values of its kv head (kt, v; the backward also k,
 // vt) into its thread's workspace, zero-padded to whole tiles; all blocks are 64-byte aligned
 // with rows a multiple of 16 floats.
@@ -43,33 +43,49 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // C[r][0:cols) = A[r][0:D) . Bt[0:D)[0:cols) for rows [0, rows) (a multiple of R), cols a multiple
 // of TILE. A is packed in panels of R rows ([rows / R][D][R], pack_panels), so that a tile's
 // broadcasts are one pointer plus constant offsets (with 6 row pointers GCC ran out of
-// registers and reloaded them from the stack every iteration); Bt is one packed block (row
-// stride KB); C has row stride ldc. The dot products add chunks of kDotChunk terms (one FMA
-// chain each) instead of one chain of D: the rounding error of a chain grows with its length,
-// and at D = 64 one chain gave scores, and the lse and dq that follow, up to 2.6x PyTorch's
-// float32 error (chunks of 16: 1.5x).
-inline void dot_tiles(const float* A, const float* Bt, int64_t D, int64_t rows, int64_t cols, float* C, int64_t ldc) {
-  for (int64_t c = 0; c < cols; c += TILE) {  // one column of B (D x 64 bytes) at a time, kept in L1
-    for (int64_t r0 = 0; r0 < rows; r0 += R) {
-      const float* panel = A + r0 * D;
+// registers and reloaded them from the stack every iteration); Bt is one packed block, in
+// column tiles [D][TILE] (pack_transposed); C has row stride ldc. The dot products add chunks
+// of kDotChunk terms (one FMA chain each) instead of one chain of D: the rounding error of a
+// chain grows with its length, and at D = 64 one chain gave scores, and the lse and dq that
+// follow, up to 2.6x PyTorch's float32 error (chunks of 16: 1.5x). A tile of R / 2 rows keeps
+// both its chunk sums and their totals in registers (R rows added each chunk to C in memory,
+// in the same order). Both products are functions of their own (noinline): inlined into the
+// work loop, GCC kept their pointers on the stack, a load and a store in each iteration's
+// dependency chain, and they ran at half the rate they reach alone (84 and 97 GFLOP/s on one
+// core at D = 64).
+[[gnu::noinline]] inline void dot_tiles(const float* A, const float* Bt, int64_t D, int64_t rows, int64_t cols,
+                                        float* C, int64_t ldc) {
+  constexpr int64_t RH = R / 2;  // rows of a sub-tile: RH x 2 chunk sums and RH x 2 totals in registers
+  for (int64_t c = 0; c < cols; c += TILE) {  // one column tile of B ([D][TILE], 4 KB at D = 64) at a time
+    const float* tile = Bt + c * D;
+    for (int64_t r0 = 0; r0 < rows; r0 += RH) {
+      const float* panel = A + r0 / R * R * D + r0 % R;  // the sub-tile's rows in their panel
+      vf total[RH][2] = {};
       for (int64_t d0 = 0; d0 < D; d0 += kDotChunk) {
-        vf acc[R][2] = {};
-        const int64_t d1 = std::min(D, d0 + kDotChunk);
-        for (int64_t d = d0; d < d1; ++d) {
-          const vf b0 = load(Bt + d * kKB + c), b1 = load(Bt + d * kKB + c + W);
-          const float* a = panel + d * R;
+        vf acc[RH][2] = {};
+        const float* a = panel + d0 * R;
+        const float* b = tile + d0 * TILE;
+        const float* const b_end = tile + std::min(D, d0 + kDotChunk) * TILE;
+        for (; b < b_end; a += R, b += TILE) {
+          asm("" : "+r"(a));  // one register (GCC otherwise kept it on the stack, a load and a store
+                              // in every iteration's critical path)
+          const vf b0 = load(b), b1 = load(b + W);
 #pragma GCC unroll 6
-          for (int64_t i = 0; i < R; ++i) {
+          for (int64_t i = 0; i < RH; ++i) {
             acc[i][0] += b0 * a[i];  // vector * scalar: a broadcast
             acc[i][1] += b1 * a[i];
           }
         }
 #pragma GCC unroll 6
-        for (int64_t i = 0; i < R; ++i) {
-          float* out = C + (r0 + i) * ldc + c;
-          store(out, d0 == 0 ? acc[i][0] : load(out) + acc[i][0]);
-          store(out + W, d0 == 0 ? acc[i][1] : load(out + W) + acc[i][1]);
+        for (int64_t i = 0; i < RH; ++i) {
+          total[i][0] += acc[i][0];  // as the chunks were added to C: 0 + x is x
+          total[i][1] += acc[i][1];
         }
+      }
+#pragma GCC unroll 6
+      for (int64_t i = 0; i < RH; ++i) {
+        store(C + (r0 + i) * ldc + c, total[i][0]);
+        store(C + (r0 + i) * ldc + c + W, total[i][1]);
       }
     }
   }
@@ -77,20 +93,23 @@ inline void dot_tiles(const float* A, const float* Bt, int64_t D, int64_t rows, 
 
 // C[r][0:cols) = alpha[r] C[r] + P[r][0:n) V[0:n)[0:cols) for rows [0, rows) (a multiple of R),
 // cols a multiple of TILE; alpha null for 1. P's row stride LDP is a constant, so that its R
-// rows are one pointer plus constant offsets. The block's products are summed from zero and
-// added to C at the end: C gathers one partial sum per block, so that a sum over a long
+// rows are one pointer plus constant offsets. V's column tile t (TILE columns) starts at
+// V + t * vtile, its rows LDV apart (ldv when LDV is 0): row-major V has vtile = TILE, V packed
+// in column tiles (pack_rows) LDV = TILE and vtile = kKB * TILE. The block's products are
+// summed from zero and added to C at the end: C gathers one partial sum per block, so that a sum over a long
 // segment (O over its keys, dV and dK over its queries, dQ over its keys) is not one FMA chain
 // as long as the segment (at 1025 queries one chain gave dV 3.6x the float32 error of
 // PyTorch's matrix product; rounding grows with a chain's length).
-template <int64_t LDP>
-inline void add_tiles(float* C, int64_t ldc, const float* alpha, const float* P, int64_t n, const float* V,
-                      int64_t ldv, int64_t rows, int64_t cols) {
-  for (int64_t c = 0; c < cols; c += TILE) {  // one column of V (n x 64 bytes) at a time, kept in L1
+template <int64_t LDP, int64_t LDV = 0>
+[[gnu::noinline]] inline void add_tiles(float* C, int64_t ldc, const float* alpha, const float* P, int64_t n,
+                                        const float* V, int64_t ldv, int64_t vtile, int64_t rows, int64_t cols) {
+  const int64_t step = LDV ? LDV : ldv;
+  for (int64_t c = 0; c < cols; c += TILE) {  // one column tile of V (n x 64 bytes) at a time, kept in L1
     for (int64_t r0 = 0; r0 < rows; r0 += R) {
       vf acc[R][2] = {};
       const float* pj = P + r0 * LDP;  // P[r0][j]: the tile's R probabilities at constant offsets
-      const float* vj = V + c;         // V[j][c]
-      for (int64_t j = 0; j < n; ++j, ++pj, vj += ldv) {
+      const float* vj = V + c / TILE * vtile;  // V[j][c]
+      for (int64_t j = 0; j < n; ++j, ++pj, vj += step) {
         // Opaque to the optimiser, so that the R rows stay one register plus displacements
         // (GCC otherwise made R pointers of them, ran out of registers and reloaded them from
         // the stack every iteration: 6 more loads per 12 FMAs).
@@ -123,28 +142,85 @@ inline void add_tiles(float* C, int64_t ldc, const float* alpha, const float* P,
 // Packing
 // -----------------------------------------------------------------------------
 
-// Rows x[0:n) (row stride `stride`, D values) as [n][Dp], head dims past D zero.
+// Both layouts keep each TILE-wide strip that a product's inner loop walks in one contiguous
+// run (4-8 KB). Strips of a plain row-major block are 64 bytes every 256-512 bytes (every
+// 1 KB in the packed tensors), lines that share a few of L1's 64 sets and evicted each other.
+// The packed rows are read a row ahead of time (prefetch_row): rows of one head are H * D
+// floats apart and the hardware prefetcher left each row's first load waiting for L3; that
+// wait, and scalar copies, made packing 10% of a forward.
+
+constexpr int64_t kPrefetchRows = 4;  // rows read ahead
+
+inline void prefetch_row(const float* row, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d);
+}
+
+// Rows x[0:n) (row stride `stride`, D values) by blocks of KB rows, each block [Dp / TILE][KB][TILE]
+// (V of add_tiles): column tile t of block b at out + b * KB * Dp + t * KB * TILE, head dims past
+// D zero. Rows past n in the last block are not written (the products read rows < n).
 inline void pack_rows(const float* x, int64_t stride, int64_t n, int64_t D, float* out) {
-  const int64_t Dp = round_up(D, TILE);
+  const int64_t Dp = round_up(D, TILE), full = D / TILE * TILE;
   for (int64_t j = 0; j < n; ++j) {
-    for (int64_t d = 0; d < Dp; ++d) out[j * Dp + d] = d < D ? x[j * stride + d] : 0.f;
+    if (j + kPrefetchRows < n) prefetch_row(x + (j + kPrefetchRows) * stride, D);
+    const float* row = x + j * stride;
+    float* first = out + j / kKB * kKB * Dp + j % kKB * TILE;
+    for (int64_t d0 = 0; d0 < full; d0 += TILE) {
+      store(first + d0 * kKB, load(row + d0));
+      store(first + d0 * kKB + W, load(row + d0 + W));
+    }
+    for (int64_t d = full; d < Dp; ++d) first[full * kKB + d - full] = d < D ? row[d] : 0.f;
   }
 }
 
-// Rows x[0:n) transposed by blocks of KB rows: block b at out + b * D * KB holds [D][KB], columns
-// past n zero up to the next TILE.
+#if SORA_KERNELS_AVX2_INTRINSICS
+// Rows [r, r + 8) x columns [d, d + 8) of x (row stride `stride`) transposed into
+// out[i * ldo + 0:8) = x[r:r + 8][d + i]: the standard unpack / shuffle / permute 8 x 8.
+inline void transpose8x8(const float* x, int64_t stride, float* out, int64_t ldo) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + i * stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + i * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(out + (i + 4) * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+// Rows x[0:n) transposed by blocks of KB rows, in column tiles (Bt of dot_tiles): the tile of
+// rows [c, c + TILE) at out + c * D holds [D][TILE] (so block b starts at out + b * KB * D);
+// columns past n zero up to the next TILE.
 inline void pack_transposed(const float* x, int64_t stride, int64_t n, int64_t D, float* out) {
-  for (int64_t j0 = 0; j0 < n; j0 += kKB) {
-    const int64_t kb = std::min(kKB, n - j0), cols = round_up(kb, TILE);
-    float* block = out + j0 * D;
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t j = 0; j < cols; ++j) block[d * kKB + j] = j < kb ? x[(j0 + j) * stride + d] : 0.f;
+  for (int64_t c = 0; c < n; c += TILE) {
+    for (int64_t jj = c + TILE; jj < std::min(n, c + 2 * TILE); ++jj) prefetch_row(x + jj * stride, D);  // next tile's
+    float* tile = out + c * D;
+    int64_t d0 = 0;
+#if SORA_KERNELS_AVX2_INTRINSICS
+    if (c + TILE <= n) {  // whole tiles: 8 x 8 blocks, then the head dims past a multiple of 8
+      for (; d0 + 8 <= D; d0 += 8) {
+        for (int64_t jj = 0; jj < TILE; jj += 8) {
+          transpose8x8(x + (c + jj) * stride + d0, stride, tile + d0 * TILE + jj, TILE);
+        }
+      }
+    }
+#endif
+    for (int64_t jj = 0; jj < TILE; ++jj) {
+      const float* row = x + (c + jj) * stride;
+      for (int64_t d = d0; d < D; ++d) tile[d * TILE + jj] = c + jj < n ? row[d] : 0.f;
     }
   }
 }
 
 inline int64_t transposed_floats(int64_t n, int64_t D) { return (n + kKB - 1) / kKB * D * kKB; }
-inline int64_t rows_floats(int64_t n, int64_t D) { return n * round_up(D, TILE); }
+inline int64_t rows_floats(int64_t n, int64_t D) { return (n + kKB - 1) / kKB * kKB * round_up(D, TILE); }
 
 // One segment's keys and values of one kv head, packed for all its query blocks and heads: kt
 // (transposed blocks, for S) and v (rows, for O += P V); the backward also k (rows, for dQ) and
@@ -265,7 +341,7 @@ inline void attend_block(const Scratch& sc, const float* q_rows, int64_t q_strid
         sc.m[r] = mx;
       }
     }
-    add_tiles<kKB>(sc.o, Dp, sc.alpha, sc.s, kb, kv.v + j0 * Dp, Dp, rows, Dp);
+    add_tiles<kKB, TILE>(sc.o, Dp, sc.alpha, sc.s, kb, kv.v + j0 * Dp, 0, kKB * TILE, rows, Dp);
   }
   for (int64_t r = 0; r < qb; ++r) {
     const float inv = 1.f / sc.l[r];
@@ -351,10 +427,10 @@ inline void attend_block_backward(const BackwardScratch& sc, const float* q_rows
       }
     }
     transpose_block(sc.p, qb, kb, sc.t);  // dV += P^T dO
-    add_tiles<kQB>(sc.dv + j0 * Dp, Dp, nullptr, sc.t, qb, sc.dout, Dp, kbr, Dp);
+    add_tiles<kQB>(sc.dv + j0 * Dp, Dp, nullptr, sc.t, qb, sc.dout, Dp, TILE, kbr, Dp);
     transpose_block(sc.dp, qb, kb, sc.t);  // dK += dS^T (scale q)
-    add_tiles<kQB>(sc.dk + j0 * Dp, Dp, nullptr, sc.t, qb, sc.q, Dp, kbr, Dp);
-    add_tiles<kKB>(sc.dq, Dp, nullptr, sc.dp, kb, kv.k + j0 * Dp, Dp, rows, Dp);  // dQ += dS K
+    add_tiles<kQB>(sc.dk + j0 * Dp, Dp, nullptr, sc.t, qb, sc.q, Dp, TILE, kbr, Dp);
+    add_tiles<kKB, TILE>(sc.dq, Dp, nullptr, sc.dp, kb, kv.k + j0 * Dp, 0, kKB * TILE, rows, Dp);  // dQ += dS K
   }
   for (int64_t r = 0; r < qb; ++r) {
     for (int64_t d = 0; d < D; ++d) dq_rows[(i0 + r) * dq_stride + d] = scale * sc.dq[r * Dp + d];
@@ -365,49 +441,57 @@ inline void attend_block_backward(const BackwardScratch& sc, const float* q_rows
 // Every segment and head, in one parallel region each
 // -----------------------------------------------------------------------------
 
-// Work items of (segment, kv head, chunk of queries): the item packs the segment's keys and
-// values of that kv head into its thread's workspace (unless the thread's last item packed the
-// same), then runs the chunk's query blocks for each query head of the group. Chunks are
-// 4 blocks long, or 1 when that leaves fewer than 4 items per thread: packing costs about an
-// eighth of a 4-block chunk's products (it transposes with scalar loads and stores).
+// Work is claimed one query block at a time (kQB queries of every query head of a kv head), but
+// each thread stays on one (segment, kv head) while it has blocks left, so that its keys and
+// values are packed about once: threads start spread over the (segment, kv head) groups, claim
+// their group's next block from its counter and, when it has none left, move on to the next
+// group that has. (A shared `omp for` over chunks handed neighbouring chunks of one group to
+// different threads, and each packed the group again: packing was 13% of a 4 x 512 forward.)
+// Each block computes the same rows the same way whichever thread claims it: results do not
+// depend on the schedule.
 inline void forward_all(const std::vector<int64_t>& first, const float* q, const float* k, const float* v,
                         const int32_t* cu_q, const int32_t* cu_k, int64_t segments, int64_t H, int64_t Hkv, int64_t D,
                         float scale, bool causal, float* out, float* lse) {
   const int64_t Nq = cu_q[segments], group = H / Hkv;
-  int64_t max_lk = 0, long_chunks = 0;
-  for (int64_t b = 0; b < segments; ++b) {
-    max_lk = std::max<int64_t>(max_lk, cu_k[b + 1] - cu_k[b]);
-    long_chunks += Hkv * ((cu_q[b + 1] - cu_q[b] - first[b] + 4 * kQB - 1) / (4 * kQB));
-  }
-  const int64_t chunk = long_chunks >= 4 * omp_get_max_threads() ? 4 * kQB : kQB;
-  struct Item {
-    int64_t b, g, i0, i1;
+  int64_t max_lk = 0;
+  struct Group {
+    int64_t b, g, blocks;
   };
-  std::vector<Item> items;
+  std::vector<Group> groups;
   for (int64_t b = 0; b < segments; ++b) {
     const int64_t Lq = cu_q[b + 1] - cu_q[b];
-    for (int64_t g = 0; g < Hkv; ++g) {
-      for (int64_t i0 = first[b]; i0 < Lq; i0 += chunk) items.push_back({b, g, i0, std::min(Lq, i0 + chunk)});
-    }
+    max_lk = std::max<int64_t>(max_lk, cu_k[b + 1] - cu_k[b]);
+    if (first[b] == Lq) continue;  // no query of the segment sees a key
+    for (int64_t g = 0; g < Hkv; ++g) groups.push_back({b, g, (Lq - first[b] + kQB - 1) / kQB});
   }
+  const int64_t n_groups = static_cast<int64_t>(groups.size());
+  if (n_groups == 0) return;
+  std::vector<std::atomic<int64_t>> claimed(n_groups);  // blocks of each group handed out
+  for (auto& c : claimed) c.store(0, std::memory_order_relaxed);
   const int64_t pack_floats = round_up(PackedKV::floats(max_lk, D, false), 16);
   parallel_with_workspace(pack_floats + Scratch::floats(D), [&](float* packs) {
     const Scratch sc(packs + pack_floats, D);
-    int64_t packed = -1;  // b * Hkv + g of what `packs` holds
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < static_cast<int64_t>(items.size()); ++t) {
-      const Item& it = items[t];
-      const int64_t Lq = cu_q[it.b + 1] - cu_q[it.b], Lk = cu_k[it.b + 1] - cu_k[it.b];
-      if (packed != it.b * Hkv + it.g) {
-        pack_kv(k + (cu_k[it.b] * Hkv + it.g) * D, v + (cu_k[it.b] * Hkv + it.g) * D, Hkv * D, Lk, D, false, packs);
-        packed = it.b * Hkv + it.g;
+    int64_t packed = -1;  // the group `packs` holds
+    int64_t at = n_groups * omp_get_thread_num() / omp_get_num_threads();
+    for (int64_t exhausted = 0; exhausted < n_groups;) {  // consecutive groups found with no block left
+      const Group& gr = groups[at];
+      const int64_t block = claimed[at].fetch_add(1, std::memory_order_relaxed);
+      if (block >= gr.blocks) {
+        at = (at + 1) % n_groups;
+        ++exhausted;
+        continue;
+      }
+      exhausted = 0;
+      const int64_t Lq = cu_q[gr.b + 1] - cu_q[gr.b], Lk = cu_k[gr.b + 1] - cu_k[gr.b];
+      if (packed != at) {
+        pack_kv(k + (cu_k[gr.b] * Hkv + gr.g) * D, v + (cu_k[gr.b] * Hkv + gr.g) * D, Hkv * D, Lk, D, false, packs);
+        packed = at;
       }
       const PackedKV kv(packs, Lk, D, false);
-      for (int64_t h = it.g * group; h < (it.g + 1) * group; ++h) {
-        for (int64_t i0 = it.i0; i0 < it.i1; i0 += kQB) {
-          attend_block(sc, q + (cu_q[it.b] * H + h) * D, H * D, kv, Lq, Lk, causal, i0, std::min(kQB, it.i1 - i0),
-                       scale, out + (cu_q[it.b] * H + h) * D, H * D, lse + h * Nq + cu_q[it.b]);
-        }
+      const int64_t i0 = first[gr.b] + block * kQB;
+      for (int64_t h = gr.g * group; h < (gr.g + 1) * group; ++h) {
+        attend_block(sc, q + (cu_q[gr.b] * H + h) * D, H * D, kv, Lq, Lk, causal, i0, std::min(kQB, Lq - i0), scale,
+                     out + (cu_q[gr.b] * H + h) * D, H * D, lse + h * Nq + cu_q[gr.b]);
       }
     }
   });

@@ -799,27 +799,26 @@ def _cpu_work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # The CPU backend has two engines: the C++ kernel (csrc/attention/varlen_attention_cpu.cpp: every
 # segment and head in one OpenMP region, blocks of 48 queries x 128 keys, no gathers or copies
-# back), and aten's flash-attention CPU kernel, one batched call per segment shape. Per flop,
-# aten's is 10-20% faster (its matrix products are BLAS's), but each of its calls costs about
-# 100 us more than its work (the call, the gathers into a batch, the copies back). So a call
-# goes to the C++ kernel when aten would spend a tenth of its time on that: when its work
-# (4 * sum(Lq * Lk) * H * D flops) is at most KERNEL_FLOPS_PER_SHAPE per distinct segment shape.
-# On this 2-core CPU (docs/NOTES-attention.md): the cross-attention benchmark (16 shapes) goes
-# to the kernel, dense and mixed batches (1 and 3 shapes) to aten. The backward makes the same
-# choice from the same segments, so it recomputes the scores with the forward's own code, bit
-# for bit (mixing the engines made dq 3x less accurate: P = e^(S - lse) no longer matched the
-# forward's out). Float64 always goes to aten (the kernel is float32).
+# back), and aten's flash-attention CPU kernel, one batched call per segment shape. Float32
+# (and half precision, computed in float32) goes to the C++ kernel when it is built: its
+# products run at 84-97 GFLOP/s a core here (docs/NOTES-attention.md), so per flop it matches
+# aten's BLAS-based kernel (0.95-1.07x from D = 32 to 256), and it has no per-shape calls
+# (aten's cost about 100 us each beyond their work, a third of the time with the
+# cross-attention benchmark's 15 key lengths). A segment's results are then the same bits
+# whatever else is packed with it: each (segment, head) is computed by the same blocks in the
+# same order. Float64 goes to aten (the kernel is float32), as does everything without
+# sora_kernels._C (or with one built before the kernel existed). The backward uses the engine
+# its forward used: it recomputes the scores with the forward's own code, bit for bit (mixing
+# the engines made dq 3x less accurate: P = e^(S - lse) no longer matched the forward's out).
 #
-# Without sora_kernels._C (or with one built before the kernel existed) every call goes to aten.
-# The forward and the backward read KERNEL_FLOPS_PER_SHAPE when they run: change it between
-# steps, not between a forward and its backward.
-KERNEL_FLOPS_PER_SHAPE = 1.25e8  # 100 us x 125 GFLOP/s x 10
+# USE_KERNEL is read by the forward and the backward when they run: the tests set it to run
+# aten's engine; change it between steps, not between a forward and its backward.
 KERNEL_BUILT = B.compiled_has("varlen_attention_forward", "CPU") and B.compiled_has("varlen_attention_backward", "CPU")
+USE_KERNEL = KERNEL_BUILT
 
 
-def _use_kernel(shapes: dict[tuple[int, int], list[int]], q: torch.Tensor) -> bool:
-    flops = sum(4 * len(segs) * Lq * Lk for (Lq, Lk), segs in shapes.items()) * q.shape[1] * q.shape[2]
-    return KERNEL_BUILT and q.dtype == torch.float32 and flops <= KERNEL_FLOPS_PER_SHAPE * len(shapes)
+def _use_kernel(q: torch.Tensor) -> bool:
+    return USE_KERNEL and q.dtype == torch.float32
 
 
 def cpu_forward(q, k, v, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs | None):
@@ -827,10 +826,10 @@ def cpu_forward(q, k, v, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs 
     dtype, work = q.dtype, _cpu_work_dtype(q.dtype)
     q, k = _rotated(q, k, rope)
     q, k, v = q.to(work), k.to(work), v.to(work)
-    cq, ck, shapes = _segment_shapes(cu_q, cu_k)
-    if _use_kernel(shapes, q):
+    if _use_kernel(q):
         out, lse = torch.ops.sora_kernels.varlen_attention_forward(q, k, v, cu_q, cu_k, scale, causal)
     else:
+        cq, ck, shapes = _segment_shapes(cu_q, cu_k)
         out, lse = _aten_forward(q, k, v, _cpu_groups(cq, ck, shapes, causal, q.device), scale)
     return out.to(dtype), lse
 
@@ -858,15 +857,15 @@ def _aten_forward(q, k, v, groups: list[_Group], scale: float):
 
 
 def cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale: float, causal: bool, rope: RopeArgs | None):
-    """(dq, dk, dv) with the engine the forward used (_use_kernel on the same segments)."""
+    """(dq, dk, dv) with the engine the forward used (_use_kernel)."""
     dtype, work = q.dtype, _cpu_work_dtype(q.dtype)
     q, k = _rotated(q, k, rope)
     q, k, v, dout, out = (x.to(work) for x in (q, k, v, dout, out))
-    cq, ck, shapes = _segment_shapes(cu_q, cu_k)
-    if _use_kernel(shapes, q):
+    if _use_kernel(q):
         dq, dk, dv = torch.ops.sora_kernels.varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale,
                                                                       causal)
     else:
+        cq, ck, shapes = _segment_shapes(cu_q, cu_k)
         dq, dk, dv = _aten_backward(dout, q, k, v, out, lse, _cpu_groups(cq, ck, shapes, causal, q.device), scale)
     dq, dk = _rotated(dq, dk, rope, inverse=True)  # gradients of the rotated q, k -> of q, k
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
@@ -1076,7 +1075,7 @@ def _reasons(name: str):
             if cu_q is not None and cu_q.shape[0] - 1 > MAX_GRID_YZ:
                 out.append(f"launches one program column per segment: at most {MAX_GRID_YZ} segments, "
                            f"got {cu_q.shape[0] - 1}")
-        elif name == "cpu":  # aten's kernel always, the C++ one when built (_use_kernel)
+        elif name == "cpu":  # the C++ kernel when built (float32), else aten's (_use_kernel)
             if q.device.type != "cpu":
                 out.append(f"runs on CPU tensors, got {q.device.type}")
             if q.dtype not in CPU_DTYPES:
