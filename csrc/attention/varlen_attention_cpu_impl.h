@@ -291,9 +291,16 @@ inline void pack_panels(const float* x, int64_t stride, int64_t i0, int64_t qb, 
 // sq[r][0:Dp) = scale * x[i0 + r] for r < qb, zero for qb <= r < rows (V of add_tiles).
 inline void load_rows(const float* x, int64_t stride, int64_t i0, int64_t qb, int64_t rows, int64_t D, float scale,
                       float* sq) {
-  const int64_t Dp = round_up(D, TILE);
+  const int64_t Dp = round_up(D, TILE), full = D / W * W;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t d = 0; d < Dp; ++d) sq[r * Dp + d] = r < qb && d < D ? scale * x[(i0 + r) * stride + d] : 0.f;
+    float* dst = sq + r * Dp;
+    const float* src = x + (i0 + r) * stride;
+    int64_t d = 0;
+    if (r < qb) {
+      for (; d < full; d += W) store(dst + d, load(src + d) * scale);
+      for (; d < D; ++d) dst[d] = scale * src[d];
+    }
+    for (; d < Dp; ++d) dst[d] = 0.f;
   }
 }
 
@@ -381,8 +388,16 @@ struct BackwardScratch {
 // t[j][0:qb) = x[0:qb)[j] for j < kb, and rows kb..kbr of t zero (kbr = kb rounded up to R).
 inline void transpose_block(const float* x, int64_t qb, int64_t kb, float* t) {
   const int64_t kbr = round_up(kb, R);
+  int64_t r8 = 0, j8 = 0;  // rows and columns done in 8 x 8 blocks
+#if SORA_KERNELS_AVX2_INTRINSICS
+  r8 = qb / 8 * 8;
+  j8 = kb / 8 * 8;
+  for (int64_t j = 0; j < j8; j += 8) {
+    for (int64_t r = 0; r < r8; r += 8) transpose8x8(x + r * kKB + j, kKB, t + j * kQB + r, kQB);
+  }
+#endif
   for (int64_t j = 0; j < kbr; ++j) {
-    for (int64_t r = 0; r < qb; ++r) t[j * kQB + r] = j < kb ? x[r * kKB + j] : 0.f;
+    for (int64_t r = j < j8 ? r8 : 0; r < qb; ++r) t[j * kQB + r] = j < kb ? x[r * kKB + j] : 0.f;
   }
 }
 
