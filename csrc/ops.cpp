@@ -3,6 +3,7 @@
 // next to each op's .cu (compiled only in CUDA builds).
 #include <torch/library.h>
 
+#include "attention/rope3d_op.h"
 #include "attention/varlen_attention_op.h"
 #include "dit/adaln_op.h"
 #include "dit/gated_residual_op.h"
@@ -36,6 +37,7 @@ TORCH_LIBRARY(sora_kernels, m) {
   // tokens [N, D] -> list of [C, Ti, Hi, Wi]; sizes = (T0, H0, W0, T1, H1, W1, ...)
   m.def("unpack_unpatchify(Tensor tokens, int[] patch_size, int[] sizes) -> Tensor[]");
   attention::define_varlen_attention(m);
+  attention::define_rope3d(m);
   dit::define_adaln(m);
   dit::define_gated_residual(m);
   vae::define_group_norm(m);
@@ -45,6 +47,7 @@ TORCH_LIBRARY(sora_kernels, m) {
 TORCH_LIBRARY_IMPL(sora_kernels, CPU, m) {
   patchify::PatchifyOps<patchify_engine_cpu>::register_impls(m);
   attention::register_varlen_attention_cpu(m);
+  attention::register_rope3d_cpu(m);
   dit::register_adaln_cpu(m);
   dit::register_gated_residual_cpu(m);
   vae::register_group_norm_cpu(m);

@@ -8,7 +8,7 @@ from conftest import DEVICE, require_backend
 from sora_kernels.ops.rope3d import ROPE_BACKENDS
 from sora_kernels.reference import rope as ref
 
-BACKENDS = ["triton", "reference"]
+BACKENDS = ["triton", "cpu", "reference"]
 
 
 def _case(n, heads, head_dim, dtype, seed=0):
@@ -84,3 +84,59 @@ def test_errors(kwargs, message):
     args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(ValueError, match=message):
         sk.rope3d(args.pop("x"), args.pop("positions"), **args)
+
+
+def _cpu_kernel():
+    from sora_kernels import backends as B
+    if not B.compiled_has("rope3d", "CPU"):
+        pytest.skip("sora_kernels._C has no CPU rope3d kernel")
+    return torch.ops.sora_kernels.rope3d
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_cpu_kernel_opcheck(inverse):
+    """The C++ op's schema, fake and autograd registration (torch.library.opcheck)."""
+    op = _cpu_kernel()
+    x = torch.randn(9, 2, 40, requires_grad=True)
+    positions = torch.randint(0, 20, (9, 3), dtype=torch.int32)
+    inv_freq, _ = ref.inverse_frequencies(40, 10000.0, (12, 14, 14))
+    torch.library.opcheck(op, (x, positions, inv_freq, [12, 14, 14], inverse))
+
+
+@pytest.mark.parametrize("spread", [90, 10 ** 6])
+def test_cpu_kernel_positions(spread):
+    """Positions of any range, negative too: a few dozen values per axis (tabulated angles) or
+    spread over millions (angles per token) give the reference's rotation, and an
+    out-of-place call leaves x as it was."""
+    op = _cpu_kernel()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 2, 64, generator=g)
+    positions = torch.randint(-spread, spread, (300, 3), generator=g, dtype=torch.int32)
+    positions[:, 0] = 7  # one value on an axis
+    x0 = x.clone()
+    for inverse in (False, True):
+        inv_freq, _ = ref.inverse_frequencies(64, 10000.0, (20, 22, 22))
+        out = op(x, positions, inv_freq, [20, 22, 22], inverse)
+        exact = ref.rope3d(x.double(), positions, inverse=inverse)
+        plain = ref.rope3d(x, positions, inverse=inverse)
+        err, err_plain = ((o.double() - exact).abs().max().item() for o in (out, plain))
+        assert err <= 2 * err_plain + 1e-6, f"error {err:.3g} > 2 x {err_plain:.3g}"
+    assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(x=torch.zeros(4, 2, 16, dtype=torch.float64)), "x: the cpu kernel runs float32 CPU tensors"),
+    (dict(positions=torch.zeros(4, 2, dtype=torch.int32)), r"positions: expected int32 \[4, 3\]"),
+    (dict(inv_freq=torch.zeros(7)), r"inv_freq: expected float32 \[8\]"),
+    (dict(sections=[8, 8, 2]), "sections: expected .t, h, w. summing to the head dim 16"),
+    (dict(sections=[7, 7, 2]), "sections: expected non-negative even counts"),
+])
+def test_cpu_kernel_checks(change, message):
+    """The C++ op checks what it indexes with (rope3d checks first, with its own messages;
+    these guard direct callers of torch.ops.sora_kernels.rope3d)."""
+    op = _cpu_kernel()
+    args = dict(x=torch.zeros(4, 2, 16), positions=torch.zeros(4, 3, dtype=torch.int32), inv_freq=torch.zeros(8),
+                sections=[4, 6, 6], inverse=False)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        op(*args.values())

@@ -145,9 +145,10 @@ template <int64_t LDP, int64_t LDV = 0>
 // Both layouts keep each TILE-wide strip that a product's inner loop walks in one contiguous
 // run (4-8 KB). Strips of a plain row-major block are 64 bytes every 256-512 bytes (every
 // 1 KB in the packed tensors), lines that share a few of L1's 64 sets and evicted each other.
-// The packed rows are read a row ahead of time (prefetch_row): rows of one head are H * D
-// floats apart and the hardware prefetcher left each row's first load waiting for L3; that
-// wait, and scalar copies, made packing 10% of a forward.
+// The packed rows are read ahead of time (prefetch_row; kPrefetchRows rows, or the next tile's
+// when transposing): rows of one head are H * D floats apart and the hardware prefetcher left
+// each row's first load waiting for L3; that wait, and scalar copies, made packing 10% of a
+// forward.
 
 constexpr int64_t kPrefetchRows = 4;  // rows read ahead
 

@@ -97,6 +97,8 @@ int main() {
       {{97, 33, 0, 5}, {97, 33, 4, 0}, 4, 2, 72, true},        // GQA, D not a multiple of 16
       {{60, 1, 40}, {300, 7, 0}, 3, 1, 40, false},            // MQA, 300 keys: three key blocks
       {{70, 9}, {50, 130}, 2, 2, 24, true},                   // causal with Lq > Lk and Lq < Lk
+      {{49, 17, 1}, {131, 16, 15}, 2, 1, 3, false},           // D = 3: packing past the 8 x 8 blocks
+      {{130, 20}, {129, 33}, 3, 3, 20, true},                 // D = 20: 8 x 8 blocks and scalar dims
   };
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;

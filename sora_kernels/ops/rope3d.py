@@ -174,6 +174,32 @@ def _rope_setup(ctx, inputs, output):
 rope3d_triton.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
+# The C++ CPU kernel (csrc/attention/rope3d_cpu.cpp): float32, the angles of each axis's
+# position values tabulated once per call. Half precision runs in float32 (cast in and out).
+def _cpu_backward(ctx, grad):
+    positions, inv_freq = ctx.saved_tensors
+    return torch.ops.sora_kernels.rope3d(grad, positions, inv_freq, ctx.sections, not ctx.inverse), None, None, \
+        None, None
+
+
+def _cpu_setup(ctx, inputs, output):
+    _, positions, inv_freq, ctx.sections, ctx.inverse = inputs
+    ctx.save_for_backward(positions, inv_freq)
+
+
+if B.compiled_has("rope3d", "CPU"):
+    torch.library.register_fake("sora_kernels::rope3d")(lambda x, *rest: torch.empty(x.shape, dtype=x.dtype,
+                                                                                       device=x.device))
+    torch.library.register_autograd("sora_kernels::rope3d", _cpu_backward, setup_context=_cpu_setup)
+
+
+def rope3d_cpu(x: torch.Tensor, positions: torch.Tensor, theta: float, sections, inverse: bool = False):
+    """rope3d with the C++ kernel: x in float32 (16-bit dtypes cast there and back)."""
+    inv_freq, _ = ref.inverse_frequencies(x.shape[2], theta, sections)
+    out = torch.ops.sora_kernels.rope3d(x.float(), positions, inv_freq, list(sections), inverse)
+    return out.to(x.dtype)
+
+
 # -----------------------------------------------------------------------------
 # Checks (shared with varlen_attention)
 # -----------------------------------------------------------------------------
@@ -214,9 +240,14 @@ def check_theta(theta) -> float:
 # Backends
 # -----------------------------------------------------------------------------
 
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _reasons(name: str):
     def reasons(x, positions, theta, sections):
-        out = B.device_reasons(name, x.device, "rope3d") if name == "triton" else []
+        out = B.device_reasons(name, x.device, "rope3d") if name in ("triton", "cpu") else []
+        if name == "cpu" and x.dtype not in CPU_DTYPES:
+            out.append(f"runs fp16, bf16 and fp32 (in fp32), got {x.dtype}")
         if name == "triton" and x.shape[2] > MAX_HEAD_DIM:
             out.append(f"compiled for head dims <= {MAX_HEAD_DIM}, got D={x.shape[2]}")
         if name == "triton" and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -228,6 +259,7 @@ def _reasons(name: str):
 ROPE_BACKENDS = (
     B.Backend("triton", _reasons("triton"),
               lambda x, positions, theta, sections: rope3d_triton(x, positions, theta, list(sections), False)),
+    B.Backend("cpu", _reasons("cpu"), rope3d_cpu),
     B.Backend("reference", _reasons("reference"),
               lambda x, positions, theta, sections: ref.rope3d(x, positions, theta, sections)),
 )
@@ -247,7 +279,7 @@ def rope3d(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0, 
         theta: base of the frequencies.
         sections: features per axis (t, h, w), even, summing to D. Default: h and w a third
             of D each rounded to even, t the rest (reference.rope.default_sections).
-        backend: force "triton" or "reference" (default: the first that can run).
+        backend: force "triton", "cpu" or "reference" (default: the first that can run).
 
     Returns [N, H, D] in x.dtype (math in fp32). Differentiable. Equivalent PyTorch::
 

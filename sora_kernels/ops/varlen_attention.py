@@ -22,8 +22,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from sora_kernels import backends as B
 from sora_kernels.packed import check_cu_seqlens, check_offsets
+from sora_kernels.ops.rope3d import CPU_DTYPES as ROPE_CPU_DTYPES
 from sora_kernels.ops.rope3d import (block_d, check_positions, check_sections, check_theta, fast_trig, launch_rope3d,
-                                     rope_table)
+                                     rope3d_cpu, rope_table)
 from sora_kernels.reference import attention as ref
 from sora_kernels.reference import rope as ref_rope
 
@@ -784,11 +785,17 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
         ~mask, float("-inf"))
 
 
+ROPE_KERNEL_BUILT = B.compiled_has("rope3d", "CPU")
+
+
 def _rotated(q, k, rope: RopeArgs | None, inverse: bool = False):
+    """q and k rotated by rope (before the cpu engines), or rotated back (their gradients): by
+    rope3d's C++ kernel when built (float32 math, as the reference's), else the reference."""
     if rope is None:
         return q, k
-    return (ref_rope.rope3d(q, rope.positions_q, rope.theta, rope.sections, inverse),
-            ref_rope.rope3d(k, rope.positions_k, rope.theta, rope.sections, inverse))
+    rotate = rope3d_cpu if ROPE_KERNEL_BUILT and q.dtype in ROPE_CPU_DTYPES else ref_rope.rope3d
+    return (rotate(q, rope.positions_q, rope.theta, rope.sections, inverse),
+            rotate(k, rope.positions_k, rope.theta, rope.sections, inverse))
 
 
 def _cpu_work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -801,10 +808,10 @@ def _cpu_work_dtype(dtype: torch.dtype) -> torch.dtype:
 # segment and head in one OpenMP region, blocks of 48 queries x 128 keys, no gathers or copies
 # back), and aten's flash-attention CPU kernel, one batched call per segment shape. Float32
 # (and half precision, computed in float32) goes to the C++ kernel when it is built: its
-# products run at 84-97 GFLOP/s a core here (docs/NOTES-attention.md), so per flop it matches
-# aten's BLAS-based kernel (0.95-1.07x from D = 32 to 256), and it has no per-shape calls
-# (aten's cost about 100 us each beyond their work, a third of the time with the
-# cross-attention benchmark's 15 key lengths). A segment's results are then the same bits
+# products run at 78-99 GFLOP/s a core here (docs/NOTES-attention.md), about what aten's
+# BLAS-based kernel gets per flop, and it has no per-shape calls (aten's cost about 100 us each
+# beyond their work, a third of the time with the cross-attention benchmark's 15 key lengths):
+# per call it is 0.97-1.58x aten's engine on the batches measured (D = 32 to 256, causal, GQA). A segment's results are then the same bits
 # whatever else is packed with it: each (segment, head) is computed by the same blocks in the
 # same order. Float64 goes to aten (the kernel is float32), as does everything without
 # sora_kernels._C (or with one built before the kernel existed). The backward uses the engine
