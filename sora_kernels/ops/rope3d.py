@@ -178,8 +178,8 @@ rope3d_triton.register_autograd(_rope_backward, setup_context=_rope_setup)
 # position values tabulated once per call. Half precision runs in float32 (cast in and out).
 def _cpu_backward(ctx, grad):
     positions, inv_freq = ctx.saved_tensors
-    return torch.ops.sora_kernels.rope3d(grad, positions, inv_freq, ctx.sections, not ctx.inverse), None, None, \
-        None, None
+    dx = torch.ops.sora_kernels.rope3d(grad, positions, inv_freq, ctx.sections, not ctx.inverse)
+    return dx, None, None, None, None
 
 
 def _cpu_setup(ctx, inputs, output):
@@ -187,14 +187,21 @@ def _cpu_setup(ctx, inputs, output):
     ctx.save_for_backward(positions, inv_freq)
 
 
-if B.compiled_has("rope3d", "CPU"):
+CPU_KERNEL_BUILT = B.compiled_has("rope3d", "CPU")
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+if CPU_KERNEL_BUILT:
     torch.library.register_fake("sora_kernels::rope3d")(lambda x, *rest: torch.empty(x.shape, dtype=x.dtype,
                                                                                        device=x.device))
     torch.library.register_autograd("sora_kernels::rope3d", _cpu_backward, setup_context=_cpu_setup)
 
 
 def rope3d_cpu(x: torch.Tensor, positions: torch.Tensor, theta: float, sections, inverse: bool = False):
-    """rope3d with the C++ kernel: x in float32 (16-bit dtypes cast there and back)."""
+    """rope3d of CPU tensors (the cpu backend's, and the cpu attention backend's rotation of q,
+    k and of their gradients): the C++ kernel in float32 (16-bit dtypes cast there and back),
+    or the reference where it cannot run (float64, or a build without it)."""
+    if not CPU_KERNEL_BUILT or x.dtype not in CPU_DTYPES:
+        return ref.rope3d(x, positions, theta, sections, inverse)
     inv_freq, _ = ref.inverse_frequencies(x.shape[2], theta, sections)
     out = torch.ops.sora_kernels.rope3d(x.float(), positions, inv_freq, list(sections), inverse)
     return out.to(x.dtype)
@@ -239,9 +246,6 @@ def check_theta(theta) -> float:
 # -----------------------------------------------------------------------------
 # Backends
 # -----------------------------------------------------------------------------
-
-CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _reasons(name: str):
     def reasons(x, positions, theta, sections):

@@ -22,7 +22,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from sora_kernels import backends as B
 from sora_kernels.packed import check_cu_seqlens, check_offsets
-from sora_kernels.ops.rope3d import CPU_DTYPES as ROPE_CPU_DTYPES
 from sora_kernels.ops.rope3d import (block_d, check_positions, check_sections, check_theta, fast_trig, launch_rope3d,
                                      rope3d_cpu, rope_table)
 from sora_kernels.reference import attention as ref
@@ -785,17 +784,13 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
         ~mask, float("-inf"))
 
 
-ROPE_KERNEL_BUILT = B.compiled_has("rope3d", "CPU")
-
-
 def _rotated(q, k, rope: RopeArgs | None, inverse: bool = False):
-    """q and k rotated by rope (before the cpu engines), or rotated back (their gradients): by
-    rope3d's C++ kernel when built (float32 math, as the reference's), else the reference."""
+    """q and k rotated by rope (before the cpu engines), or rotated back (their gradients), by
+    rope3d's C++ kernel where it runs (float32 math, as the reference's)."""
     if rope is None:
         return q, k
-    rotate = rope3d_cpu if ROPE_KERNEL_BUILT and q.dtype in ROPE_CPU_DTYPES else ref_rope.rope3d
-    return (rotate(q, rope.positions_q, rope.theta, rope.sections, inverse),
-            rotate(k, rope.positions_k, rope.theta, rope.sections, inverse))
+    return (rope3d_cpu(q, rope.positions_q, rope.theta, rope.sections, inverse),
+            rope3d_cpu(k, rope.positions_k, rope.theta, rope.sections, inverse))
 
 
 def _cpu_work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -804,19 +799,20 @@ def _cpu_work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-# The CPU backend has two engines: the C++ kernel (csrc/attention/varlen_attention_cpu.cpp: every
-# segment and head in one OpenMP region, blocks of 48 queries x 128 keys, no gathers or copies
-# back), and aten's flash-attention CPU kernel, one batched call per segment shape. Float32
-# (and half precision, computed in float32) goes to the C++ kernel when it is built: its
+# The CPU backend has two engines: the C++ kernel (csrc/attention/varlen_attention_cpu.cpp:
+# every segment and head in one OpenMP region, blocks of 48 queries x 128 keys, no gathers or
+# copies back), and aten's flash-attention CPU kernel, one batched call per segment shape.
+# Float32 (and half precision, computed in float32) goes to the C++ kernel when it is built: its
 # products run at 78-99 GFLOP/s a core here (docs/NOTES-attention.md), about what aten's
 # BLAS-based kernel gets per flop, and it has no per-shape calls (aten's cost about 100 us each
 # beyond their work, a third of the time with the cross-attention benchmark's 15 key lengths):
-# per call it is 0.97-1.58x aten's engine on the batches measured (D = 32 to 256, causal, GQA). A segment's results are then the same bits
-# whatever else is packed with it: each (segment, head) is computed by the same blocks in the
-# same order. Float64 goes to aten (the kernel is float32), as does everything without
-# sora_kernels._C (or with one built before the kernel existed). The backward uses the engine
-# its forward used: it recomputes the scores with the forward's own code, bit for bit (mixing
-# the engines made dq 3x less accurate: P = e^(S - lse) no longer matched the forward's out).
+# per call it is 0.97-1.58x aten's engine on the batches measured (D = 32 to 256, causal, GQA).
+# A segment's results are then the same bits whatever else is packed with it: each (segment,
+# head) is computed by the same blocks in the same order. Float64 goes to aten (the kernel is
+# float32), as does everything without sora_kernels._C (or with one built before the kernel
+# existed). The backward uses the engine its forward used: it recomputes the scores with the
+# forward's own code, bit for bit (mixing the engines made dq 3x less accurate: P = e^(S - lse)
+# no longer matched the forward's out).
 #
 # USE_KERNEL is read by the forward and the backward when they run: the tests set it to run
 # aten's engine; change it between steps, not between a forward and its backward.
