@@ -239,3 +239,33 @@ def test_physics_durations_follow_the_vae(temporal):
     assert frames and all((T - 1) % temporal == 0 for T in frames), frames
     if temporal == 4:
         assert frames <= {1, 5, 9, 13}
+
+
+def test_checkpoints_keep_the_run_s_adamw_implementation(tmp_path):
+    """AdamW's implementation flags (fused here, the per-tensor loop under FSDP2) stay out of
+    checkpoints, and a resume keeps the resuming run's own: a checkpoint of one mode resumes in
+    any other with that mode's implementation, and a checkpoint from before the flags were
+    dropped (fused None) resumes fused."""
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    path = str(tmp_path / "checkpoint.safetensors")
+    tr.save_checkpoint(path, model, ema, opt, 1, tr.TrainConfig())
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    assert not set(tr.IMPLEMENTATION_FLAGS) & set(groups[0]), groups
+    for flags in (dict(fused=True), dict(foreach=True), dict()):
+        resumed = torch.optim.AdamW(model.parameters(), lr=1e-3, **flags)
+        assert tr.load_checkpoint(path, model, ema, resumed) == 1
+        assert all(resumed.param_groups[0][k] == torch.optim.AdamW(model.parameters(), **flags).param_groups[0][k]
+                   for k in tr.IMPLEMENTATION_FLAGS), flags
+        torch.testing.assert_close(resumed.state_dict()["state"], opt.state_dict()["state"])
+    old = [{**groups[0], "fused": None, "foreach": None}]   # written before the flags were dropped
+    resumed = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    resumed.load_state_dict({"state": opt.state_dict()["state"],
+                             "param_groups": tr.saved_param_groups(resumed, json.dumps(old))})
+    assert resumed.param_groups[0]["fused"] is True
+    resumed.step()
