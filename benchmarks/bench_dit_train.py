@@ -1,7 +1,8 @@
 """Benchmarks of a DiT training step on a mixed-size batch: packed against padded and bucketed
 runs of the same model on the same data (sora_model/dit.py).
 
-Providers (one AdamW step each: forward, flow-matching loss, backward, update):
+Providers (one AdamW step each: forward, flow-matching loss, backward, update; the fused AdamW,
+as sora-train runs it):
   packed       every latent at its own size in one packed sequence (ours);
   packed_ckpt  the same with gradient checkpointing (each block recomputed in the backward),
                on the 32k-token workload only: what fits an 80 GB GPU there;
@@ -107,7 +108,7 @@ def test_dit_train(suite, benchmark, provider, workload):
         pytest.skip("padded: every latent padded to (13, 128, 128) is 266k tokens for 32k real ones (8.3x)")
     try:
         dit, latents, noise, t, text = _setup(suite.device, workload, grad_checkpointing=provider == "packed_ckpt")
-        opt = torch.optim.AdamW(dit.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, fused=True)  # as sora-train (without --fsdp)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if suite.device.type == "cuda"
                     else torch.autocast("cpu", enabled=False))
         name = "packed" if provider == "packed_ckpt" else provider
