@@ -67,8 +67,6 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
         const float* b = tile + d0 * TILE;
         const float* const b_end = tile + std::min(D, d0 + kDotChunk) * TILE;
         for (; b < b_end; a += R, b += TILE) {
-          asm("" : "+r"(a));  // one register (GCC otherwise kept it on the stack, a load and a store
-                              // in every iteration's critical path)
           const vf b0 = load(b), b1 = load(b + W);
 #pragma GCC unroll 6
           for (int64_t i = 0; i < RH; ++i) {
@@ -96,10 +94,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // rows are one pointer plus constant offsets. V's column tile t (TILE columns) starts at
 // V + t * vtile, its rows LDV apart (ldv when LDV is 0): row-major V has vtile = TILE, V packed
 // in column tiles (pack_rows) LDV = TILE and vtile = kKB * TILE. The block's products are
-// summed from zero and added to C at the end: C gathers one partial sum per block, so that a sum over a long
-// segment (O over its keys, dV and dK over its queries, dQ over its keys) is not one FMA chain
-// as long as the segment (at 1025 queries one chain gave dV 3.6x the float32 error of
-// PyTorch's matrix product; rounding grows with a chain's length).
+// summed from zero and added to C at the end: C gathers one partial sum per block, so that a
+// sum over a long segment (O over its keys, dV and dK over its queries, dQ over its keys) is
+// not one FMA chain as long as the segment (at 1025 queries one chain gave dV 3.6x the float32
+// error of PyTorch's matrix product; rounding grows with a chain's length).
 template <int64_t LDP, int64_t LDV = 0>
 [[gnu::noinline]] inline void add_tiles(float* C, int64_t ldc, const float* alpha, const float* P, int64_t n,
                                         const float* V, int64_t ldv, int64_t vtile, int64_t rows, int64_t cols) {
