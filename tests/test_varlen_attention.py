@@ -535,7 +535,8 @@ def test_cpu_engine_choice(monkeypatch):
     monkeypatch.setattr(op, "_aten_forward", lambda *a: calls.append("aten"))
     qkv = [torch.randn(813, 2, 64) for _ in range(3)]
     cu = torch.tensor([0, 512, 513, 813], dtype=torch.int32)
-    sk.varlen_attention(*qkv, cu, cu, 512, 512, backend="cpu")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # not aten: the kernel (two engines)
+        sk.varlen_attention(*(x.to(dtype) for x in qkv), cu, cu, 512, 512, backend="cpu")
     assert calls == []
     with pytest.raises(TypeError):  # the patched aten engine returns None: float64 reached it
         sk.varlen_attention(*(x.double() for x in qkv), cu, cu, 512, 512, backend="cpu")
