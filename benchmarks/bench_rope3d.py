@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sora_kernels as sk
+from benchmarks import harness
 from sora_kernels.ops.rope3d import ROPE_BACKENDS
 from sora_kernels.reference import rope as ref
 
@@ -43,13 +44,8 @@ def test_rope3d(suite, benchmark, workload, provider, mode):
     if provider in ("reference", "compile"):
         f = torch.compile(ref.rope3d) if provider == "compile" else ref.rope3d
         fn = lambda x: f(x, positions, 10000.0, sections)  # noqa: E731
-    else:
-        backend = next(b for b in ROPE_BACKENDS if b.name == provider)
-        if provider == "triton" and suite.device.type == "cpu":
-            pytest.skip("triton on CPU runs only in the interpreter: not a timing")
-        reasons = backend.reasons(x, positions, 10000.0, sections)
-        if reasons:
-            pytest.skip(f"{provider}: {'; '.join(reasons)}")
+    else:  # backend_runner skips a backend that cannot run here; the timed call takes x (a leaf for fwd+bwd)
+        harness.backend_runner(provider, ROPE_BACKENDS, (x, positions, 10000.0, sections), suite.device)
         fn = lambda x: sk.rope3d(x, positions, backend=provider)  # noqa: E731
     torch.testing.assert_close(fn(x).float(), ref.rope3d(x, positions, 10000.0, sections).float(), rtol=1e-2,
                                atol=1e-2)
