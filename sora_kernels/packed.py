@@ -18,6 +18,8 @@ class Packed:
     max_seqlen  int        the longest video's token count
     grids       host copy of grid_sizes, so unpacking needs no device sync
     patch_size  (pt, ph, pw) the videos were cut with (None: not known); unpacking checks it
+    embedded    True when tokens are patch_embed3d's projections rather than the patches
+                themselves (pack_patchify's): patch_embed3d refuses to project them again
     """
 
     tokens: torch.Tensor
@@ -27,6 +29,7 @@ class Packed:
     max_seqlen: int
     grids: tuple[tuple[int, int, int], ...]
     patch_size: tuple[int, int, int] | None = None
+    embedded: bool = False
 
     @property
     def num_videos(self) -> int:

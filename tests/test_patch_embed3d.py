@@ -93,3 +93,16 @@ def test_packed_record_input():
         sk.patch_embed3d(packed, torch.zeros(16, 13, device=DEVICE), None, (1, 2, 2))
     with pytest.raises(ValueError, match=r"backend: a Packed record's tokens are projected by one matrix product"):
         sk.patch_embed3d(packed, weight, bias, (1, 2, 2), backend="triton")
+    assert not packed.embedded and got.embedded and want.embedded
+
+
+def test_embedded_record_refused():
+    """An embedded record whose width happens to equal C * volume (E = 12 here) is not taken
+    for patch tokens and projected a second time, whichever way it was embedded."""
+    videos = [torch.randn(3, *s).to(DEVICE) for s in SIZES[:2]]
+    square = torch.randn(12, 12, device=DEVICE)
+    for embedded in (sk.patch_embed3d(videos, square, None, (1, 2, 2)),
+                     sk.patch_embed3d(sk.pack_patchify(videos, (1, 2, 2)), square, None, (1, 2, 2))):
+        with pytest.raises(ValueError, match=r"videos: expected a Packed record of patch tokens \(pack_patchify's\), "
+                                             r"got one whose tokens are already embedded"):
+            sk.patch_embed3d(embedded, square, None, (1, 2, 2))

@@ -220,7 +220,8 @@ def patch_embed3d(videos: Sequence[torch.Tensor] | Packed, weight: torch.Tensor,
         backend: "triton" (the fused implicit GEMM), "cpu" (pack_patchify's C++ kernel, then a
             matrix product) or "reference" (for a Packed record: "reference" or None).
 
-    Returns Packed(tokens [N, E], cu_seqlens, positions, grid_sizes, max_seqlen, grids, patch_size).
+    Returns Packed(tokens [N, E], cu_seqlens, positions, grid_sizes, max_seqlen, grids, patch_size,
+    embedded=True).
     Differentiable in the videos, weight and bias. Equivalent PyTorch, per video::
 
         F.conv3d(v[None], weight, bias, stride=patch).flatten(2).transpose(1, 2)[0]
@@ -229,6 +230,9 @@ def patch_embed3d(videos: Sequence[torch.Tensor] | Packed, weight: torch.Tensor,
     volume = patch[0] * patch[1] * patch[2]
     if isinstance(videos, Packed):
         check_packed(videos, patch)
+        if videos.embedded:
+            raise ValueError("videos: expected a Packed record of patch tokens (pack_patchify's), got one whose "
+                             "tokens are already embedded (patch_embed3d's output)")
         like = videos.tokens
         if like.dim() != 2 or like.shape[1] == 0 or like.shape[1] % volume:
             raise ValueError(f"videos: expected a Packed record of patch tokens [N, C*{volume}] (pack_patchify's), "
@@ -243,9 +247,10 @@ def patch_embed3d(videos: Sequence[torch.Tensor] | Packed, weight: torch.Tensor,
         if backend not in (None, "reference"):
             raise ValueError(f"backend: a Packed record's tokens are projected by one matrix product (the "
                              f"reference), got {backend!r}")
-        return replace(videos, tokens=F.linear(videos.tokens, weight, bias))
+        return replace(videos, tokens=F.linear(videos.tokens, weight, bias), embedded=True)
     args = (videos, weight, bias, patch)
     tokens = B.select("patch_embed3d", PATCH_EMBED_BACKENDS, args, backend).run(*args)
     meta = _metadata(videos, patch)
     positions = ref.packed_positions(meta.grids, tokens.device)
-    return Packed(tokens, meta.cu_seqlens, positions, meta.grid_sizes, meta.max_seqlen, meta.grids, meta.patch_size)
+    return Packed(tokens, meta.cu_seqlens, positions, meta.grid_sizes, meta.max_seqlen, meta.grids, meta.patch_size,
+                  embedded=True)
