@@ -65,24 +65,37 @@ def video_files(root: str) -> list[str]:
     return files
 
 
-def folder_videos(root: str, frames: int, height: int, width: int, seed: int = 0) -> Iterator[torch.Tensor]:
+def folder_videos(root: str, frames: int, height: int, width: int, seed: int = 0,
+                  skip: int = 0) -> Iterator[torch.Tensor]:
     """Clips of `frames` frames from the files under root, in random order, each cropped at a
     random place to height x width (files shorter or smaller than that are skipped, with a
-    ValueError if none is long and large enough)."""
-    from sora_model.video_io import read_video, to_model
+    ValueError if none is long and large enough). The first `skip` clips are passed over without
+    decoding them (a resumed run's clips of the steps done): their files are probed
+    (video_io.probe_video) and their crops drawn, so the clips after them are an uninterrupted
+    run's."""
+    from sora_model.video_io import probe_video, read_video, to_model
+    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+        raise ValueError(f"skip: expected an int >= 0, got {skip!r}")
     files = video_files(root)
     g = torch.Generator().manual_seed(seed)
     while True:
         used = 0
         for i in torch.randperm(len(files), generator=g).tolist():
-            clip, _ = read_video(files[i], max_frames=frames)
-            T, H, W, _ = clip.shape
+            if skip:
+                clip = None
+                T, H, W = probe_video(files[i])
+            else:
+                clip, _ = read_video(files[i], max_frames=frames)
+                T, H, W, _ = clip.shape
             if T < frames or H < height or W < width:
                 continue
             y0 = int(torch.randint(0, H - height + 1, (1,), generator=g))
             x0 = int(torch.randint(0, W - width + 1, (1,), generator=g))
             used += 1
-            yield to_model(clip[:, y0:y0 + height, x0:x0 + width])
+            if clip is None:
+                skip -= 1
+            else:
+                yield to_model(clip[:, y0:y0 + height, x0:x0 + width])
         if not used:
             raise ValueError(f"root: no video under {root!r} has {frames} frames of at least {height}x{width}")
 

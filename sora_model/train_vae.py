@@ -15,8 +15,10 @@ Checkpoints (--out, one safetensors file) hold the autoencoder's weights under t
 state beside them: AdamW's (optim.*), the discriminator's weights and AdamW state (disc.*,
 disc_optim.*) and the random generators' states (rng.*). They are written to a temporary name,
 synced and renamed (a killed run leaves the previous checkpoint whole). --resume continues from
-the checkpoint's step: the next steps' losses are those of an uninterrupted run (the clips of a
-folder are read again up to the checkpoint's step to continue their order).
+the checkpoint's step: the next steps' losses are those of an uninterrupted run (a folder's clips
+up to the checkpoint's step are passed over without decoding them: their files are probed and
+their crops drawn, to continue their order). AdamW is the fused one; its implementation flags are
+kept out of checkpoints (sora_model.train.IMPLEMENTATION_FLAGS).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 from sora_model.data import folder_videos, synthetic_video
 from sora_model.physics_world import WorldConfig, render_clip
 from sora_model.discriminator import PatchDiscriminator3D, discriminator_hinge_loss, generator_hinge_loss
-from sora_model.train import optimizer_tensors, save_atomically
+from sora_model.train import optimizer_tensors, param_groups_json, save_atomically, saved_param_groups
 from sora_model.vae import SIZES, VAEConfig, VideoAutoencoder, vae_config
 
 
@@ -58,19 +60,21 @@ TRAINING_STATE = ("optim.", "disc.", "disc_optim.", "rng.")
 
 
 def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
-    """AdamW's state as tensors named <prefix>.<parameter index>.<name>, and its param_groups as JSON."""
+    """AdamW's state as tensors named <prefix>.<parameter index>.<name>, and its param_groups as JSON
+    (without the flags that choose its implementation: sora_model.train.IMPLEMENTATION_FLAGS)."""
     state = opt.state_dict()
-    return optimizer_tensors(prefix, state), json.dumps(state["param_groups"])
+    return optimizer_tensors(prefix, state), param_groups_json(state)
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], prefix: str, param_groups: str) -> dict:
-    """The state dict that _optimizer_tensors wrote."""
+def _optimizer_state(tensors: dict[str, torch.Tensor], prefix: str, param_groups: str,
+                     opt: torch.optim.Optimizer) -> dict:
+    """The state dict that _optimizer_tensors wrote, with opt's own implementation flags."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in tensors.items():
         if key.startswith(prefix + "."):
             pid, name = key[len(prefix) + 1:].split(".", 1)
             state.setdefault(int(pid), {})[name] = v
-    return {"state": state, "param_groups": json.loads(param_groups)}
+    return {"state": state, "param_groups": saved_param_groups(opt, param_groups)}
 
 
 def _config(meta: dict[str, str]) -> VAEConfig:
@@ -127,10 +131,10 @@ def load_training_state(path: str, vae: VideoAutoencoder, opt: torch.optim.Optim
                              f"got {_config(meta)}")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     vae.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(TRAINING_STATE)})
-    opt.load_state_dict(_optimizer_state(tensors, "optim", meta["param_groups"]))
+    opt.load_state_dict(_optimizer_state(tensors, "optim", meta["param_groups"], opt))
     if disc is not None:
         disc.load_state_dict({k[len("disc."):]: v for k, v in tensors.items() if k.startswith("disc.")})
-        opt_d.load_state_dict(_optimizer_state(tensors, "disc_optim", meta["disc_param_groups"]))
+        opt_d.load_state_dict(_optimizer_state(tensors, "disc_optim", meta["disc_param_groups"], opt_d))
     return int(meta["step"]), {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
 
 
@@ -138,9 +142,10 @@ def load_training_state(path: str, vae: VideoAutoencoder, opt: torch.optim.Optim
 # Training
 # -----------------------------------------------------------------------------
 
-def clips(args) -> tuple[Iterator[torch.Tensor], torch.Generator | None]:
+def clips(args, skip: int = 0) -> tuple[Iterator[torch.Tensor], torch.Generator | None]:
     """The training clips, one at a time, and the generator they are drawn from (None for a
-    folder: folder_videos keeps its order inside), which a checkpoint saves to continue them."""
+    folder: folder_videos keeps its order inside), which a checkpoint saves to continue them.
+    skip: for a folder, the clips a resumed run has used (passed over without decoding them)."""
     if args.data == "synthetic":
         g = torch.Generator().manual_seed(args.seed)
         return (synthetic_video(args.frames, args.size, args.size, g) for _ in itertools.count()), g
@@ -148,7 +153,7 @@ def clips(args) -> tuple[Iterator[torch.Tensor], torch.Generator | None]:
         g = torch.Generator().manual_seed(args.seed)
         world = WorldConfig(frames=(args.frames,), sizes=((args.size, args.size),))
         return (render_clip(world, g)[0] for _ in itertools.count()), g
-    return folder_videos(args.data, args.frames, args.size, args.size, args.seed), None
+    return folder_videos(args.data, args.frames, args.size, args.size, args.seed, skip), None
 
 
 def rng_states(device: torch.device, data_generator: torch.Generator | None) -> dict[str, torch.Tensor]:
@@ -201,14 +206,13 @@ def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     vae = VideoAutoencoder(vae_config(args.config)).to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     adversarial = args.adv_weight > 0
     disc = opt_d = None
     if adversarial:
         disc = (discriminator or PatchDiscriminator3D()).to(device).train()
-        opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    data, data_generator = clips(args)
-    start = 0
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=0.0, fused=True)
+    start, rng = 0, {}
     if args.resume:
         if not os.path.exists(args.out):
             raise ValueError(f"resume: no checkpoint at {args.out!r}")
@@ -218,9 +222,11 @@ def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float
         torch.set_rng_state(rng["torch"])
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        if data_generator is not None and "data" in rng:
+    data, data_generator = clips(args, skip=start * args.batch)    # a folder passes over the clips used
+    if data_generator is not None and start:
+        if "data" in rng:
             data_generator.set_state(rng["data"])
-        else:                                   # a folder: draw the clips of the steps done again
+        else:                                   # a checkpoint without the generator's state: draw them again
             for _ in range(start * args.batch):
                 next(data)
     losses = []

@@ -111,6 +111,29 @@ def test_resume_gives_the_same_next_steps(tmp_path, extra):
     assert vae.cfg == train_vae.vae_config("tiny")
 
 
+def test_folder_resume_skips_decoding(tmp_path, monkeypatch):
+    """From a folder of videos (one too short, passed over), a resume gives the next steps of an
+    uninterrupted run and decodes only the clips it trains on: those of the steps done are
+    probed, not read."""
+    from sora_model import video_io
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i, frames in enumerate((7, 9, 3, 6)):
+        write_video(str(folder / f"v{i}.mp4"), _clip(frames=frames, height=24, width=32, seed=i))
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    straight = train_vae.train(_args(a, 5, "--data", str(folder)))
+    first = train_vae.train(_args(b, 3, "--data", str(folder)))
+    reads = []
+    read = video_io.read_video
+    monkeypatch.setattr(video_io, "read_video", lambda *a, **k: reads.append(a[0]) or read(*a, **k))
+    resumed = train_vae.train(_args(b, 5, "--resume", "--data", str(folder)))
+    assert first == straight[:3] and resumed == straight[3:]
+    trained = [path for path in reads if not path.endswith("v2.mp4")]     # v2 is read and found too short
+    assert len(trained) == 2 * 2, reads                                  # steps 4 and 5, two clips each
+    with pytest.raises(ValueError, match=r"skip: expected an int >= 0, got -1"):
+        next(folder_videos(str(folder), 5, 16, 16, skip=-1))
+
+
 def test_resume_takes_this_runs_lr(tmp_path):
     """--lr may change on resume (the autoencoder's and the discriminator's AdamW): the state
     comes from the checkpoint, the learning rate from this run."""
