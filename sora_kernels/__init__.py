@@ -1,6 +1,6 @@
 """sora_kernels: kernels for video diffusion transformers.
 
-Public ops (differentiable, torch.compile-friendly; each has a pure-PyTorch reference backend
+Public ops (differentiable but group_norm_moments, torch.compile-friendly; each has a pure-PyTorch reference backend
 and some of cuda / triton / cpu: the README's op table says which; sora_kernels.backends says
 how one is picked):
 
@@ -15,6 +15,7 @@ how one is picked):
     gelu_tanh, swiglu                    fused MLP activations
     final_layer_unpatchify               DiT's final layer (modulated norm, linear) fused with unpack_unpatchify
     group_norm_silu                      per-frame GroupNorm + SiLU of video activations (the VAE's norm)
+    group_norm_moments                   its per-frame statistics (mean, M2) of any view: a tiled decode's passes
     latent_denorm                        the decoder's input epilogue: per-channel de-normalisation + NaN count per frame
     frames_to_uint8                      the decoder's output epilogue: [C, T, H, W] -> uint8 frames [T, H, W, C]
 
@@ -26,6 +27,7 @@ from sora_kernels.ops.adaln_norm import adaln_norm, gated_residual_adaln
 from sora_kernels.ops.final_layer_unpatchify import final_layer_unpatchify
 from sora_kernels.ops.frames_to_uint8 import frames_to_uint8
 from sora_kernels.ops.gated_residual import gated_residual
+from sora_kernels.ops.group_norm_moments import group_norm_moments
 from sora_kernels.ops.group_norm_silu import group_norm_silu
 from sora_kernels.ops.latent_denorm import latent_denorm
 from sora_kernels.ops.rms_norm import rms_norm
@@ -40,5 +42,5 @@ __version__ = "0.1.0"
 
 __all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "patch_embed3d", "Packed", "varlen_attention",
            "Rope3D", "rope3d", "adaln_norm", "gated_residual", "gated_residual_adaln", "rms_norm", "gelu_tanh",
-           "swiglu", "final_layer_unpatchify", "group_norm_silu", "latent_denorm", "frames_to_uint8",
+           "swiglu", "final_layer_unpatchify", "group_norm_silu", "group_norm_moments", "latent_denorm", "frames_to_uint8",
            "NoBackendError"]

@@ -15,6 +15,7 @@ from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, FUSED_BACKENDS
 from sora_kernels.ops.final_layer_unpatchify import FINAL_LAYER_BACKENDS
 from sora_kernels.ops.frames_to_uint8 import FRAMES_BACKENDS
 from sora_kernels.ops.gated_residual import GATED_RESIDUAL_BACKENDS
+from sora_kernels.ops.group_norm_moments import MOMENTS_BACKENDS
 from sora_kernels.ops.group_norm_silu import GROUP_NORM_BACKENDS
 from sora_kernels.ops.latent_denorm import LATENT_DENORM_BACKENDS
 from sora_kernels.ops.patch_embed3d import PATCH_EMBED_BACKENDS
@@ -48,6 +49,7 @@ def _sample_calls(device: torch.device) -> dict:
         "swiglu (fp32)": (SWIGLU_BACKENDS, (rows, rows)),
         "final_layer_unpatchify (fp32)": (FINAL_LAYER_BACKENDS, (rows, *[None] * 8, True)),
         "group_norm_silu (bf16, 4 groups)": (GROUP_NORM_BACKENDS, (x, 4, None, None, 1e-6, "silu", None)),
+        "group_norm_moments (fp32, 4 groups)": (MOMENTS_BACKENDS, (x.float(), 4)),
         "latent_denorm (fp32)": (LATENT_DENORM_BACKENDS, (x.float(), None, None)),
         "frames_to_uint8 (fp32)": (FRAMES_BACKENDS, (x[0, :3].float(),)),
     }

@@ -8,8 +8,10 @@ the segment's receptive field (one pixel per 3x3 convolution, at the segment's r
 so the tile's own pixels come out exactly as in the untiled decode. The one whole-frame
 dependency is GroupNorm: its statistics are over the frame. So a segment with n norms runs
 n statistics passes first: pass i runs every tile up to norm i (norms before it applying the
-whole-frame statistics already found), sums the input of norm i over the tile's own pixels
-(float64 sums per batch, frame and group), and stops; the sums give norm i's mean and rstd.
+whole-frame statistics already found), takes the moments of norm i's input over the tile's own
+pixels (sk.group_norm_moments: mean and M2 per batch, frame and group, read in place), merges
+them into the frame's (Chan et al.'s pairwise formula, float64), and stops; the merged moments
+give norm i's mean and rstd.
 A last pass runs every tile through the whole segment with all statistics known. No
 blending, no seams: the tiled decode equals the untiled one up to float reassociation.
 Cost: the statistics passes recompute prefixes of the segment (about n / 2 extra segment
@@ -42,14 +44,14 @@ class StopPass(Exception):
 
 class TileNorms:
     """The GroupNorms of a tiled segment (DecodeState.norms): a norm whose whole-frame
-    statistics are known applies them; the target norm adds its input over the current tile's
-    own pixels to the sums and stops the pass."""
+    statistics are known applies them; the target norm merges the moments of its input over
+    the current tile's own pixels into the frame's and stops the pass."""
 
     def __init__(self):
-        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(norm) -> mean, rstd fp32 [B, G, T]
+        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(norm) -> mean, rstd fp32 [B, T, G]
         self.target: GroupNormSiLU | None = None
         self.region: tuple[int, int, int, int] = (0, 0, 0, 0)           # oy, ox, th, tw in the tile's tensor
-        self._sums: list[torch.Tensor] | None = None
+        self._moments: tuple[int, torch.Tensor, torch.Tensor] | None = None  # count, mean, m2 float64 [B, T, G]
 
     def run(self, norm: GroupNormSiLU, x: torch.Tensor) -> torch.Tensor:
         if norm is self.target:
@@ -62,31 +64,34 @@ class TileNorms:
 
     def _collect(self, norm: GroupNormSiLU, x: torch.Tensor) -> None:
         oy, ox, th, tw = self.region
-        own = x[..., oy:oy + th, ox:ox + tw].double()
-        B, C, T = own.shape[:3]
-        own = own.reshape(B, norm.groups, C // norm.groups, T, th * tw)
-        s1, s2 = own.sum((2, 4)), own.square().sum((2, 4))               # [B, G, T]
-        if self._sums is None:
-            self._sums = [s1, s2]
-        else:
-            self._sums[0] += s1
-            self._sums[1] += s2
+        mb, m2b = sk.group_norm_moments(x[..., oy:oy + th, ox:ox + tw], norm.groups)
+        nb = x.shape[1] // norm.groups * th * tw
+        if self._moments is None:
+            self._moments = (nb, mb, m2b)
+            return
+        n, mean, m2 = self._moments
+        if nb == 0:
+            return
+        d, total = mb - mean, n + nb
+        self._moments = (total, mean + d * (nb / total), m2 + m2b + d.square() * (n * nb / total))
 
     def finish(self, norm: GroupNormSiLU, count: int) -> None:
-        """The target's statistics from the sums over all tiles (count elements per group)."""
-        s1, s2 = self._sums
-        mean = s1 / count
-        var = (s2 / count - mean.square()).clamp_min(0.0)
+        """The target's statistics from the moments merged over all tiles (count elements per
+        group: checked against the tiles' own pixels)."""
+        n, mean, m2 = self._moments
+        if n != count:
+            raise RuntimeError(f"tiled decode: the tiles' own pixels hold {n} elements per group, the frame {count}")
+        var = m2 / count
         self.stats[id(norm)] = (mean.float(), torch.rsqrt(var + norm.eps).float())
-        self._sums, self.target = None, None
+        self._moments, self.target = None, None
 
 
 def apply_group_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm: GroupNormSiLU) -> torch.Tensor:
-    """GroupNorm of x [B, C, T, H, W] with given statistics [B, G, T], affine, SiLU when the
-    norm has it: sora_kernels.group_norm_silu(statistics=...), one pass on the GPU (Triton's
-    apply kernel), a folded multiply-add and a SiLU in fp32 elsewhere (reference)."""
-    return sk.group_norm_silu(x, norm.groups, norm.weight, norm.bias, act=norm.act,
-                              statistics=(mean.transpose(1, 2), rstd.transpose(1, 2)))
+    """GroupNorm of x [B, C, T, H, W] with given statistics [B, T, G], affine, SiLU when the
+    norm has it: sora_kernels.group_norm_silu(statistics=...), one pass (Triton's apply kernel
+    on a GPU, the C++ apply on the CPU in fp32; elsewhere the reference's folded multiply-add
+    and SiLU)."""
+    return sk.group_norm_silu(x, norm.groups, norm.weight, norm.bias, act=norm.act, statistics=(mean, rstd))
 
 
 # -----------------------------------------------------------------------------

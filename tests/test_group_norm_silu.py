@@ -239,7 +239,7 @@ def _frame_statistics(x, G, eps=1e-6):
 @pytest.mark.parametrize("act", ["silu", None])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_given_statistics(backend, dtype, channels_last, act):
     """statistics=(mean, rstd) from elsewhere (here another tensor's, as a tiled decode's
     whole-frame statistics are not the tile's): the 2x rule against the float64 reference for y
@@ -256,6 +256,36 @@ def test_given_statistics(backend, dtype, channels_last, act):
     plain = _run(reference, leaves, dy)
     exact = _run(reference, [t.detach().double().requires_grad_() for t in leaves], dy.double())
     assert_2x_rule(ours, plain, exact, dtype, f"given statistics {backend}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_given_statistics_shapes(shape, channels_last):
+    """The C++ apply and its backward on every shape (frames longer than its blocks, one group,
+    one channel per group, 1x1 frames), against the float64 reference: the 2x rule."""
+    leaves, G, dy = make(shape, torch.float32, channels_last)
+    other, _, _ = make(shape, torch.float32, False, seed=7)
+    stats = tuple(s.to(DEVICE) for s in _frame_statistics(other[0], G))
+    require_backend(GROUP_NORM_BACKENDS, "cpu", _args(leaves, G, "silu", stats))
+    ours = _run(lambda x, w, b: sk.group_norm_silu(x, G, w, b, statistics=stats, backend="cpu"), leaves, dy)
+    if channels_last:
+        assert ours[0].is_contiguous(memory_format=torch.channels_last_3d)
+
+    def reference(x, w, b):
+        return ref.group_norm_silu_given(x, G, *stats, w, b)
+    plain = _run(reference, leaves, dy)
+    exact = _run(reference, [t.detach().double().requires_grad_() for t in leaves], dy.double())
+    assert_2x_rule(ours, plain, exact, torch.float32, f"cpu given statistics {shape}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_cpu_apply_opcheck(channels_last):
+    """The C++ apply op's schema, fake and autograd registration (torch.library.opcheck)."""
+    leaves, G, _ = make((2, 16, 3, 5, 7, 4), torch.float32, channels_last)
+    stats = _frame_statistics(leaves[0] * 0.5, G)
+    require_backend(GROUP_NORM_BACKENDS, "cpu", _args(leaves, G, "silu", stats))
+    for silu in (True, False):
+        torch.library.opcheck(torch.ops.sora_kernels.group_norm_apply.default, (*leaves, *stats, G, silu))
 
 
 def test_given_own_statistics_equal_computed():
@@ -277,11 +307,11 @@ def test_given_statistics_errors_and_reasons():
         sk.group_norm_silu(x, G, statistics=(good[0], good[1].double()))
     with pytest.raises(ValueError, match=r"statistics: expected None or \(mean, rstd\)"):
         sk.group_norm_silu(x, G, statistics=good[0])
-    with pytest.raises(sk.NoBackendError, match="given statistics: the C.. kernels compute their own"):
-        sk.group_norm_silu(x, G, statistics=tuple(s.to(DEVICE) for s in good), backend="cpu")
+    with pytest.raises(sk.NoBackendError, match=r"given statistics: the CUDA C\+\+ kernels compute their own"):
+        sk.group_norm_silu(x, G, statistics=tuple(s.to(DEVICE) for s in good), backend="cuda")
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_given_statistics_compile_fullgraph(backend):
     leaves, G, _ = make((1, 8, 3, 4, 4, 2), torch.float32, False)
     args = [t.detach() for t in leaves]

@@ -1,7 +1,9 @@
 // C++ unit test of the per-frame GroupNorm + SiLU CPU kernels, without torch or Python (run by
 // ctest): the forward of both layouts (contiguous, channels-last) against a direct double
 // loop, and the two layouts' backward against each other (the Python tests check gradients
-// against autograd of the reference).
+// against autograd of the reference); the apply from given statistics (the forward's own: the
+// same bits as the forward) and its backward against a double loop; the moments of a strided
+// region against a double loop.
 #include <omp.h>
 
 #include <cmath>
@@ -65,6 +67,55 @@ int main() {
           for (int64_t s = 0; s < S; ++s) failures += std::fabs(dxc[cont(b, c, t, s)] - dxl[last(b, c, t, s)]) > 1e-4;
     for (int64_t i = 0; i < B * T * C; ++i)
       failures += std::fabs(dwc[i] - dwl[i]) > 1e-3 || std::fabs(dbc[i] - dbl[i]) > 1e-3;
+
+    // apply from the forward's own statistics: the forward's y, bit for bit, in both layouts
+    std::vector<float> ac_y(x.size()), al_y(x.size());
+    sora_kernels::vae::group_norm_apply_cpu(ac, mc.data(), rc.data(), ac_y.data());
+    sora_kernels::vae::group_norm_apply_cpu(al, ml.data(), rl.data(), al_y.data());
+    failures += ac_y != yc;
+    failures += al_y != yl;
+    // its backward (statistics given: constants): dx = silu'(z) dy w r
+    GroupNormArgs gc = ac, gl = al;
+    gc.given = gl.given = true;
+    sora_kernels::vae::group_norm_backward_cpu(gc, dy.data(), mc.data(), rc.data(), dxc.data(), dwc.data(), dbc.data());
+    sora_kernels::vae::group_norm_backward_cpu(gl, dyl.data(), ml.data(), rl.data(), dxl.data(), dwl.data(), dbl.data());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t st = (b * T + t) * G + c / Cg;
+          for (int64_t s = 0; s < S; ++s) {
+            const double z = (x[cont(b, c, t, s)] - mc[st]) * double(rc[st]) * w[c] + bias[c];
+            const double sg = 1 / (1 + std::exp(-z));
+            const double want = dy[cont(b, c, t, s)] * sg * (1 + z * (1 - sg)) * w[c] * rc[st];
+            failures += std::fabs(want - dxc[cont(b, c, t, s)]) > 1e-5;
+            failures += std::fabs(want - dxl[last(b, c, t, s)]) > 1e-5;
+          }
+        }
+  }
+  // moments of a strided region: the frame as H x W = 15 x 20, rows 2..12 and columns 3..16 of
+  // the contiguous x (and of its channels-last copy: channel stride 1, column stride C)
+  const int64_t H = 15, W = 20, h0 = 2, h1 = 13, w0 = 3, w1 = 17;
+  using sora_kernels::vae::MomentsArgs;
+  MomentsArgs mcont{x.data() + h0 * W + w0, B, C, T, h1 - h0, w1 - w0, C * T * S, T * S, S, W, 1, G};
+  MomentsArgs mlast{xl.data() + (h0 * W + w0) * C, B, C, T, h1 - h0, w1 - w0, T * S * C, 1, S * C, W * C, C, G};
+  for (const MomentsArgs& ma : {mcont, mlast}) {
+    std::vector<double> mean(B * T * G), m2(B * T * G);
+    sora_kernels::vae::group_norm_moments_cpu(ma, mean.data(), m2.data());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t g = 0; g < G; ++g) {
+          double mu = 0, dev = 0;
+          const double n = double(Cg * (h1 - h0) * (w1 - w0));
+          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+            for (int64_t h = h0; h < h1; ++h)
+              for (int64_t w_ = w0; w_ < w1; ++w_) mu += x[cont(b, c, t, h * W + w_)];
+          mu /= n;
+          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+            for (int64_t h = h0; h < h1; ++h)
+              for (int64_t w_ = w0; w_ < w1; ++w_) dev += std::pow(x[cont(b, c, t, h * W + w_)] - mu, 2);
+          const int64_t i = (b * T + t) * G + g;
+          failures += std::fabs(mean[i] - mu) > 1e-6 || std::fabs(m2[i] - dev) > 1e-6 * dev;
+        }
   }
   std::printf("%s: %d failures\n", failures ? "FAIL" : "ok", failures);
   return failures ? 1 : 0;

@@ -35,5 +35,19 @@ void group_norm_backward_cpu(const GroupNormArgs& a, const float* dy, const floa
   generic::backward(a, dy, mean, rstd, dx, dweight_rows, dbias_rows);
 }
 
+void group_norm_apply_cpu(const GroupNormArgs& a, const float* mean, const float* rstd, float* y) {
+#ifdef SORA_KERNELS_AVX2
+  if (cpu_has_avx2_fma()) return avx2::apply(a, mean, rstd, y);
+#endif
+  generic::apply(a, mean, rstd, y);
+}
+
+void group_norm_moments_cpu(const MomentsArgs& a, double* mean, double* m2) {
+#ifdef SORA_KERNELS_AVX2
+  if (cpu_has_avx2_fma()) return avx2::moments(a, mean, m2);
+#endif
+  generic::moments(a, mean, m2);
+}
+
 }  // namespace vae
 }  // namespace sora_kernels

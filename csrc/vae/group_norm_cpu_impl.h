@@ -153,6 +153,19 @@ inline void plane_shifted_sums(const float* p, int64_t S, float shift, double& s
   }
 }
 
+// y over one (b, t, group) of the contiguous layout from its statistics mu, r.
+template <bool SILU>
+inline void apply_group_contiguous(const GroupNormArgs& a, int64_t b, int64_t g, int64_t t, float mu, float r,
+                                   float* y) {
+  const int64_t Cg = a.channels / a.groups;
+  for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+    const float w = a.weight ? a.weight[c] : 1.f, bias = a.bias ? a.bias[c] : 0.f;
+    const float scale = r * w, shift = bias - mu * scale;
+    const int64_t o = offset(a, b, c, t);
+    affine_activate<SILU>(a.x + o, y + o, a.positions, scale, shift);
+  }
+}
+
 template <bool SILU>
 void forward_contiguous(const GroupNormArgs& a, float* y, float* mean, float* rstd) {
   const int64_t G = a.groups, Cg = a.channels / G, S = a.positions;
@@ -173,12 +186,17 @@ void forward_contiguous(const GroupNormArgs& a, float* y, float* mean, float* rs
     const float r = static_cast<float>(1.0 / std::sqrt((var > 0.0 ? var : 0.0) + a.eps));
     mean[bt * G + g] = mu;
     rstd[bt * G + g] = r;
-    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-      const float w = a.weight ? a.weight[c] : 1.f, bias = a.bias ? a.bias[c] : 0.f;
-      const float scale = r * w, shift = bias - mu * scale;
-      const int64_t o = offset(a, b, c, t);
-      affine_activate<SILU>(a.x + o, y + o, S, scale, shift);
-    }
+    apply_group_contiguous<SILU>(a, b, g, t, mu, r, y);
+  }
+}
+
+template <bool SILU>
+void apply_contiguous(const GroupNormArgs& a, const float* mean, const float* rstd, float* y) {
+  const int64_t G = a.groups, tasks = a.batch * a.frames * G;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t g = task % G, bt = task / G, t = bt % a.frames, b = bt / a.frames;
+    apply_group_contiguous<SILU>(a, b, g, t, mean[bt * G + g], rstd[bt * G + g], y);
   }
 }
 
@@ -224,7 +242,9 @@ void backward_contiguous(const GroupNormArgs& a, const float* dy, const float* m
       sum_dzw += sdz * w;
       sum_dzw_xhat += sdzx * w;
     }
-    const float m1 = static_cast<float>(sum_dzw) * inv_n, m2 = static_cast<float>(sum_dzw_xhat) * inv_n;
+    // given statistics are constants: dx = r * w * dz, without the group means of dz terms
+    const float m1 = a.given ? 0.f : static_cast<float>(sum_dzw) * inv_n;
+    const float m2 = a.given ? 0.f : static_cast<float>(sum_dzw_xhat) * inv_n;
     for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
       const float w = a.weight ? a.weight[c] : 1.f;
       const int64_t o = offset(a, b, c, t);
@@ -269,6 +289,33 @@ inline void channel_shifted_sums(const GroupNormArgs& a, const float* frame, con
 // Positions per task of the channels-last forward: frames are split into chunks so that a
 // few frames (a chunked decode's) still keep every thread busy.
 constexpr int64_t kPositionChunk = 1024;
+
+// y = act(x * scale[c] + shift[c]) over every frame, scale and shift [B * T, C]: (frame,
+// chunk of positions) tasks.
+template <bool SILU>
+void apply_frames_channels_last(const GroupNormArgs& a, const float* scale, const float* shift, float* y) {
+  const int64_t C = a.channels, S = a.positions;
+  const int64_t frames = a.batch * a.frames, chunks = (S + kPositionChunk - 1) / kPositionChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < frames * chunks; ++task) {
+    const int64_t bt = task / chunks, chunk = task % chunks, t = bt % a.frames, b = bt / a.frames;
+    const float* frame = a.x + offset(a, b, 0, t);
+    float* out = y + offset(a, b, 0, t);
+    const float* sc = scale + bt * C;
+    const float* sh = shift + bt * C;
+    const int64_t s_end = std::min(S, (chunk + 1) * kPositionChunk);
+    for (int64_t s = chunk * kPositionChunk; s < s_end; ++s) {
+      const float* row = frame + s * a.stride_s;
+      float* q = out + s * a.stride_s;
+      if constexpr (SILU) {
+        affine_silu_row(row, q, C, sc, sh);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) q[c] = row[c] * sc[c] + sh[c];
+      }
+    }
+  }
+}
 
 template <bool SILU>
 void forward_channels_last(const GroupNormArgs& a, float* y, float* mean, float* rstd) {
@@ -317,26 +364,15 @@ void forward_channels_last(const GroupNormArgs& a, float* y, float* mean, float*
     }
     frame_affine(a, mean + bt * G, rstd + bt * G, &scale[bt * C], &shift[bt * C]);
   }
-  // Pass 2, (frame, chunk) tasks: y = act(x * scale[c] + shift[c]).
-#pragma omp parallel for schedule(static)
-  for (int64_t task = 0; task < frames * chunks; ++task) {
-    const int64_t bt = task / chunks, chunk = task % chunks, t = bt % a.frames, b = bt / a.frames;
-    const float* frame = a.x + offset(a, b, 0, t);
-    float* out = y + offset(a, b, 0, t);
-    const float* sc = &scale[bt * C];
-    const float* sh = &shift[bt * C];
-    const int64_t s_end = std::min(S, (chunk + 1) * kPositionChunk);
-    for (int64_t s = chunk * kPositionChunk; s < s_end; ++s) {
-      const float* row = frame + s * a.stride_s;
-      float* q = out + s * a.stride_s;
-      if constexpr (SILU) {
-        affine_silu_row(row, q, C, sc, sh);
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) q[c] = row[c] * sc[c] + sh[c];
-      }
-    }
-  }
+  apply_frames_channels_last<SILU>(a, scale.data(), shift.data(), y);
+}
+
+template <bool SILU>
+void apply_channels_last(const GroupNormArgs& a, const float* mean, const float* rstd, float* y) {
+  const int64_t G = a.groups, C = a.channels, frames = a.batch * a.frames;
+  std::vector<float> scale(frames * C), shift(frames * C);
+  for (int64_t bt = 0; bt < frames; ++bt) frame_affine(a, mean + bt * G, rstd + bt * G, &scale[bt * C], &shift[bt * C]);
+  apply_frames_channels_last<SILU>(a, scale.data(), shift.data(), y);
 }
 
 template <bool SILU>
@@ -395,9 +431,9 @@ void backward_channels_last(const GroupNormArgs& a, const float* dy, const float
           s1 += sdz[c] * wp[c];
           s2 += sdzx[c] * wp[c];
         }
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          m1c[c] = static_cast<float>(s1) * inv_n;
-          m2c[c] = static_cast<float>(s2) * inv_n;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {  // given statistics: no group means (as above)
+          m1c[c] = a.given ? 0.f : static_cast<float>(s1) * inv_n;
+          m2c[c] = a.given ? 0.f : static_cast<float>(s2) * inv_n;
         }
       }
       for (int64_t c = 0; c < C; ++c) {
@@ -442,3 +478,55 @@ inline void backward(const GroupNormArgs& a, const float* dy, const float* mean,
   }
 }
 
+
+inline void apply(const GroupNormArgs& a, const float* mean, const float* rstd, float* y) {
+  if (channels_last(a)) {
+    a.silu ? apply_channels_last<true>(a, mean, rstd, y) : apply_channels_last<false>(a, mean, rstd, y);
+  } else {
+    a.silu ? apply_contiguous<true>(a, mean, rstd, y) : apply_contiguous<false>(a, mean, rstd, y);
+  }
+}
+
+// ---- moments of a strided view: a tiled decode's statistics passes -------------------------
+
+// Per (b, t, group): shifted sums (k the group's first value, as the forward's) over rows of W
+// positions, float within blocks of a row and double across; then mean = k + sum / n and
+// m2 = sum_sq - sum^2 / n.
+inline void moments(const MomentsArgs& a, double* mean, double* m2) {
+  const int64_t G = a.groups, Cg = a.channels / G, H = a.height, W = a.width;
+  const int64_t n = Cg * H * W, tasks = a.batch * a.frames * G;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t g = task % G, bt = task / G, t = bt % a.frames, b = bt / a.frames;
+    if (n == 0) {
+      mean[task] = m2[task] = 0.0;
+      continue;
+    }
+    const float* frame = a.x + b * a.stride_b + t * a.stride_t;
+    const float k = frame[g * Cg * a.stride_c];
+    double sum = 0.0, sum_sq = 0.0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* row = frame + c * a.stride_c + h * a.stride_h;
+        if (a.stride_w == 1) {
+          plane_shifted_sums(row, W, k, sum, sum_sq);
+          continue;
+        }
+        for (int64_t w0 = 0; w0 < W; w0 += kBlock) {
+          const int64_t w1 = w0 + kBlock < W ? w0 + kBlock : W;
+          float acc = 0.f, acc_sq = 0.f;
+          for (int64_t w = w0; w < w1; ++w) {
+            const float d = row[w * a.stride_w] - k;
+            acc += d;
+            acc_sq += d * d;
+          }
+          sum += acc;
+          sum_sq += acc_sq;
+        }
+      }
+    }
+    const double dm = sum / static_cast<double>(n), dev = sum_sq - sum * dm;
+    mean[task] = k + dm;
+    m2[task] = dev > 0.0 ? dev : 0.0;
+  }
+}

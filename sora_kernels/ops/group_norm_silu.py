@@ -268,6 +268,11 @@ def _fake(x, weight, bias, num_groups, eps, silu):
     return torch.empty_like(x, memory_format=memory_format), stats, torch.empty_like(stats)
 
 
+def _apply_fake(x, weight, bias, mean, rstd, num_groups, silu):
+    memory_format = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+    return torch.empty_like(x, memory_format=memory_format)
+
+
 def _setup(ctx, inputs, output):
     x, weight, bias, ctx.num_groups, _, ctx.silu = inputs
     _, mean, rstd = output
@@ -303,10 +308,7 @@ def group_norm_apply_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: 
     return triton_apply(x, weight, bias, mean, rstd, num_groups, silu)
 
 
-@group_norm_apply_triton.register_fake
-def _(x, weight, bias, mean, rstd, num_groups, silu):
-    memory_format = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
-    return torch.empty_like(x, memory_format=memory_format)
+group_norm_apply_triton.register_fake(_apply_fake)
 
 
 def _apply_setup(ctx, inputs, output):
@@ -342,6 +344,16 @@ if B.compiled_has("group_norm", "CPU"):
     torch.library.register_autograd(
         "sora_kernels::group_norm",
         _backward_with(lambda *args: torch.ops.sora_kernels.group_norm_backward(*args)), setup_context=_setup)
+# Given statistics (CPU kernels only): the apply, and a backward that takes them as constants.
+APPLY_BUILT = B.compiled_has("group_norm_apply", "CPU") and B.compiled_has("group_norm_apply_backward", "CPU")
+if APPLY_BUILT:
+    torch.library.register_fake("sora_kernels::group_norm_apply")(_apply_fake)
+    torch.library.register_fake("sora_kernels::group_norm_apply_backward")(_backward_fake)
+    torch.library.register_autograd(
+        "sora_kernels::group_norm_apply",
+        lambda ctx, dy: _input_grads(ctx, lambda *args: torch.ops.sora_kernels.group_norm_apply_backward(*args), dy)
+        + (None, None, None, None),
+        setup_context=_apply_setup)
 
 
 # -----------------------------------------------------------------------------
@@ -393,15 +405,12 @@ def check_statistics(x, num_groups, statistics) -> None:
 # Backends
 # -----------------------------------------------------------------------------
 
-_GIVEN = "given statistics: the C++ kernels compute their own (the triton and reference backends take them)"
-
-
 def _cpu_reasons(x, num_groups, weight, bias, eps, act, statistics) -> list[str]:
     reasons = B.device_reasons("cpu", x.device, "group_norm")
     if x.dtype != torch.float32:
         reasons.append(f"the C++ kernels run float32, got {x.dtype}")
-    if statistics is not None:
-        reasons.append(_GIVEN)
+    if statistics is not None and not reasons and not APPLY_BUILT:
+        reasons.append("given statistics: sora_kernels._C was built before its group_norm_apply")
     return reasons
 
 
@@ -410,12 +419,15 @@ def _cuda_reasons(x, num_groups, weight, bias, eps, act, statistics) -> list[str
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
     if statistics is not None:
-        reasons.append(_GIVEN)
+        reasons.append("given statistics: the CUDA C++ kernels compute their own (the triton, cpu and reference "
+                       "backends take them)")
     return reasons
 
 
 def _compiled(x, num_groups, weight, bias, eps, act, statistics):
-    """The dispatcher op (CPU or CUDA kernels by x's device)."""
+    """The dispatcher op (CPU or CUDA kernels by x's device; given statistics: CPU only)."""
+    if statistics is not None:
+        return torch.ops.sora_kernels.group_norm_apply(x, weight, bias, *statistics, num_groups, act == "silu")
     return torch.ops.sora_kernels.group_norm(x, weight, bias, num_groups, eps, act == "silu")[0]
 
 
@@ -473,7 +485,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
         statistics: None, or (mean, rstd) float32 [B, T, num_groups] to normalise with instead
             of x's own (a tiled decode's whole-frame statistics). They are constants: no
             gradient flows to them (like running statistics in an evaluating BatchNorm), and
-            eps is not used. Runs on the triton and reference backends.
+            eps is not used. Runs on the triton, cpu and reference backends.
         backend: "triton", "cuda" (C++), "cpu" (C++, fp32) or "reference"; by default the
             first that can run in that order.
 

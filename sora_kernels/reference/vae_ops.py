@@ -37,3 +37,16 @@ def group_norm_silu_given(x, num_groups, mean, rstd, weight=None, bias=None, act
     if act == "silu":
         y = torch.nn.functional.silu(y, inplace=not y.requires_grad)  # in place when no backward reads y
     return y.to(x.dtype)
+
+
+def group_norm_moments(x, num_groups):
+    """(mean, m2) float64 [B, T, G]: per (b, t, group) of x [B, C, T, H, W] (any strides), the
+    mean over the group's channels and the frame's positions and M2, the sum of squared
+    deviations from it (two passes in float64; zeros where a group has no elements)."""
+    B, C, T, H, W = x.shape
+    g = x.detach().double().transpose(1, 2).reshape(B, T, num_groups, C // num_groups * H * W)
+    if g.shape[-1] == 0:
+        zeros = g.new_zeros((B, T, num_groups))
+        return zeros, zeros.clone()
+    mean = g.mean(-1)
+    return mean, (g - mean[..., None]).square().sum(-1)

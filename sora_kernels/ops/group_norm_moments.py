@@ -1,0 +1,133 @@
+"""group_norm_moments: per-frame GroupNorm statistics of any strided view of video activations
+[B, C, T, H, W], as mean and M2 (the sum of squared deviations), which merge exactly across
+pieces of a frame (Chan et al.'s pairwise formula). What a tiled decode's statistics passes
+compute over each tile's own pixels (sora_model/vae_tiling.py), before group_norm_silu
+normalises every tile with the whole frame's statistics (its `statistics=` argument).
+
+Backends:
+  triton     group_norm_silu's statistics kernel (count, mean, M2 per tile of a (b, t, group),
+             fp32) on a dense copy of the view, merged over the tiles in float64
+  cpu        sora_kernels::group_norm_moments (csrc/vae/group_norm_cpu.cpp, fp32 input): reads
+             the view in place (no copy); per (b, t, group) shifted sums, float within rows'
+             blocks of 256 and double across
+  reference  float64, two passes
+
+Order: launcher -> custom op -> checks -> backends -> public function.
+"""
+from __future__ import annotations
+
+import torch
+
+from sora_kernels import backends as B
+from sora_kernels.ops.group_norm_silu import MAX_GROUP_CHANNELS, _dense, _geometry
+from sora_kernels.reference import vae_ops as ref
+
+if B.TRITON_MISSING is None:
+    from sora_kernels.ops.group_norm_silu import gn_stats_kernel
+
+
+# -----------------------------------------------------------------------------
+# Launcher and custom op (Triton)
+# -----------------------------------------------------------------------------
+
+def triton_moments(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, m2) float64 [B, T, G]: the stats kernel's (count, mean, M2) per tile, merged."""
+    x = _dense(x)
+    B_, C, T, S, Cg, n_chunks, strides, cfg, grid = _geometry(x, num_groups)
+    if x.numel() == 0:
+        zeros = torch.zeros((B_, T, num_groups), device=x.device, dtype=torch.float64)
+        return zeros, zeros.clone()
+    part = torch.empty((B_ * T, num_groups, n_chunks, 3), device=x.device, dtype=torch.float32)
+    gn_stats_kernel[grid](x, part, C, T, S, Cg, num_groups, n_chunks, *strides, **cfg)
+    n, m, m2 = part.double().unbind(-1)
+    mean = (n * m).sum(-1) / n.sum(-1)
+    m2 = m2.sum(-1) + (n * (m - mean[..., None]).square()).sum(-1)
+    return mean.view(B_, T, num_groups), m2.view(B_, T, num_groups)
+
+
+@torch.library.custom_op("sora_kernels::group_norm_moments_triton", mutates_args=())
+def group_norm_moments_triton(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return triton_moments(x, num_groups)
+
+
+def _fake(x, num_groups):
+    mean = x.new_empty((x.shape[0], x.shape[2], num_groups), dtype=torch.float64)
+    return mean, torch.empty_like(mean)
+
+
+group_norm_moments_triton.register_fake(_fake)
+if B.compiled_has("group_norm_moments", "CPU"):
+    torch.library.register_fake("sora_kernels::group_norm_moments")(_fake)
+
+
+# -----------------------------------------------------------------------------
+# Checks and backends
+# -----------------------------------------------------------------------------
+
+def check_args(x, num_groups) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a 5-dim tensor [B, C, T, H, W], got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point dtype, got {x.dtype}")
+    C = x.shape[1]
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or C % num_groups:
+        raise ValueError(f"num_groups: expected a positive divisor of C={C}, got {num_groups!r}")
+
+
+def _triton_reasons(x, num_groups) -> list[str]:
+    reasons = B.device_reasons("triton", x.device, "group_norm_moments")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
+    if x.shape[1] // num_groups > MAX_GROUP_CHANNELS:
+        reasons.append(f"compiled for at most {MAX_GROUP_CHANNELS} channels per group, got {x.shape[1] // num_groups}")
+    if x.shape[0] * x.shape[2] > 65535:
+        reasons.append(f"B * T = {x.shape[0] * x.shape[2]} frames exceeds the grid's 65535")
+    return reasons
+
+
+def _cpu_reasons(x, num_groups) -> list[str]:
+    reasons = B.device_reasons("cpu", x.device, "group_norm_moments")
+    if x.dtype != torch.float32:
+        reasons.append(f"the C++ kernel reads float32, got {x.dtype}")
+    return reasons
+
+
+MOMENTS_BACKENDS = (
+    B.Backend("triton", _triton_reasons, lambda x, G: group_norm_moments_triton(x, G)),
+    B.Backend("cpu", _cpu_reasons, lambda x, G: torch.ops.sora_kernels.group_norm_moments(x, G)),
+    B.Backend("reference", lambda *args: [], ref.group_norm_moments),
+)
+
+
+# -----------------------------------------------------------------------------
+# Public function
+# -----------------------------------------------------------------------------
+
+def group_norm_moments(x: torch.Tensor, num_groups: int, *,
+                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (b, t, group) mean and M2 of x: the statistics group_norm_silu would normalise a
+    frame with, in a form that merges across pieces of the frame.
+
+    Args:
+        x: [B, C, T, H, W], any strides (for example a tile's own pixels, a slice of a larger
+            tensor: the cpu kernel reads it in place).
+        num_groups: any divisor of C.
+        backend: "triton", "cpu" (C++, fp32) or "reference"; by default the first that can run.
+
+    Returns (mean, m2), float64 [B, T, num_groups]: the mean over the group's C / num_groups
+    channels and H x W positions, and the sum of squared deviations from it (zeros for an
+    empty frame). Not differentiable: statistics for given-statistics norms, read from x
+    detached. Two pieces with counts n_a, n_b merge as (Chan et al.)::
+
+        n = n_a + n_b;  d = mean_b - mean_a
+        mean = mean_a + d * n_b / n;  m2 = m2_a + m2_b + d * d * n_a * n_b / n
+
+    and the frame's variance is m2 / n. Equivalent PyTorch::
+
+        g = x.double().transpose(1, 2).reshape(B, T, num_groups, -1)
+        mean = g.mean(-1);  m2 = (g - mean[..., None]).square().sum(-1)
+    """
+    check_args(x, num_groups)
+    args = (x.detach(), num_groups)
+    return B.select("group_norm_moments", MOMENTS_BACKENDS, args, backend).run(*args)
