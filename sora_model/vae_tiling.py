@@ -207,8 +207,10 @@ def run_tiled(seg: Segment, x: torch.Tensor, tiles: list[Tile], first: bool, kee
 # -----------------------------------------------------------------------------
 
 # Live tensors of a segment's width while a ResBlock runs (input, normalised, the padded conv
-# input, conv output, the skip, the sum), measured on CPU with the tiny config; the tiled
-# statistics pass adds a float64 copy of the tile.
+# input, conv output, the skip, the sum), measured on CPU with the tiny config; a tiled
+# statistics pass may add a copy of the tile's own pixels, counted as two (group_norm_moments:
+# none with the C++ kernel, which reads the view in place; fp32 with Triton's; float64 with the
+# reference's).
 ACTIVATION_COPIES = 6
 
 
