@@ -178,7 +178,11 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
-        h = self.conv1(self.norm1(x, state), state)
+        return self.finish(x, self.conv1(self.norm1(x, state), state), state)
+
+    def finish(self, x: torch.Tensor, h: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
+        """The block from conv1's output h on (x: the block's input): where a tiled decode's
+        pass resumes after the statistics pass of norm2 (vae_tiling.run_tiled)."""
         h = self.conv2(self.norm2(h, state), state)
         return self.skip(x) + h
 

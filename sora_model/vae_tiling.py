@@ -14,11 +14,13 @@ them into the frame's (Chan et al.'s pairwise formula, float64), and stops; the 
 give norm i's mean and rstd.
 A last pass runs every tile through the whole segment with all statistics known. No
 blending, no seams: the tiled decode equals the untiled one up to float reassociation.
-Cost: the statistics passes recompute prefixes of the segment (about n / 2 extra segment
-runs); the planner only tiles the segments that do not fit.
+Cost: each tile keeps what its next pass resumes from (a layer's input, and inside a ResBlock
+its conv1 output), so every convolution runs once per tile, on the tile and its halo; where
+those kept tensors do not fit, the statistics passes recompute prefixes of the segment (about
+n / 2 extra segment runs). The planner only tiles the segments that do not fit.
 
-Causal convolutions carry their last frames from chunk to chunk per tile (the statistics
-passes read them, the last pass stores them).
+Causal convolutions carry their last frames from chunk to chunk per tile (each convolution's
+one full run in a chunk stores them; runs stopped at a norm only read them).
 
 Planning. `plan_decode` estimates the peak bytes of a decode for a chunk size and a tile size
 (the activations of the largest segment, the carried frames of every convolution, the whole
@@ -35,7 +37,7 @@ import torch.nn as nn
 
 import sora_kernels as sk
 
-from sora_model.vae import CausalConv3d, DecodeState, GroupNormSiLU, Upsample, run_layers
+from sora_model.vae import CausalConv3d, DecodeState, GroupNormSiLU, ResBlock, Upsample, run_layers
 
 
 class StopPass(Exception):
@@ -162,44 +164,67 @@ def run_tiled(seg: Segment, x: torch.Tensor, tiles: list[Tile], first: bool, kee
     """The segment on x [B, C, F, h, w] (whole frames at its input resolution), tile by tile,
     with whole-frame GroupNorm statistics: equal to run_layers(seg.layers, x).
 
-    keep: each tile keeps its input to the layer of the norm whose statistics pass just ran,
-    and the next pass resumes there. A layer then runs to its end once per tile (and its causal
-    convolutions update their carried frames, as in an untiled decode) and is otherwise only
-    begun, up to the norm a pass collects (no update). The kept inputs are one activation of
-    the frame (with halos) in all (estimate_bytes counts them). Without keep, every pass
-    recomputes the segment from its input (no update) and only the last pass updates: less
-    memory, about 3x the convolutions on the tiny config."""
+    keep: each tile keeps what the pass that just ran computed before its norm, and the next
+    pass resumes there: the input of the norm's layer, and for a ResBlock's second norm also
+    the block's conv1 output (the norm's input: the block then resumes with ResBlock.finish).
+    Every convolution then runs once per tile, to its end, and stores its causal frames in that
+    run, as in an untiled decode; a layer is otherwise only begun, up to the norm a pass
+    collects (no update). The kept tensors are two activations of the frame (with halos) at
+    the most (estimate_bytes counts them). Without keep, every pass recomputes the segment from
+    its input (no update) and only the last pass updates: less memory, about 3x the
+    convolutions on the tiny config."""
     H, W = x.shape[3] * seg.scale, x.shape[4] * seg.scale
     norms = TileNorms()
-    kept = [(0, x[..., t.rows, t.cols]) for t in tiles]   # per tile: (layer index, that layer's input)
+    kept = [_Kept(0, x[..., t.rows, t.cols]) for t in tiles]
     for norm in seg.norms:              # statistics passes, in the order the norms run
         norms.target = norm
         target = _layer_of(seg, norm)
+        layer = seg.layers[target]
+        inside = keep and isinstance(layer, ResBlock) and norm is layer.norm2
         for i, t in enumerate(tiles):
-            start, h = kept[i]
             t.state.norms, norms.region = norms, t.region
             t.state.update = keep
-            h = run_layers(seg.layers[start:target], h, t.state, first)
+            h = kept[i].run_to(seg, target, t.state, first)
+            mid = layer.conv1(layer.norm1(h, t.state), t.state) if inside else None   # conv1's one full run
             if keep:
-                kept[i] = (target, h)
+                kept[i] = _Kept(target, h, mid)
             t.state.update = False
             try:
-                run_layers(seg.layers[target:target + 1], h, t.state, first)
+                if inside:
+                    layer.norm2(mid, t.state)
+                else:
+                    run_layers(seg.layers[target:target + 1], h, t.state, first)
             except StopPass:
                 continue
             raise RuntimeError("tiled decode: a statistics pass did not reach its GroupNorm")
         norms.finish(norm, norm.weight.numel() // norm.groups * H * W)
     out = None
     for i, t in enumerate(tiles):       # the last pass: every norm's statistics known
-        start, h = kept[i]
-        kept[i] = (0, None)
         t.state.update, t.state.norms, norms.region = True, norms, t.region
-        y = run_layers(seg.layers[start:], h, t.state, first)
+        y = kept[i].run_to(seg, len(seg.layers), t.state, first)
+        kept[i] = None
         oy, ox, th, tw = t.region
         if out is None:
             out = y.new_empty(*y.shape[:3], H, W)
         out[..., t.at[0]:t.at[0] + th, t.at[1]:t.at[1] + tw] = y[..., oy:oy + th, ox:ox + tw]
     return out
+
+
+@dataclass
+class _Kept:
+    """Where a tile's next pass resumes: the input of layer `start`, and (mid) the conv1
+    output of the ResBlock there when its second norm's statistics pass ran last."""
+    start: int
+    h: torch.Tensor
+    mid: torch.Tensor | None = None
+
+    def run_to(self, seg: Segment, end: int, state: DecodeState, first: bool) -> torch.Tensor:
+        """The tile from here through layer end - 1."""
+        start, h = self.start, self.h
+        if self.mid is not None:
+            h = seg.layers[start].finish(h, self.mid, state)
+            start += 1
+        return run_layers(seg.layers[start:end], h, state, first)
 
 
 # -----------------------------------------------------------------------------
@@ -249,9 +274,10 @@ def estimate_bytes(segs: list[Segment], shape: tuple[int, ...], chunk: int, tile
             area = th * tw
             n_tiles = math.ceil(h / tile[0]) * math.ceil(w / tile[1])
             carried_area = n_tiles * area
+            # the input and output frames, and run_tiled's kept tensors (a ResBlock's input and conv1 output)
             whole = (seg.in_channels * (n // (2 if seg.temporal else 1)) * H * W // seg.scale ** 2
                      + seg.out_channels * n * H * W
-                     + (seg.max_channels * n * carried_area if keep_inputs else 0))   # run_tiled's kept inputs
+                     + (2 * seg.max_channels * n * carried_area if keep_inputs else 0))
             work = (ACTIVATION_COPIES + 2) * seg.max_channels * (n + 2) * area
         else:
             carried_area, whole = H * W, 0
