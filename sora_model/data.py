@@ -70,9 +70,10 @@ def folder_videos(root: str, frames: int, height: int, width: int, seed: int = 0
     """Clips of `frames` frames from the files under root, in random order, each cropped at a
     random place to height x width (files shorter or smaller than that are skipped, with a
     ValueError if none is long and large enough). The first `skip` clips are passed over without
-    decoding them (a resumed run's clips of the steps done): their files are probed
-    (video_io.probe_video) and their crops drawn, so the clips after them are an uninterrupted
-    run's."""
+    decoding them (a resumed run's clips of the steps done): their files are probed up to
+    `frames` packets (video_io.probe_video) and their crops drawn, so the clips after them are
+    an uninterrupted run's where each packet decodes to one frame (a file with none raises, as
+    read_video does)."""
     from sora_model.video_io import probe_video, read_video, to_model
     if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
         raise ValueError(f"skip: expected an int >= 0, got {skip!r}")
@@ -83,7 +84,9 @@ def folder_videos(root: str, frames: int, height: int, width: int, seed: int = 0
         for i in torch.randperm(len(files), generator=g).tolist():
             if skip:
                 clip = None
-                T, H, W = probe_video(files[i])
+                T, H, W = probe_video(files[i], max_frames=frames)
+                if T == 0:
+                    raise ValueError(f"path: {files[i]!r} has no frames from frame 0")
             else:
                 clip, _ = read_video(files[i], max_frames=frames)
                 T, H, W, _ = clip.shape

@@ -66,8 +66,9 @@ class TileNorms:
 
     def _collect(self, norm: GroupNormSiLU, x: torch.Tensor) -> None:
         oy, ox, th, tw = self.region
-        mb, m2b = sk.group_norm_moments(x[..., oy:oy + th, ox:ox + tw], norm.groups)
-        nb = x.shape[1] // norm.groups * th * tw
+        own = x[..., oy:oy + th, ox:ox + tw]
+        mb, m2b = sk.group_norm_moments(own, norm.groups)
+        nb = own.shape[1] // norm.groups * own.shape[3] * own.shape[4]    # what was read: finish checks the sum
         if self._moments is None:
             self._moments = (nb, mb, m2b)
             return

@@ -41,10 +41,12 @@ def read_video(path: str, *, max_frames: int | None = None, start: int = 0) -> t
     return torch.stack(frames), fps
 
 
-def probe_video(path: str) -> tuple[int, int, int]:
+def probe_video(path: str, *, max_frames: int | None = None) -> tuple[int, int, int]:
     """(frames, height, width) of the first video stream of `path`, without decoding: the
     frames are its packets with data, counted by demuxing (a container's own frame count is
-    missing or approximate in several formats)."""
+    missing or approximate in several formats), up to max_frames (demuxing stops there). A
+    stream whose packets do not each decode to one frame (edit lists, broken packets) counts
+    differently from read_video."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no such file {path!r}")
     av = _av()
@@ -52,7 +54,11 @@ def probe_video(path: str) -> tuple[int, int, int]:
         if not container.streams.video:
             raise ValueError(f"path: {path!r} has no video stream")
         stream = container.streams.video[0]
-        frames = sum(1 for packet in container.demux(stream) if packet.size)
+        frames = 0
+        for packet in container.demux(stream):
+            if max_frames is not None and frames >= max_frames:
+                break
+            frames += packet.size > 0
         return frames, stream.codec_context.height, stream.codec_context.width
 
 

@@ -24,14 +24,16 @@ def _exact(x, G):
 
 
 def _views(shape, dtype):
-    """The layouts a caller passes: contiguous, channels-last-3d, and a region of a larger
-    tensor (strided in H and W, as a tile's own pixels), all with a mean away from zero."""
+    """The layouts a caller passes: contiguous, channels-last-3d, and regions of a larger
+    tensor in either layout (strided in H and W, as a tile's own pixels), all with a mean away
+    from zero."""
     B, C, T, H, W, _ = shape
     g = torch.Generator().manual_seed(0)
     big = (4.0 + 2 * torch.randn(B, C, T, H + 3, W + 5, generator=g)).to(DEVICE, dtype)
     x = big[..., 1:H + 1, 2:W + 2].contiguous()
+    last = big.contiguous(memory_format=torch.channels_last_3d)
     return {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last_3d),
-            "region": big[..., 1:H + 1, 2:W + 2]}
+            "region": big[..., 1:H + 1, 2:W + 2], "channels_last_region": last[..., 1:H + 1, 2:W + 2]}
 
 
 def _check(backend, x, G, rtol):
@@ -43,7 +45,7 @@ def _check(backend, x, G, rtol):
     torch.testing.assert_close(m2, want_m2, rtol=rtol, atol=rtol * want_m2.abs().max().item())
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "region"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "region", "channels_last_region"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_against_float64(backend, shape, layout):

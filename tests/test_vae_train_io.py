@@ -134,6 +134,39 @@ def test_folder_resume_skips_decoding(tmp_path, monkeypatch):
         next(folder_videos(str(folder), 5, 16, 16, skip=-1))
 
 
+def test_folder_skip_continues_the_order(tmp_path):
+    """folder_videos(skip=k) yields what an unskipped run yields after its first k clips, for
+    k inside an epoch and across one (3 usable files, one too short); probe_video stops at
+    max_frames packets."""
+    from sora_model.video_io import probe_video
+    for i, frames in enumerate((7, 9, 3, 6)):
+        write_video(str(tmp_path / f"v{i}.mp4"), _clip(frames=frames, height=24, width=32, seed=i))
+    straight = folder_videos(str(tmp_path), 5, 16, 16, seed=3)
+    want = [next(straight) for _ in range(9)]
+    for k in (1, 2, 4, 5, 7):
+        skipped = folder_videos(str(tmp_path), 5, 16, 16, seed=3, skip=k)
+        for j in range(k, 9):
+            assert torch.equal(next(skipped), want[j]), (k, j)
+    assert probe_video(str(tmp_path / "v1.mp4")) == (9, 24, 32)
+    assert probe_video(str(tmp_path / "v1.mp4"), max_frames=5) == (5, 24, 32)
+
+
+def test_resume_from_an_older_checkpoint(tmp_path):
+    """A checkpoint written before AdamW was fused (param_groups with fused / foreach null) and
+    without the data generator's state resumes with this run's AdamW and gives the next steps
+    of an uninterrupted run (the clips of the steps done drawn again)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    straight = train_vae.train(_args(a, 3))
+    train_vae.train(_args(b, 2))
+    with safe_open(b, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if k != "rng.data"}
+    meta["param_groups"] = json.dumps([{**g, "fused": None, "foreach": None} for g in json.loads(meta["param_groups"])])
+    save_file(tensors, b, metadata=meta)
+    assert train_vae.train(_args(b, 3, "--resume")) == straight[2:]
+
+
 def test_resume_takes_this_runs_lr(tmp_path):
     """--lr may change on resume (the autoencoder's and the discriminator's AdamW): the state
     comes from the checkpoint, the learning rate from this run."""

@@ -14,7 +14,8 @@ of the frame's positions.
             per channel) -> sums over the chunks -> apply kernel (dx)
 The C++ kernels are one dispatcher op, `sora_kernels::group_norm` (+ `group_norm_backward`),
 with the same schema, outputs and saved statistics on both devices:
-  CPU   csrc/vae/group_norm_cpu.cpp (fp32, OpenMP)
+  CPU   csrc/vae/group_norm_cpu.cpp (fp32, OpenMP); also, CPU only, `group_norm_apply` (+
+        `group_norm_apply_backward`: the statistics as constants) for given statistics
   CUDA  csrc/vae/group_norm_cuda.cu (fp32, fp16, bf16; fp32 math): per-channel shifted sums per
         piece of a plane / frame -> a finalize kernel per (b, t, group) (double) -> apply; the
         backward likewise. No atomics: the same bits on every run. On sm_90 a contiguous forward
