@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from sora_kernels import backends as B
-from sora_kernels.ops.group_norm_silu import MAX_GROUP_CHANNELS, _dense, _geometry
+from sora_kernels.ops.group_norm_silu import _dense, _geometry, check_video, triton_reasons
 from sora_kernels.reference import vae_ops as ref
 
 if B.TRITON_MISSING is None:
@@ -64,28 +64,6 @@ if B.compiled_has("group_norm_moments", "CPU"):
 # Checks and backends
 # -----------------------------------------------------------------------------
 
-def check_args(x, num_groups) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x: expected a 5-dim tensor [B, C, T, H, W], got {got}")
-    if not x.is_floating_point():
-        raise ValueError(f"x: expected a floating-point dtype, got {x.dtype}")
-    C = x.shape[1]
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or C % num_groups:
-        raise ValueError(f"num_groups: expected a positive divisor of C={C}, got {num_groups!r}")
-
-
-def _triton_reasons(x, num_groups) -> list[str]:
-    reasons = B.device_reasons("triton", x.device, "group_norm_moments")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
-    if x.shape[1] // num_groups > MAX_GROUP_CHANNELS:
-        reasons.append(f"compiled for at most {MAX_GROUP_CHANNELS} channels per group, got {x.shape[1] // num_groups}")
-    if x.shape[0] * x.shape[2] > 65535:
-        reasons.append(f"B * T = {x.shape[0] * x.shape[2]} frames exceeds the grid's 65535")
-    return reasons
-
-
 def _cpu_reasons(x, num_groups) -> list[str]:
     reasons = B.device_reasons("cpu", x.device, "group_norm_moments")
     if x.dtype != torch.float32:
@@ -94,7 +72,8 @@ def _cpu_reasons(x, num_groups) -> list[str]:
 
 
 MOMENTS_BACKENDS = (
-    B.Backend("triton", _triton_reasons, lambda x, G: group_norm_moments_triton(x, G)),
+    B.Backend("triton", lambda x, G: triton_reasons(x, G, op="group_norm_moments"),
+              lambda x, G: group_norm_moments_triton(x, G)),
     B.Backend("cpu", _cpu_reasons, lambda x, G: torch.ops.sora_kernels.group_norm_moments(x, G)),
     B.Backend("reference", lambda *args: [], ref.group_norm_moments),
 )
@@ -128,6 +107,6 @@ def group_norm_moments(x: torch.Tensor, num_groups: int, *,
         g = x.double().transpose(1, 2).reshape(B, T, num_groups, -1)
         mean = g.mean(-1);  m2 = (g - mean[..., None]).square().sum(-1)
     """
-    check_args(x, num_groups)
+    check_video(x, num_groups)
     args = (x.detach(), num_groups)
     return B.select("group_norm_moments", MOMENTS_BACKENDS, args, backend).run(*args)

@@ -365,7 +365,9 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
 
 
-def check_args(x, num_groups, weight, bias, eps, act) -> None:
+def check_video(x, num_groups) -> None:
+    """x a floating-point [B, C, T, H, W], num_groups a positive divisor of C (shared with
+    group_norm_moments)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 5:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x: expected a 5-dim tensor [B, C, T, H, W], got {got}")
@@ -374,6 +376,11 @@ def check_args(x, num_groups, weight, bias, eps, act) -> None:
     C = x.shape[1]
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"num_groups: expected a positive divisor of C={C}, got {num_groups!r}")
+
+
+def check_args(x, num_groups, weight, bias, eps, act) -> None:
+    check_video(x, num_groups)
+    C = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -432,8 +439,9 @@ def _compiled(x, num_groups, weight, bias, eps, act, statistics):
     return torch.ops.sora_kernels.group_norm(x, weight, bias, num_groups, eps, act == "silu")[0]
 
 
-def _triton_reasons(x, num_groups, *rest) -> list[str]:
-    reasons = B.device_reasons("triton", x.device, "group_norm_silu")
+def triton_reasons(x, num_groups, *rest, op: str = "group_norm_silu") -> list[str]:
+    """Why the Triton kernels (group_norm_silu's, or op's built on them) cannot run on x."""
+    reasons = B.device_reasons("triton", x.device, op)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
     if x.shape[1] // num_groups > MAX_GROUP_CHANNELS:
@@ -459,7 +467,7 @@ def _reference(x, num_groups, weight, bias, eps, act, statistics):
 
 GROUP_NORM_BACKENDS = (
     B.Backend("cuda", _cuda_reasons, _compiled),
-    B.Backend("triton", _triton_reasons, _triton),
+    B.Backend("triton", triton_reasons, _triton),
     B.Backend("cpu", _cpu_reasons, _compiled),
     B.Backend("reference", lambda *args: [], _reference),
 )
