@@ -5,25 +5,51 @@ compute over each tile's own pixels (sora_model/vae_tiling.py), before group_nor
 normalises every tile with the whole frame's statistics (its `statistics=` argument).
 
 Backends:
-  triton     group_norm_silu's statistics kernel (count, mean, M2 per tile of a (b, t, group),
-             fp32) on a dense copy of the view, merged over the tiles in float64
+  triton     group_norm_silu's statistics kernel reading the view through all five strides (no
+             copy): count, mean and M2 per tile of a (b, t, group) in fp32, merged over the
+             tiles in float64
   cpu        sora_kernels::group_norm_moments (csrc/vae/group_norm_cpu.cpp, fp32 input): reads
              the view in place (no copy); per (b, t, group) shifted sums, float within rows'
              blocks of 256 and double across
   reference  float64, two passes
 
-Order: launcher -> custom op -> checks -> backends -> public function.
+Order: Triton kernel -> launcher -> custom op -> checks -> backends -> public function.
 """
 from __future__ import annotations
 
 import torch
 
 from sora_kernels import backends as B
-from sora_kernels.ops.group_norm_silu import _dense, _geometry, check_video, triton_reasons
+from sora_kernels.ops.group_norm_silu import check_video, tile_config, triton_reasons
 from sora_kernels.reference import vae_ops as ref
 
 if B.TRITON_MISSING is None:
-    from sora_kernels.ops.group_norm_silu import gn_stats_kernel
+    import triton
+    import triton.language as tl
+
+    from sora_kernels.ops.group_norm_silu import store_tile_moments
+
+    @triton.jit
+    def gn_moments_kernel(x_ptr, part_ptr, T, W, S, Cg, G, n_chunks, sb, sc, st, sh, sw,
+                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """part[bt, g, chunk] = (count, mean, M2) of a [BLOCK_C, BLOCK_S] tile of (frame bt,
+        group g): the group's channels x positions s = h * W + w of the frame, read through all
+        five strides of x (any view, as a tile's own pixels: no copy). group_norm_silu's stats
+        kernel with the frame's rows strided apart."""
+        chunk = tl.program_id(0)
+        g = tl.program_id(1)
+        bt = tl.program_id(2)
+        b = bt // T
+        t = bt % T
+        c = g * Cg + tl.arange(0, BLOCK_C)
+        s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+        h = s // W
+        w = s - h * W
+        mask = (tl.arange(0, BLOCK_C) < Cg)[:, None] & (s < S)[None, :]
+        offs = (b.to(tl.int64) * sb + t.to(tl.int64) * st + c.to(tl.int64)[:, None] * sc
+                + (h.to(tl.int64) * sh + w.to(tl.int64) * sw)[None, :])
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        store_tile_moments(part_ptr, x, mask, bt, g, G, n_chunks, chunk)
 
 
 # -----------------------------------------------------------------------------
@@ -31,14 +57,17 @@ if B.TRITON_MISSING is None:
 # -----------------------------------------------------------------------------
 
 def triton_moments(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, m2) float64 [B, T, G]: the stats kernel's (count, mean, M2) per tile, merged."""
-    x = _dense(x)
-    B_, C, T, S, Cg, n_chunks, strides, cfg, grid = _geometry(x, num_groups)
+    """(mean, m2) float64 [B, T, G]: the kernel's (count, mean, M2) per tile, merged."""
+    B_, C, T, H, W = x.shape
     if x.numel() == 0:
         zeros = torch.zeros((B_, T, num_groups), device=x.device, dtype=torch.float64)
         return zeros, zeros.clone()
+    cfg = tile_config(C // num_groups)
+    S = H * W
+    n_chunks = triton.cdiv(S, cfg["BLOCK_S"])
     part = torch.empty((B_ * T, num_groups, n_chunks, 3), device=x.device, dtype=torch.float32)
-    gn_stats_kernel[grid](x, part, C, T, S, Cg, num_groups, n_chunks, *strides, **cfg)
+    gn_moments_kernel[(n_chunks, num_groups, B_ * T)](x, part, T, W, S, C // num_groups, num_groups, n_chunks,
+                                                       *x.stride(), **cfg)
     n, m, m2 = part.double().unbind(-1)
     mean = (n * m).sum(-1) / n.sum(-1)
     m2 = m2.sum(-1) + (n * (m - mean[..., None]).square()).sum(-1)

@@ -97,11 +97,9 @@ if B.TRITON_MISSING is None:
         return xhat, dz
 
     @triton.jit
-    def gn_stats_kernel(x_ptr, part_ptr, C, T, S, Cg, G, n_chunks, sb, sc, st, ss,
-                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        """part[bt, g, chunk] = (count, mean, M2) of the tile (fp32)."""
-        offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    def store_tile_moments(part_ptr, x, mask, bt, g, G, n_chunks, chunk):
+        """part[bt, g, chunk] = (count, mean, M2) of the tile x's masked elements (fp32; shared
+        with group_norm_moments' kernel)."""
         n = tl.sum(tl.sum(mask.to(tl.float32), 1), 0)
         mean = tl.sum(tl.sum(x, 1), 0) / n
         d = tl.where(mask, x - mean, 0.0)
@@ -110,6 +108,14 @@ if B.TRITON_MISSING is None:
         tl.store(out, n)
         tl.store(out + 1, mean)
         tl.store(out + 2, m2)
+
+    @triton.jit
+    def gn_stats_kernel(x_ptr, part_ptr, C, T, S, Cg, G, n_chunks, sb, sc, st, ss,
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """part[bt, g, chunk] = (count, mean, M2) of the tile (fp32)."""
+        offs, mask, c, bt, g, chunk = _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        store_tile_moments(part_ptr, x, mask, bt, g, G, n_chunks, chunk)
 
     @triton.jit
     def gn_apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, C, T, S, Cg, G, sb, sc, st, ss,

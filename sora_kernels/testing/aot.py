@@ -251,6 +251,19 @@ def group_norm_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
+def group_norm_moments_jobs(archs: list[int]) -> list[dict]:
+    """group_norm_moments' kernel for every tile config, bf16 and fp32 input."""
+    from sora_kernels.ops import group_norm_moments as op
+    from sora_kernels.ops.group_norm_silu import config_space
+    jobs = []
+    for dtype in ("bf16", "fp32"):
+        for cfg in config_space():
+            constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+            signature = _pointer_signature(op.gn_moments_kernel, constexprs, set(), dtype, {"part_ptr": "*fp32"})
+            jobs += [_job(op.gn_moments_kernel, arch, cfg["num_warps"], 3, signature, constexprs) for arch in archs]
+    return jobs
+
+
 def frames_jobs(archs: list[int]) -> list[dict]:
     """frames_to_uint8_kernel for every channel block, bf16 and fp32 input."""
     from sora_kernels.ops import frames_to_uint8 as op
@@ -276,7 +289,8 @@ def latent_denorm_jobs(archs: list[int]) -> list[dict]:
 
 def kernel_jobs(archs: list[int]) -> list[dict]:
     return (patchify_jobs(archs) + attention_jobs(archs) + rope_jobs(archs) + dit_jobs(archs) + patch_embed_jobs(archs)
-            + final_layer_jobs(archs) + group_norm_jobs(archs) + frames_jobs(archs) + latent_denorm_jobs(archs))
+            + final_layer_jobs(archs) + group_norm_jobs(archs) + group_norm_moments_jobs(archs) + frames_jobs(archs)
+            + latent_denorm_jobs(archs))
 
 
 def _cuobjdump() -> str:
