@@ -27,7 +27,7 @@ if B.TRITON_MISSING is None:
     import triton
     import triton.language as tl
 
-    from sora_kernels.ops.group_norm_silu import store_tile_moments
+    from sora_kernels.ops.group_norm_silu import gn_tile_ids, store_tile_moments
 
     @triton.jit
     def gn_moments_kernel(x_ptr, part_ptr, T, W, S, Cg, G, n_chunks, sb, sc, st, sh, sw,
@@ -36,16 +36,9 @@ if B.TRITON_MISSING is None:
         group g): the group's channels x positions s = h * W + w of the frame, read through all
         five strides of x (any view, as a tile's own pixels: no copy). group_norm_silu's stats
         kernel with the frame's rows strided apart."""
-        chunk = tl.program_id(0)
-        g = tl.program_id(1)
-        bt = tl.program_id(2)
-        b = bt // T
-        t = bt % T
-        c = g * Cg + tl.arange(0, BLOCK_C)
-        s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+        chunk, g, bt, b, t, c, s, mask = gn_tile_ids(T, S, Cg, BLOCK_C, BLOCK_S)
         h = s // W
         w = s - h * W
-        mask = (tl.arange(0, BLOCK_C) < Cg)[:, None] & (s < S)[None, :]
         offs = (b.to(tl.int64) * sb + t.to(tl.int64) * st + c.to(tl.int64)[:, None] * sc
                 + (h.to(tl.int64) * sh + w.to(tl.int64) * sw)[None, :])
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)

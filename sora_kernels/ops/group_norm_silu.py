@@ -55,16 +55,22 @@ MAX_GROUP_CHANNELS = 128  # C / num_groups the Triton kernels are compiled for
 if B.TRITON_MISSING is None:
 
     @triton.jit
-    def _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        """This program's tile: (offsets [BLOCK_C, BLOCK_S] int64, mask, channels, bt, group, chunk)."""
+    def gn_tile_ids(T, S, Cg, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """This program's (chunk, group, frame bt, b, t, channels [BLOCK_C], positions [BLOCK_S],
+        mask [BLOCK_C, BLOCK_S]) on the grid (chunks, groups, B * T) (shared with
+        group_norm_moments' kernel)."""
         chunk = tl.program_id(0)
         g = tl.program_id(1)
         bt = tl.program_id(2)
-        b = bt // T
-        t = bt % T
         c = g * Cg + tl.arange(0, BLOCK_C)
         s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = (tl.arange(0, BLOCK_C) < Cg)[:, None] & (s < S)[None, :]
+        return chunk, g, bt, bt // T, bt % T, c, s, mask
+
+    @triton.jit
+    def _gn_tile(T, S, Cg, sb, sc, st, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """This program's tile: (offsets [BLOCK_C, BLOCK_S] int64, mask, channels, bt, group, chunk)."""
+        chunk, g, bt, b, t, c, s, mask = gn_tile_ids(T, S, Cg, BLOCK_C, BLOCK_S)
         base = b.to(tl.int64) * sb + t.to(tl.int64) * st
         offs = base + c.to(tl.int64)[:, None] * sc + s.to(tl.int64)[None, :] * ss
         return offs, mask, c, bt, g, chunk
