@@ -8,7 +8,9 @@ medians and the speedup before / after (above 1: faster), and calls the change `
 `slower` only when it passes the threshold and the two runs' p20-p80 ranges do not overlap;
 anything else is `~` (within the noise of the runs). Rows found in one file only are listed
 after the table. Both files' environments (device, revision, torch, triton, time) head the
-output. Files from different devices are refused unless --any-device. --json writes the
+output. Files from different devices (name, type or core count) are refused unless
+--any-device; a row without its key fields or with times not 0 < p20 <= median <= p80, or a key
+twice in one file, is refused with the file and row named. --json writes the
 matched rows, machine-readable; --fail-on-regression exits 1 when a row is `slower` (for CI
 or a bisect script).
 """
@@ -22,15 +24,33 @@ KEY = ("kernel", "mode", "workload", "dtype", "provider")
 
 
 def load(path: str) -> dict:
-    """A results file: {"environment": {...}, "rows": [...]}; ValueError naming the path if not."""
+    """A results file: {"environment": {...}, "rows": [...]}, each row with the key fields and
+    0 < p20_ms <= median_ms <= p80_ms, no key twice; ValueError naming the path (and row) if not."""
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: expected a benchmark results JSON file ({e})") from e
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "environment" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) \
+            or not isinstance(data.get("environment"), dict):
         raise ValueError(f"{path}: expected a benchmark results file with 'environment' and 'rows'")
+    seen = set()
+    for i, row in enumerate(data["rows"]):
+        times = [row.get(k) for k in ("p20_ms", "median_ms", "p80_ms")] if isinstance(row, dict) else []
+        if not isinstance(row, dict) or any(k not in row for k in KEY) \
+                or not all(isinstance(t, (int, float)) for t in times) or not 0 < times[0] <= times[1] <= times[2]:
+            raise ValueError(f"{path}: row {i}: expected {', '.join(KEY)} and 0 < p20_ms <= median_ms <= p80_ms, "
+                             f"got {row!r}"[:400])
+        key = tuple(row[k] for k in KEY)
+        if key in seen:
+            raise ValueError(f"{path}: row {i}: {' '.join(map(str, key))} appears twice")
+        seen.add(key)
     return data
+
+
+def same_device(a: dict, b: dict) -> bool:
+    """Whether two environments are one device: its name, type and (CPUs) core count."""
+    return all(a.get(k) == b.get(k) for k in ("device", "device_type", "cpu_count"))
 
 
 def verdict(before: dict, after: dict, threshold: float) -> str:
@@ -68,9 +88,9 @@ def _ms(x: float) -> str:
 
 
 def format_comparison(matched: list[dict]) -> str:
-    head = ("kernel", "mode", "workload", "provider", "before ms", "after ms", "speedup", "")
-    lines = [(m["kernel"], m["mode"], m["workload"], m["provider"], _ms(m["before_ms"]), _ms(m["after_ms"]),
-              f"{m['speedup']:.2f}x", m["verdict"]) for m in matched]
+    head = ("kernel", "mode", "workload", "dtype", "provider", "before ms", "after ms", "speedup", "")
+    lines = [(m["kernel"], m["mode"], m["workload"], m["dtype"], m["provider"], _ms(m["before_ms"]),
+              _ms(m["after_ms"]), f"{m['speedup']:.2f}x", m["verdict"]) for m in matched]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])
@@ -87,15 +107,16 @@ def main(argv=None) -> int:
     p.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a row is 'slower'")
     p.add_argument("--any-device", action="store_true", help="compare files from different devices")
     args = p.parse_args(argv)
-    if args.threshold < 0:
+    if not args.threshold >= 0:      # NaN too
         p.error(f"--threshold: expected a number >= 0, got {args.threshold}")
     try:
         before, after = load(args.before), load(args.after)
     except ValueError as e:
         p.error(str(e))
-    devices = [d["environment"].get("device") for d in (before, after)]
-    if devices[0] != devices[1] and not args.any_device:
-        p.error(f"the files are from different devices ({devices[0]!r}, {devices[1]!r}); --any-device to compare")
+    if not same_device(before["environment"], after["environment"]) and not args.any_device:
+        devices = [tuple(d["environment"].get(k) for k in ("device", "device_type", "cpu_count")) for d in (before, after)]
+        p.error(f"the files are from different devices ({devices[0]}, {devices[1]}: name, type, cores); "
+                f"--any-device to compare")
     matched, only_before, only_after = compare(before, after, args.threshold, args.match)
     print(_environment_line("before", before["environment"]))
     print(_environment_line("after ", after["environment"]))

@@ -1,6 +1,7 @@
 """benchmarks/compare.py: rows matched across two results files, verdicts only outside both
 runs' p20-p80 ranges, unmatched rows listed, JSON out, exit status, refusals."""
 import json
+import re
 
 import pytest
 
@@ -12,8 +13,9 @@ def _row(provider, median, spread=0.02, kernel="adaln_norm", workload="mixed"):
             "median_ms": median, "p20_ms": median * (1 - spread), "p80_ms": median * (1 + spread)}
 
 
-def _write(path, rows, device="x86_64", revision="abc"):
-    path.write_text(json.dumps({"environment": {"device": device, "git_revision": revision}, "rows": rows}))
+def _write(path, rows, device="x86_64", revision="abc", cpu_count=2):
+    env = {"device": device, "device_type": "cpu", "cpu_count": cpu_count, "git_revision": revision}
+    path.write_text(json.dumps({"environment": env, "rows": rows}))
     return str(path)
 
 
@@ -49,7 +51,10 @@ def test_refusals(tmp_path, capsys):
     b = _write(tmp_path / "b.json", [_row("cpu", 1.0)], device="NVIDIA H100 80GB HBM3")
     with pytest.raises(SystemExit):
         compare.main([a, b])
-    assert "different devices ('x86_64', 'NVIDIA H100 80GB HBM3'); --any-device" in capsys.readouterr().err
+    assert "different devices (('x86_64', 'cpu', 2), ('NVIDIA H100 80GB HBM3', 'cpu', 2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):               # same name, another machine
+        compare.main([a, _write(tmp_path / "c.json", [_row("cpu", 1.0)], cpu_count=16)])
+    assert "('x86_64', 'cpu', 16): name, type, cores); --any-device" in capsys.readouterr().err
     assert compare.main([a, b, "--any-device"]) == 0
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(SystemExit):
@@ -58,6 +63,23 @@ def test_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main([a, str(tmp_path / "missing.json")])
     assert "missing.json: expected a benchmark results JSON file" in capsys.readouterr().err
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit):
+            compare.main([a, a, "--threshold", bad])
+        assert "--threshold: expected a number >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([_row("cpu", 1.0), _row("cpu", 2.0)], r"row 1: adaln_norm fwd mixed float32 cpu appears twice"),
+    ([{**_row("cpu", 1.0), "median_ms": 0.0}], r"row 0: expected .* 0 < p20_ms <= median_ms <= p80_ms"),
+    ([{**_row("cpu", 1.0), "p80_ms": None}], r"row 0: expected"),
+    ([{k: v for k, v in _row("cpu", 1.0).items() if k != "provider"}], r"row 0: expected kernel, mode"),
+    (["not a row"], r"row 0: expected"),
+])
+def test_bad_rows_refused(tmp_path, capsys, rows, message):
+    """Rows a verdict cannot rest on (a zero or missing time, a key twice, a missing field) are
+    refused with the file and row named, not compared or silently dropped."""
+    good = _write(tmp_path / "good.json", [_row("cpu", 1.0)])
     with pytest.raises(SystemExit):
-        compare.main([a, a, "--threshold", "-1"])
-    assert "--threshold: expected a number >= 0, got -1.0" in capsys.readouterr().err
+        compare.main([good, _write(tmp_path / "bad.json", rows)])
+    assert re.search(message, capsys.readouterr().err)
