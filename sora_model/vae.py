@@ -456,9 +456,11 @@ class VideoAutoencoder(nn.Module):
         """Decoded chunks of the de-normalised latent z, as the plan says."""
         from sora_model import vae_tiling
         chunk_frames = plan.chunk_frames or z.shape[2]
+        last = (z.shape[2] - 1) // chunk_frames * chunk_frames      # the last chunk's first frame
         if plan.tile is None:
             state = DecodeState()
             for t0 in range(0, z.shape[2], chunk_frames):
+                state.update = t0 < last      # the last chunk's frames would carry to no chunk: not copied
                 yield self.decoder(z[:, :, t0:t0 + chunk_frames], state, first=t0 == 0)
             return
         segs = vae_tiling.segments_of(self.decoder)
@@ -469,6 +471,7 @@ class VideoAutoencoder(nn.Module):
             x = z[:, :, t0:t0 + chunk_frames]
             for seg, seg_tiles, state in zip(segs, tiles, states):
                 if seg_tiles is None:
+                    state.update = t0 < last
                     x = run_layers(seg.layers, x, state, t0 == 0)
                 else:
                     x = vae_tiling.run_tiled(seg, x, seg_tiles, t0 == 0, plan.keep_inputs)
