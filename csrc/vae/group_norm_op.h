@@ -30,13 +30,19 @@ struct Prepared {
   bool channels_last = false;
 };
 
-inline Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& bias, int64_t num_groups, double eps, bool silu) {
+// x float32 [B, C, T, H, W] on the CPU, num_groups a divisor of C.
+inline void check_video(const at::Tensor& x, int64_t num_groups) {
   TORCH_CHECK(x.dim() == 5, "x: expected [B, C, T, H, W], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x: the cpu kernels run float32, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "num_groups: expected a divisor of C=", x.size(1),
+              ", got ", num_groups);
+}
+
+inline Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, int64_t num_groups, double eps, bool silu) {
+  check_video(x, num_groups);
   const int64_t C = x.size(1);
-  TORCH_CHECK(num_groups > 0 && C % num_groups == 0, "num_groups: expected a divisor of C=", C, ", got ", num_groups);
   Prepared p;
   p.channels_last = is_channels_last(x);
   p.keep.push_back(dense_layout(x, p.channels_last));
@@ -142,11 +148,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_apply_backward(
 
 // -> (mean, m2) float64 [B, T, G] of x [B, C, T, H, W] (any strides: a tile's own pixels)
 inline std::tuple<at::Tensor, at::Tensor> group_norm_moments(const at::Tensor& x, int64_t num_groups) {
-  TORCH_CHECK(x.dim() == 5, "x: expected [B, C, T, H, W], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: the cpu kernels run float32, got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  check_video(x, num_groups);
   const int64_t C = x.size(1);
-  TORCH_CHECK(num_groups > 0 && C % num_groups == 0, "num_groups: expected a divisor of C=", C, ", got ", num_groups);
   auto opts = x.options().dtype(at::kDouble);
   at::Tensor mean = at::empty({x.size(0), x.size(2), num_groups}, opts), m2 = at::empty_like(mean);
   if (mean.numel() > 0) {
