@@ -126,10 +126,40 @@ def latent_tokens(shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2), t
     return (t // patch_size[0]) * (H // spatial // patch_size[1]) * (W // spatial // patch_size[2])
 
 
+def check_max_tokens(max_tokens: int) -> None:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens: expected a positive int (latent tokens per clip), got {max_tokens!r}")
+
+
+def _aspect_grids(short: int, long: int, ratio: float) -> Iterator[tuple[int, int]]:
+    """(a, b) unit counts of the short and the long side, 1 <= a <= short, 1 <= b <= long, with
+    the long side within half a unit of a * ratio (the clip's long / short side): the closest
+    to its aspect ratio the unit grid allows at each short side."""
+    for a in range(1, short + 1):
+        x = a * ratio
+        for b in sorted({math.floor(x), math.ceil(x)}):
+            if 1 <= b <= long and abs(b - x) <= 0.5:
+                yield a, b
+
+
+def _aspect_grid(short: int, long: int, ratio: float, room: int) -> tuple[int, int]:
+    """Of _aspect_grids's within `room` tokens (a * b), the one of most tokens, then of least
+    aspect error (log ratio); (0, 0) when none is. (The clip's exact ratio at fewer tokens,
+    9 x 16 units for 1080 x 1920 in 256 tokens where 12 x 21 is 1.6% off, would waste much of
+    the bound.)"""
+    fits = [(a, b) for a, b in _aspect_grids(short, long, ratio) if a * b <= room]
+    return max(fits, key=lambda ab: (ab[0] * ab[1], -abs(math.log(ab[1] / (ab[0] * ratio))))) if fits else (0, 0)
+
+
 def fitted_shape(shape: Sequence[int], max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), temporal: int = 4,
                  spatial: int = 8) -> tuple[int, int, int, int]:
-    """The [C, T, H, W] shape fit_to_tokens gives a clip of `shape`, computed from the shape alone."""
+    """The [C, T, H, W] shape fit_to_tokens gives a clip of `shape`, computed from the shape alone:
+    T to the VAE's frame rule, H and W each down to its unit (spatial * patch) when the clip's
+    tokens are within max_tokens; over it, the unit grid within max_tokens that keeps the
+    aspect ratio best (_aspect_grid: the long side within half a unit of the short side times
+    the clip's ratio)."""
     check_compression(temporal, spatial)
+    check_max_tokens(max_tokens)
     C, T, H, W = shape
     pt = patch_size[0]
     t = (1 + (T - 1) // temporal) // pt * pt           # latent frames: as many as the patch's frames divide
@@ -140,13 +170,19 @@ def fitted_shape(shape: Sequence[int], max_tokens: int, patch_size: Sequence[int
                          f"VAE's compression {temporal} in time and {spatial} in space, the DiT's patch "
                          f"{tuple(patch_size)})")
     T, frames = 1 + (t - 1) * temporal, t // pt
-    scale = min(1.0, math.sqrt(max_tokens / (frames * (H / unit_h) * (W / unit_w))))
-    h, w = int(H * scale // unit_h) * unit_h, int(W * scale // unit_w) * unit_w
-    if h < unit_h or w < unit_w or frames * (h // unit_h) * (w // unit_w) > max_tokens:
-        smallest = frames * max(1, h // unit_h) * max(1, w // unit_w)
+    nh, nw = H // unit_h, W // unit_w                   # the unit grid at native size
+    if frames * nh * nw <= max_tokens:
+        return C, T, nh * unit_h, nw * unit_w
+    wide = H / unit_h <= W / unit_w                      # in units: the short side is H
+    short, long = (nh, nw) if wide else (nw, nh)
+    ratio = (W / unit_w) / (H / unit_h) if wide else (H / unit_h) / (W / unit_w)   # long / short, >= 1
+    a, b = _aspect_grid(short, long, ratio, max_tokens // frames)
+    if not a:
+        smallest = frames * min(a * b for a, b in _aspect_grids(short, long, ratio))
         raise ValueError(f"max_tokens: {max_tokens} is fewer than the {smallest} tokens of the smallest size of a "
                          f"{(C, T, H, W)} clip with its aspect ratio")
-    return C, T, h, w
+    gh, gw = (a, b) if wide else (b, a)
+    return C, T, gh * unit_h, gw * unit_w
 
 
 def fit_to_tokens(video: torch.Tensor, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), temporal: int = 4,
@@ -154,8 +190,8 @@ def fit_to_tokens(video: torch.Tensor, max_tokens: int, patch_size: Sequence[int
     """The clip as the model takes it: T down to the largest 1 + temporal*k (the VAE's frame
     rule: at most temporal - 1 last frames dropped; with a patch of pt > 1 frames, the largest
     whose 1 + k latent frames pt divides), H and W to multiples of spatial * patch, and, when
-    its tokens exceed max_tokens, downscaled by one factor on both sides (aspect ratio kept, no
-    crop). temporal and spatial: the VAE's compression."""
+    its tokens exceed max_tokens, downscaled to the unit grid within them nearest its aspect
+    ratio (fitted_shape; no crop). temporal and spatial: the VAE's compression."""
     _, T, H, W = video.shape
     _, T, h, w = fitted_shape(video.shape, max_tokens, patch_size, temporal, spatial)
     video = video[:, :T]
@@ -194,35 +230,88 @@ def _probe(path: str, mtime_ns: int) -> tuple[int, int, int]:
     return probe_video(path)
 
 
-def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), seed: int = 0,
-                    temporal: int = 4, spatial: int = 8) -> Iterator[tuple[ManifestClip, str]]:
-    """(ManifestClip, caption) in random order, from a JSONL manifest of {"path": ...,
-    "caption": ...} (paths relative to the manifest's folder), nothing decoded: the clips'
-    shapes come from their metadata (fitted for the VAE's compression temporal, spatial and
-    the DiT's patch). Images are 1-frame videos."""
-    check_compression(temporal, spatial)
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}
+
+
+def read_manifest(manifest: str) -> list[tuple[int, str, str, str]]:
+    """(line number, path as written, absolute path, caption) of each entry of a JSONL manifest of
+    {"path": ..., "caption": ...} objects (paths relative to the manifest's folder; blank lines
+    skipped), each checked: a JSON object, a "path" string naming a file that exists, a
+    non-empty "caption" string. Errors say `manifest <manifest> line <i> (<path>): ...`."""
+    if not os.path.isfile(manifest):
+        raise ValueError(f"manifest: expected a JSONL file of {{\"path\", \"caption\"}} objects, got {manifest!r} "
+                         f"(no such file)")
+    folder = os.path.dirname(os.path.abspath(manifest))
     entries = []
     with open(manifest, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"manifest {manifest!r} line {i}"
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"manifest line {i}: not JSON ({e.msg})") from e
-            if not isinstance(entry.get("path"), str):
-                raise ValueError(f"manifest line {i}: no \"path\"")
-            if not isinstance(entry.get("caption"), str) or not entry["caption"].strip():
-                raise ValueError(f"manifest line {i}: no caption for {entry['path']!r}")
-            entries.append((os.path.join(os.path.dirname(os.path.abspath(manifest)), entry["path"]), entry["caption"]))
+                raise ValueError(f"{where}: not JSON ({e.msg})") from e
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: expected a JSON object {{\"path\": ..., \"caption\": ...}}, got "
+                                 f"{JSON_KINDS.get(type(entry), type(entry).__name__)}")
+            path = entry.get("path")
+            if not isinstance(path, str) or not path:
+                got = "none" if "path" not in entry else repr(path)
+                raise ValueError(f"{where}: \"path\": expected the clip's file (a non-empty string, relative to the "
+                                 f"manifest's folder), got {got}")
+            where += f" ({path!r})"
+            caption = entry.get("caption")
+            if not isinstance(caption, str) or not caption.strip():
+                got = "none" if "caption" not in entry else repr(caption)
+                raise ValueError(f"{where}: \"caption\": expected a non-empty string, got {got}")
+            full = os.path.join(folder, path)
+            if not os.path.isfile(full):
+                raise ValueError(f"{where}: no such file {full!r}")
+            entries.append((i, path, full, caption))
     if not entries:
         raise ValueError(f"manifest: no entries in {manifest!r}")
+    return entries
+
+
+@functools.lru_cache(maxsize=8)
+def _fitted_manifest(manifest: str, version: tuple[int, int], max_tokens: int, patch_size: tuple[int, int, int],
+                     temporal: int, spatial: int) -> tuple[tuple[str, str, tuple[int, int, int, int]], ...]:
+    """(absolute path, caption, fitted shape) of each manifest entry, every file probed and fitted
+    once per manifest version (mtime, size) and settings: a file that is not a video, or that
+    no size within max_tokens fits, is an error here, naming its line, before any step runs."""
+    clips = []
+    for i, path, full, caption in read_manifest(manifest):
+        try:
+            shape = fitted_shape((3, *_probe(full, os.stat(full).st_mtime_ns)), max_tokens, patch_size, temporal,
+                                 spatial)
+        except (OSError, ValueError) as e:          # probe_video's errors (PyAV's subclass these) and fitted_shape's
+            raise ValueError(f"manifest {manifest!r} line {i} ({path!r}): {e}") from e
+        clips.append((full, caption, shape))
+    return tuple(clips)
+
+
+def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), seed: int = 0,
+                    temporal: int = 4, spatial: int = 8) -> Iterator[tuple[ManifestClip, str]]:
+    """(ManifestClip, caption) in random order, from a JSONL manifest of {"path": ...,
+    "caption": ...} (paths relative to the manifest's folder), nothing decoded: the clips'
+    shapes come from their metadata (fitted for the VAE's compression temporal, spatial and
+    the DiT's patch). Images are 1-frame videos. Every entry is checked when the manifest is
+    read (read_manifest, then each file probed and fitted, once per manifest version): a bad
+    line, a missing file or a clip that fits no size within max_tokens is an error naming the
+    manifest, the line and the file, raised before the first clip."""
+    check_compression(temporal, spatial)
+    check_max_tokens(max_tokens)
+    if not os.path.isfile(manifest):
+        read_manifest(manifest)                                          # its error: no such file
+    manifest = os.path.abspath(manifest)
+    st = os.stat(manifest)
+    clips = _fitted_manifest(manifest, (st.st_mtime_ns, st.st_size), max_tokens, tuple(patch_size), temporal, spatial)
     g = torch.Generator().manual_seed(seed)
     while True:
-        for i in torch.randperm(len(entries), generator=g).tolist():
-            path, caption = entries[i]
-            version = os.stat(path).st_mtime_ns if os.path.exists(path) else -1   # missing: probe_video says so
-            shape = fitted_shape((3, *_probe(path, version)), max_tokens, patch_size, temporal, spatial)
+        for i in torch.randperm(len(clips), generator=g).tolist():
+            path, caption, shape = clips[i]
             yield ManifestClip(path, shape, max_tokens, tuple(patch_size), temporal, spatial), caption
 
 

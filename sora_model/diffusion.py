@@ -110,7 +110,7 @@ def sample(model: Model, shapes: Sequence[Sequence[int]], text: TextBatch, patch
     method: "euler" (one model call per step) or "heun" (two, second order; the last step is
     Euler)."""
     n = len(shapes)
-    if not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
     if method not in ("euler", "heun"):
         raise ValueError(f"method: expected 'euler' or 'heun', got {method!r}")
@@ -118,6 +118,8 @@ def sample(model: Model, shapes: Sequence[Sequence[int]], text: TextBatch, patch
         raise ValueError(f"null: guidance={guidance} needs the unconditional captions (CaptionConditioner.null(n))")
     if text.pooled.shape[0] != n:
         raise ValueError(f"text: expected {n} captions (one per shape), got {text.pooled.shape[0]}")
+    if guidance != 1.0 and null.pooled.shape[0] != n:
+        raise ValueError(f"null: expected {n} unconditional captions (one per shape), got {null.pooled.shape[0]}")
     device = torch.device(device) if device is not None else text.tokens.device
     both = concat_text(text, null) if guidance != 1.0 else text
 

@@ -155,6 +155,9 @@ class DiT(nn.Module):
         super().__init__()
         if cfg.hidden % cfg.heads:
             raise ValueError(f"heads: expected a divisor of hidden={cfg.hidden}, got {cfg.heads}")
+        if (cfg.hidden // cfg.heads) % 2:
+            raise ValueError(f"heads: 3D RoPE rotates pairs of features, so hidden / heads must be even; got "
+                             f"hidden={cfg.hidden}, heads={cfg.heads} (head dim {cfg.hidden // cfg.heads})")
         self.cfg = cfg
         D = cfg.hidden
         pt, ph, pw = cfg.patch_size

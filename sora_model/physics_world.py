@@ -1,7 +1,9 @@
 """A synthetic physics world with exact captions: balls of several colours and sizes under
-gravity, bouncing off the walls, the floor and each other, sometimes behind a grey block.
-Every clip has its own size, aspect ratio and duration, and a caption that states what
-happens in it ("a small red ball falls and bounces twice on the right").
+gravity, bouncing off the walls, the floor and each other, sometimes with a grey block on the
+floor in front of them. Every clip has its own size, aspect ratio and duration, and a caption
+that states what happens in it ("a small red ball falls and bounces twice on the right"),
+including which balls the block covers in some frame (", partly behind a grey block"), or
+that it covers none (", and a grey block").
 
     video, caption = render_clip(WorldConfig(), generator)      # [3, T, H, W] in [-1, 1], str
 
@@ -57,6 +59,7 @@ class Ball:
     bounces: int = 0
     last_bounce_x: float = 0.0
     fell: bool = False
+    behind: bool = False            # partly behind the block in some rendered frame (_behind_block)
 
 
 def _sample_balls(cfg: WorldConfig, H: int, W: int, rand) -> list[Ball]:
@@ -130,7 +133,30 @@ def _render(balls: list[Ball], occluder, H: int, W: int) -> torch.Tensor:
     return frame
 
 
+def _behind_block(b: Ball, occluder, H: int, W: int) -> bool:
+    """Whether the block covers some pixel of the ball's disc (a pixel whose centre is inside
+    the disc, as _render draws it) in the current frame."""
+    if occluder is None:
+        return False
+    x0, x1, y0, y1 = occluder
+    y = torch.arange(y0, y1, dtype=torch.float32).view(-1, 1) + 0.5
+    x = torch.arange(x0, x1, dtype=torch.float32).view(1, -1) + 0.5
+    return bool(((x - b.x) ** 2 + (y - b.y) ** 2 <= b.radius ** 2).any())
+
+
+def _names(balls: list[Ball]) -> str:
+    """'the small red ball', 'the small red and large blue balls', 'the a, b and c balls'."""
+    kinds = [f"{b.size} {b.colour}" for b in balls]
+    if len(kinds) == 1:
+        return f"the {kinds[0]} ball"
+    return f"the {', '.join(kinds[:-1])} and {kinds[-1]} balls"
+
+
 def _caption(balls: list[Ball], frames: int, W: int, occluder) -> str:
+    """The clip's events, ball by ball. With a block: ", partly behind a grey block" when the
+    only ball is behind it in some frame, ", the <size> <colour> ball(s) partly behind a grey
+    block" naming those that are when there are several, ", and a grey block" when it hides
+    no ball in any frame (Ball.behind, set while rendering)."""
     parts = []
     for b in balls:
         name = f"a {b.size} {b.colour} ball"
@@ -143,9 +169,14 @@ def _caption(balls: list[Ball], frames: int, W: int, occluder) -> str:
         else:
             parts.append(f"{name} {'falls' if b.fell else 'flies'}")
     text = ", ".join(parts)
-    if occluder is not None:
-        text += ", partly behind a grey block"
-    return text
+    if occluder is None:
+        return text
+    behind = [b for b in balls if b.behind]
+    if not behind:
+        return text + ", and a grey block"
+    if len(balls) == 1:
+        return text + ", partly behind a grey block"
+    return text + f", {_names(behind)} partly behind a grey block"
 
 
 def render_clip(cfg: WorldConfig, generator: torch.Generator) -> tuple[torch.Tensor, str]:
@@ -167,6 +198,8 @@ def render_clip(cfg: WorldConfig, generator: torch.Generator) -> tuple[torch.Ten
             for _ in range(cfg.substeps):
                 _step(balls, cfg, H, W, dt)
         frames.append(_render(balls, occluder, H, W))
+        for b in balls:
+            b.behind = b.behind or _behind_block(b, occluder, H, W)
     video = torch.stack(frames, dim=1) * 2 - 1                               # [3, T, H, W]
     return video, _caption(balls, T, W, occluder)
 

@@ -359,6 +359,9 @@ class CaptionConditioner(nn.Module):
         n = len(captions)
         if drop is None:
             drop = (torch.rand(n, generator=generator) < self.drop_prob) if self.training else torch.zeros(n, dtype=torch.bool)
+        elif not isinstance(drop, torch.Tensor) or tuple(drop.shape) != (n,):
+            got = tuple(drop.shape) if isinstance(drop, torch.Tensor) else type(drop).__name__
+            raise ValueError(f"drop: expected a bool tensor [{n}] (one per caption), got {got}")
         drop = drop.cpu().bool().tolist()
         kept = [c for c, d in zip(captions, drop) if not d]
         enc = self.encoder(kept) if kept else None

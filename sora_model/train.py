@@ -31,13 +31,16 @@ step, in one safetensors file of full (unsharded) tensors, written by rank 0 to 
 name and renamed (a killed run leaves the previous checkpoint whole). The keys are the same
 with one process, DDP and FSDP2, so a checkpoint of any of them resumes under any other and
 sora-sample reads it. --resume continues from it. <out>/log.jsonl gets one line per step: loss,
-gradient norm, tokens, clips, tokens/s.
+gradient norm, tokens, clips, tokens/s; a run first drops its lines of the steps after the one
+it starts from (0, or the checkpoint's on --resume), rewritten atomically, so steps that a run
+killed between checkpoints logged and its resume redoes are logged once.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -48,7 +51,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from sora_model.data import captioned_clips, latent_tokens, token_batches
+from sora_model.data import captioned_clips, fit_to_tokens, fitted_shape, latent_tokens, token_batches
 from sora_model.diffusion import FlowConfig, flow_error, sample_timesteps, token_counts
 from sora_model.dit import DiT, SIZES, TextBatch, dit_config
 from sora_model.physics_world import WorldConfig, physics_clips
@@ -61,17 +64,18 @@ class TrainConfig:
     text: str = "byte"                 # "byte" (trained with the DiT), "minilm" or "hf:<folder>" (frozen): text_encoder
     data: str = "physics"              # "physics" or a JSONL manifest of {"path", "caption"}
     budget: int = 256                  # latent tokens per global batch
-    max_tokens: int = 256              # per clip (manifest clips are downscaled to it)
+    max_tokens: int = 256              # per clip, <= budget (clips over it are downscaled, aspect ratio kept)
     steps: int = 1000
     lr: float = 3e-4
-    weight_decay: float = 0.0
-    ema: float = 0.999
-    clip_grad: float = 1.0
+    weight_decay: float = 0.0          # AdamW's, on every parameter
+    ema: float = 0.999                 # EMA decay per step, in [0, 1)
+    clip_grad: float = 1.0             # max gradient norm, > 0 (inf: no clipping)
     caption_dropout: float = 0.1
     seed: int = 0
     save_every: int = 500
     fsdp: bool = False                 # several ranks: FSDP2 instead of DDP (no effect in one process)
     latent_pool: int = 0               # > 0: step k trains on step (k mod latent_pool)'s clips, encoded once
+    grad_checkpointing: bool = False   # recompute each DiT block in the backward: less activation memory, same results
     # the VAE's compression and latent channels (its cfg's properties of these names; 4, 8 and
     # 16: the tiny, small and base VAE's): clips are fitted and counted in latent tokens with
     # them, and the DiT takes latent_channels in. train() checks them against its VAE,
@@ -79,6 +83,49 @@ class TrainConfig:
     temporal_compression: int = 4
     spatial_compression: int = 8
     latent_channels: int = 16
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+# TrainConfig's numeric fields: what each must be, and a test of it (sora-train's flags of the
+# same names are checked with them; a clip_grad below 0 flipped the gradients, an ema over 1
+# extrapolated, a save_every of 0 divided by zero)
+FIELD_RULES = {
+    "budget": ("a positive int (latent tokens per global batch)", lambda v: _is_int(v) and v >= 1),
+    "max_tokens": ("a positive int (latent tokens per clip)", lambda v: _is_int(v) and v >= 1),
+    "steps": ("a positive int", lambda v: _is_int(v) and v >= 1),
+    "lr": ("a finite number > 0", lambda v: _is_real(v) and 0 < v < math.inf),
+    "weight_decay": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
+    "ema": ("a decay in [0, 1)", lambda v: _is_real(v) and 0 <= v < 1),
+    "clip_grad": ("a max gradient norm > 0 (inf: no clipping)", lambda v: _is_real(v) and v > 0),
+    "caption_dropout": ("a probability in [0, 1]", lambda v: _is_real(v) and 0 <= v <= 1),
+    "save_every": ("a positive int (steps)", lambda v: _is_int(v) and v >= 1),
+    "latent_pool": ("0 or a positive int (steps)", lambda v: _is_int(v) and v >= 0),
+}
+
+
+def field_problem(name: str, value) -> str | None:
+    """Why `value` is no TrainConfig.<name> (FIELD_RULES), or None."""
+    expected, ok = FIELD_RULES[name]
+    return None if ok(value) else f"expected {expected}, got {value!r}"
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the first field of cfg out of its range (FIELD_RULES), or a max_tokens
+    over the budget (such a clip fits no batch)."""
+    for name in FIELD_RULES:
+        why = field_problem(name, getattr(cfg, name))
+        if why:
+            raise ValueError(f"cfg.{name}: {why}")
+    if cfg.max_tokens > cfg.budget:
+        raise ValueError(f"cfg.max_tokens: a clip of {cfg.max_tokens} tokens would not fit a batch of "
+                         f"cfg.budget {cfg.budget}")
 
 
 class Denoiser(nn.Module):
@@ -154,7 +201,8 @@ def vae_fields(vae_cfg) -> dict[str, int]:
 
 def make_denoiser(cfg: TrainConfig) -> Denoiser:
     encoder = text_encoder(cfg.text)
-    dit = DiT(dit_config(cfg.dit, text_dim=encoder.dim, in_channels=cfg.latent_channels))
+    dit = DiT(dit_config(cfg.dit, text_dim=encoder.dim, in_channels=cfg.latent_channels,
+                         grad_checkpointing=cfg.grad_checkpointing))
     return Denoiser(dit, CaptionConditioner(encoder, cfg.caption_dropout))
 
 
@@ -173,15 +221,39 @@ def shard(model: Denoiser, ema: DiT, device: torch.device) -> None:
     fully_shard(ema, mesh=mesh)
 
 
+def physics_world(cfg: TrainConfig) -> WorldConfig:
+    """The physics world of cfg.data "physics": durations 1 + k * the VAE's temporal compression,
+    k = 0..3 (1, 5, 9, 13 at 4x)."""
+    return WorldConfig(frames=tuple(1 + k * cfg.temporal_compression for k in range(4)))
+
+
+def check_data(cfg: TrainConfig, patch_size) -> None:
+    """ValueError, before any step, when some clip of cfg.data fits no size within
+    cfg.max_tokens (or is smaller than one token): for the physics world, each of its durations
+    and sizes; for a manifest, every entry (read_manifest's checks, each file probed)."""
+    factors = {"temporal": cfg.temporal_compression, "spatial": cfg.spatial_compression}   # the VAE's compression
+    if cfg.data != "physics":
+        next(captioned_clips(cfg.data, cfg.max_tokens, patch_size, **factors))
+        return
+    world = physics_world(cfg)
+    for T in world.frames:
+        for H, W in world.sizes:
+            try:
+                fitted_shape((3, T, H, W), cfg.max_tokens, patch_size, **factors)
+            except ValueError as e:
+                raise ValueError(f"data 'physics': {e}") from e
+
+
 def step_batch(cfg: TrainConfig, step: int, patch_size) -> list[tuple[torch.Tensor, str]]:
     """The global batch of a step: the fullest token batch of a window of clips drawn from a
-    generator seeded by (seed, step) (the same on every rank and after a resume), counted in
-    tokens of the VAE's compression (cfg's) and the DiT's patch_size."""
+    generator seeded by (seed, step) (the same on every rank and after a resume), each fitted to
+    cfg.max_tokens (fit_to_tokens: downscaled, aspect ratio kept), counted in tokens of the
+    VAE's compression (cfg's) and the DiT's patch_size."""
     seed = cfg.seed * 1_000_003 + step
     factors = {"temporal": cfg.temporal_compression, "spatial": cfg.spatial_compression}   # the VAE's compression
-    if cfg.data == "physics":  # durations 1 + k * the VAE's temporal compression, k = 0..3 (1, 5, 9, 13 at 4x)
-        world = WorldConfig(frames=tuple(1 + k * cfg.temporal_compression for k in range(4)))
-        clips = physics_clips(world, seed=seed)
+    if cfg.data == "physics":
+        clips = ((fit_to_tokens(video, cfg.max_tokens, patch_size, **factors), caption)
+                 for video, caption in physics_clips(physics_world(cfg), seed=seed))
         return next(token_batches(clips, cfg.budget, patch_size, window=16, **factors))
     # manifest clips are packed by their metadata's shapes; only the batch's are decoded
     clips = captioned_clips(cfg.data, cfg.max_tokens, patch_size, seed=seed, **factors)
@@ -237,14 +309,44 @@ def save_atomically(state: dict[str, torch.Tensor], path: str, metadata: dict[st
     from safetensors.torch import save_file
     tmp = path + ".tmp"
     save_file(state, tmp, metadata=metadata)
+    _replace_synced(tmp, path)
+
+
+def _replace_synced(tmp: str, path: str) -> None:
+    """tmp synced to disk, renamed over path, and the folder synced (the rename is its entry)."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename is the folder's entry
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def trim_log(path: str, step: int) -> None:
+    """Drops the lines of a log.jsonl for steps after `step` (a run killed between checkpoints
+    logged steps that its resume redoes and logs again), and a last line cut short by a kill
+    (no newline); rewritten like a checkpoint (a temporary file, synced, renamed), so a kill
+    leaves the old log or the new one. Nothing to do when no line goes."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+
+    def later(line: str) -> bool:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] > step
+    keep = [line for line in lines if line.endswith("\n") and not later(line)]
+    if len(keep) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    _replace_synced(tmp, path)
 
 
 # AdamW's flags that choose how a step is computed, not what it computes. A run uses its own:
@@ -361,11 +463,13 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     """Trains from step 0 (or from out's checkpoint with resume) to cfg.steps (or `steps` more);
     returns the loss of each step run (the global batch's). With torch.distributed initialised,
     the ranks share each global batch under DDP, or FSDP2 with cfg.fsdp."""
+    check_config(cfg)
     device = torch.device(device)
     got, want = tuple(getattr(cfg, name) for name in VAE_FIELDS), tuple(vae_fields(vae.cfg).values())
     if got != want:
         raise ValueError(f"cfg.temporal_compression, cfg.spatial_compression, cfg.latent_channels: expected the "
                          f"VAE's {want}, got {got}")
+    check_data(cfg, dit_config(cfg.dit).patch_size)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(cfg.seed)
@@ -390,6 +494,9 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     if resume:
         check_resumable(ckpt, cfg)
     start = load_checkpoint(ckpt, model, ema, opt) if resume else 0
+    log = os.path.join(out, "log.jsonl")
+    if rank == 0:       # the log holds the steps up to the start: a redone step is logged once
+        trim_log(log, start)
     for group in opt.param_groups:  # this run's lr and weight decay, not the checkpoint's: they may change on resume
         group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
     net: nn.Module = model
@@ -403,7 +510,8 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
     if progress and rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=end - start, desc="train", unit="step", file=sys.stderr)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
     pool: dict[int, tuple[list[str], list[torch.Tensor], int]] = {}   # cfg.latent_pool: batches encoded once
     for step in range(start, end):
         t0 = time.perf_counter()
@@ -434,7 +542,7 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
         losses.append(loss.item() / total)
         tok_s = tokens / (time.perf_counter() - t0)
         if rank == 0:
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
+            with open(log, "a") as f:
                 f.write(json.dumps({"step": step + 1, "loss": losses[-1], "grad_norm": float(grad_norm),
                                     "tokens": tokens, "clips": len(latents), "tokens_per_s": tok_s}) + "\n")
         if bar is not None:
@@ -448,37 +556,45 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
 
 
 def parse_args(argv=None):
+    d = TrainConfig()                  # the defaults
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vae", required=True, help="a train_vae checkpoint (safetensors)")
     p.add_argument("--out", required=True, help="run folder (checkpoint.safetensors)")
-    p.add_argument("--dit", default="tiny", choices=sorted(SIZES))
-    p.add_argument("--text", default="byte",
+    p.add_argument("--dit", default=d.dit, choices=sorted(SIZES))
+    p.add_argument("--text", default=d.text,
                    help='"byte" (trained with the DiT), "minilm" (frozen all-MiniLM-L6-v2) or "hf:<folder>" (a '
                         "frozen Hugging Face encoder saved in a local folder, e.g. a T5's; needs transformers)")
-    p.add_argument("--data", default="physics", help='"physics" or a JSONL manifest of {"path", "caption"}')
-    p.add_argument("--budget", type=int, default=256, help="latent tokens per global batch")
-    p.add_argument("--max-tokens", type=int, default=256, help="latent tokens per clip (bigger are downscaled)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=d.data, help='"physics" or a JSONL manifest of {"path", "caption"}')
+    p.add_argument("--budget", type=int, default=d.budget, help="latent tokens per global batch")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help="latent tokens per clip, at most --budget (bigger clips, physics or manifest, are "
+                        "downscaled with their aspect ratio kept)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW's weight decay (on every parameter); a resume takes this run's, like --lr")
+    p.add_argument("--ema", type=float, default=d.ema, help="EMA decay per step, in [0, 1)")
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm, > 0 (inf: no clipping)")
+    p.add_argument("--caption-dropout", type=float, default=d.caption_dropout)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fsdp", action="store_true",
                    help="with torchrun: FSDP2 (parameters, gradients, AdamW state and EMA sharded over the ranks) "
                         "instead of DDP")
-    p.add_argument("--latent-pool", type=int, default=0, metavar="P",
+    p.add_argument("--latent-pool", type=int, default=d.latent_pool, metavar="P",
                    help="step k trains on the clips of step k mod P, encoded once (0: new clips every step); "
                         "for data that costs more to make than the model's step")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each DiT block in the backward: less activation memory for more compute, the "
+                        "same losses (may change on resume)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.latent_pool < 0:
-        p.error(f"--latent-pool: expected 0 or a positive number of steps, got {args.latent_pool}")
-    if args.budget < 1 or args.max_tokens < 1:
-        p.error("--budget and --max-tokens: expected positive token counts")
+    for name in FIELD_RULES:
+        why = field_problem(name, getattr(args, name))
+        if why:
+            p.error(f"--{name.replace('_', '-')}: {why}")
     if args.max_tokens > args.budget:
         p.error(f"--max-tokens: a clip of {args.max_tokens} tokens would not fit a batch of --budget {args.budget}")
     why = text_problem(args.text)
@@ -492,14 +608,20 @@ def parse_args(argv=None):
     return args
 
 
+def train_config(args, vae_cfg) -> TrainConfig:
+    """The TrainConfig of parse_args's flags, with the VAE's compression and channels."""
+    return TrainConfig(dit=args.dit, text=args.text, data=args.data, budget=args.budget, max_tokens=args.max_tokens,
+                       steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, ema=args.ema,
+                       clip_grad=args.clip_grad, caption_dropout=args.caption_dropout, seed=args.seed,
+                       save_every=args.save_every, fsdp=args.fsdp, latent_pool=args.latent_pool,
+                       grad_checkpointing=args.grad_checkpointing, **vae_fields(vae_cfg))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from sora_model.train_vae import load_checkpoint as load_vae
     vae = load_vae(args.vae)
-    cfg = TrainConfig(dit=args.dit, text=args.text, data=args.data, budget=args.budget, max_tokens=args.max_tokens,
-                      steps=args.steps, lr=args.lr, ema=args.ema, clip_grad=args.clip_grad,
-                      caption_dropout=args.caption_dropout, seed=args.seed, save_every=args.save_every,
-                      fsdp=args.fsdp, latent_pool=args.latent_pool, **vae_fields(vae.cfg))
+    cfg = train_config(args, vae.cfg)
     device = args.device
     if "RANK" in os.environ and not dist.is_initialized():          # launched by torchrun
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")

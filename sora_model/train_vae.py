@@ -192,10 +192,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.frames < 1 or (args.frames - 1) % 4:
         p.error(f"--frames: expected 1 + 4k, got {args.frames}")
-    if args.size % 8:
-        p.error(f"--size: expected a multiple of 8, got {args.size}")
-    if args.adv_weight < 0:
-        p.error(f"--adv-weight: expected >= 0, got {args.adv_weight}")
+    if args.size < 8 or args.size % 8:
+        p.error(f"--size: expected a positive multiple of 8, got {args.size}")
+    for name in ("batch", "steps", "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
+    if not args.lr > 0:
+        p.error(f"--lr: expected > 0, got {args.lr}")
+    for name in ("kl_weight", "adv_weight", "adv_start"):
+        if not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
     return args
 
 

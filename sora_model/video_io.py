@@ -21,6 +21,10 @@ def _av():
 def read_video(path: str, *, max_frames: int | None = None, start: int = 0) -> tuple[torch.Tensor, float]:
     """(frames uint8 [T, H, W, 3], frames per second) of the first video stream of `path`,
     from frame `start`, at most max_frames of them."""
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ValueError(f"start: expected a frame index >= 0, got {start!r}")
+    if max_frames is not None and (not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames < 1):
+        raise ValueError(f"max_frames: expected a positive int or None, got {max_frames!r}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no such file {path!r}")
     av = _av()
@@ -69,6 +73,10 @@ def write_video(path: str, frames: torch.Tensor, *, fps: float = 24.0) -> None:
     if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         got = (tuple(frames.shape), frames.dtype) if isinstance(frames, torch.Tensor) else type(frames).__name__
         raise ValueError(f"frames: expected uint8 [T, H, W, 3], got {got}")
+    if min(frames.shape[:3]) < 1:
+        raise ValueError(f"frames: expected at least one frame of at least 1 x 1 pixels, got {tuple(frames.shape)}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
+        raise ValueError(f"fps: expected a positive finite number, got {fps!r}")
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".mp4", ".gif"):
         raise ValueError(f"path: expected a .mp4 or .gif file name, got {path!r}")

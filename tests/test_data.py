@@ -70,7 +70,8 @@ def test_captioned_manifest(tmp_path):
     for v in got.values():
         assert v.shape[2] % 16 == 0 and v.shape[3] % 16 == 0 and latent_tokens(v.shape) <= 20
     (tmp_path / "bad.jsonl").write_text(json.dumps({"path": "clip.mp4"}) + "\n")
-    with pytest.raises(ValueError, match=r"manifest line 1: no caption for 'clip.mp4'"):
+    with pytest.raises(ValueError, match=r"manifest '.*bad.jsonl' line 1 \('clip.mp4'\): \"caption\": expected a "
+                                         r"non-empty string, got none"):
         next(captioned_videos(str(tmp_path / "bad.jsonl"), 20))
 
 
@@ -210,3 +211,89 @@ def test_manifest_clips_for_another_vae(tmp_path, monkeypatch):
     batch = step_batch(cfg, 0, (1, 2, 2))
     assert all(tuple(v.shape) == (3, 3, 40, 56) for v, _ in batch)
     assert sum(latent_tokens(v.shape, temporal=2, spatial=4) for v, _ in batch) <= 200
+
+
+def test_downscale_keeps_the_aspect_ratio():
+    """A clip over the bound goes to the unit grid within it whose long side is the nearest (at
+    most half a unit off) to its short side times the clip's aspect ratio, the most tokens of
+    those: what the unit grid allows. (Rounding each side down on its own gave 9 frames of
+    1080 x 1920 -> 96 x 192 at 256 tokens, aspect 1.78 -> 2.0, and 40 x 1000 -> 16 x 640 at 64,
+    aspect 25 -> 40.)"""
+    assert fitted_shape((3, 9, 1080, 1920), 256) == (3, 9, 112, 192)              # 3 * 84 tokens, aspect 1.71
+    assert fitted_shape((3, 1, 1080, 1920), 256) == (3, 1, 192, 336)              # 252 tokens, aspect 1.75
+    assert fitted_shape((3, 1, 1920, 1080), 256) == (3, 1, 336, 192)
+    assert fitted_shape((3, 1, 40, 1000), 64) == (3, 1, 16, 400)                  # aspect 25 exactly
+    assert fitted_shape((3, 1, 1000, 40), 64) == (3, 1, 400, 16)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 1, 1080, 1920), (3, 1, 40, 1000), (3, 9, 720, 1280), (3, 13, 100, 3000), (3, 5, 333, 517)]
+    shapes += [(3, int(torch.randint(1, 14, (1,), generator=g)), *torch.randint(16, 1200, (2,), generator=g).tolist())
+               for _ in range(40)]
+    for shape in shapes:
+        for flip in (False, True):
+            C, T, H, W = (*shape[:2], shape[3], shape[2]) if flip else shape
+            for patch, spatial in [((1, 2, 2), 8), ((1, 1, 1), 8), ((1, 2, 2), 4)]:
+                unit = spatial * patch[1]
+                native = latent_tokens((C, T, H, W), patch, spatial=spatial)
+                frames = 1 + (T - 1) // 4
+                for bound in (frames * 3, 64, 256, 1000):
+                    if bound >= native:
+                        continue
+                    # the reference: every unit grid within the bound whose long side is within half a unit
+                    # of the short side times the aspect ratio; the most tokens of those
+                    ratio = max(H, W) / min(H, W)
+                    grids = [(a, b) for a in range(1, min(H, W) // unit + 1) for b in range(1, max(H, W) // unit + 1)
+                             if abs(b - a * ratio) <= 0.5]
+                    best = max((a * b for a, b in grids if frames * a * b <= bound), default=0)
+                    if not best:
+                        with pytest.raises(ValueError, match=rf"max_tokens: {bound} is fewer than the "
+                                                             rf"{frames * min(a * b for a, b in grids)} tokens"):
+                            fitted_shape((C, T, H, W), bound, patch, spatial=spatial)
+                        continue
+                    _, _, h, w = fitted_shape((C, T, H, W), bound, patch, spatial=spatial)
+                    what = ((C, T, H, W), bound, patch, spatial, (h, w))
+                    assert h % unit == 0 and w % unit == 0 and h <= H and w <= W, what
+                    assert latent_tokens((C, T, h, w), patch, spatial=spatial) == frames * best <= bound, what
+                    short, long = (h, w) if H <= W else (w, h)
+                    assert abs(long - short * ratio) <= unit / 2 + 1e-9, what             # half a unit at most
+
+
+def test_max_tokens_must_be_positive():
+    for bad in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"max_tokens: expected a positive int \(latent tokens per clip\), "
+                                             rf"got {bad!r}"):
+            fitted_shape((3, 9, 64, 96), bad)
+    with pytest.raises(ValueError, match=r"max_tokens: expected a positive int .* got -5"):
+        next(captioned_clips("no-such-manifest.jsonl", -5))
+
+
+def test_manifest_lines_are_checked_when_it_is_read(tmp_path):
+    """Every line is checked before the first clip, whatever the random order: an entry that is
+    not an object, a missing file, a file that is not a video, a clip smaller than one token,
+    one whose frames alone are over max_tokens; each error names the manifest, the line and the
+    file."""
+    pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
+    from sora_model.video_io import write_video
+    write_video(str(tmp_path / "ok.gif"), (torch.rand(1, 32, 48, 3) * 255).to(torch.uint8), fps=8)   # 2 tokens at least
+    write_video(str(tmp_path / "thin.gif"), (torch.rand(1, 8, 64, 3) * 255).to(torch.uint8), fps=8)
+    write_video(str(tmp_path / "long.mp4"), (torch.rand(13, 32, 32, 3) * 255).to(torch.uint8), fps=8)
+    (tmp_path / "text.mp4").write_text("not a video")
+    good = [json.dumps({"path": "ok.gif", "caption": f"ok {i}"}) for i in range(5)]
+    cases = [('["a.mp4", "cap"]', r"line 6: expected a JSON object \{\"path\": ..., \"caption\": ...\}, got an array"),
+             ('"str"', r"line 6: expected a JSON object .*, got a string"),
+             ("null", r"line 6: expected a JSON object .*, got null"),
+             ('{"path": 3, "caption": "c"}', r"line 6: \"path\": expected the clip's file .*, got 3"),
+             ('{"caption": "c"}', r"line 6: \"path\": expected the clip's file .*, got none"),
+             (json.dumps({"path": "gone.mp4", "caption": "c"}), r"line 6 \('gone.mp4'\): no such file '.*gone.mp4'"),
+             (json.dumps({"path": "text.mp4", "caption": "c"}), r"line 6 \('text.mp4'\): "),
+             (json.dumps({"path": "thin.gif", "caption": "c"}),
+              r"line 6 \('thin.gif'\): video: \(3, 1, 8, 64\) is smaller than one token"),
+             (json.dumps({"path": "long.mp4", "caption": "c"}),
+              r"line 6 \('long.mp4'\): max_tokens: 3 is fewer than the 4 tokens")]
+    for n, (line, message) in enumerate(cases):
+        manifest = tmp_path / f"m{n}.jsonl"
+        manifest.write_text("\n".join(good + [line]) + "\n")
+        for seed in range(3):      # the bad line last: a check on use would yield good clips first
+            with pytest.raises(ValueError, match=rf"manifest '{manifest}' {message}"):
+                next(captioned_clips(str(manifest), 3, seed=seed))
+    with pytest.raises(ValueError, match=r"manifest: expected a JSONL file .* got '.*nothing.jsonl' \(no such file\)"):
+        next(captioned_clips(str(tmp_path / "nothing.jsonl"), 64))

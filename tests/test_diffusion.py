@@ -114,3 +114,7 @@ def test_errors():
         sample(m, SHAPES, text_batch(4), PATCH, guidance=4.0)
     with pytest.raises(ValueError, match=r"text: expected 4 captions \(one per shape\), got 2"):
         sample(m, SHAPES, text_batch(2), PATCH)
+    with pytest.raises(ValueError, match=r"null: expected 4 unconditional captions \(one per shape\), got 1"):
+        sample(m, SHAPES, text_batch(4), PATCH, null=text_batch(1), guidance=4.0)
+    with pytest.raises(ValueError, match="steps: expected a positive int, got True"):
+        sample(m, SHAPES, text_batch(4), PATCH, steps=True)

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from sora_model.physics_world import COLOURS, RADII, Ball, WorldConfig, _caption, _sample_balls, _step, physics_clips, render_clip
+from sora_model.physics_world import (COLOURS, RADII, Ball, WorldConfig, _caption, _sample_balls, _step, physics_clips,
+                                      render_clip)
 
 
 def test_clip_sizes_durations_and_determinism():
@@ -81,9 +82,10 @@ def test_captions_state_the_events():
                        **kw})
     assert _caption([ball(bounces=2, last_bounce_x=80.0, fell=True)], 9, 100, None) == \
         "a small red ball falls and bounces twice on the right"
-    assert _caption([ball(fell=True), ball(colour="blue", size="large", bounces=1, last_bounce_x=5.0, fell=True)],
-                    9, 100, (0, 1, 0, 1)) == \
-        "a small red ball falls, a large blue ball falls and bounces once on the left, partly behind a grey block"
+    assert _caption([ball(fell=True), ball(colour="blue", size="large", bounces=1, last_bounce_x=5.0, fell=True,
+                                           behind=True)], 9, 100, (0, 1, 0, 1)) == \
+        "a small red ball falls, a large blue ball falls and bounces once on the left, the large blue ball partly " \
+        "behind a grey block"
     assert _caption([ball(x=70.0)], 1, 100, None) == "a small red ball on the right"
 
 
@@ -96,3 +98,50 @@ def test_caption_colours_are_in_the_first_frame():
         for name, rgb in COLOURS.items():
             present = ((frame - torch.tensor(rgb).view(3, 1, 1)).abs().amax(0) < 1e-4).any()
             assert bool(present) == (f" {name} ball" in caption), (name, caption)
+
+
+def test_captions_name_the_balls_behind_the_block():
+    def ball(**kw):
+        return Ball(**{"colour": "red", "size": "small", "radius": 3.0, "x": 10.0, "y": 10.0, "vx": 0.0, "vy": 0.0,
+                       "fell": True, **kw})
+    block = (0, 1, 0, 1)
+    assert _caption([ball()], 9, 100, block) == "a small red ball falls, and a grey block"
+    assert _caption([ball(behind=True)], 9, 100, block) == "a small red ball falls, partly behind a grey block"
+    two = [ball(), ball(colour="blue", size="large", behind=True)]
+    assert _caption(two, 9, 100, block) == \
+        "a small red ball falls, a large blue ball falls, the large blue ball partly behind a grey block"
+    two[0].behind = True
+    assert _caption(two, 9, 100, block) == \
+        "a small red ball falls, a large blue ball falls, the small red and large blue balls partly behind a grey block"
+    assert _caption(two, 9, 100, None) == "a small red ball falls, a large blue ball falls"
+
+
+def test_block_phrase_matches_the_rendered_frames():
+    """With a block in every clip, the caption names exactly the balls whose discs reach into
+    the block's rectangle in some frame. The same seed without a block draws the same balls and
+    motion (the block is drawn last and moves nothing), so those frames show what it covers."""
+    import re
+    hidden_counts = []
+    for seed in range(40):
+        with_block, caption = render_clip(WorldConfig(occluder_prob=1.0), torch.Generator().manual_seed(seed))
+        free, free_caption = render_clip(WorldConfig(occluder_prob=0.0), torch.Generator().manual_seed(seed))
+        block = (with_block == 0).all(0).all(0)                           # the grey block: 0.5 -> 0 in [-1, 1]
+        assert block.any() and caption.startswith(free_caption + ", ")
+        seen = set()                                                      # colours of ball pixels in the block
+        for name, rgb in COLOURS.items():
+            colour = torch.tensor(rgb).view(3, 1, 1, 1) * 2 - 1
+            if ((free - colour).abs().amax(0) < 1e-4)[:, block].any():
+                seen.add(name)
+        tail = caption[len(free_caption) + 2:]
+        if tail == "and a grey block":
+            named = set()
+        elif tail == "partly behind a grey block":
+            named = set(re.findall(r"a (?:small|large) (\w+) ball", free_caption))
+            assert len(named) == 1, caption
+        else:
+            m = re.fullmatch(r"the (.+) balls? partly behind a grey block", tail)
+            assert m, caption
+            named = set(re.findall(r"(?:small|large) (\w+)", m.group(1)))
+        assert named == seen, (seed, caption, seen)
+        hidden_counts.append(len(seen))
+    assert 0 in hidden_counts and any(hidden_counts), hidden_counts      # both cases were checked

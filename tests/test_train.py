@@ -14,6 +14,7 @@ place or a missing state is off by the scale itself. Within one rank count, resu
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -269,3 +270,123 @@ def test_checkpoints_keep_the_run_s_adamw_implementation(tmp_path):
                              "param_groups": tr.saved_param_groups(resumed, json.dumps(old))})
     assert resumed.param_groups[0]["fused"] is True
     resumed.step()
+
+
+def test_physics_clips_follow_max_tokens(vae_file, tmp_path):
+    """max_tokens bounds the physics world's clips too (it used to apply to manifests only: the
+    mini DiT's 13-frame 48 x 48 clips are 144 tokens, and --budget 64 --max-tokens 64 died at
+    step 0 on a clip over the budget): each clip of a step is a rendered clip downscaled by
+    fit_to_tokens, aspect ratio kept, whole."""
+    import itertools
+    from sora_model.data import fit_to_tokens, latent_tokens
+    from sora_model.dit import dit_config
+    from sora_model.physics_world import WorldConfig, physics_clips
+    from sora_model.train_vae import load_checkpoint
+    patch = dit_config("mini").patch_size
+    cfg = tr.TrainConfig(dit="mini", budget=256, max_tokens=64)
+    world = WorldConfig(frames=(1, 5, 9, 13))                                    # the 4x VAE's durations
+    downscaled = 0
+    for step in range(3):
+        batch = tr.step_batch(cfg, step, patch)
+        rendered = list(itertools.islice(physics_clips(world, seed=step), 64))   # cfg.seed 0: the seed is the step
+        for video, caption in batch:
+            assert latent_tokens(video.shape, patch) <= 64, video.shape
+            source = [v for v, c in rendered if c == caption and v.shape[1] == video.shape[1]
+                      and torch.equal(fit_to_tokens(v, 64, patch), video)]
+            assert source, caption
+            H, W = source[0].shape[2:]
+            h, w = video.shape[2:]
+            assert abs(max(h, w) - min(h, w) * max(H, W) / min(H, W)) <= 8 / 2          # half a unit of 8 pixels
+            downscaled += (h, w) != (H, W)
+    assert downscaled
+    losses = tr.train(tr.TrainConfig(dit="mini", budget=64, max_tokens=64, steps=1), load_checkpoint(vae_file),
+                      str(tmp_path), progress=False)
+    assert len(losses) == 1 and _log(tmp_path, "tokens")[0] <= 64
+    # a bound no clip of the world fits is named before any step
+    with pytest.raises(ValueError, match=r"data 'physics': max_tokens: 3 is fewer than the 4 tokens of the smallest "
+                                         r"size of a \(3, 5, 32, 64\) clip"):
+        tr.train(tr.TrainConfig(budget=64, max_tokens=3, steps=1), load_checkpoint(vae_file), str(tmp_path / "x"),
+                 progress=False)
+    assert not os.path.exists(tmp_path / "x" / "log.jsonl")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--clip-grad", "-1", r"--clip-grad: expected a max gradient norm > 0 \(inf: no clipping\), got -1.0"),
+    ("--clip-grad", "0", r"--clip-grad: expected a max gradient norm > 0"),
+    ("--clip-grad", "nan", r"--clip-grad: expected a max gradient norm > 0 .*got nan"),
+    ("--ema", "1.5", r"--ema: expected a decay in \[0, 1\), got 1.5"),
+    ("--ema", "-0.1", r"--ema: expected a decay in \[0, 1\)"),
+    ("--save-every", "0", r"--save-every: expected a positive int \(steps\), got 0"),
+    ("--steps", "0", r"--steps: expected a positive int, got 0"),
+    ("--lr", "0", r"--lr: expected a finite number > 0, got 0.0"),
+    ("--weight-decay", "-0.01", r"--weight-decay: expected a finite number >= 0, got -0.01"),
+    ("--caption-dropout", "1.5", r"--caption-dropout: expected a probability in \[0, 1\], got 1.5"),
+    ("--budget", "0", r"--budget: expected a positive int \(latent tokens per global batch\), got 0"),
+    ("--latent-pool", "-1", r"--latent-pool: expected 0 or a positive int \(steps\), got -1"),
+])
+def test_argument_ranges(vae_file, tmp_path, capsys, flag, value, message):
+    """Values that would train wrongly or die later are argparse errors naming the flag: a
+    negative --clip-grad flipped the gradients, --ema over 1 extrapolated, --save-every 0
+    divided by zero after the first step. The same checks hold for a TrainConfig given to
+    train()."""
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--vae", vae_file, "--out", str(tmp_path), flag, value])
+    assert re.search(message, capsys.readouterr().err), message
+    name = flag[2:].replace("-", "_")
+    cfg = dataclasses.replace(tr.TrainConfig(), **{name: type(getattr(tr.TrainConfig(), name))(float(value))})
+    with pytest.raises(ValueError, match=rf"cfg.{name}: " + message.split(": ", 1)[1]):
+        tr.check_config(cfg)
+
+
+def test_weight_decay_and_grad_checkpointing_flags(vae_file, tmp_path, monkeypatch):
+    """--weight-decay reaches AdamW and the run's config; --grad-checkpointing makes the DiT
+    recompute its blocks in the backward, with the losses of a run without it, and may change
+    on resume (it is no model field)."""
+    from safetensors import safe_open
+    import sora_model.dit as dit
+    from sora_model.train_vae import load_checkpoint
+    calls = []
+    checkpoint = dit.checkpoint
+    monkeypatch.setattr(dit, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    args = ["--vae", vae_file, "--budget", "128", "--max-tokens", "64", "--device", "cpu", "--no-progress",
+            "--weight-decay", "0.05"]
+    tr.main(args + ["--out", str(tmp_path / "a"), "--steps", "1", "--grad-checkpointing"])
+    assert calls                                                       # the blocks were recomputed
+    path = str(tmp_path / "a" / "checkpoint.safetensors")
+    with safe_open(path, framework="pt") as f:
+        config, groups = json.loads(f.metadata()["config"]), json.loads(f.metadata()["param_groups"])
+    assert config["grad_checkpointing"] is True and config["weight_decay"] == 0.05
+    assert {g["weight_decay"] for g in groups} == {0.05}
+    plain = tr.train(tr.TrainConfig(steps=1, budget=128, max_tokens=64, weight_decay=0.05),
+                     load_checkpoint(vae_file), str(tmp_path / "b"), progress=False)
+    assert _log(tmp_path / "a", "loss") == plain
+    calls.clear()
+    tr.main(args + ["--out", str(tmp_path / "a"), "--steps", "2", "--resume"])
+    assert not calls and _log(tmp_path / "a", "step") == [1, 2]
+    with safe_open(path, framework="pt") as f:
+        assert json.loads(f.metadata()["config"])["grad_checkpointing"] is False
+
+
+def test_resume_logs_each_step_once(vae_file, tmp_path, monkeypatch):
+    """A run killed after logging steps past its last checkpoint (and in the middle of a log
+    line): the resume drops those lines and logs the redone steps once, with the losses of a
+    run that was not killed."""
+    from sora_model.train_vae import load_checkpoint
+    cfg = tr.TrainConfig(steps=4, save_every=2, budget=128, max_tokens=64)
+    save = tr.save_checkpoint
+
+    def killed_at_4(path, model, ema, opt, step, cfg):
+        if step == 4:
+            raise KeyboardInterrupt
+        save(path, model, ema, opt, step, cfg)
+    monkeypatch.setattr(tr, "save_checkpoint", killed_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(cfg, load_checkpoint(vae_file), str(tmp_path), progress=False)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')                                       # cut short by the kill
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl").readlines()[:-1]] == [1, 2, 3, 4]
+    monkeypatch.setattr(tr, "save_checkpoint", save)
+    resumed = tr.train(cfg, load_checkpoint(vae_file), str(tmp_path), progress=False, resume=True)
+    assert _log(tmp_path, "step") == [1, 2, 3, 4]
+    assert _log(tmp_path, "loss")[2:] == resumed
+    assert not os.path.exists(tmp_path / "log.jsonl.tmp")

@@ -3,6 +3,7 @@ tests make themselves: a resume gives the next steps of an uninterrupted run, wi
 the adversarial term, and a checkpoint save killed half-way leaves the previous one whole."""
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -48,6 +49,16 @@ def test_io_errors(tmp_path):
         write_video(str(tmp_path / "a.avi"), torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="even H and W"):
         write_video(str(tmp_path / "a.mp4"), torch.zeros(2, 7, 8, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"frames: expected at least one frame .*, got \(0, 8, 8, 3\)"):
+        write_video(str(tmp_path / "a.gif"), torch.zeros(0, 8, 8, 3, dtype=torch.uint8))
+    for fps in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match=f"fps: expected a positive finite number, got {fps}"):
+            write_video(str(tmp_path / "a.gif"), torch.zeros(2, 8, 8, 3, dtype=torch.uint8), fps=fps)
+    assert not os.path.exists(tmp_path / "a.gif")
+    with pytest.raises(ValueError, match="start: expected a frame index >= 0, got -3"):
+        read_video(str(tmp_path / "missing.mp4"), start=-3)
+    with pytest.raises(ValueError, match="max_frames: expected a positive int or None, got 0"):
+        read_video(str(tmp_path / "missing.mp4"), max_frames=0)
 
 
 def test_data_sources(tmp_path):
@@ -84,11 +95,22 @@ def test_train_and_checkpoint(tmp_path):
         torch.testing.assert_close(vae.decode(vae.encode(video).mode()), again.decode(again.encode(video).mode()))
 
 
-def test_train_argument_errors():
+@pytest.mark.parametrize("argv, message", [
+    (["--frames", "8"], r"--frames: expected 1 \+ 4k, got 8"),
+    (["--size", "20"], "--size: expected a positive multiple of 8, got 20"),
+    (["--size", "0"], "--size: expected a positive multiple of 8, got 0"),
+    (["--batch", "0"], "--batch: expected a positive int, got 0"),
+    (["--steps", "0"], "--steps: expected a positive int, got 0"),
+    (["--save-every", "0"], "--save-every: expected a positive int, got 0"),
+    (["--lr", "0"], "--lr: expected > 0, got 0.0"),
+    (["--kl-weight", "-1"], "--kl-weight: expected >= 0, got -1.0"),
+    (["--adv-weight", "nan"], "--adv-weight: expected >= 0, got nan"),
+    (["--adv-start", "-2"], "--adv-start: expected >= 0, got -2"),
+])
+def test_train_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
-        train_vae.parse_args(["--frames", "8"])
-    with pytest.raises(SystemExit):
-        train_vae.parse_args(["--size", "20"])
+        train_vae.parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def _args(out, steps, *more):
