@@ -2,6 +2,10 @@
 batch of latents, against a Conv3d per video and torch.cat (what a DiT writes), and against
 pack_patchify followed by a matrix product (our cpu backend).
 
+Providers: `triton` and `cpu` (ours; each is skipped with its reasons where it cannot run),
+`reference` (the library's pure-PyTorch backend), `conv3d_loop` (a Conv3d per video, then
+torch.cat: the baseline), `compile` (torch.compile of that conv3d loop).
+
 FLOPs: 2 * N * K * E (K = C*pt*ph*pw patch features, E output features); fwd+bwd counts 3x
 (the weight and the input gradients are one product each).
 """
@@ -12,7 +16,7 @@ import sora_kernels as sk
 from benchmarks import harness
 from sora_kernels.ops.patch_embed3d import PATCH_EMBED_BACKENDS
 
-PROVIDERS = ["triton", "cpu", "reference", "conv3d_loop"]
+PROVIDERS = ["triton", "cpu", "reference", "conv3d_loop", "compile"]
 MODES = ["fwd", "fwd+bwd"]
 WIDTH = 1152  # DiT-XL
 
@@ -35,8 +39,10 @@ def test_patch_embed3d(suite, benchmark, provider, mode):
     g = torch.Generator().manual_seed(0)
     weight = (0.05 * torch.randn(WIDTH, K, generator=g)).to(videos[0])
     bias = torch.randn(WIDTH, generator=g).to(videos[0])
-    if provider == "conv3d_loop":
-        fn = lambda v, w, b: _conv3d_loop(v, w, b, patch)  # noqa: E731
+    if provider in ("conv3d_loop", "compile"):
+        # dynamic=False: kernels specialised to the batch's shapes, as a model of fixed sizes would get
+        loop = torch.compile(_conv3d_loop, dynamic=False) if provider == "compile" else _conv3d_loop
+        fn = lambda v, w, b: loop(v, w, b, patch)  # noqa: E731
     else:
         run = harness.backend_runner(provider, PATCH_EMBED_BACKENDS, (videos, weight, bias, patch), suite.device)
         assert run is not None

@@ -10,13 +10,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-def test_cmake_build_and_ctest(tmp_path):
+def _cmake_env() -> dict:
     env = dict(os.environ)
     # The nvcc on PATH may be a wrapper script; CMake wants the real compiler.
     cuda_home = env.get("CUDA_HOME", "/usr/local/cuda")
     if "CUDACXX" not in env and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         env["CUDACXX"] = os.path.join(cuda_home, "bin", "nvcc")
+    return env
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_build_and_ctest(tmp_path):
+    env = _cmake_env()
     build = tmp_path / "build"
     configure = subprocess.run(["cmake", "-S", ROOT, "-B", str(build)], capture_output=True, text=True, env=env)
     assert configure.returncode == 0, configure.stdout + configure.stderr
@@ -35,3 +40,22 @@ def test_cmake_build_and_ctest(tmp_path):
     ctest = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True)
     assert ctest.returncode == 0, ctest.stdout + ctest.stderr
     assert "tests passed" in ctest.stdout
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+@pytest.mark.parametrize("value", ["", "0", "1"])
+def test_cmake_skip_cuda_build_as_setup_py(tmp_path, value):
+    """CMake reads SORA_KERNELS_SKIP_CUDA_BUILD with setup.py's rule: empty and "0" (like unset)
+    build the CUDA kernels when a CUDA compiler is here, any other value skips them."""
+    env = _cmake_env()
+    env["SORA_KERNELS_SKIP_CUDA_BUILD"] = value
+    configure = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path / "build")], capture_output=True, text=True,
+                               env=env)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    skip = value not in ("", "0")  # setup.py's _extensions()
+    assert (f"SORA_KERNELS_SKIP_CUDA_BUILD={value} is set, CPU kernels only" in configure.stdout) == skip, \
+        configure.stdout[-3000:]
+    if skip:
+        assert "compiling CUDA kernels for" not in configure.stdout, configure.stdout[-3000:]
+    elif "CUDACXX" in env:
+        assert "sora_kernels: compiling CUDA kernels for" in configure.stdout, configure.stdout[-3000:]

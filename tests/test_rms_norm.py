@@ -85,6 +85,21 @@ def test_gated_residual_torch_compile_fullgraph(backend):
     assert_compiles_exactly(lambda x, y, gate: sk.gated_residual(x, y, gate, cu, backend=backend), x, y, gate)
 
 
+@pytest.mark.parametrize("shape", [(4, 0), (2, 3, 0), (0, 3, 8)])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_rms_norm_empty(backend, shape):
+    """No rows, or rows of D = 0 (nothing to normalise): an empty result of x's shape and dtype, as
+    F.rms_norm gives, and empty gradients, on every backend (not an error from a [-1, 0] view)."""
+    x = torch.randn(shape, device=DEVICE).requires_grad_()
+    w = torch.ones(shape[-1], device=DEVICE).requires_grad_()
+    require_backend(RMS_NORM_BACKENDS, backend, (x, w, 1e-6))
+    out = sk.rms_norm(x, w, backend=backend)
+    expected = torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-6)
+    assert (out.shape, out.dtype) == (expected.shape, expected.dtype) == (shape, x.dtype)
+    dx, dw = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    assert (dx.shape, dw.shape) == (x.shape, w.shape)
+
+
 def test_errors():
     x = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"weight: expected shape \(8,\), got \(4,\)"):

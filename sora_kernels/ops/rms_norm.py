@@ -76,7 +76,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, backen
         eps: added to the mean square.
         backend: force "triton", "cpu" or "reference" (default: the first that can run).
 
-    Returns x's shape and dtype (math in fp32). Differentiable in x and weight.
+    Returns x's shape and dtype (math in fp32). Differentiable in x and weight. With D = 0,
+    an empty tensor of x's shape (as the equivalent PyTorch gives).
     Equivalent PyTorch: ``torch.nn.functional.rms_norm(x, (D,), weight, eps)``.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
@@ -92,4 +93,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, backen
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     args = (x, weight, float(eps))
-    return B.select("rms_norm", RMS_NORM_BACKENDS, args, backend).run(*args)
+    chosen = B.select("rms_norm", RMS_NORM_BACKENDS, args, backend)
+    if D == 0:  # nothing to normalise (and the kernels' [-1, D] row views need D > 0): F.rms_norm's empty result
+        return x * weight
+    return chosen.run(*args)
