@@ -72,6 +72,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(x=torch.zeros(4, 2, 7)), "x: rope rotates pairs of features, expected an even head dim D, got D=7"),
     (dict(x=torch.zeros(4, 16)), r"x: expected a 3-dim tensor \[N, H, D\], got \(4, 16\)"),
+    (dict(x=torch.zeros(4, 2, 16, dtype=torch.int32)), "x: expected a floating-point tensor .*, got torch.int32"),
     (dict(positions=torch.zeros(4, 2, dtype=torch.int32)), r"positions: expected shape \(4, 3\)"),
     (dict(positions=torch.zeros(4, 3, dtype=torch.int64)), "positions: expected dtype torch.int32, got torch.int64"),
     (dict(sections=(8, 8, 2)), r"sections: expected \(t, h, w\) summing to the head dim 16, got \(8, 8, 2\)"),

@@ -287,6 +287,19 @@ def test_rows_without_keys(backend, engine, monkeypatch):
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_no_queries(backend):
+    """Nq = 0 (every query segment empty): an empty output, and gradients (zeros for k and v)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(0, 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_()
+    k, v = (torch.randn(5, 2, 16, generator=g).to(DEVICE, torch.float16).requires_grad_() for _ in range(2))
+    require_backend(op.ATTENTION_BACKENDS, backend, (q, k, v))
+    out = sk.varlen_attention(q, k, v, _cu(0, 0), _cu(0, 5), 0, 5, backend=backend)
+    assert out.shape == (0, 2, 16)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert dq.shape == q.shape and torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
+
+
 def test_default_backend_and_gradients_flow():
     case = make_case([5, 9], heads=2, head_dim=32, dtype=torch.float32)
     out = sk.varlen_attention(case["q"], case["k"], case["v"], case["cu_seqlens_q"], case["cu_seqlens_k"], 9, 9)
@@ -295,7 +308,7 @@ def test_default_backend_and_gradients_flow():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])   # the reference: a float32 model on a GPU
 def test_torch_compile_fullgraph(backend, engine, monkeypatch):
     use_engine(monkeypatch, backend, engine)
     case = make_case([17, 40], heads=2, kv_heads=1, head_dim=64, dtype=torch.float16, rope=True)
@@ -368,6 +381,7 @@ ERRORS = [
     (dict(cu_seqlens_q=_cu(0, 2, 5)), "cu_seqlens_q: expected the last entry to equal the token count 6, got 5"),
     (dict(max_seqlen_q=3), "max_seqlen_q: expected at least the longest segment, 4, got 3"),
     (dict(max_seqlen_k=-1), "max_seqlen_k: expected a non-negative int"),
+    (dict(max_seqlen_q=True), "max_seqlen_q: expected a non-negative int, got True"),
     (dict(cu_seqlens_k=_cu(0, 6)), "cu_seqlens_k: expected 3 entries like cu_seqlens_q"),
     (dict(k=torch.randn(6, 2, 8, device=DEVICE, dtype=torch.float16)), "k: expected head_dim 16 like q, got 8"),
     (dict(v=torch.randn(6, 2, 8, device=DEVICE, dtype=torch.float16)), "v: expected head_dim 16 like q, got 8"),
@@ -388,8 +402,22 @@ ERRORS = [
     (dict(rope=sk.Rope3D(torch.zeros(6, 3, dtype=torch.int32, device=DEVICE), sections=(8, 4, 2))),
      r"sections: expected \(t, h, w\) summing to the head dim 16"),
     (dict(rope="positions"), "rope: expected None, an int32 positions tensor"),
+    (dict(q=torch.randn(6, 4, 14, device=DEVICE, dtype=torch.float16),
+          k=torch.randn(6, 2, 14, device=DEVICE, dtype=torch.float16),
+          v=torch.randn(6, 2, 14, device=DEVICE, dtype=torch.float16),
+          rope=sk.Rope3D(torch.zeros(6, 3, dtype=torch.int32, device=DEVICE), sections=(6, 4, 3))),
+     "sections: expected 3 non-negative even ints"),
+    (dict(q=torch.randn(6, 4, 15, device=DEVICE, dtype=torch.float16),
+          k=torch.randn(6, 2, 15, device=DEVICE, dtype=torch.float16),
+          v=torch.randn(6, 2, 15, device=DEVICE, dtype=torch.float16),
+          rope=torch.zeros(6, 3, dtype=torch.int32, device=DEVICE)),
+     "q: rope rotates pairs of features, expected an even head dim D, got D=15"),
     (dict(softmax_scale=float("nan")), "softmax_scale: expected a finite number"),
     (dict(dropout_p=0.1), r"dropout_p: expected 0.0 \(attention dropout is not implemented\), got 0.1"),
+    (dict(window_size=(128, 0)), r"window_size: expected \(-1, -1\) \(no sliding window; .*got \(128, 0\)"),
+    (dict(softcap=30.0), r"softcap: expected 0.0 \(soft-capping is not implemented\), got 30.0"),
+    (dict(alibi_slopes=torch.ones(4)), r"alibi_slopes: expected None \(ALiBi is not implemented\), got Tensor"),
+    (dict(deterministic="yes"), "deterministic: expected a bool, got 'yes'"),
 ]
 if DEVICE.type == "cuda":
     ERRORS.append((dict(k=torch.randn(6, 2, 16, dtype=torch.float16), v=torch.randn(6, 2, 16, dtype=torch.float16)),
@@ -411,7 +439,7 @@ def test_errors(change, message, backend):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("lengths", [[4, 4, 4], [3, 6, 1]], ids=["equal", "mixed"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_custom_op_opcheck(backend, lengths, engine, monkeypatch):
     """torch.library.opcheck of the backend's custom op (schema, fake outputs' shapes, dtypes and
     strides against the real ones, autograd registration): equal segments take the aten
@@ -428,12 +456,21 @@ def test_custom_op_opcheck(backend, lengths, engine, monkeypatch):
                                    [4, 2, 2]))
 
 
-def test_flash_attn_varlen_positional_call():
-    """flash_attn_varlen_func's positional call (dropout_p eighth) runs unchanged."""
+def test_flash_attn_varlen_positional_call(monkeypatch):
+    """flash_attn_varlen_func's calls run unchanged: its arguments in its order, positional
+    (dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    return_attn_probs), their defaults accepted, and return_attn_probs giving (out, lse, None)."""
     valid = _valid()
     args = [valid[k] for k in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
     out = sk.varlen_attention(*args, 0.0, softmax_scale=0.3, causal=True, backend="reference")
     assert torch.equal(out, sk.varlen_attention(*args, softmax_scale=0.3, causal=True, backend="reference"))
+    assert torch.equal(out, sk.varlen_attention(*args, 0.0, 0.3, True, backend="reference"))
+    out3, lse, probs = sk.varlen_attention(*args, 0.0, 0.3, True, (-1, -1), 0.0, None, True, True, backend="reference")
+    _, lse2 = sk.varlen_attention(*args, softmax_scale=0.3, causal=True, return_lse=True, backend="reference")
+    assert torch.equal(out3, out) and torch.equal(lse, lse2) and probs is None
+    monkeypatch.setattr(op, "DQ_MODE", "atomic")
+    with pytest.raises(ValueError, match="deterministic: True needs DQ_MODE 'separate'"):
+        sk.varlen_attention(*args, deterministic=True, backend="reference")
 
 
 def test_seqlens_read_once_per_version(monkeypatch):

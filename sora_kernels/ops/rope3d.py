@@ -211,10 +211,11 @@ def rope3d_cpu(x: torch.Tensor, positions: torch.Tensor, theta: float, sections,
 # Checks (shared with varlen_attention)
 # -----------------------------------------------------------------------------
 
-def check_sections(head_dim: int, sections) -> tuple[int, int, int]:
-    """(t, h, w) features per axis: the default thirds, or `sections` checked against head_dim."""
+def check_sections(head_dim: int, sections, name: str = "x") -> tuple[int, int, int]:
+    """(t, h, w) features per axis: the default thirds, or `sections` checked against head_dim
+    (the last dim of the tensor called `name`)."""
     if head_dim % 2 != 0:
-        raise ValueError(f"x: rope rotates pairs of features, expected an even head dim D, got D={head_dim}")
+        raise ValueError(f"{name}: rope rotates pairs of features, expected an even head dim D, got D={head_dim}")
     if sections is None:
         return ref.default_sections(head_dim)
     s = tuple(sections)
@@ -294,6 +295,8 @@ def rope3d(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0, 
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x: expected a 3-dim tensor [N, H, D], got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor (a rotation of integers would be rounded), got {x.dtype}")
     sections = check_sections(x.shape[2], sections)
     check_positions("positions", positions, x.shape[0], x.device)
     theta = check_theta(theta)

@@ -948,6 +948,45 @@ def varlen_attention_cpu_backward(
                         _rope_of(positions_q, positions_k, theta, sections))
 
 
+def _reference_math(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, positions_q, positions_k, theta,
+                    sections):
+    if positions_q is not None:
+        q = ref_rope.rope3d(q, positions_q, theta, tuple(sections))
+        k = ref_rope.rope3d(k, positions_k, theta, tuple(sections))
+    return ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+
+# The reference backend as a custom op too, so that torch.compile(fullgraph=True) takes it (its
+# per-segment loop reads cu_seqlens on the host), for example a float32 model on a GPU. The
+# backward recomputes the forward under autograd.
+@torch.library.custom_op("sora_kernels::varlen_attention_reference", mutates_args=())
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                               softmax_scale: float, causal: bool, positions_q: torch.Tensor | None,
+                               positions_k: torch.Tensor | None, theta: float,
+                               sections: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    check_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    with torch.no_grad():
+        out, lse = _reference_math(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, positions_q,
+                                   positions_k, theta, sections)
+    return out.contiguous(), lse.contiguous()
+
+
+@torch.library.custom_op("sora_kernels::varlen_attention_reference_backward", mutates_args=())
+def varlen_attention_reference_backward(
+        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+        softmax_scale: float, causal: bool, positions_q: torch.Tensor | None, positions_k: torch.Tensor | None,
+        theta: float, sections: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    with torch.enable_grad():
+        again, _ = _reference_math(*leaves, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, positions_q,
+                                   positions_k, theta, sections)
+    grads = (torch.autograd.grad(again, leaves, dout, allow_unused=True) if again.requires_grad
+             else (None, None, None))   # no query rows (Nq = 0): nothing reads q, k or v
+    return tuple(torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip(leaves, grads))
+
+
 def _empty(x: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor like x: the layout every kernel output has."""
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -986,6 +1025,7 @@ def _register_autograd(forward_op: str, backward_op: str) -> None:
 
 _register_autograd("sora_kernels::varlen_attention_triton", "sora_kernels::varlen_attention_triton_backward")
 _register_autograd("sora_kernels::varlen_attention_cpu", "sora_kernels::varlen_attention_cpu_backward")
+_register_autograd("sora_kernels::varlen_attention_reference", "sora_kernels::varlen_attention_reference_backward")
 
 
 # -----------------------------------------------------------------------------
@@ -1049,7 +1089,7 @@ def check_inputs(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
         raise ValueError(f"cu_seqlens_k: expected {cu_q.shape[0]} entries like cu_seqlens_q (one segment of keys "
                          f"per segment of queries), got {cu_k.shape[0]}")
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
-        if not isinstance(m, int) or m < 0:
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {m!r}")
 
 
@@ -1095,19 +1135,11 @@ def _op_runner(op):
     return run
 
 
-def _reference_run(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, rope):
-    check_seqlens_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
-    if rope is not None:
-        q = ref_rope.rope3d(q, rope.positions_q, rope.theta, rope.sections)
-        k = ref_rope.rope3d(k, rope.positions_k, rope.theta, rope.sections)
-    return ref.varlen_attention(q, k, v, cu_q, cu_k, scale, causal)
-
-
 # Each run returns (out [Nq, H, D], lse fp32 [H, Nq]).
 ATTENTION_BACKENDS = (
     B.Backend("triton", _reasons("triton"), _op_runner(varlen_attention_triton)),
     B.Backend("cpu", _reasons("cpu"), _op_runner(varlen_attention_cpu)),
-    B.Backend("reference", _reasons("reference"), _reference_run),
+    B.Backend("reference", _reasons("reference"), _op_runner(varlen_attention_reference)),
 )
 
 
@@ -1137,13 +1169,15 @@ def _rope_record(rope, q, k) -> RopeArgs | None:
     check_positions("rope.positions_q", rope.positions_q, q.shape[0], q.device)
     check_positions("rope.positions_k" if rope.positions_k is not None else "rope.positions_q (used for the keys)",
                     pos_k, k.shape[0], k.device)
-    return RopeArgs(rope.positions_q, pos_k, check_theta(rope.theta), check_sections(q.shape[2], rope.sections))
+    return RopeArgs(rope.positions_q, pos_k, check_theta(rope.theta), check_sections(q.shape[2], rope.sections, "q"))
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0, *,
-                     softmax_scale: float | None = None, causal: bool = False, return_lse: bool = False,
-                     rope=None, backend: str | None = None):
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                     softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
+                     softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
+                     return_attn_probs: bool = False, *, return_lse: bool = False, rope=None,
+                     backend: str | None = None):
     """Attention over packed sequences of different lengths (block-diagonal), with no padding.
 
     Arguments, shapes and semantics follow flash_attn_varlen_func:
@@ -1156,11 +1190,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             offsets for self-attention, different ones for cross-attention (video tokens to
             their own sample's text tokens). Zero-length segments are allowed.
         max_seqlen_q, max_seqlen_k: at least the longest segment (they size the GPU grid).
-        dropout_p: 0.0 only (attention dropout is not implemented; DiTs train without it). In
-            flash_attn_varlen_func's place, so its calls with dropout_p positional and the rest
-            by keyword run unchanged.
+        dropout_p: 0.0 only (attention dropout is not implemented; DiTs train without it).
         softmax_scale: default 1 / sqrt(D).
         causal: mask aligned bottom-right: query i of a segment sees keys j <= i + Lk - Lq.
+        window_size, softcap, alibi_slopes: flash_attn_varlen_func's, accepted at their
+            defaults only ((-1, -1): no window; 0.0: no soft-capping; None: no ALiBi), so
+            its calls run unchanged, positional arguments included.
+        deterministic: the backward is deterministic on every backend with the default
+            DQ_MODE ("separate"); True is refused while DQ_MODE is "atomic".
+        return_attn_probs: flash_attn_varlen_func's: returns (out, lse, None) (the third, its
+            dropout mask, has no meaning without dropout).
         return_lse: also return the log-sum-exp, fp32 [H, Nq] (natural log).
         rope: None; an int32 positions tensor [Nq, 3] of (t, h, w) (self-attention: keys use
             the same); or a Rope3D(positions_q, positions_k, theta, sections). q and k are
@@ -1169,7 +1208,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         backend: force "triton", "cpu" or "reference" (default: the first that can run;
             SORA_KERNELS_BACKEND sets it too).
 
-    Returns out [Nq, H, D] in q.dtype, or (out, lse) with return_lse. A query that sees no
+    Returns out [Nq, H, D] in q.dtype, or (out, lse) with return_lse, or (out, lse, None) with
+    return_attn_probs. A query that sees no
     key (an empty key segment, or causal with Lq > Lk) outputs zeros and lse -inf.
     Differentiable with respect to q, k and v. Equivalent PyTorch, per segment b::
 
@@ -1181,6 +1221,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p: expected 0.0 (attention dropout is not implemented), got {dropout_p!r}")
+    check_flash_defaults(window_size, softcap, alibi_slopes, deterministic)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[2])
     elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
@@ -1188,4 +1229,22 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     rope = _rope_record(rope, q, k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(causal), rope)
     out, lse = B.select("varlen_attention", ATTENTION_BACKENDS, args, backend).run(*args)
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out
+
+
+def check_flash_defaults(window_size, softcap, alibi_slopes, deterministic) -> None:
+    """flash_attn_varlen_func's arguments that varlen_attention takes at their defaults only."""
+    if not isinstance(window_size, (tuple, list)) or [w for w in window_size] != [-1, -1]:
+        raise ValueError(f"window_size: expected (-1, -1) (no sliding window; local attention is not implemented), "
+                         f"got {window_size!r}")
+    if softcap != 0.0:
+        raise ValueError(f"softcap: expected 0.0 (soft-capping is not implemented), got {softcap!r}")
+    if alibi_slopes is not None:
+        raise ValueError(f"alibi_slopes: expected None (ALiBi is not implemented), got {type(alibi_slopes).__name__}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic: expected a bool, got {deterministic!r}")
+    if deterministic and DQ_MODE == "atomic":
+        raise ValueError("deterministic: True needs DQ_MODE 'separate' (the 'atomic' one adds dq with atomics), "
+                         "got DQ_MODE 'atomic'")
