@@ -358,16 +358,24 @@ class VideoAutoencoder(nn.Module):
         tc, sc = cfg.temporal_compression, cfg.spatial_compression
         if T < 1 or (T - 1) % tc:
             raise ValueError(f"video: expected T = 1 + {tc}k frames, got T={T}")
-        if H % sc or W % sc:
-            raise ValueError(f"video: expected H and W divisible by {sc}, got H={H}, W={W}")
+        if H < 1 or W < 1 or H % sc or W % sc:
+            raise ValueError(f"video: expected H and W positive multiples of {sc}, got H={H}, W={W}")
+        self._check_like_parameters("video", video)
 
     def check_latent(self, z: torch.Tensor) -> None:
         cfg = self.cfg
         if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != cfg.latent_channels:
             got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"latent: expected [B, {cfg.latent_channels}, t, h, w], got {got}")
-        if z.shape[2] < 1:
-            raise ValueError(f"latent: expected at least 1 frame, got {tuple(z.shape)}")
+        if min(z.shape[2:]) < 1:
+            raise ValueError(f"latent: expected at least 1 frame and h, w >= 1, got {tuple(z.shape)}")
+        self._check_like_parameters("latent", z)
+
+    def _check_like_parameters(self, name: str, x: torch.Tensor) -> None:
+        p = next(self.parameters())
+        if x.dtype != p.dtype or x.device != p.device:
+            raise ValueError(f"{name}: expected dtype {p.dtype} on {p.device}, like the autoencoder's parameters, "
+                             f"got {x.dtype} on {x.device}")
 
     # ---- encode ----
 
@@ -388,12 +396,12 @@ class VideoAutoencoder(nn.Module):
         return z / self.cfg.scaling_factor + self.cfg.shift_factor
 
     def _denormalize_checked(self, z: torch.Tensor) -> torch.Tensor:
-        """The decoder's input: z de-normalised and scanned for NaN in one pass
-        (sora_kernels.latent_denorm); ValueError naming the latent frames with NaN."""
+        """The decoder's input: z de-normalised and scanned for NaN and +-Inf in one pass
+        (sora_kernels.latent_denorm); ValueError naming the latent frames that hold any."""
         out, nan = sk.latent_denorm(z, 1.0 / self.cfg.scaling_factor, self.cfg.shift_factor)
         if bool(nan.any()):
             frames = nan.sum(0).nonzero().flatten().tolist()
-            raise ValueError(f"latent: contains NaN ({int(nan.sum())} elements, in latent frames {frames[:8]}"
+            raise ValueError(f"latent: contains NaN or Inf ({int(nan.sum())} elements, in latent frames {frames[:8]}"
                              f"{'...' if len(frames) > 8 else ''})")
         return out
 
@@ -447,7 +455,8 @@ class VideoAutoencoder(nn.Module):
                     or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in tile)):
                 raise ValueError(f"tile: expected two positive ints (th, tw) in latent pixels, got {tile!r}")
             tile = (min(tile[0], z.shape[3]), min(tile[1], z.shape[4]))
-        if max_memory_gb is not None and not (isinstance(max_memory_gb, (int, float)) and max_memory_gb > 0):
+        if max_memory_gb is not None and (isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float))
+                                          or not max_memory_gb > 0):
             raise ValueError(f"max_memory_gb: expected a positive number, got {max_memory_gb!r}")
         return vae_tiling.plan_decode(self.decoder, tuple(z.shape), max_memory_gb, z.element_size(), chunk_frames,
                                       tile, keep_output)

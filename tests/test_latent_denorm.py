@@ -1,4 +1,4 @@
-"""latent_denorm equals z * scale[c] + shift[c] with a NaN count per (batch, frame); its
+"""latent_denorm equals z * scale[c] + shift[c] with a count of NaN and +-Inf per (batch, frame); its
 gradient is dy * scale."""
 import pytest
 import torch
@@ -18,13 +18,16 @@ def test_matches_reference(backend, shape, dtype):
     z = torch.randn(*shape, generator=g).to(DEVICE, dtype)
     flat = z.view(-1)
     flat[::13] = float("nan")   # NaN in several frames and channels; counted, and passed through
+    flat[1::29] = float("inf")  # so are +-Inf
+    flat[2::31] = float("-inf")
     scale = (0.5 + torch.rand(shape[1], generator=g)).to(DEVICE)
     shift = torch.randn(shape[1], generator=g).to(DEVICE)
     require_backend(LATENT_DENORM_BACKENDS, backend, (z, scale, shift))
     out, nan = sk.latent_denorm(z, scale, shift, backend=backend)
     ref_out, ref_nan = reference(z, scale, shift)
     assert nan.shape == (shape[0], shape[2]) and nan.dtype == torch.int32
-    assert torch.equal(nan, ref_nan) and nan.sum().item() == torch.isnan(z).sum().item() > 0
+    assert torch.equal(nan, ref_nan) and nan.sum().item() == (~torch.isfinite(z)).sum().item() > 0
+    assert (~torch.isfinite(z)).sum().item() > torch.isnan(z).sum().item()   # Inf counted too
     # fp32: one rounding apart at most (a fused multiply-add against PyTorch's two roundings)
     torch.testing.assert_close(out, ref_out, equal_nan=True, rtol=2e-7 if dtype == torch.float32 else None,
                                atol=1e-6 if dtype == torch.float32 else None)

@@ -114,7 +114,10 @@ def test_uint8_frames():
 
 ERRORS = [
     (torch.zeros(1, 3, 4, 16, 16), r"video: expected T = 1 \+ 4k frames, got T=4"),
-    (torch.zeros(1, 3, 5, 12, 16), "video: expected H and W divisible by 8, got H=12, W=16"),
+    (torch.zeros(1, 3, 5, 12, 16), "video: expected H and W positive multiples of 8, got H=12, W=16"),
+    (torch.zeros(1, 3, 5, 0, 16), "video: expected H and W positive multiples of 8, got H=0, W=16"),
+    (torch.zeros(1, 3, 5, 16, 16, dtype=torch.float16),
+     "video: expected dtype torch.float32 on .*, like the autoencoder's parameters, got torch.float16"),
     (torch.zeros(1, 4, 5, 16, 16), "video: expected 3 channels, got 4"),
     (torch.zeros(3, 5, 16, 16), r"video: expected \[B, 3, T, H, W\]"),
 ]
@@ -130,10 +133,19 @@ def test_decode_errors():
     vae = tiny()
     z = torch.zeros(1, 16, 3, 2, 2, device=DEVICE)
     z[0, 3, 1, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"latent: contains NaN \(1 elements, in latent frames \[1\]\)"):
+    with pytest.raises(ValueError, match=r"latent: contains NaN or Inf \(1 elements, in latent frames \[1\]\)"):
+        vae.decode(z)
+    z[0, 3, 1, 0, 0] = 0.0
+    z[0, 5, 2, 1, 1] = -float("inf")
+    with pytest.raises(ValueError, match=r"latent: contains NaN or Inf \(1 elements, in latent frames \[2\]\)"):
         vae.decode(z)
     with pytest.raises(ValueError, match=r"latent: expected \[B, 16, t, h, w\], got \(1, 8, 3, 2, 2\)"):
         vae.decode(torch.zeros(1, 8, 3, 2, 2, device=DEVICE))
+    with pytest.raises(ValueError, match=r"latent: expected at least 1 frame and h, w >= 1, got \(1, 16, 3, 0, 2\)"):
+        vae.decode(torch.zeros(1, 16, 3, 0, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="latent: expected dtype torch.float32 on .*, like the autoencoder's "
+                                         "parameters, got torch.bfloat16"):
+        vae.decode(torch.zeros(1, 16, 3, 2, 2, device=DEVICE, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="chunk_frames: expected a positive int, got 0"):
         list(vae.decode_stream(torch.zeros(1, 16, 3, 2, 2, device=DEVICE), chunk_frames=0))
     with pytest.raises(ValueError, match="temporal_down: expected 3 flags"):

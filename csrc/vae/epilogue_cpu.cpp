@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace sora_kernels {
 namespace vae {
@@ -37,7 +38,7 @@ void latent_denorm_cpu(const float* z, float* out, const float* scale, const flo
         const float k = scale[c], m = shift[c];
         for (int64_t s = 0; s < S; ++s) {
           const float v = z[base + s];
-          count += std::isnan(v);
+          count += !(std::fabs(v) <= std::numeric_limits<float>::max());  // NaN or +-Inf
           out[base + s] = v * k + m;
         }
       }

@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cfloat>
 #include <type_traits>
 
 #include "vae/epilogue_cuda.h"
@@ -54,10 +55,10 @@ __global__ void latent_denorm_kernel(const T* __restrict__ z, T* __restrict__ ou
   for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < S;
        s += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float v = to_float(z[base + s]);
-    bad += v != v;
+    bad += !(fabsf(v) <= FLT_MAX);  // NaN or +-Inf
     out[base + s] = from_float<T>(__fadd_rn(__fmul_rn(v, k), m));  // two roundings, as the reference
   }
-  if (bad) atomicAdd(nan + b * T_ + t, bad);  // a thread's own count (NaN are rare: no atomics without them)
+  if (bad) atomicAdd(nan + b * T_ + t, bad);  // a thread's own count (non-finite values are rare: no atomics without them)
 }
 
 constexpr int kThreads = 256;

@@ -16,7 +16,7 @@ namespace vae {
 inline void define_epilogues(torch::Library& m) {
   // video [C, T, H, W] float -> uint8 [T, H, W, C]: round((clamp(v, -1, 1) + 1) * 127.5) half to even
   m.def("frames_to_uint8(Tensor video) -> Tensor");
-  // z [B, C, T, h, w], scale / shift float32 [C] -> (z * scale + shift, int32 NaN count [B, T])
+  // z [B, C, T, h, w], scale / shift float32 [C] -> (z * scale + shift, int32 count of NaN / +-Inf [B, T])
   m.def("latent_denorm(Tensor z, Tensor scale, Tensor shift) -> (Tensor, Tensor)");
 }
 

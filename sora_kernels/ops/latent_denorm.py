@@ -1,6 +1,7 @@
 """latent_denorm: the video decoder's input epilogue in one pass over the latent: the
-per-channel de-normalisation z * scale[c] + shift[c], and the number of NaN in each (batch,
-frame), so the decoder can say which latent frames are bad without a second pass.
+per-channel de-normalisation z * scale[c] + shift[c], and the number of non-finite values
+(NaN or +-Inf) in each (batch, frame), so the decoder can say which latent frames are bad
+without a second pass.
 
 Order: Triton kernel -> launcher -> custom op and autograd -> compiled op's fake and autograd
 -> backends -> public function. Backends: cuda (csrc/vae/epilogue_cuda.cu), triton, cpu
@@ -25,7 +26,7 @@ if B.TRITON_MISSING is None:
     def latent_denorm_kernel(z_ptr, out_ptr, scale_ptr, shift_ptr, nan_ptr, C, T, S, blocks_per_plane,
                              BLOCK: tl.constexpr):
         """BLOCK positions of one (b, c, t) plane of S = h * w positions (z contiguous
-        [B, C, T, h, w]): out = z * scale[c] + shift[c]; NaN counted into nan[b, t]."""
+        [B, C, T, h, w]): out = z * scale[c] + shift[c]; NaN and +-Inf counted into nan[b, t]."""
         pid = tl.program_id(0)
         plane = pid // blocks_per_plane            # (b * C + c) * T + t
         offs = (pid % blocks_per_plane) * BLOCK + tl.arange(0, BLOCK)
@@ -37,7 +38,7 @@ if B.TRITON_MISSING is None:
         z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         y = z * tl.load(scale_ptr + c) + tl.load(shift_ptr + c)
         tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        n = tl.sum((z != z).to(tl.int32), 0)
+        n = tl.sum((~(tl.abs(z) <= 3.4028234663852886e38)).to(tl.int32), 0)   # NaN or +-Inf
         if n > 0:
             tl.atomic_add(nan_ptr + b * T + t, n)
 
@@ -92,7 +93,7 @@ if B.compiled_has("latent_denorm", "CPU"):
 def reference(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     C, acc = z.shape[1], _compute_dtype(z.dtype)
     out = (z.to(acc) * scale.to(acc).view(1, C, 1, 1, 1) + shift.to(acc).view(1, C, 1, 1, 1)).to(z.dtype)
-    return out, torch.isnan(z).sum((1, 3, 4), dtype=torch.int32)
+    return out, (~torch.isfinite(z)).sum((1, 3, 4), dtype=torch.int32)
 
 
 def _kernel_reasons(name: str, dtypes: tuple[torch.dtype, ...], runs: str):
@@ -135,14 +136,15 @@ def _per_channel(name: str, value, C: int, z: torch.Tensor) -> torch.Tensor:
 
 
 def latent_denorm(z: torch.Tensor, scale, shift, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """z [B, C, T, h, w] -> (z * scale[c] + shift[c] in z's dtype, NaN count int32 [B, T]),
+    """z [B, C, T, h, w] -> (z * scale[c] + shift[c] in z's dtype, the count of
+    non-finite values (NaN, +-Inf) int32 [B, T]),
     in one pass. scale, shift: floats or tensors of shape [C]. float64 z runs on the reference
     backend, in float64 (the kernels run float16, bfloat16 and float32, in float32).
 
     Equivalent PyTorch::
 
         out = (z.float() * scale.view(1, C, 1, 1, 1) + shift.view(1, C, 1, 1, 1)).to(z.dtype)
-        nan = torch.isnan(z).sum((1, 3, 4))
+        nan = (~torch.isfinite(z)).sum((1, 3, 4))
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 5:
         got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
