@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -35,12 +34,21 @@ class Packed:
     def num_videos(self) -> int:
         return len(self.grids)
 
-    @cached_property
+    @property
     def segment_ids(self) -> torch.Tensor:
-        """int32 [N]: the video of each token, computed once per batch and reused by every
-        layer's segment-aware ops (adaln_norm, gated_residual)."""
-        from sora_kernels.reference.dit_ops import segment_ids
-        return segment_ids(self.cu_seqlens, self.tokens.shape[0])
+        """int32 [N]: the video of each token, computed once per batch (on first use) and reused
+        by every layer's segment-aware ops (adaln_norm, gated_residual).
+
+        Cached in the instance dict by hand rather than with functools.cached_property: on
+        Python < 3.12 that takes an RLock, which torch.compile (Dynamo) cannot trace, so a
+        compiled function that builds a Packed and reads segment_ids would fail to compile.
+        The ids need no device sync (repeat_interleave is given the output size)."""
+        ids = self.__dict__.get("_segment_ids")
+        if ids is None:
+            from sora_kernels.reference.dit_ops import segment_ids
+            ids = segment_ids(self.cu_seqlens, self.tokens.shape[0])
+            object.__setattr__(self, "_segment_ids", ids)  # a frozen dataclass: a cache, not a field
+        return ids
 
 
 def packed_metadata(grids, device: torch.device):
@@ -79,6 +87,16 @@ def check_offsets(name: str, values: list[int], n: int) -> list[int]:
     if values[-1] != n:
         raise ValueError(f"{name}: expected the last entry to equal the token count {n}, got {values[-1]}")
     return lengths
+
+
+def assert_offsets(name: str, cu: torch.Tensor, n) -> None:
+    """check_offsets for a traced function (torch.compile), which cannot read cu's values: the
+    same conditions as asserts in the graph, which raise RuntimeError when it runs. For CPU
+    tensors only: on a GPU a failed assert is a device-side assert, fatal to the CUDA context."""
+    count = f" {n}" if isinstance(n, int) else ""  # a symbolic size has no value yet
+    torch._assert_async(cu[0] == 0, f"{name}: expected cu_seqlens[0] == 0")
+    torch._assert_async((cu[1:] >= cu[:-1]).all(), f"{name}: expected non-decreasing offsets")
+    torch._assert_async(cu[-1] == n, f"{name}: expected the last entry to equal the token count{count}")
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, min_entries: int = 1) -> None:

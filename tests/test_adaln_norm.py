@@ -1,6 +1,11 @@
 """adaln_norm and gated_residual_adaln against the reference: the 2x rule in fp16 / bf16 (the
 error against a float64 reference at most twice that of the reference computed in the same
 dtype, plus two units of rounding at 1), a tight tolerance in fp32, gradcheck in fp64."""
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -139,6 +144,26 @@ def test_segment_ids_cached_on_packed():
     torch.testing.assert_close(y, sk.adaln_norm(args["x"], args["shift"], args["scale"], packed.cu_seqlens))
 
 
+def test_segment_ids_of_packed_built_under_compile():
+    """A Packed record made and read inside a compiled function: its segment_ids must trace
+    (functools.cached_property took an RLock that Dynamo refuses), and the function's eager
+    run must not have filled the cache for it (the record is new on each call)."""
+    g = torch.Generator().manual_seed(0)
+    videos = [torch.randn(4, *s, generator=g).to(DEVICE) for s in [(1, 4, 4), (2, 2, 6)]]
+    args, _ = make([4, 6], 16, torch.float32)
+    args = {k: v.detach() for k, v in args.items() if k in ("x", "shift", "scale")}
+
+    def f(v0, v1, x, shift, scale):
+        packed = sk.pack_patchify([v0, v1], (1, 2, 2))
+        ids = packed.segment_ids
+        return sk.adaln_norm(x, shift, scale, packed.cu_seqlens, segment_ids=ids), ids, ids is packed.segment_ids
+    torch._dynamo.reset()
+    y, ids, once = torch.compile(f, fullgraph=True, backend="aot_eager")(*videos, **args)
+    assert once  # computed once per record
+    assert ids.tolist() == [0] * 4 + [1] * 6
+    torch.testing.assert_close(y, f(*videos, **args)[0], rtol=0, atol=0)
+
+
 def test_torch_compile_fullgraph():
     args, cu = make(LENGTHS, 72, torch.float32, residual=True)
     assert_compiles_exactly(lambda a: sk.gated_residual_adaln(**a, cu_seqlens=cu), args)
@@ -190,6 +215,90 @@ def test_errors(change, message):
     x, shift, scale, cu_seqlens = (args.pop(k) for k in ("x", "shift", "scale", "cu_seqlens"))
     with pytest.raises(ValueError, match=message):
         sk.adaln_norm(x, shift, scale, cu_seqlens, **args)
+
+
+HOST_ERRORS = [e for e in ERRORS if any(m in e[1] for m in HOST_CHECKED)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("change,message", HOST_ERRORS, ids=[str(i) for i in range(len(HOST_ERRORS))])
+def test_errors_under_compile(change, message, backend):
+    """The value checks of CPU tensors hold under torch.compile too, where tracing cannot read
+    the values: asserts in the graph raise RuntimeError with the message, without the values
+    (before them a wrong last offset failed inside repeat_interleave, or not at all with
+    inductor, and ids out of range crashed the cpu backend)."""
+    if DEVICE.type == "cuda":
+        pytest.skip("values are checked on CPU tensors only (no device sync)")
+    args, cu = make(LENGTHS, 16, torch.float32)
+    args = {k: v.detach() for k, v in args.items() if k in ("x", "shift", "scale")}
+    args["cu_seqlens"] = cu
+    args.update(change)
+    require_backend(op.ADALN_BACKENDS, backend, (args["x"],))
+    segment_ids = args.pop("segment_ids", None)
+
+    def f(x, shift, scale, cu_seqlens):
+        return sk.adaln_norm(x, shift, scale, cu_seqlens, segment_ids=segment_ids, backend=backend)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=re.split(",? got ", message)[0]):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(**args)
+
+
+def test_cpu_ops_check_segment_ids():
+    """The C++ ops refuse segment ids outside [0, n) (one scan of the ids) instead of reading
+    and writing outside the per-segment rows; called directly and under torch.compile (the
+    audit's repro, which segfaulted). In a subprocess: without the check it crashes."""
+    if not op.B.compiled_has("adaln", "CPU"):
+        pytest.skip("the C++ CPU kernels are not built")
+    code = """if True:
+        import torch, sora_kernels as sk
+        ops = torch.ops.sora_kernels
+        x, rows = torch.randn(10, 16), torch.randn(2, 16)
+        cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+        mean, rstd = torch.zeros(10), torch.ones(10)
+        for bad in (1000000, 2, -1):
+            seg = torch.full((10,), bad, dtype=torch.int32)
+            calls = [lambda: ops.adaln(x, None, None, rows, rows, None, seg, 1e-6, True),
+                     lambda: ops.adaln(x, x, rows, rows, rows, None, seg, 1e-6, True),
+                     lambda: ops.adaln_backward(x, x, x, x, rows, rows, rows, None, seg, mean, rstd, True),
+                     lambda: ops.gated_residual(x, x, rows, seg),
+                     lambda: ops.gated_residual_backward(x, x, rows, seg)]
+            for call in calls:
+                try:
+                    call()
+                    print("no error")
+                except RuntimeError as e:
+                    print(str(e).splitlines()[0])
+        seg = torch.full((10,), 1000000, dtype=torch.int32)
+        f = lambda x, shift, scale, cu, seg: sk.adaln_norm(x, shift, scale, cu, segment_ids=seg, backend="cpu")
+        try:
+            torch.compile(f, fullgraph=True)(x, rows, rows, cu, seg)
+            print("no error")
+        except RuntimeError as e:
+            print("compiled:", str(e).splitlines()[-1])
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    expected = [f"segment_ids: expected ids in [0, 2) (rows of the per-segment [2, D] tensors), got {bad} at token 0"
+                for bad in (1000000, 2, -1) for _ in range(5)]
+    assert lines[:15] == expected
+    assert lines[15].startswith("compiled: ") and "segment_ids: expected ids in [0, 2)" in lines[15], lines[15]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_empty_batch(backend):
+    """N = 0 tokens (cu_seqlens [0, 0]): empty outputs, zero per-segment gradients. The C++
+    glue once took an empty tensor's null data pointer for missing segment ids."""
+    args, cu = make([0], 16, torch.float32, residual=True)
+    require_backend(op.ADALN_BACKENDS, backend, (args["x"],))
+    out = sk.adaln_norm(args["x"], args["shift"], args["scale"], cu, weight=args["weight"], backend=backend)
+    h, normed = sk.gated_residual_adaln(**args, cu_seqlens=cu, backend=backend)
+    assert out.shape == h.shape == normed.shape == (0, 16)
+    leaves = _leaves(args)
+    grads = torch.autograd.grad(out.sum() + h.sum() + normed.sum(), leaves)
+    for leaf, grad in zip(leaves, grads):
+        assert grad.shape == leaf.shape and not grad.any()
 
 
 def test_permuted_inputs():

@@ -55,6 +55,33 @@ def test_gated_residual(backend, dtype, D):
     assert_2x_rule(ours, plain, exact, dtype, "gated_residual")
 
 
+def test_gated_residual_split_rows():
+    """fp32 rows wider than FP32_BACKWARD_CHUNK: the Triton backward takes them in column chunks
+    (a whole 16384-wide fp32 row spilled registers); 8292 columns, the last chunk mostly masked."""
+    from sora_kernels.ops import gated_residual as gr
+    assert gr.tile_config(8292, torch.float32, backward=True) == {"ROWS": 1, "BLOCK_D": gr.FP32_BACKWARD_CHUNK,
+                                                                  "SPLIT": True}
+    x, y, gate, cu = _segments([1, 3, 2], 8292, torch.float32)
+    require_backend(GATED_RESIDUAL_BACKENDS, "triton", (x,))
+    dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ours = _grads(sk.gated_residual, [x, y, gate], dout, cu_seqlens=cu, backend="triton")
+    plain = _grads(sk.gated_residual, [x, y, gate], dout, cu_seqlens=cu, backend="reference")
+    wide = [t.detach().double().requires_grad_() for t in (x, y, gate)]
+    exact = _grads(sk.gated_residual, wide, dout.double(), cu_seqlens=cu, backend="reference")
+    assert_2x_rule(ours, plain, exact, torch.float32, "gated_residual, split rows")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_gated_residual_empty_batch(backend):
+    """No tokens (cu_seqlens [0, 0]): an empty result and zero gate gradients."""
+    x, y, gate, cu = _segments([0], 16, torch.float32)
+    require_backend(GATED_RESIDUAL_BACKENDS, backend, (x,))
+    out = sk.gated_residual(x, y, gate, cu, backend=backend)
+    assert out.shape == (0, 16)
+    grads = torch.autograd.grad(out.sum(), [x, y, gate])
+    assert [tuple(g.shape) for g in grads] == [(0, 16), (0, 16), (1, 16)] and not any(g.any() for g in grads)
+
+
 # fp64 runs on the reference backend only (the kernels' reasons: fp16, bf16, fp32).
 def test_rms_norm_gradcheck_reference():
     g = torch.Generator().manual_seed(0)

@@ -29,6 +29,25 @@ inline const float* optional_rows(const std::optional<at::Tensor>& t, const char
   return keep.back().data_ptr<float>();
 }
 
+// Every segment id lies in [0, n): the kernels index the per-segment rows (shift, scale, gate)
+// with them, so an id out of range would read or write outside those tensors. One O(N) scan
+// (a vectorised min / max, then the first bad id for the message), here at the op because the
+// op can be called directly and under torch.compile, where the Python checks cannot read values.
+inline void check_segment_range(const int32_t* seg, int64_t rows, int64_t n) {
+  int32_t lo = 0, hi = 0;
+  if (rows > 0) lo = hi = seg[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t r = 0; r < rows; ++r) {
+    lo = seg[r] < lo ? seg[r] : lo;
+    hi = seg[r] > hi ? seg[r] : hi;
+  }
+  if (lo >= 0 && hi < n) return;
+  int64_t bad = 0;
+  while (seg[bad] >= 0 && seg[bad] < n) ++bad;
+  TORCH_CHECK(false, "segment_ids: expected ids in [0, ", n, ") (rows of the per-segment [", n, ", D] tensors), got ",
+              seg[bad], " at token ", bad);
+}
+
 struct Prepared {
   AdaLNArgs args{};
   std::vector<at::Tensor> keep;  // contiguous copies that the raw pointers point into
@@ -61,10 +80,13 @@ inline Prepared prepare(const at::Tensor& x, const std::optional<at::Tensor>& y,
   if (segment_ids.has_value()) {
     TORCH_CHECK(segment_ids->scalar_type() == at::kInt && segment_ids->dim() == 1 && segment_ids->size(0) == N,
                 "segment_ids: expected int32 [", N, "], got ", segment_ids->scalar_type(), " ", segment_ids->sizes());
+    TORCH_CHECK(segment_ids->device().is_cpu(), "segment_ids: expected a CPU tensor, got ", segment_ids->device());
     p.keep.push_back(segment_ids->contiguous());
-    p.args.seg = p.keep.back().data_ptr<int32_t>();
+    p.args.seg = p.keep.back().data_ptr<int32_t>();  // null when N == 0
   }
-  TORCH_CHECK(!scale.has_value() || p.args.seg, "segment_ids: required with shift and scale");
+  // has_value, not the pointer: an empty tensor's data pointer is null (an empty batch).
+  TORCH_CHECK(!scale.has_value() || segment_ids.has_value(), "segment_ids: required with shift and scale");
+  if (scale.has_value()) check_segment_range(p.args.seg, N, p.segments);
   p.args.rows = N;
   p.args.dim = D;
   p.args.eps = static_cast<float>(eps);

@@ -14,9 +14,14 @@
 namespace sora_kernels {
 namespace dit {
 
-inline void check_segment_ids(const at::Tensor& seg, int64_t rows) {
+// segment_ids int32 [rows], each id a row of gate [n, D]; returns it contiguous.
+inline at::Tensor check_segment_ids(const at::Tensor& seg, int64_t rows, int64_t n) {
   TORCH_CHECK(seg.scalar_type() == at::kInt && seg.dim() == 1 && seg.size(0) == rows, "segment_ids: expected int32 [",
               rows, "], got ", seg.scalar_type(), " ", seg.sizes());
+  TORCH_CHECK(seg.device().is_cpu(), "segment_ids: expected a CPU tensor, got ", seg.device());
+  at::Tensor contiguous = seg.contiguous();
+  check_segment_range(contiguous.data_ptr<int32_t>(), rows, n);
+  return contiguous;
 }
 
 inline at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
@@ -27,8 +32,8 @@ inline at::Tensor gated_residual_forward(const at::Tensor& x, const at::Tensor& 
   check_float_rows(y, "y", N, D);
   TORCH_CHECK(gate.dim() == 2, "gate: expected [n, D], got ", gate.sizes());
   check_float_rows(gate, "gate", gate.size(0), D);
-  check_segment_ids(segment_ids, N);
-  at::Tensor xc = x.contiguous(), yc = y.contiguous(), gc = gate.contiguous(), sc = segment_ids.contiguous();
+  at::Tensor sc = check_segment_ids(segment_ids, N, gate.size(0));
+  at::Tensor xc = x.contiguous(), yc = y.contiguous(), gc = gate.contiguous();
   at::Tensor out = at::empty({N, D}, x.options());
   gated_residual_forward_cpu(xc.data_ptr<float>(), yc.data_ptr<float>(), gc.data_ptr<float>(), sc.data_ptr<int32_t>(),
                              N, D, out.data_ptr<float>());
@@ -43,9 +48,10 @@ inline std::tuple<at::Tensor, at::Tensor> gated_residual_backward(const at::Tens
   const int64_t N = y.size(0), D = y.size(1);
   check_float_rows(dout, "dout", N, D);
   check_float_rows(y, "y", N, D);
+  TORCH_CHECK(gate.dim() == 2, "gate: expected [n, D], got ", gate.sizes());
   check_float_rows(gate, "gate", gate.size(0), D);
-  check_segment_ids(segment_ids, N);
-  at::Tensor dc = dout.contiguous(), yc = y.contiguous(), gc = gate.contiguous(), sc = segment_ids.contiguous();
+  at::Tensor sc = check_segment_ids(segment_ids, N, gate.size(0));
+  at::Tensor dc = dout.contiguous(), yc = y.contiguous(), gc = gate.contiguous();
   at::Tensor dy = at::empty({N, D}, y.options()), dgate = at::zeros(gate.sizes(), gate.options());
   gated_residual_backward_cpu(dc.data_ptr<float>(), yc.data_ptr<float>(), gc.data_ptr<float>(),
                               sc.data_ptr<int32_t>(), N, D, dy.data_ptr<float>(), dgate.data_ptr<float>());

@@ -23,7 +23,7 @@ import torch
 
 from sora_kernels import backends as B
 from sora_kernels.ops.rope3d import block_d
-from sora_kernels.packed import check_cu_seqlens, check_offsets
+from sora_kernels.packed import assert_offsets, check_cu_seqlens, check_offsets
 from sora_kernels.reference import dit_ops as ref
 
 if B.TRITON_MISSING is None:
@@ -369,12 +369,20 @@ def _sm_count(index: int | None) -> int:
                                             ).multi_processor_count
 
 
-def num_warps(bd: int, backward: bool = False, residual: bool = False) -> int:
-    """Warps of the adaln kernels for rows of BLOCK_D elements. The backward's 2048-wide runs
-    take 8: at 4 the fused op's run (four [BLOCK_D] accumulators besides the tile) needed
-    255 registers and spilled 64-72 bytes on sm_80; so does the fused residual forward at rows
-    of 128 or fewer, which spilled 16 bytes at 80 registers on sm_80 (testing/aot.py, Triton 3.8)."""
-    if (backward and bd == 2048) or (residual and not backward and bd <= 128):
+def num_warps(bd: int, backward: bool = False, residual: bool = False, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Warps of the adaln kernels for rows of BLOCK_D elements of `dtype`. The backward's
+    2048-wide runs take 8: at 4 the fused op's run (four [BLOCK_D] accumulators besides the
+    tile) needed 255 registers and spilled 64-72 bytes on sm_80; so does the fused residual
+    forward at rows of 128 or fewer, which spilled 16 bytes at 80 registers on sm_80
+    (testing/aot.py, Triton 3.8). Other dtypes where bf16's choice spilled (testing/aot.py,
+    sm_80 / sm_90): the fp32 fused backward takes 8 below 2048 too (at 4 it used 255 registers
+    and spilled 8-24 bytes at BLOCK_D 64 and 256 on sm_80, Triton 3.8; the unfused one at 8 gets
+    128 registers and spills 8-24 bytes, so it keeps 4); fp16's unfused backward takes 16 at
+    2048 (at 8 it spilled 8-16 bytes under Triton 3.6, as bf16's does there: bf16 keeps 8)."""
+    if backward and not residual and bd == 2048 and dtype == torch.float16:
+        return 16
+    if (backward and (bd == 2048 or (residual and bd < 2048 and dtype == torch.float32))) or \
+            (residual and not backward and bd <= 128):
         return 8
     return 4 if bd <= 2048 else 8 if bd <= 8192 else 16
 
@@ -393,7 +401,8 @@ def adaln_forward(x, y, gate, shift, scale, weight, seg, eps: float, layer: bool
             x, y.contiguous() if y is not None else None, gate.contiguous() if gate is not None else None, h,
             _contiguous(shift), _contiguous(scale), _contiguous(weight), seg, out, mean if layer else None, rstd, N, D,
             eps,
-            RESIDUAL=y is not None, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"], residual=y is not None), **cfg)
+            RESIDUAL=y is not None, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"], False, y is not None, x.dtype),
+            **cfg)
     return h, out, mean, rstd
 
 
@@ -426,7 +435,7 @@ def adaln_backward(x, dout, dh, y, gate, scale, weight, seg, mean, rstd, n_segme
             y.contiguous() if residual else None, gate.contiguous() if residual else None, _contiguous(scale),
             _contiguous(weight), seg, mean if layer else None, rstd, dx, dy, acc[2] if residual else None, acc[0],
             acc[1], dw, N, D, per_program,
-            RESIDUAL=residual, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"], backward=True), **cfg)
+            RESIDUAL=residual, LAYER=layer, num_warps=num_warps(cfg["BLOCK_D"], True, residual, x.dtype), **cfg)
     dshift, dscale = (acc[0].to(scale.dtype), acc[1].to(scale.dtype)) if modulated else (None, None)
     dgate = acc[2].to(gate.dtype) if residual else None
     return dx, dy, dgate, dshift, dscale, dw.to(weight.dtype) if dw is not None else None
@@ -605,11 +614,16 @@ def check_segments(x: torch.Tensor, cu_seqlens, segment_ids) -> tuple[int, torch
     """(segments, int32 segment id per token) from cu_seqlens, checked against x. Their values
     are checked on CPU tensors only (on a GPU reading them would cost a device sync): the
     offsets start at 0, never decrease and end at the token count; given segment ids lie in
-    [0, segments) (a backend indexes shift / scale / gate rows with them)."""
+    [0, segments) (a backend indexes shift / scale / gate rows with them). In eager mode the
+    host reads them (ValueError); under torch.compile, where tracing cannot read values, asserts
+    in the graph check the same when it runs (RuntimeError, the message without the values)."""
     check_cu_seqlens("cu_seqlens", cu_seqlens, x.device, min_entries=2)
-    on_host = cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
-    if on_host:
+    on_cpu = cu_seqlens.device.type == "cpu"
+    traced = torch.compiler.is_compiling()
+    if on_cpu and not traced:
         check_offsets("cu_seqlens", cu_seqlens.tolist(), x.shape[0])
+    elif on_cpu:
+        assert_offsets("cu_seqlens", cu_seqlens, x.shape[0])
     n = cu_seqlens.shape[0] - 1
     if segment_ids is None:
         return n, ref.segment_ids(cu_seqlens, x.shape[0])
@@ -618,11 +632,13 @@ def check_segments(x: torch.Tensor, cu_seqlens, segment_ids) -> tuple[int, torch
         got = (tuple(segment_ids.shape), segment_ids.dtype, str(segment_ids.device)) \
             if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
         raise ValueError(f"segment_ids: expected int32 [{x.shape[0]}] on {x.device}, got {got}")
-    if on_host and segment_ids.numel() > 0:
+    expected = f"segment_ids: expected ids in [0, {n}) (cu_seqlens has {n} segments)"
+    if on_cpu and not traced and segment_ids.numel() > 0:
         low, high = (int(v) for v in torch.aminmax(segment_ids))
         if low < 0 or high >= n:
-            raise ValueError(f"segment_ids: expected ids in [0, {n}) (cu_seqlens has {n} segments), "
-                             f"got ids from {low} to {high}")
+            raise ValueError(f"{expected}, got ids from {low} to {high}")
+    elif on_cpu and traced:
+        torch._assert_async(((segment_ids >= 0) & (segment_ids < n)).all(), expected)
     return n, segment_ids
 
 
@@ -701,13 +717,15 @@ def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cu_seq
         x: [N, D] packed tokens; segment s is rows cu_seqlens[s]:cu_seqlens[s+1].
         shift, scale: [n, D], one row per segment (each sample's own conditioning).
         cu_seqlens: int32 [n+1] (Packed.cu_seqlens), ending at N: checked when cu_seqlens is on
-            the CPU; on a GPU the check would cost a device sync, so there it is the caller's
-            contract (Packed records always satisfy it).
+            the CPU (ValueError; under torch.compile by asserts in the graph, RuntimeError); on
+            a GPU the check would cost a device sync, so there it is the caller's contract
+            (Packed records always satisfy it).
         eps: added to the variance (mean square for "rms").
         norm: "layer" (LayerNorm without bias) or "rms" (RMSNorm).
         weight: optional [D] norm weight (applied before the modulation).
         segment_ids: optional int32 [N] segment of each token (Packed.segment_ids, computed
-            once per batch); by default derived from cu_seqlens. It must agree with cu_seqlens,
+            once per batch); by default derived from cu_seqlens. Its ids lie in [0, n): checked
+            on CPU tensors as cu_seqlens is, and by the C++ kernels. It must agree with cu_seqlens,
             so it never decreases (not checked: that would cost a device sync); the Triton
             backward loops over the ids between a tile's first and last.
         backend: force "triton", "cpu" or "reference" (default: the first that can run).

@@ -26,8 +26,8 @@ from typing import Sequence
 import torch
 
 from sora_kernels import backends as B
-from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, MAX_D, adaln_backward, adaln_forward, check_like, check_norm, \
-    check_tokens
+from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, MAX_D, adaln_norm_triton, adaln_norm_triton_backward, \
+    check_like, check_norm, check_tokens
 from sora_kernels.ops.pack_patchify import check_patch_size, pack_patchify, unpack_unpatchify
 from sora_kernels.packed import Packed, check_packed
 from sora_kernels.reference import dit_ops as ref
@@ -221,14 +221,15 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grads):
     # The patch gradients are packed once (the copy kernel); the modulated norm is recomputed
-    # (one read of x) for the weight gradient, and its backward is adaln_norm's kernel.
+    # (one read of x) for the weight gradient, and its backward is adaln_norm's kernel. Both
+    # through adaln_norm's custom ops, not its launchers: under torch.compile AOTAutograd traces
+    # this backward with fake tensors, which only an op with a fake implementation accepts.
     x, shift, scale, weight, seg = ctx.saved_tensors
     dpatches = pack_patchify(list(grads), ctx.patch_size).tokens                  # [N, P]
-    _, normed, mean, rstd = adaln_forward(x, None, None, shift, scale, None, seg, ctx.eps, ctx.layer)
+    normed, mean, rstd = adaln_norm_triton(x, shift, scale, None, seg, ctx.eps, ctx.layer)
     dweight = dpatches.t() @ normed if ctx.needs_input_grad[3] else None
     dbias = dpatches.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-    dx, _, _, dshift, dscale, _ = adaln_backward(x, dpatches @ weight, None, None, None, scale, None, seg, mean, rstd,
-                                                 shift.shape[0], ctx.layer)
+    dx, dshift, dscale = adaln_norm_triton_backward(dpatches @ weight, x, scale, None, seg, mean, rstd, ctx.layer)
     return dx, dshift, dscale, dweight, dbias, None, None, None, None, None
 
 

@@ -9,8 +9,8 @@ import torch
 
 from sora_kernels import backends as B
 from sora_kernels.ops import adaln_norm
-from sora_kernels.ops.adaln_norm import (backward_programs, check_like, check_segments, check_tokens, cpu_reasons,
-                                         tile_config, triton_reasons)
+from sora_kernels.ops.adaln_norm import (MAX_D, backward_programs, check_like, check_segments, check_tokens,
+                                         cpu_reasons, triton_reasons)
 from sora_kernels.reference import dit_ops as ref
 
 if B.TRITON_MISSING is None:
@@ -29,12 +29,15 @@ if B.TRITON_MISSING is None:
         N, D,
         tiles_per_program,  # backward: this program's tiles of ROWS tokens, [pid, pid + 1) * tiles_per_program
         BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLIT: tl.constexpr,  # backward: rows wider than BLOCK_D, BLOCK_D columns per program (axis 1)
     ):
         """The gated residual of one tile of ROWS tokens (forward), or its gradients over a run
         of tiles (backward: dgate summed in registers while the run stays in one segment, as
-        adaln_bwd_kernel does)."""
+        adaln_bwd_kernel does; of columns [pid1, pid1 + 1) * BLOCK_D when SPLIT)."""
         if BACKWARD:
             cols = tl.arange(0, BLOCK_D)
+            if SPLIT:
+                cols += tl.program_id(1) * BLOCK_D
             col_mask = cols < D
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
             cur = tl.program_id(0) * 0 - 1        # the segment acc holds, -1: none
@@ -61,28 +64,56 @@ if B.TRITON_MISSING is None:
             tl.store(out_ptr + offs, (x + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def num_warps(block_d: int) -> int:
+# The fp32 backward's rows wider than this run in column chunks of this many (a second grid
+# axis; the columns of a gated residual are independent, so a chunk needs nothing from the
+# others): a whole 16384-element row held 32 elements of gate, dout, y and the dgate
+# accumulator per thread at 16 warps and spilled 32 bytes on sm_80, 200 on sm_90 (testing/aot.py,
+# Triton 3.8; 24-32 at 32 warps). bf16 and fp16 rows stay whole: they do not spill.
+FP32_BACKWARD_CHUNK = 8192
+
+
+def tile_config(D: int, dtype: torch.dtype, backward: bool) -> dict:
+    """The tile for rows of D elements: adaln_norm's forward tile, but the fp32 backward's rows
+    wider than FP32_BACKWARD_CHUNK are split into chunks of that many columns."""
+    cfg = adaln_norm.tile_config(D)
+    if backward and dtype == torch.float32 and cfg["BLOCK_D"] > FP32_BACKWARD_CHUNK:
+        return {"ROWS": 1, "BLOCK_D": FP32_BACKWARD_CHUNK, "SPLIT": True}
+    return dict(cfg, SPLIT=False)
+
+
+def config_space(dtype: torch.dtype, backward: bool) -> list[dict]:
+    """Every tile tile_config returns for rows of `dtype` (compiled ahead of time in the tests)."""
+    configs = [tile_config(1 << p, dtype, backward) for p in range(4, MAX_D.bit_length())]
+    return [c for i, c in enumerate(configs) if c not in configs[:i]]
+
+
+def num_warps(block_d: int, dtype: torch.dtype = torch.bfloat16, backward: bool = False) -> int:
     """8 warps (16 elements a thread of a 4096-element tile), 16 for the widest rows: at 4 the
     forward spilled 32 bytes (BLOCK_D=1024, sm_90) and the backward 2.4-3 KB (16384), at 8 the
-    16384-wide backward needed 244 registers (testing/aot.py, Triton 3.8)."""
+    16384-wide bf16 backward needed 244 registers (testing/aot.py, Triton 3.8). The fp16 and
+    fp32 backward take 16 at every width: at 8 the fp32 one spilled 8 bytes at BLOCK_D=2048
+    (sm_80, Triton 3.8) and the fp16 one 8 at 256 (sm_80, Triton 3.6); at 16 neither spills
+    at any width, in either version. bf16 keeps its choice."""
+    if backward and dtype != torch.bfloat16:
+        return 16
     return max(8, adaln_norm.num_warps(block_d))
 
 
 def launch(x, y, gate, seg, backward: bool):
     """Forward: x + gate[seg] * y. Backward (x = dout): (dout * gate[seg], fp32 sum of dout * y
     per segment). The forward runs a program per tile, the backward adaln_norm's grid of
-    programs over runs of tiles."""
+    programs over runs of tiles (times the column chunks of a split row)."""
     N, D = x.shape
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(y if backward else x)
     dgate = torch.zeros(gate.shape, dtype=torch.float32, device=x.device) if backward else None
     if N > 0:
-        cfg = tile_config(D)
+        cfg = tile_config(D, x.dtype, backward)
         tiles = triton.cdiv(N, cfg["ROWS"])
         per_program = triton.cdiv(tiles, backward_programs(tiles, x.device)) if backward else 1
-        gated_residual_kernel[(triton.cdiv(tiles, per_program),)](x, y, gate.contiguous(), seg, out, dgate, N, D,
-                                                                  per_program, BACKWARD=backward,
-                                                                  num_warps=num_warps(cfg["BLOCK_D"]), **cfg)
+        grid = (triton.cdiv(tiles, per_program), triton.cdiv(D, cfg["BLOCK_D"]) if backward else 1)
+        gated_residual_kernel[grid](x, y, gate.contiguous(), seg, out, dgate, N, D, per_program, BACKWARD=backward,
+                                    num_warps=num_warps(cfg["BLOCK_D"], x.dtype, backward), **cfg)
     return out, dgate
 
 

@@ -155,9 +155,17 @@ def _pointer_signature(fn, constexprs: dict, none: set, dtype: str, overrides: d
     return signature
 
 
+# The dtypes the DiT row kernels and the activations run (their triton_reasons): each compiles
+# to other code (fp32 tiles hold twice the bytes of bf16 ones), so each is checked for spills.
+DIT_DTYPES = (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"))
+
+
 def dit_jobs(archs: list[int]) -> list[dict]:
-    """One job per (kernel, variant, tile config, arch) of the DiT row kernels in bf16:
-    adaln_norm / gated_residual_adaln / rms_norm forward and backward, gated_residual."""
+    """One job per (kernel, variant, tile config, dtype, arch) of the DiT row kernels (bf16,
+    fp16, fp32): adaln_norm / gated_residual_adaln / rms_norm forward and backward,
+    gated_residual, and the activations."""
+    import torch
+
     from sora_kernels.ops import adaln_norm as op
     from sora_kernels.ops import gated_residual as gr
     variants = []  # (kernel, constexprs, arguments passed as None)
@@ -173,26 +181,26 @@ def dit_jobs(archs: list[int]) -> list[dict]:
     for backward in (False, True):
         variants.append((gr.gated_residual_kernel, {"BACKWARD": backward}, set() if backward else {"dgate_ptr"}))
     jobs = []
-    for fn, flags, none in variants:
-        for cfg in op.config_space(backward=fn is op.adaln_bwd_kernel):
-            constexprs = {**flags, **cfg, **{name: None for name in none}}
-            for arch in archs:
-                jobs.append({"module": fn.__module__, "kernel": fn.__name__, "arch": arch,
-                             "num_warps": (gr.num_warps(cfg["BLOCK_D"]) if fn is gr.gated_residual_kernel
-                                           else op.num_warps(cfg["BLOCK_D"], backward=fn is op.adaln_bwd_kernel,
-                                                             residual=flags["RESIDUAL"])),
-                             "num_stages": 3, "signature": _pointer_signature(fn, constexprs, none, "bf16"),
-                             "constexprs": constexprs})
+    for dtype, torch_dtype in DIT_DTYPES:
+        dt = getattr(torch, torch_dtype)
+        for fn, flags, none in variants:
+            gated = fn is gr.gated_residual_kernel
+            backward = flags["BACKWARD"] if gated else fn is op.adaln_bwd_kernel
+            for cfg in gr.config_space(dt, backward) if gated else op.config_space(backward):
+                constexprs = {**flags, **cfg, **{name: None for name in none}}
+                warps = (gr.num_warps(cfg["BLOCK_D"], dt, backward) if gated
+                         else op.num_warps(cfg["BLOCK_D"], backward, flags["RESIDUAL"], dt))
+                signature = _pointer_signature(fn, constexprs, none, dtype)
+                jobs += [_job(fn, arch, warps, 3, signature, constexprs) for arch in archs]
     from sora_kernels.ops import activations as act
-    for kind in (0, 1):
-        for backward in (False, True):
-            none = ({"b_ptr", "db_ptr"} if kind == 0 else set()) | (set() if backward else {"db_ptr", "dout_ptr"})
-            constexprs = {"KIND": kind, "BACKWARD": backward, "BLOCK": act.BLOCK, **{name: None for name in none}}
-            for arch in archs:
-                jobs.append({"module": act.__name__, "kernel": "activation_kernel", "arch": arch, "num_warps": 4,
-                             "num_stages": 3, "signature": _pointer_signature(act.activation_kernel, constexprs, none,
-                                                                              "bf16"),
-                             "constexprs": constexprs})
+    for dtype, torch_dtype in DIT_DTYPES:
+        for kind in (0, 1):
+            for backward in (False, True):
+                none = ({"b_ptr", "db_ptr"} if kind == 0 else set()) | (set() if backward else {"db_ptr", "dout_ptr"})
+                constexprs = {"KIND": kind, "BACKWARD": backward, "BLOCK": act.BLOCK, **{name: None for name in none}}
+                signature = _pointer_signature(act.activation_kernel, constexprs, none, dtype)
+                warps = act.num_warps(getattr(torch, torch_dtype))
+                jobs += [_job(act.activation_kernel, arch, warps, 3, signature, constexprs) for arch in archs]
     return jobs
 
 
