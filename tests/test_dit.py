@@ -171,7 +171,8 @@ def test_errors():
 @pytest.mark.parametrize("overrides", [{}, dict(patch_size=(1, 1, 1), hidden=96, heads=3, mlp_ratio=2.0)])
 def test_forward_flops_counts_every_matrix_product(overrides, monkeypatch):
     """forward_flops (the numerator of MFU) equals PyTorch's FLOP counter on the reference
-    backends, where every matrix product and both attentions are aten ops it counts."""
+    backends, where every matrix product is an aten op it counts and both attentions are
+    custom ops it counts by their registered formula (varlen_attention.attention_flops)."""
     from torch.utils.flop_counter import FlopCounterMode
     monkeypatch.setenv("SORA_KERNELS_BACKEND", "reference")
     dit = model(seed=1, **overrides)

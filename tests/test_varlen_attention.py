@@ -287,6 +287,35 @@ def test_rows_without_keys(backend, engine, monkeypatch):
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rope", [False, True])
+def test_reference_backend_gradients(causal, rope):
+    """The reference backend's backward (its formulas, inside a custom op) against autograd
+    through the reference math, in float64: cross-attention with GQA, an empty query segment,
+    an empty key segment, causal rows without keys, and rope on q and k."""
+    case = make_case([5, 0, 7, 3], [3, 4, 9, 0], heads=4, kv_heads=2, head_dim=16, dtype=torch.float64, rope=rope)
+    dout = torch.randn(15, 4, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    ours, _ = run(case, causal, backend="reference", dout=dout)
+    for name, a, e in zip(("out", "lse", "dq", "dk", "dv"), ours, oracle(case, causal, dout)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("causal, pairs", [(False, 5 * 3 + 7 * 9), (True, (0 + 0 + 1 + 2 + 3) + sum(range(3, 10)))])
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_flop_counter(backend, causal, pairs):
+    """torch.utils.flop_counter.FlopCounterMode counts the attention custom ops: 4 D per head
+    per (query, visible key) pair forward (bottom-right causal), 2.5x that backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    case = make_case([5, 7], [3, 9], heads=4, kv_heads=2, head_dim=16, dtype=torch.float32)
+    require_backend(op.ATTENTION_BACKENDS, backend, (case["q"], case["k"], case["v"]))
+    with FlopCounterMode(display=False) as counter:
+        out = sk.varlen_attention(**case, causal=causal, backend=backend)
+    assert counter.get_total_flops() == 4 * 4 * 16 * pairs
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 4 * 4 * 16 * pairs * 5 // 2
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_no_queries(backend):
     """Nq = 0 (every query segment empty): an empty output, and gradients (zeros for k and v)."""

@@ -958,7 +958,7 @@ def _reference_math(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, 
 
 # The reference backend as a custom op too, so that torch.compile(fullgraph=True) takes it (its
 # per-segment loop reads cu_seqlens on the host), for example a float32 model on a GPU. The
-# backward recomputes the forward under autograd.
+# backward is the reference's formulas (autograd does not record inside a custom op).
 @torch.library.custom_op("sora_kernels::varlen_attention_reference", mutates_args=())
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
@@ -978,13 +978,15 @@ def varlen_attention_reference_backward(
         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
         softmax_scale: float, causal: bool, positions_q: torch.Tensor | None, positions_k: torch.Tensor | None,
         theta: float, sections: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    with torch.enable_grad():
-        again, _ = _reference_math(*leaves, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, positions_q,
-                                   positions_k, theta, sections)
-    grads = (torch.autograd.grad(again, leaves, dout, allow_unused=True) if again.requires_grad
-             else (None, None, None))   # no query rows (Nq = 0): nothing reads q, k or v
-    return tuple(torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip(leaves, grads))
+    rope = positions_q is not None
+    if rope:  # the attention saw q and k rotated; its dq and dk rotate back
+        q = ref_rope.rope3d(q, positions_q, theta, tuple(sections))
+        k = ref_rope.rope3d(k, positions_k, theta, tuple(sections))
+    dq, dk, dv = ref.varlen_attention_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+    if rope:
+        dq = ref_rope.rope3d(dq, positions_q, theta, tuple(sections), inverse=True)
+        dk = ref_rope.rope3d(dk, positions_k, theta, tuple(sections), inverse=True)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -1026,6 +1028,47 @@ def _register_autograd(forward_op: str, backward_op: str) -> None:
 _register_autograd("sora_kernels::varlen_attention_triton", "sora_kernels::varlen_attention_triton_backward")
 _register_autograd("sora_kernels::varlen_attention_cpu", "sora_kernels::varlen_attention_cpu_backward")
 _register_autograd("sora_kernels::varlen_attention_reference", "sora_kernels::varlen_attention_reference_backward")
+
+
+def attention_flops(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_k: int,
+                    causal: bool) -> int:
+    """Matrix-product FLOPs of a forward: 4 D per (query, visible key) pair per head (Q K^T and
+    P V). With cu_seqlens that cannot be read (fake tensors under torch.compile) every query
+    counts max_seqlen_k keys, an upper bound."""
+    Nq, H, D = q.shape
+    try:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    except (RuntimeError, NotImplementedError):   # a fake or meta tensor: no values
+        return 4 * H * D * Nq * max_seqlen_k
+    pairs = 0
+    for b in range(len(cq) - 1):
+        Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if causal:   # bottom-right: query i sees min(Lk, max(0, i + Lk - Lq + 1)) keys
+            pairs += sum(min(Lk, max(0, i + Lk - Lq + 1)) for i in range(Lq))
+        else:
+            pairs += Lq * Lk
+    return 4 * H * D * pairs
+
+
+# PyTorch's FLOP counter (torch.utils.flop_counter.FlopCounterMode) sees the attention custom
+# ops, not the products inside them: their counts, forward and backward (2.5x: Q K^T again, dV,
+# dP, dQ and dK), as for FlashAttention.
+from torch.utils.flop_counter import register_flop_formula  # noqa: E402
+
+
+@register_flop_formula([torch.ops.sora_kernels.varlen_attention_triton, torch.ops.sora_kernels.varlen_attention_cpu,
+                        torch.ops.sora_kernels.varlen_attention_reference], get_raw=True)
+def _forward_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, *args,
+                   out_val=None, **kwargs) -> int:
+    return attention_flops(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, causal)
+
+
+@register_flop_formula([torch.ops.sora_kernels.varlen_attention_triton_backward,
+                        torch.ops.sora_kernels.varlen_attention_cpu_backward,
+                        torch.ops.sora_kernels.varlen_attention_reference_backward], get_raw=True)
+def _backward_flops(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                    causal, *args, out_val=None, **kwargs) -> int:
+    return attention_flops(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, causal) * 5 // 2
 
 
 # -----------------------------------------------------------------------------

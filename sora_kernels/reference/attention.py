@@ -46,3 +46,40 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if not outs:
         return q.new_zeros(q.shape), torch.full((H, Nq), float("-inf"), device=q.device)
     return torch.cat(outs).to(q.dtype), torch.cat(lses, dim=1).float()
+
+
+def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
+                              causal: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients (dq, dk, dv) of varlen_attention's out (upcast) for dout [Nq, H, D], by the
+    formulas instead of autograd (so that it runs inside a custom op), per segment in fp32 or
+    wider: with P = softmax(S), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K s,
+    dK = dS^T Q s, the heads of a group summed into their key head. Keys no query sees get 0."""
+    Nq, H, D = q.shape
+    Hkv = k.shape[1]
+    group = H // Hkv
+    wide = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = (torch.zeros(x.shape, dtype=wide, device=x.device) for x in (q, k, v))
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if Lq == 0 or Lk == 0:
+            continue
+        qs = q[cq[b]:cq[b + 1]].to(wide).transpose(0, 1)                                    # [H, Lq, D]
+        ks = k[ck[b]:ck[b + 1]].to(wide).transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Lk, D]
+        vs = v[ck[b]:ck[b + 1]].to(wide).transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Lk, D]
+        do = dout[cq[b]:cq[b + 1]].to(wide).transpose(0, 1)                                 # [H, Lq, D]
+        scores = (qs @ ks.transpose(1, 2)) * softmax_scale                                 # [H, Lq, Lk]
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
+        allowed = (j <= i + (Lk - Lq)) if causal else torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+        has_keys = allowed.any(dim=1)
+        p = torch.softmax(torch.where(allowed, scores, float("-inf")).where(has_keys[:, None], 0.0), dim=-1)
+        p = p * has_keys[:, None]
+        o = p @ vs
+        ds = p * (do @ vs.transpose(1, 2) - (do * o).sum(-1, keepdim=True))
+        dq[cq[b]:cq[b + 1]] = (ds @ ks * softmax_scale).transpose(0, 1)
+        dk[ck[b]:ck[b + 1]] = (ds.transpose(1, 2) @ qs * softmax_scale).unflatten(0, (Hkv, group)).sum(1) \
+            .transpose(0, 1)
+        dv[ck[b]:ck[b + 1]] = (p.transpose(1, 2) @ do).unflatten(0, (Hkv, group)).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
