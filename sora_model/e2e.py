@@ -20,10 +20,13 @@ Steps:
 
 Metrics (metrics.json):
   - dit_loss_first / dit_loss_last: mean flow-matching loss of the first and last 10% of steps;
-  - colour_distance_samples / _noise / _data: the L1 distance between colour histograms
-    (4 x 4 x 4 bins over RGB) of the generated frames and of held-out world clips, against
-    the same distance for uniform noise frames and for a second set of world clips (the floor);
-  - ball_pixels_samples / _data: the fraction of pixels near one of the five ball colours;
+  - colour_distance_samples / _untrained / _noise / _data: the L1 distance between colour
+    histograms (4 x 4 x 4 bins over RGB) of the generated frames and of held-out world clips,
+    against the same distance for the untrained pipeline's samples, for uniform noise frames
+    and for a second set of world clips (the floor);
+  - ball_pixels_samples / _untrained / _data: the fraction of pixels near one of the five ball
+    colours, in the samples, in the same pipeline's samples before training (the DiT at its
+    adaLN-Zero start predicts nothing, so they are the starting noise decoded) and in held-out clips;
   - caption_errors: the flow-matching error on 48 held-out clips with their own captions,
     with each clip given another's, and with the null caption (a model that ignores its
     captions scores the three alike).
@@ -120,7 +123,8 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
     normalise_latents(vae, held_out)
     train_vae.save_checkpoint(vae_path, vae, vae_steps)
 
-    cfg = dit_train.TrainConfig(dit="mini", steps=dit_steps, lr=1e-3, budget=256, max_tokens=64, seed=seed,
+    # max_tokens = budget: every world clip whole (the largest, 13 x 48 x 48 frames, is 144 tokens)
+    cfg = dit_train.TrainConfig(dit="mini", steps=dit_steps, lr=1e-3, budget=256, max_tokens=256, seed=seed,
                                 save_every=dit_steps, ema=0.99, latent_pool=latent_pool, text=text)
     run_dir = os.path.join(out, "run")
     dit_losses = dit_train.train(cfg, vae, run_dir, progress=progress)
@@ -130,6 +134,10 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
     captions = [c for _, c in itertools.islice(physics_clips(WorldConfig(), seed=seed + 202), 4)]
     sizes = [(9, 32, 48), (9, 48, 32), (9, 32, 64), (1, 48, 48)]
     videos = generate(model, vae, captions, sizes, steps=20, guidance=3.0, seed=seed)
+    # The same pipeline before training: adaLN-Zero's DiT predicts v = 0, so its samples are
+    # the sampler's starting noise through the VAE (which alone already gives world-like colours).
+    torch.manual_seed(seed)
+    untrained = generate(dit_train.make_denoiser(cfg).eval(), vae, captions, sizes, steps=20, guidance=3.0, seed=seed)
     for i, (frames, caption) in enumerate(zip(videos, captions)):
         write_video(os.path.join(out, f"sample_{i}.gif"), frames, fps=WorldConfig().fps)
         with open(os.path.join(out, f"sample_{i}.txt"), "w") as f:
@@ -139,6 +147,7 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
     other = torch.cat([_frames(v).reshape(-1, 3)
                        for v, _ in itertools.islice(physics_clips(WorldConfig(), seed=seed + 303), 32)])
     samples = torch.cat([v.reshape(-1, 3) for v in videos])
+    before = torch.cat([v.reshape(-1, 3) for v in untrained])
     noise = torch.randint(0, 256, samples.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     h_data = colour_histogram(data)
     vae_first, vae_last = first_last_tenths(vae_losses)
@@ -148,9 +157,11 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
         "vae_loss_first": vae_first, "vae_loss_last": vae_last,
         "dit_loss_first": dit_first, "dit_loss_last": dit_last,
         "colour_distance_samples": (colour_histogram(samples) - h_data).abs().sum().item(),
+        "colour_distance_untrained": (colour_histogram(before) - h_data).abs().sum().item(),
         "colour_distance_noise": (colour_histogram(noise) - h_data).abs().sum().item(),
         "colour_distance_data": (colour_histogram(other) - h_data).abs().sum().item(),
-        "ball_pixels_samples": ball_pixels(samples), "ball_pixels_data": ball_pixels(data),
+        "ball_pixels_samples": ball_pixels(samples), "ball_pixels_untrained": ball_pixels(before),
+        "ball_pixels_data": ball_pixels(data),
         "caption_errors": caption_errors(model, vae, list(itertools.islice(physics_clips(WorldConfig(),
                                                                                        seed=seed + 404), 48)), seed),
         "captions": captions, "sizes": sizes,

