@@ -89,12 +89,20 @@ class CausalConv3d(nn.Module):
     kernel_t - 1 output frames are computed from the taps that see real frames only, instead
     of convolving zeros: an image (one frame) costs one tap instead of kernel_t, a 2-frame
     latent half its taps. Equal to the padded convolution up to the order of the additions.
+
+    upsample: the convolution of x up-sampled 2x in space (nearest), computed from x without
+    up-sampling it (a sub-pixel convolution, `_conv_upsampled`): 4 of the 3 x 3 kernel's 9
+    spatial taps per output pixel. The carried frames are then x's, at its resolution.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
+                 upsample: bool = False):
         super().__init__()
+        if upsample and (kernel != 3 or stride != 1):
+            raise ValueError(f"upsample: needs kernel 3 and stride 1, got kernel {kernel}, stride {stride}")
         self.pad_t = kernel - 1
         self.stride = stride
+        self.upsample = upsample
         self.pad_s = kernel // 2
         self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=(1, stride, stride),
                               padding=(0, self.pad_s, self.pad_s) if stride == 1 else 0)
@@ -134,16 +142,46 @@ class CausalConv3d(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            return self._conv_upsampled(x, weight)
+        return self._conv_valid_t(x, weight, self.conv.bias, self.conv.padding)
+
+    def _conv_upsampled(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The convolution (zero padding 1 in space) of x up-sampled 2x in space by nearest:
+        [B, C, T, h, w] -> [B, C_out, T - kt + 1, 2h, 2w], without the up-sampled tensor.
+
+        Output row 2i + a reads up-sampled rows 2i + a - 1 .. 2i + a + 1, which are input rows
+        (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: two input rows, with the taps that
+        share one summed (k0 | k1 + k2, or k0 + k1 | k2); the same for columns. So each of the
+        four output phases (a, b) is a 2 x 2 convolution of x, and one convolution with the
+        four phases' kernels as 4 C_out outputs and padding 1 gives them all on an (h + 1) x
+        (w + 1) grid: phase (a, b)'s pixel (i, j) is at (i + a, j + b) there."""
+        k0, k1, k2 = weight.unbind(3)
+        rows = torch.stack([torch.stack([k0, k1 + k2], 3), torch.stack([k0 + k1, k2], 3)])  # [a, O, I, kt, 2, 3]
+        k0, k1, k2 = rows.unbind(5)
+        phases = torch.stack([torch.stack([k0, k1 + k2], 5), torch.stack([k0 + k1, k2], 5)], 1)  # [a, b, O, I, kt, 2, 2]
+        O = weight.shape[0]
+        bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
+        y = self._conv_valid_t(x, phases.reshape(4 * O, *phases.shape[3:]).contiguous(), bias, (0, 1, 1))
+        B, _, T, h1, w1 = y.shape
+        y = y.view(B, 2, 2, O, T, h1, w1)
+        h, w = h1 - 1, w1 - 1
+        out = y.new_empty(B, O, T, h, 2, w, 2)
+        for a in (0, 1):
+            for b in (0, 1):
+                out[:, :, :, :, a, :, b] = y[:, a, b, :, :, a:a + h, b:b + w]
+        return out.view(B, O, T, 2 * h, 2 * w)
+
+    def _conv_valid_t(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      padding: tuple) -> torch.Tensor:
+        """Conv3d of x (no temporal padding) with self.conv's stride."""
         c = self.conv
         if _cpu_inference(x):
             # PyTorch's CPU conv3d takes its unblocked slow_conv3d path for inputs of at most 5
             # frames (a chunked decode's), about 10x slower per frame than oneDNN here (32
             # channels, 128 x 128: 75 ms vs 7 ms a frame); so oneDNN is called directly.
-            return torch.mkldnn_convolution(x, weight, c.bias, list(c.padding), list(c.stride), list(c.dilation),
-                                            c.groups)
-        if weight is c.weight:
-            return c(x)
-        return F.conv3d(x, weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+            return torch.mkldnn_convolution(x, weight, bias, list(padding), list(c.stride), list(c.dilation), c.groups)
+        return F.conv3d(x, weight, bias, c.stride, padding, c.dilation, c.groups)
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
@@ -206,15 +244,15 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """2x spatially (nearest, then a conv); in time (when temporal) frame 0 of the video to one
-    frame and every later frame to two: T = 1 + m -> 1 + 2m. Each latent frame's output
-    frames depend on it alone, so chunks up-sample independently (`first`: the chunk holds
-    frame 0)."""
+    """2x spatially (nearest, then a conv: one sub-pixel convolution, CausalConv3d's
+    upsample); in time (when temporal) frame 0 of the video to one frame and every later frame
+    to two: T = 1 + m -> 1 + 2m. Each latent frame's output frames depend on it alone, so
+    chunks up-sample independently (`first`: the chunk holds frame 0)."""
 
     def __init__(self, channels: int, temporal: bool):
         super().__init__()
         self.temporal = temporal
-        self.conv = CausalConv3d(channels, channels)
+        self.conv = CausalConv3d(channels, channels, upsample=True)
 
     def forward(self, x: torch.Tensor, state: DecodeState | None = None, first: bool = True) -> torch.Tensor:
         if self.temporal:
@@ -222,9 +260,7 @@ class Upsample(nn.Module):
                 x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
             else:
                 x = x.repeat_interleave(2, dim=2)
-        B, C, T, H, W = x.shape
-        x = F.interpolate(x.reshape(B, C * T, H, W), scale_factor=2, mode="nearest").reshape(B, C, T, 2 * H, 2 * W)
-        return self.conv(x, state)
+        return self.conv(x, state)  # [B, C, T, 2H, 2W]
 
 
 @dataclass

@@ -48,6 +48,43 @@ def test_causal_conv_from_zeros_equals_the_padded_conv(T, grad):
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-4)
 
 
+def _upsampled(x):
+    B, C, T, H, W = x.shape
+    return torch.nn.functional.interpolate(x.reshape(B, C * T, H, W), scale_factor=2, mode="nearest").reshape(
+        B, C, T, 2 * H, 2 * W)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_upsampling_conv_equals_nearest_then_conv(T, grad):
+    """CausalConv3d(upsample=True), the sub-pixel convolution, equals nearest 2x up-sampling
+    then Conv3d over the zero-padded frames, for a first chunk and for a second one that reads
+    the carried frames (kept at the input's resolution); gradients of x and the weight too."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(8, 6, upsample=True).to(DEVICE)
+    x1 = torch.randn(2, 8, T, 5, 7, device=DEVICE, requires_grad=grad)
+    x2 = torch.randn(2, 8, 3, 5, 7, device=DEVICE)
+    state = DecodeState()
+    with torch.set_grad_enabled(grad):
+        out = torch.cat([conv(x1, state), conv(x2, state)], dim=2)
+    assert state.frames[id(conv)].shape == (2, 8, 2, 5, 7)
+    up = _upsampled(torch.cat([x1, x2], dim=2))
+    expected = torch.nn.functional.conv3d(torch.cat([up.new_zeros(2, 8, 2, 10, 14), up], dim=2), conv.conv.weight,
+                                          conv.conv.bias, padding=(0, 1, 1))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if grad:
+        dout = torch.randn_like(out)
+        ours = torch.autograd.grad(out, [x1, conv.conv.weight, conv.conv.bias], dout)
+        ref = torch.autograd.grad(expected, [x1, conv.conv.weight, conv.conv.bias], dout)
+        for name, a, b in zip(["x", "weight", "bias"], ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def test_upsampling_conv_needs_a_3x3_stride_1_kernel():
+    with pytest.raises(ValueError, match="upsample: needs kernel 3 and stride 1, got kernel 3, stride 2"):
+        CausalConv3d(4, 4, stride=2, upsample=True)
+
+
 def test_first_frame_is_encoded_on_its_own():
     """An image is a 1-frame video: the latent of frame 0 does not depend on later frames."""
     vae = tiny()
