@@ -159,7 +159,8 @@ class CausalConv3d(nn.Module):
         k0, k1, k2 = weight.unbind(3)
         rows = torch.stack([torch.stack([k0, k1 + k2], 3), torch.stack([k0 + k1, k2], 3)])  # [a, O, I, kt, 2, 3]
         k0, k1, k2 = rows.unbind(5)
-        phases = torch.stack([torch.stack([k0, k1 + k2], 5), torch.stack([k0 + k1, k2], 5)], 1)  # [a, b, O, I, kt, 2, 2]
+        # [a, b, O, I, kt, 2, 2]
+        phases = torch.stack([torch.stack([k0, k1 + k2], 5), torch.stack([k0 + k1, k2], 5)], 1)
         O = weight.shape[0]
         bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
         y = self._conv_valid_t(x, phases.reshape(4 * O, *phases.shape[3:]).contiguous(), bias, (0, 1, 1))

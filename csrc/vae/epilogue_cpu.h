@@ -1,7 +1,8 @@
 // The video decoder's epilogues on CPU, torch-free (raw pointers and sizes; float32):
 //   frames_to_uint8: planes x [C, P] (P = T * H * W) -> bytes out [P, C]:
 //     round((clamp(x, -1, 1) + 1) * 127.5) half to even (torch.round's rule);
-//   latent_denorm: z [B, C, T, S] -> out = z * scale[c] + shift[c], nan[b, t] = count of non-finite values (NaN, +-Inf).
+//   latent_denorm: z [B, C, T, S] -> out = z * scale[c] + shift[c], nan[b, t] = count of
+//   non-finite values (NaN, +-Inf).
 #pragma once
 
 #include <cstdint>

@@ -58,7 +58,8 @@ __global__ void latent_denorm_kernel(const T* __restrict__ z, T* __restrict__ ou
     bad += !(fabsf(v) <= FLT_MAX);  // NaN or +-Inf
     out[base + s] = from_float<T>(__fadd_rn(__fmul_rn(v, k), m));  // two roundings, as the reference
   }
-  if (bad) atomicAdd(nan + b * T_ + t, bad);  // a thread's own count (non-finite values are rare: no atomics without them)
+  // a thread's own count (non-finite values are rare: no atomics without them)
+  if (bad) atomicAdd(nan + b * T_ + t, bad);
 }
 
 constexpr int kThreads = 256;

@@ -296,7 +296,8 @@ def rope3d(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0, 
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x: expected a 3-dim tensor [N, H, D], got {got}")
     if not x.is_floating_point():
-        raise ValueError(f"x: expected a floating-point tensor (a rotation of integers would be rounded), got {x.dtype}")
+        raise ValueError(f"x: expected a floating-point tensor (a rotation of integers would be rounded), "
+                         f"got {x.dtype}")
     sections = check_sections(x.shape[2], sections)
     check_positions("positions", positions, x.shape[0], x.device)
     theta = check_theta(theta)
