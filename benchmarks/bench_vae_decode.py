@@ -7,6 +7,8 @@ Providers:
   full        the whole latent at once with our kernels (group_norm_silu);
   streaming   decode_stream(chunk_frames=2) with our kernels, each chunk of frames turned
               into uint8 as it comes (memory bounded by the chunk);
+  streaming_1 decode_stream(chunk_frames=1): the untiled decode at the tiled one's chunk, so that
+              the two compare like for like (where tiled runs);
   tiled       decode_stream(chunk_frames=1, tile=half the frame each way): the exact
               spatial tiling (4 tiles, whole-frame GroupNorm statistics from statistics
               passes), what a memory budget picks when a frame does not fit. Run on the
@@ -26,7 +28,7 @@ from sora_kernels import backends as B
 from sora_kernels.testing.memory import peak_bytes
 from sora_model.vae import VideoAutoencoder, to_uint8_frames, vae_config
 
-PROVIDERS = ["eager_full", "full", "streaming", "tiled"]
+PROVIDERS = ["eager_full", "full", "streaming", "streaming_1", "tiled"]
 
 
 def workloads(device: torch.device) -> dict:
@@ -53,9 +55,10 @@ def forced_backend(name: str | None):
 def _decode(vae, z, provider):
     def run():
         with torch.no_grad(), forced_backend("reference" if provider == "eager_full" else None):
-            if provider in ("streaming", "tiled"):
-                tiled = dict(chunk_frames=1, tile=(-(-z.shape[3] // 2), -(-z.shape[4] // 2)))
-                for chunk in vae.decode_stream(z, **(tiled if provider == "tiled" else dict(chunk_frames=2))):
+            if provider in ("streaming", "streaming_1", "tiled"):
+                plan = {"streaming": dict(chunk_frames=2), "streaming_1": dict(chunk_frames=1),
+                        "tiled": dict(chunk_frames=1, tile=(-(-z.shape[3] // 2), -(-z.shape[4] // 2)))}[provider]
+                for chunk in vae.decode_stream(z, **plan):
                     for video in chunk:
                         to_uint8_frames(video)
             else:
@@ -70,8 +73,9 @@ def test_vae_decode(suite, benchmark, provider, workload):
     sizes = workloads(suite.device)
     if workload not in sizes:
         pytest.skip(f"{workload} is a {'CPU' if suite.device.type == 'cuda' else 'GPU'} workload")
-    if provider == "tiled" and workload in ("5x256x256", "65x256x256"):
-        pytest.skip("tiled runs on one CPU workload (17 frames): its statistics passes take minutes on 2 cores")
+    if provider in ("tiled", "streaming_1") and workload in ("5x256x256", "65x256x256"):
+        pytest.skip(f"{provider} runs on one CPU workload (17 frames): the tiled decode's statistics passes take "
+                    f"minutes on 2 cores, and streaming_1 is its like-for-like")
     T, H, W, config = sizes[workload]
     torch.manual_seed(0)
     vae = VideoAutoencoder(vae_config(config)).to(suite.device).eval()

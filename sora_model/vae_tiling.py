@@ -22,10 +22,12 @@ n / 2 extra segment runs). The planner only tiles the segments that do not fit.
 Causal convolutions carry their last frames from chunk to chunk per tile (each convolution's
 one full run in a chunk stores them; runs stopped at a norm only read them).
 
-Planning. `plan_decode` estimates the peak bytes of a decode for a chunk size and a tile size
-(the activations of the largest segment, the carried frames of every convolution, the whole
-frames kept between segments, and the output) and returns the fastest plan that fits the
-budget: untiled with the largest chunk, else tiled with the largest tile.
+Planning. `estimate_bytes` bounds the peak bytes of a decode for a chunk size, a tile size
+and the segments tiled, by replaying the decode's allocations layer by layer (the decoder's
+weights, the output, the carried frames of every convolution, and the largest segment's
+working set with each layer's temporaries; "Memory planning" below). `plan_decode` returns
+the fastest plan whose estimate fits the budget: untiled with the largest chunk, else tiled,
+fewest tiles first.
 """
 from __future__ import annotations
 
@@ -196,6 +198,7 @@ def run_tiled(seg: Segment, x: torch.Tensor, tiles: list[Tile], first: bool, kee
                 else:
                     run_layers(seg.layers[target:target + 1], h, t.state, first)
             except StopPass:
+                h = mid = None          # not held while the next tile runs
                 continue
             raise RuntimeError("tiled decode: a statistics pass did not reach its GroupNorm")
         norms.finish(norm, norm.weight.numel() // norm.groups * H * W)
@@ -208,6 +211,7 @@ def run_tiled(seg: Segment, x: torch.Tensor, tiles: list[Tile], first: bool, kee
         if out is None:
             out = y.new_empty(*y.shape[:3], H, W)
         out[..., t.at[0]:t.at[0] + th, t.at[1]:t.at[1] + tw] = y[..., oy:oy + th, ox:ox + tw]
+        del y                           # not held while the next tile runs
     return out
 
 
@@ -231,13 +235,31 @@ class _Kept:
 # -----------------------------------------------------------------------------
 # Memory planning
 # -----------------------------------------------------------------------------
-
-# Live tensors of a segment's width while a ResBlock runs (input, normalised, the padded conv
-# input, conv output, the skip, the sum), measured on CPU with the tiny config; a tiled
-# statistics pass may add a copy of the tile's own pixels, counted as two (group_norm_moments:
-# none with the C++ and Triton kernels, which read the view in place; float64 with the
-# reference's).
-ACTIVATION_COPIES = 6
+#
+# estimate_bytes replays the allocations of a decode layer by layer, in the order vae.py makes
+# them, and keeps the largest total. What is alive at the peak:
+#   weights   the decoder's parameters (resident: peak_bytes counts them on CPU);
+#   fixed     the de-normalised latent; the output video (decode), and the previous chunk, which
+#             decode's loop (or decode_stream's caller) holds while the next one is decoded;
+#   carried   each causal convolution's last input frames, per tile in a tiled segment;
+#   segment   the largest segment's working set: its input (held while it runs), each layer's
+#             input, output and temporaries, and in a tiled segment the whole frames in and out,
+#             the tile's crop of the input and what the tiles keep between statistics passes.
+# The temporaries, measured per layer on CPU (oneDNN; small config):
+#   - a oneDNN convolution reorders its input, its weights and its output to blocked layouts
+#     (one copy each; which of them depends on the channel counts) and writes the plain output;
+#   - CausalConv3d, first chunk (`_from_zeros`): the leading frames' convolutions, each with a
+#     contiguous slice of the weights, and the rest's, then torch.cat of their outputs; later
+#     chunks: torch.cat of the carried frames and the input, and the frames kept for the next
+#     chunk while the previous ones are still held;
+#   - the sub-pixel up-sampling convolution (`_conv_upsampled`), per call: its phase kernels
+#     (16/9 of the weights) and `rows` (12/9), reordered by oneDNN as above, the 4 C_out phase
+#     outputs on an (h + 1) x (w + 1) grid, then the interleaved output;
+#   - Upsample in time: the repeat_interleave and the cat; a ResBlock: its input (held to the
+#     skip), each norm's output, the 1 x 1 skip convolution (oneDNN as above) and the sum;
+#   - the norms of a tiled segment: a statistics pass may copy the tile's own pixels in float64
+#     (group_norm_moments' reference backend; the C++ and Triton kernels read them in place).
+# Measured against peak_bytes on CPU: docs/NOTES-vae.md, tests/test_vae_tiling.py.
 
 
 @dataclass(frozen=True)
@@ -249,43 +271,303 @@ class DecodePlan:
     keep_inputs: bool = True       # tiled segments keep layer inputs between statistics passes (run_tiled)
 
 
-def _frames(segs: list[Segment], chunk: int) -> list[int]:
-    """Frames each segment holds for a chunk of latent frames (an upper bound: later chunks)."""
-    out, n = [], chunk
+class _Size:
+    """Elements as a function of the frame a segment runs on, h x w at its input resolution:
+    c[0] h w + c[1] h + c[2] w + c[3]. A segment is replayed once with symbolic h and w, then
+    evaluated for every frame or tile size."""
+    __slots__ = ("c",)
+
+    def __init__(self, c: tuple[int, int, int, int]):
+        self.c = c
+
+    def __add__(self, other):
+        o = other.c if isinstance(other, _Size) else (0, 0, 0, other)
+        return _Size(tuple(a + b for a, b in zip(self.c, o)))
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return _Size(tuple(-a for a in self.c))
+
+    def __sub__(self, other):
+        return self + -other
+
+    def __mul__(self, other):
+        if not isinstance(other, _Size):
+            return _Size(tuple(a * other for a in self.c))
+        (a, b, c, d), (e, f, g, k) = self.c, other.c   # (b h + d)(g w + k), or (c w + d)(f h + k)
+        if a or e or (b and f) or (c and g):
+            raise ValueError("_Size: only (a h + b)(c w + d) products stay in h w, h, w, 1")
+        return _Size((b * g + c * f, b * k + d * f, c * k + d * g, d * k))
+
+    __rmul__ = __mul__
+
+    def at(self, h: int, w: int) -> int:
+        return self.c[0] * h * w + self.c[1] * h + self.c[2] * w + self.c[3]
+
+
+_H, _W = _Size((0, 1, 0, 0)), _Size((0, 0, 1, 0))
+
+
+class _Replay:
+    """The elements alive during a replayed run (`now`), and every total an allocation reached
+    (`tops`: the peak is the largest, for the frame size in question). B: the batch."""
+
+    def __init__(self, batch: int, now):
+        self.B, self.now, self.tops = batch, now, [now]
+
+    def alloc(self, *sizes) -> None:
+        self.now = sum(sizes, self.now)
+        self.tops.append(self.now)
+
+    def free(self, *sizes) -> None:
+        self.now = self.now - sum(sizes)
+
+    def peaks(self) -> list[_Size]:
+        """The totals that can be the peak: those no other total bounds term by term."""
+        tops = sorted({top.c for top in self.tops}, reverse=True)
+        kept: list[tuple] = []
+        for c in tops:
+            if not any(all(k >= x for k, x in zip(other, c)) for other in kept):
+                kept.append(c)
+        return [_Size(c) for c in kept]
+
+
+def _blocked(c: int) -> int:
+    """Channels of a blocked layout: padded to a multiple of 16 (oneDNN's blocks: 8 with AVX2,
+    16 with AVX-512; a 3-channel output is reordered as 8 here)."""
+    return -(-c // 16) * 16
+
+
+def _onednn_conv(r: _Replay, inp, weight: int, pixels, channels: int):
+    """One convolution (torch.mkldnn_convolution; F.conv3d off CPU) of inp elements, with
+    `weight` elements per output channel, into `channels` x `pixels` elements: blocked copies of
+    all three, then the plain output, which it leaves allocated. (Measured: oneDNN copies the
+    input and the weights, or makes a blocked output, or, at 3 output channels, all three.)"""
+    blocked = _blocked(channels)
+    r.alloc(inp, weight * blocked, pixels * blocked, pixels * channels)
+    r.free(inp, weight * blocked, pixels * blocked)
+    return pixels * channels
+
+
+def _causal_conv(r: _Replay, conv: CausalConv3d, t: int, h, w, first: bool):
+    """CausalConv3d.forward on [B, C_in, t, h, w] (held by the caller); leaves its output
+    allocated. Returns it: (elements, height, width)."""
+    ci, co, p, B = conv.conv.in_channels, conv.conv.out_channels, conv.pad_t, r.B
+    up = conv.upsample
+    oh, ow = (2 * h, 2 * w) if up else (h, w)
+    tap = 9 * ci * co                                    # weights per temporal tap
+
+    def one(t_in: int, kt: int, sliced: bool):           # a convolution of t_in frames with kt taps
+        t_out = t_in - kt + 1
+        if sliced:
+            r.alloc(tap * kt)                            # weight[:, :, p - k:].contiguous()
+        if up:
+            r.alloc(28 * ci * co * kt)                   # `rows` and the phase kernels
+            y = _onednn_conv(r, B * ci * t_in * h * w, 4 * ci * kt, B * t_out * (h + 1) * (w + 1), 4 * co)
+            out = B * co * t_out * oh * ow
+            r.alloc(out)
+            r.free(y, 28 * ci * co * kt)
+        else:
+            out = _onednn_conv(r, B * ci * t_in * h * w, 9 * ci * kt, B * t_out * oh * ow, co)
+        if sliced:
+            r.free(tap * kt)
+        return out
+
+    if p == 0:
+        return one(t, 1, False), oh, ow
+    if not first:                                        # the carried frames, then this chunk's
+        padded, keep = B * ci * (t + p) * h * w, B * ci * p * h * w
+        r.alloc(padded, keep)
+        out = one(t + p, p + 1, False)
+        r.free(padded, keep)
+        return out, oh, ow
+    parts = [one(k + 1, k + 1, True) for k in range(min(p, t))]   # the leading frames, behind zeros
+    if t > p:
+        parts.append(one(t, p + 1, False))
+    out = sum(parts[1:], parts[0])
+    if len(parts) > 1:                                   # torch.cat
+        r.alloc(out)
+        r.free(out)
+    return out, oh, ow
+
+
+def _layer(r: _Replay, layer: nn.Module, c: int, t: int, h, w, first: bool, tiled: bool):
+    """A decoder layer on [B, c, t, h, w] (held by the caller); leaves its output allocated and
+    returns it: (elements, channels, frames, height, width)."""
+    B = r.B
+    if isinstance(layer, CausalConv3d):
+        out, h, w = _causal_conv(r, layer, t, h, w, first)
+        return out, layer.conv.out_channels, t, h, w
+    if isinstance(layer, GroupNormSiLU):
+        _norm(r, B * c * t * h * w, tiled)
+        return B * c * t * h * w, c, t, h, w
+    if isinstance(layer, Upsample):
+        x = 0
+        if layer.temporal:                               # repeat_interleave (then cat, for the first chunk)
+            rep = B * c * 2 * (t - 1 if first else t) * h * w
+            t = 2 * t - 1 if first else 2 * t
+            x = B * c * t * h * w
+            r.alloc(rep, x if first else 0)
+            r.free(rep if first else 0)
+        out, h, w = _causal_conv(r, layer.conv, t, h, w, first)
+        r.free(x)
+        return out, c, t, h, w
+    if isinstance(layer, ResBlock):
+        co, a = layer.conv1.conv.out_channels, B * t * h * w
+        _norm(r, c * a, tiled)
+        h1, _, _ = _causal_conv(r, layer.conv1, t, h, w, first)
+        r.free(c * a)
+        _norm(r, co * a, tiled)
+        h2, _, _ = _causal_conv(r, layer.conv2, t, h, w, first)
+        r.free(co * a, h1)
+        skip = _onednn_conv(r, c * a, c, a, co) if isinstance(layer.skip, nn.Conv3d) else 0
+        r.alloc(co * a)                                  # the sum
+        r.free(skip, h2)
+        return co * a, co, t, h, w
+    raise TypeError(f"estimate_bytes: no memory model for {type(layer).__name__}")
+
+
+def _norm(r: _Replay, x, tiled: bool) -> None:
+    """A GroupNormSiLU's output, left allocated; in a tiled segment first the float64 copy a
+    statistics pass may take."""
+    if tiled:
+        r.alloc(2 * x)
+        r.free(2 * x)
+    r.alloc(x)
+
+
+def _replay_segment(seg: Segment, B: int, t: int, first: bool, tiled: bool) -> list[_Size]:
+    """The segment's layers on its input [B, C_in, t, h, w] (held to the end: run_layers'
+    caller keeps it), for symbolic h x w: the totals that can be its peak."""
+    c, h, w = seg.in_channels, _H, _W
+    x = B * c * t * h * w
+    r = _Replay(B, x)
+    held = True
+    for layer in seg.layers:
+        out, c, t, h, w = _layer(r, layer, c, t, h, w, first, tiled)
+        if not held:
+            r.free(x)
+        x, held = out, False
+    return r.peaks()
+
+
+def _chunk_frames(segs: list[Segment], t: int, chunk: int) -> list[list[tuple[int, bool]]]:
+    """Per segment, the frames of its input (and whether the chunk is the first, which
+    up-samples frame 0 to one frame and pads with zeros) in the first chunk and, when there are
+    more, in the largest later chunk (the second); then the output's."""
+    kinds, out = [(min(chunk, t), True)] + ([(min(chunk, t - chunk), False)] if t > chunk else []), []
     for seg in segs:
-        n *= 2 if seg.temporal else 1
-        out.append(n)
-    return out
+        out.append(kinds)
+        if seg.temporal:
+            kinds = [(2 * n - 1 if first else 2 * n, first) for n, first in kinds]
+    return out + [kinds]
+
+
+def _axis(n: int, side: int, seg: Segment) -> tuple[int, int]:
+    """Largest and summed input extent (rows or columns at the segment's input resolution) of
+    the tiles of `side` latent pixels along an axis of n (make_tiles' halos)."""
+    f, s, N = seg.factor, seg.scale, n * seg.factor
+    ext = [-(-min(N, min(y0 + side, n) * f + seg.halo) // s) - max(0, y0 * f - seg.halo) // s
+           for y0 in range(0, n, side)]
+    return max(ext), sum(ext)
+
+
+def _kept_channels(layer: nn.Module) -> int:
+    """Channels per pixel a tile keeps while its statistics passes stop inside `layer`
+    (run_tiled): a ResBlock's input and conv1 output, a norm's input."""
+    if isinstance(layer, ResBlock):
+        return layer.conv1.conv.in_channels + layer.conv1.conv.out_channels
+    return layer.weight.numel() if isinstance(layer, GroupNormSiLU) else 0
+
+
+@dataclass(frozen=True)
+class _SegmentCost:
+    peak: tuple[int, int]          # elements of its working set: tiles keeping inputs, recomputing
+    carried: int                   # elements of its convolutions' carried frames
+
+
+class _Costs:
+    """Estimates for one latent shape; plan_decode asks for many, so each segment is replayed
+    once per (frames, first chunk, tiled) and evaluated per tile size."""
+
+    def __init__(self, segs: list[Segment], shape: tuple[int, ...], element_size: int, keep_output: bool):
+        self.segs, self.shape, self.element_size, self.keep_output = segs, shape, element_size, keep_output
+        self.weights = sum(p.numel() * p.element_size() for seg in segs for layer in seg.layers
+                           for p in layer.parameters())
+        self._carried = [[(c.conv.in_channels * c.pad_t, c.upsample) for c in seg.convs] for seg in segs]
+        self._kept = [max(_kept_channels(layer) for layer in seg.layers) for seg in segs]
+        self._replays: dict = {}
+        self._axes: dict = {}
+        self._costs: dict = {}
+        self._chunks: dict = {}
+
+    def _peak(self, s: int, t: int, first: bool, tiled: bool, h: int, w: int) -> int:
+        key = (s, t, first, tiled)
+        if key not in self._replays:
+            self._replays[key] = [top.c for top in _replay_segment(self.segs[s], self.shape[0], t, first, tiled)]
+        return max(a * h * w + b * h + c * w + d for a, b, c, d in self._replays[key])
+
+    def _frames(self, chunk: int) -> list[list[tuple[int, bool]]]:
+        if chunk not in self._chunks:
+            self._chunks[chunk] = _chunk_frames(self.segs, self.shape[2], chunk)
+        return self._chunks[chunk]
+
+    def _axis(self, s: int, n: int, side: int) -> tuple[int, int]:
+        key = (s, n, side)
+        if key not in self._axes:
+            self._axes[key] = _axis(n, side, self.segs[s])
+        return self._axes[key]
+
+    def segment(self, s: int, chunk: int, tile: tuple[int, int] | None) -> _SegmentCost:
+        """Segment s's cost, untiled (tile None) or tiled."""
+        key = (s, chunk, tile)
+        if key in self._costs:
+            return self._costs[key]
+        seg, (B, _, t, h, w) = self.segs[s], self.shape
+        frames, sc = self._frames(chunk)[s], seg.scale
+        H, W = h * seg.factor, w * seg.factor
+        carried_of = self._carried[s]
+        if tile is None:       # carried frames only when a next chunk takes them (_stream's update)
+            peak = max(self._peak(s, n, first, False, H // sc, W // sc) for n, first in frames)
+            carried = B * sum(k * (H // sc) * (W // sc) if up else k * H * W for k, up in carried_of) * (t > chunk)
+            cost = _SegmentCost((peak, peak), carried)
+        else:
+            (eh, sh), (ew, sw) = self._axis(s, h, tile[0]), self._axis(s, w, tile[1])
+            n_tiles = math.ceil(h / tile[0]) * math.ceil(w / tile[1])
+            kept_channels, kept, recomputed = self._kept[s], 0, 0
+            for n, first in frames:
+                n_out = (2 * n - 1 if first else 2 * n) if seg.temporal else n
+                whole = B * (seg.in_channels * n * (H // sc) * (W // sc) + seg.out_channels * n_out * H * W)
+                work = whole + self._peak(s, n, first, True, eh, ew)     # the tile's crop is the replay's input
+                keep = n_tiles * B * kept_channels * n_out * eh * sc * ew * sc
+                kept, recomputed = max(kept, work + keep), max(recomputed, work)
+            carried = B * sum(k * sh * sw if up else k * sh * sc * sw * sc for k, up in carried_of)
+            cost = _SegmentCost((kept, recomputed), carried)
+        self._costs[key] = cost
+        return cost
+
+    def fixed(self, chunk: int) -> int:
+        """Elements alive throughout: the de-normalised latent and the output (above)."""
+        B, C, t, h, w = self.shape
+        seg = self.segs[-1]
+        frame = B * seg.out_channels * h * seg.factor * w * seg.factor
+        held = max(n for n, _ in self._frames(chunk)[-1]) if t > chunk else 0
+        video = self._frames(t)[-1][0][0] if self.keep_output else 0
+        return B * C * t * h * w + frame * (video + held)
+
+    def bytes(self, chunk: int, tile: tuple[int, int] | None, tiled: tuple[bool, ...], keep_inputs: bool) -> int:
+        costs = [self.segment(s, chunk, tile if tiled_s else None) for s, tiled_s in enumerate(tiled)]
+        work = max(c.peak[0 if keep_inputs else 1] for c in costs)
+        return self.weights + self.element_size * (self.fixed(chunk) + sum(c.carried for c in costs) + work)
 
 
 def estimate_bytes(segs: list[Segment], shape: tuple[int, ...], chunk: int, tile: tuple[int, int] | None,
                    tiled: tuple[bool, ...], element_size: int, keep_output: bool, keep_inputs: bool = True) -> int:
-    """Estimated peak bytes of decoding a latent of `shape` [B, C, t, h, w]."""
-    B, _, t, h, w = shape
-    frames = _frames(segs, chunk)
-    total_frames = _frames(segs, t)[-1]
-    out_frames = total_frames if keep_output else frames[-1]
-    output = B * 3 * out_frames * h * w * segs[-1].factor ** 2 * element_size
-    carried, peak_segment = 0, 0
-    for seg, n, tiles_it in zip(segs, frames, tiled):
-        H, W = h * seg.factor, w * seg.factor
-        if tiles_it:
-            th = min(H, tile[0] * seg.factor + 2 * seg.halo + seg.scale)
-            tw = min(W, tile[1] * seg.factor + 2 * seg.halo + seg.scale)
-            area = th * tw
-            n_tiles = math.ceil(h / tile[0]) * math.ceil(w / tile[1])
-            carried_area = n_tiles * area
-            # the input and output frames, and run_tiled's kept tensors (a ResBlock's input and conv1 output)
-            whole = (seg.in_channels * (n // (2 if seg.temporal else 1)) * H * W // seg.scale ** 2
-                     + seg.out_channels * n * H * W
-                     + (2 * seg.max_channels * n * carried_area if keep_inputs else 0))
-            work = (ACTIVATION_COPIES + 2) * seg.max_channels * (n + 2) * area
-        else:
-            carried_area, whole = H * W, 0
-            work = ACTIVATION_COPIES * seg.max_channels * (n + 2) * H * W
-        carried += sum(conv.pad_t * conv.conv.in_channels for conv in seg.convs) * carried_area * B
-        peak_segment = max(peak_segment, (work + whole) * B)
-    return output + (carried + peak_segment) * element_size
+    """Estimated peak bytes of decoding a latent of `shape` [B, C, t, h, w] in chunks of
+    `chunk` latent frames, the segments marked in `tiled` in tiles of `tile` latent pixels, the
+    decoder's weights included: an upper bound of the measured peak (see above)."""
+    return _Costs(segs, shape, element_size, keep_output).bytes(chunk, tile, tuple(tiled), keep_inputs)
 
 
 def _tile_sides(n: int) -> list[int]:
@@ -293,13 +575,29 @@ def _tile_sides(n: int) -> list[int]:
     return sorted(sides, reverse=True)
 
 
+def _tile_candidates(h: int, w: int) -> list[tuple[int, int]]:
+    """Tile sizes to try, fastest first: the fewest tiles, then the largest (the least halo)."""
+    tiles = [(th, tw) for th in _tile_sides(h) for tw in _tile_sides(w) if (th, tw) != (h, w)]
+    return sorted(tiles, key=lambda tl: (math.ceil(h / tl[0]) * math.ceil(w / tl[1]), -tl[0] * tl[1]))
+
+
+def _tilings(n: int) -> list[tuple[bool, ...]]:
+    """Which of n segments to tile, fastest first: the fewest, then those at the highest
+    resolution (the largest tiles in pixels: the least halo)."""
+    masks = [tuple(bool(m >> s & 1) for s in range(n)) for m in range(2 ** n)]
+    return sorted(masks, key=lambda m: (sum(m), [not x for x in reversed(m)]))
+
+
 def plan_decode(decoder: nn.Module, shape: tuple[int, ...], max_memory_gb: float | None, element_size: int,
                 chunk_frames: int | None = None, tile: tuple[int, int] | None = None,
                 keep_output: bool = True) -> DecodePlan:
     """The decode plan for a latent of `shape`: chunk_frames and tile as given; with a budget,
-    those not given chosen so the estimated peak fits (largest chunk untiled, else the largest
-    tile, tiling only the segments that need it, keeping layer inputs between statistics passes
-    when that fits too). ValueError when nothing fits."""
+    those not given chosen so the estimated peak fits, fastest first: the largest chunk
+    untiled; else tiles, keeping layer inputs between statistics passes if any such plan fits
+    (else recomputing them), the tile with the fewest (then largest) tiles, the largest chunk
+    for it, and the fewest tiled segments (those at the highest resolution first). Every tiling
+    of the segments is tried. ValueError, with the smallest estimate over all those plans, when
+    none fits."""
     segs = segments_of(decoder)
     t, h, w = shape[2:]
     if max_memory_gb is None:
@@ -309,31 +607,29 @@ def plan_decode(decoder: nn.Module, shape: tuple[int, ...], max_memory_gb: float
     budget = max_memory_gb * 2 ** 30
     chunks = [chunk_frames] if chunk_frames is not None else sorted({t} | {c for c in (16, 8, 4, 2, 1) if c < t},
                                                                     reverse=True)
-    if tile is not None:
-        tiles = [tile]
-    else:
-        tiles = [None] + [(th, tw) for th, tw in zip(_tile_sides(h), _tile_sides(w)) if (th, tw) != (h, w)]
+    tiles = [tile] if tile is not None else _tile_candidates(h, w)
+    costs = _Costs(segs, shape, element_size, keep_output)
+    tilings = _tilings(len(segs))
     smallest = None
-    for tl in tiles:
+    # untiled first; then tiled plans keeping layer inputs (each convolution once per tile),
+    # then recomputing them (about 4x the convolutions of the tiled segments)
+    for tl, keep in [(None, True)] * (tile is None) + [(tl, keep) for keep in (True, False) for tl in tiles]:
         for chunk in chunks:
-            for keep in ((True,) if tl is None else (True, False)):
-                if tl is None:
-                    tiled = (False,) * len(segs)
-                else:  # tile the segments, from the highest resolution down, until the estimate fits
-                    tiled = [False] * len(segs)
-                    for s in reversed(range(len(segs))):
-                        if estimate_bytes(segs, shape, chunk, tl, tuple(tiled), element_size, keep_output,
-                                          keep) <= budget:
-                            break
-                        tiled[s] = True
-                    tiled = tuple(tiled)
-                est = estimate_bytes(segs, shape, chunk, tl, tiled, element_size, keep_output, keep)
+            fixed = costs.weights + element_size * costs.fixed(chunk)
+            untiled = [costs.segment(s, chunk, None) for s in range(len(segs))]
+            by_tile = [costs.segment(s, chunk, tl) for s in range(len(segs))] if tl is not None else untiled
+            options = [((u.carried, u.peak[0]), (c.carried, c.peak[0 if keep else 1]))
+                       for u, c in zip(untiled, by_tile)]
+            for tiled in (tilings[:1] if tl is None else tilings if tile is not None else tilings[1:]):
+                chosen = [option[x] for option, x in zip(options, tiled)]
+                est = fixed + element_size * (sum(c for c, _ in chosen) + max(p for _, p in chosen))
                 if est <= budget:
                     whole = tl is None and chunk == t and chunk_frames is None
                     return DecodePlan(None if whole else chunk, tl, tiled, est, keep)
-                smallest = min(smallest or (est, chunk, tl), (est, chunk, tl), key=lambda e: e[0])
-    est, chunk, tl = smallest
+                if smallest is None or est < smallest[0]:
+                    smallest = (est, chunk, tl, tiled)
+    est, chunk, tl, tiled = smallest
     hint = " (decode keeps the whole output video; decode_stream yields it chunk by chunk)" if keep_output else ""
     raise ValueError(f"max_memory_gb: {max_memory_gb} GB is below the smallest estimated peak, "
-                     f"{est / 2 ** 30:.3f} GB (chunk_frames={chunk}, tile={tl}) for a latent of shape "
-                     f"{tuple(shape)}{hint}")
+                     f"{est / 2 ** 30:.3f} GB (chunk_frames={chunk}, tile={tl}, tiled segments {tiled}) for a "
+                     f"latent of shape {tuple(shape)}{hint}")

@@ -1,6 +1,9 @@
 """Exact spatial tiling of the video decoder and the memory planner (sora_model/vae_tiling.py):
 tiled equals untiled, the plan a budget picks keeps the measured peak under the budget, clear
 errors."""
+import itertools
+import re
+
 import pytest
 import torch
 
@@ -97,6 +100,90 @@ def test_budget_picks_a_plan_that_fits():
     assert measured < chunked, (measured, chunked)
     big = vae.plan_decode(z, max_memory_gb=64)
     assert big.chunk_frames is None and big.tile is None
+
+
+def small(seed=0):
+    """The small config (the GPU one): 64 to 256 channels, 112 MB of decoder weights."""
+    torch.manual_seed(seed)
+    return VideoAutoencoder(vae_config("small")).to(DEVICE).eval()
+
+
+def _estimate(vae, z, chunk, tile=None, tiled=(False,) * 4, keep_inputs=True):
+    segs = vae_tiling.segments_of(vae.decoder)
+    return vae_tiling.estimate_bytes(segs, tuple(z.shape), chunk, tile, tiled, z.element_size(), True, keep_inputs)
+
+
+def _decode_within(vae, z, budget, exact=False):
+    """The plan `budget` bytes pick: its estimate, and the measured peak of decode(z,
+    max_memory_gb=) (on CPU the decoder's weights included: peak_bytes counts the tensors the
+    call reads), within the budget; exact: the output equals the full decode."""
+    gb = budget / 2 ** 30
+    plan = vae.plan_decode(z, max_memory_gb=gb)
+    assert plan.estimate_bytes <= budget
+    with torch.no_grad():
+        if exact:
+            assert (vae.decode(z, max_memory_gb=gb) - vae.decode(z)).abs().max().item() <= 1e-4
+        measured = peak_bytes(lambda: vae.decode(z, max_memory_gb=gb), DEVICE)
+    assert 0 < measured <= budget, (plan, measured, budget)
+    return plan
+
+
+def test_budget_small_batch_2_chunks():
+    """small, batch 2: a budget just above the chunk-by-chunk decode's estimate picks it and
+    the measured peak stays under. (The estimate calibrated on tiny left out the decoder's
+    weights, which peak_bytes counts on CPU: 78 MB estimated, 170 MB measured here.)"""
+    vae = small()
+    z = torch.randn(2, 16, 4, 4, 6, device=DEVICE)
+    plan = _decode_within(vae, z, 1.001 * _estimate(vae, z, 1))
+    assert plan.chunk_frames == 1 and plan.tile is None
+
+
+def test_budget_small_batch_2_tiles():
+    """small, batch 2: a budget just above a tiled plan's estimate, below every untiled one's,
+    picks tiles and the measured peak stays under."""
+    vae = small()
+    z = torch.randn(2, 16, 3, 6, 6, device=DEVICE)
+    tiled = _estimate(vae, z, 1, (3, 3), (False, False, False, True))
+    assert tiled < min(_estimate(vae, z, chunk) for chunk in (1, 2, 3))
+    plan = _decode_within(vae, z, 1.001 * tiled)
+    assert plan.tile is not None and any(plan.tiled) and plan.keep_inputs
+
+
+def test_budget_error_reports_the_smallest_estimate():
+    """The estimate a too-small budget's error reports is the smallest over every plan the
+    planner tries (each chunk, tile and tiling of the segments): 1 MB above it a plan fits, 1 MB
+    below it none does. (The greedy search reported its last estimate, 0.108 GB for this
+    latent, while a budget of 0.08 GB found a plan.)"""
+    vae = tiny()
+    z = torch.zeros(1, 16, 5, 16, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="below the smallest estimated peak") as error:
+        vae.plan_decode(z, max_memory_gb=0.001)
+    smallest = float(re.search(r"peak, ([0-9.]+) GB", str(error.value)).group(1))
+    plan = vae.plan_decode(z, max_memory_gb=smallest + 0.001)
+    assert plan.estimate_bytes <= (smallest + 0.001) * 2 ** 30
+    with pytest.raises(ValueError):
+        vae.plan_decode(z, max_memory_gb=smallest - 0.001)
+    segs = vae_tiling.segments_of(vae.decoder)
+    best = min(vae_tiling.estimate_bytes(segs, tuple(z.shape), 1, (8, 6), tiled, 4, True, keep)
+               for tiled in itertools.product((False, True), repeat=4) for keep in (False, True))
+    assert smallest <= best / 2 ** 30 + 0.0005
+
+
+def test_budget_tiles_each_axis():
+    """Tile sizes are the product of each axis' sizes: a latent one pixel high gets (1, tw)
+    tiles (zipping the axes' sizes paired h = 1 with the full width only, so no tiled plan was
+    tried and this budget raised ValueError), a wide one full-height tiles."""
+    vae = tiny(seed=5)
+    z = torch.randn(1, 16, 3, 1, 96, device=DEVICE)
+    untiled = min(_estimate(vae, z, chunk) for chunk in (1, 2, 3))
+    tiled = _estimate(vae, z, 1, (1, 24), (False, False, False, True), keep_inputs=False)
+    assert tiled < untiled
+    plan = _decode_within(vae, z, (tiled + untiled) / 2, exact=True)
+    assert plan.tile[0] == 1 and any(plan.tiled)
+    z = torch.randn(1, 16, 2, 8, 24, device=DEVICE)
+    tiled = _estimate(vae, z, 2, (8, 12), (False, False, False, True), keep_inputs=False)
+    assert tiled < _estimate(vae, z, 2)
+    assert vae.plan_decode(z, max_memory_gb=1.001 * tiled / 2 ** 30).tile[0] == 8
 
 
 def test_budget_too_small_says_what_it_needs():
