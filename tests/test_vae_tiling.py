@@ -198,6 +198,7 @@ ERRORS = [
     (dict(tile=(0, 2)), r"tile: expected two positive ints \(th, tw\) in latent pixels, got \(0, 2\)"),
     (dict(tile=4), "tile: expected two positive ints"),
     (dict(max_memory_gb=-1), "max_memory_gb: expected a positive number, got -1"),
+    (dict(max_memory_gb=True), "max_memory_gb: expected a positive number, got True"),
     (dict(chunk_frames=0), "chunk_frames: expected a positive int, got 0"),
 ]
 
