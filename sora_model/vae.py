@@ -118,6 +118,7 @@ class CausalConv3d(nn.Module):
             if left is None:
                 left = x.new_zeros(x.shape[0], x.shape[1], self.pad_t, *x.shape[3:])
             x = torch.cat([left, x], dim=2)
+            del left                # the previous chunk's frames: freed when the state drops them below
             if state is not None and state.update:
                 state.frames[id(self)] = x[:, :, -self.pad_t:].clone()
         if self.stride > 1:  # stride-2 down-sample: pad right / bottom only (as in LDM)

@@ -250,8 +250,8 @@ class _Kept:
 #     (one copy each; which of them depends on the channel counts) and writes the plain output;
 #   - CausalConv3d, first chunk (`_from_zeros`): the leading frames' convolutions, each with a
 #     contiguous slice of the weights, and the rest's, then torch.cat of their outputs; later
-#     chunks: torch.cat of the carried frames and the input, and the frames kept for the next
-#     chunk while the previous ones are still held;
+#     chunks: torch.cat of the carried frames and the input (the frames kept for the next chunk
+#     then replace the carried ones, counted above);
 #   - the sub-pixel up-sampling convolution (`_conv_upsampled`), per call: its phase kernels
 #     (16/9 of the weights) and `rows` (12/9), reordered by oneDNN as above, the 4 C_out phase
 #     outputs on an (h + 1) x (w + 1) grid, then the interleaved output;
@@ -377,10 +377,10 @@ def _causal_conv(r: _Replay, conv: CausalConv3d, t: int, h, w, first: bool):
     if p == 0:
         return one(t, 1, False), oh, ow
     if not first:                                        # the carried frames, then this chunk's
-        padded, keep = B * ci * (t + p) * h * w, B * ci * p * h * w
-        r.alloc(padded, keep)
+        padded = B * ci * (t + p) * h * w                # (the frames kept for the next chunk replace
+        r.alloc(padded)                                  # the carried ones before the convolution)
         out = one(t + p, p + 1, False)
-        r.free(padded, keep)
+        r.free(padded)
         return out, oh, ow
     parts = [one(k + 1, k + 1, True) for k in range(min(p, t))]   # the leading frames, behind zeros
     if t > p:
