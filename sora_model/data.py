@@ -275,21 +275,28 @@ def read_manifest(manifest: str) -> list[tuple[int, str, str, str]]:
     return entries
 
 
+def _fit_entry(manifest: str, line: int, path: str, full: str, max_tokens: int, patch_size: tuple[int, int, int],
+               temporal: int, spatial: int) -> tuple[int, int, int, int]:
+    """The fitted shape of a manifest entry's file as it is now (probed once per file version):
+    a file that is gone, is not a video, or fits no size within max_tokens is an error naming
+    the manifest's line."""
+    try:
+        probed = _probe(full, os.stat(full).st_mtime_ns)
+        return fitted_shape((3, *probed), max_tokens, patch_size, temporal, spatial)
+    except (OSError, ValueError) as e:          # os.stat's and probe_video's (PyAV's subclass these), fitted_shape's
+        raise ValueError(f"manifest {manifest!r} line {line} ({path!r}): {e}") from e
+
+
 @functools.lru_cache(maxsize=8)
-def _fitted_manifest(manifest: str, version: tuple[int, int], max_tokens: int, patch_size: tuple[int, int, int],
-                     temporal: int, spatial: int) -> tuple[tuple[str, str, tuple[int, int, int, int]], ...]:
-    """(absolute path, caption, fitted shape) of each manifest entry, every file probed and fitted
-    once per manifest version (mtime, size) and settings: a file that is not a video, or that
-    no size within max_tokens fits, is an error here, naming its line, before any step runs."""
-    clips = []
-    for i, path, full, caption in read_manifest(manifest):
-        try:
-            shape = fitted_shape((3, *_probe(full, os.stat(full).st_mtime_ns)), max_tokens, patch_size, temporal,
-                                 spatial)
-        except (OSError, ValueError) as e:          # probe_video's errors (PyAV's subclass these) and fitted_shape's
-            raise ValueError(f"manifest {manifest!r} line {i} ({path!r}): {e}") from e
-        clips.append((full, caption, shape))
-    return tuple(clips)
+def _checked_manifest(manifest: str, version: tuple[int, int], max_tokens: int, patch_size: tuple[int, int, int],
+                      temporal: int, spatial: int) -> tuple[tuple[int, str, str, str], ...]:
+    """read_manifest's entries (line, path, absolute path, caption), every file probed and
+    fitted once per manifest version (mtime, size) and settings, so that a bad entry is an
+    error before any step runs."""
+    entries = tuple(read_manifest(manifest))
+    for entry in entries:
+        _fit_entry(manifest, *entry[:3], max_tokens, patch_size, temporal, spatial)
+    return entries
 
 
 def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), seed: int = 0,
@@ -300,19 +307,22 @@ def captioned_clips(manifest: str, max_tokens: int, patch_size: Sequence[int] = 
     the DiT's patch). Images are 1-frame videos. Every entry is checked when the manifest is
     read (read_manifest, then each file probed and fitted, once per manifest version): a bad
     line, a missing file or a clip that fits no size within max_tokens is an error naming the
-    manifest, the line and the file, raised before the first clip."""
+    manifest, the line and the file, raised before the first clip. Each clip's shape is that
+    of its file when the clip is drawn (a file replaced or removed later is seen then)."""
     check_compression(temporal, spatial)
     check_max_tokens(max_tokens)
     if not os.path.isfile(manifest):
         read_manifest(manifest)                                          # its error: no such file
     manifest = os.path.abspath(manifest)
     st = os.stat(manifest)
-    clips = _fitted_manifest(manifest, (st.st_mtime_ns, st.st_size), max_tokens, tuple(patch_size), temporal, spatial)
+    patch_size = tuple(patch_size)
+    entries = _checked_manifest(manifest, (st.st_mtime_ns, st.st_size), max_tokens, patch_size, temporal, spatial)
     g = torch.Generator().manual_seed(seed)
     while True:
-        for i in torch.randperm(len(clips), generator=g).tolist():
-            path, caption, shape = clips[i]
-            yield ManifestClip(path, shape, max_tokens, tuple(patch_size), temporal, spatial), caption
+        for i in torch.randperm(len(entries), generator=g).tolist():
+            line, path, full, caption = entries[i]
+            shape = _fit_entry(manifest, line, path, full, max_tokens, patch_size, temporal, spatial)
+            yield ManifestClip(full, shape, max_tokens, patch_size, temporal, spatial), caption
 
 
 def captioned_videos(manifest: str, max_tokens: int, patch_size: Sequence[int] = (1, 2, 2), seed: int = 0,

@@ -5,6 +5,7 @@ other compression factors and a DiT patch of 2 frames too (clips the VAE takes, 
 patch divides), clear errors."""
 import itertools
 import json
+import os
 
 import pytest
 import torch
@@ -297,3 +298,26 @@ def test_manifest_lines_are_checked_when_it_is_read(tmp_path):
                 next(captioned_clips(str(manifest), 3, seed=seed))
     with pytest.raises(ValueError, match=r"manifest: expected a JSONL file .* got '.*nothing.jsonl' \(no such file\)"):
         next(captioned_clips(str(tmp_path / "nothing.jsonl"), 64))
+
+
+def test_manifest_clip_shapes_follow_their_files(tmp_path):
+    """The manifest's checks are cached per manifest version, but each clip's shape is its file's
+    when the clip is drawn: a file rewritten at another size gives the new shape, a removed one
+    an error naming the line."""
+    pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
+    from sora_model.video_io import write_video
+    clip = tmp_path / "clip.gif"
+    write_video(str(clip), (torch.rand(1, 32, 48, 3) * 255).to(torch.uint8), fps=8)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "clip.gif", "caption": "c"}) + "\n")
+    assert next(captioned_clips(str(manifest), 64))[0].shape == (3, 1, 32, 48)
+    os.remove(clip)
+    write_video(str(clip), (torch.rand(1, 64, 64, 3) * 255).to(torch.uint8), fps=8)
+    os.utime(clip, ns=(1, 1))      # a new mtime even on a coarse clock
+    drawn, _ = next(captioned_clips(str(manifest), 64))
+    assert drawn.shape == (3, 1, 64, 64)
+    assert drawn.load().shape == (3, 1, 64, 64)
+    os.remove(clip)
+    clips = captioned_clips(str(manifest), 64)
+    with pytest.raises(ValueError, match=rf"manifest '{manifest}' line 1 \('clip.gif'\): .*No such file"):
+        next(clips)
