@@ -104,7 +104,7 @@ FIELD_RULES = {
     "weight_decay": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
     "ema": ("a decay in [0, 1)", lambda v: _is_real(v) and 0 <= v < 1),
     "clip_grad": ("a max gradient norm > 0 (inf: no clipping)", lambda v: _is_real(v) and v > 0),
-    "caption_dropout": ("a probability in [0, 1]", lambda v: _is_real(v) and 0 <= v <= 1),
+    "caption_dropout": ("a probability in [0, 1)", lambda v: _is_real(v) and 0 <= v < 1),
     "save_every": ("a positive int (steps)", lambda v: _is_int(v) and v >= 1),
     "latent_pool": ("0 or a positive int (steps)", lambda v: _is_int(v) and v >= 0),
 }

@@ -320,7 +320,8 @@ def test_physics_clips_follow_max_tokens(vae_file, tmp_path):
     ("--steps", "0", r"--steps: expected a positive int, got 0"),
     ("--lr", "0", r"--lr: expected a finite number > 0, got 0.0"),
     ("--weight-decay", "-0.01", r"--weight-decay: expected a finite number >= 0, got -0.01"),
-    ("--caption-dropout", "1.5", r"--caption-dropout: expected a probability in \[0, 1\], got 1.5"),
+    ("--caption-dropout", "1.5", r"--caption-dropout: expected a probability in \[0, 1\), got 1.5"),
+    ("--caption-dropout", "1", r"--caption-dropout: expected a probability in \[0, 1\), got 1.0"),
     ("--budget", "0", r"--budget: expected a positive int \(latent tokens per global batch\), got 0"),
     ("--latent-pool", "-1", r"--latent-pool: expected 0 or a positive int \(steps\), got -1"),
 ])
@@ -360,6 +361,7 @@ def test_weight_decay_and_grad_checkpointing_flags(vae_file, tmp_path, monkeypat
     plain = tr.train(tr.TrainConfig(steps=1, budget=128, max_tokens=64, weight_decay=0.05),
                      load_checkpoint(vae_file), str(tmp_path / "b"), progress=False)
     assert _log(tmp_path / "a", "loss") == plain
+    assert _log(tmp_path / "a", "grad_norm") == _log(tmp_path / "b", "grad_norm")      # the recomputed backward
     calls.clear()
     tr.main(args + ["--out", str(tmp_path / "a"), "--steps", "2", "--resume"])
     assert not calls and _log(tmp_path / "a", "step") == [1, 2]
