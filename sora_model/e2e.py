@@ -12,7 +12,7 @@ Steps:
      batches of clips of every size and duration, its captions through the pretrained MiniLM
      encoder (frozen; --text byte: the byte-level encoder, trained with the DiT, which the
      DiT learned to ignore: 0.8% between its error with right and with wrong captions at 1500
-     steps, against 9% with MiniLM at 2500; benchmarks/results/e2e/README.md); the batches of
+     steps, against 10% with MiniLM at 2500; benchmarks/results/e2e/README.md); the batches of
      the first 150 steps are encoded once and cycled through (--latent-pool: rendering and
      encoding a batch cost more than the mini DiT's step on a CPU, so the pool doubles the
      steps in the same time);
