@@ -244,19 +244,20 @@ def test_errors_under_compile(change, message, backend):
 
 
 def test_cpu_ops_check_segment_ids():
-    """The C++ ops refuse segment ids outside [0, n) (one scan of the ids) instead of reading
-    and writing outside the per-segment rows; called directly and under torch.compile (the
-    audit's repro, which segfaulted). In a subprocess: without the check it crashes."""
+    """The C++ ops refuse segment ids outside [0, n) (one scan of the ids, naming the first bad
+    one) instead of reading and writing outside the per-segment rows; called directly and
+    under torch.compile (the audit's repro, which segfaulted); no tokens and no segments is
+    valid (the scan once read the null pointer of the empty ids). In a subprocess: without the
+    check it crashes."""
     if not op.B.compiled_has("adaln", "CPU"):
         pytest.skip("the C++ CPU kernels are not built")
     code = """if True:
         import torch, sora_kernels as sk
         ops = torch.ops.sora_kernels
         x, rows = torch.randn(10, 16), torch.randn(2, 16)
-        cu = torch.tensor([0, 4, 10], dtype=torch.int32)
         mean, rstd = torch.zeros(10), torch.ones(10)
         for bad in (1000000, 2, -1):
-            seg = torch.full((10,), bad, dtype=torch.int32)
+            seg = torch.tensor([0, 0, 1, bad, 1, 1, bad, 1, 1, 1], dtype=torch.int32)
             calls = [lambda: ops.adaln(x, None, None, rows, rows, None, seg, 1e-6, True),
                      lambda: ops.adaln(x, x, rows, rows, rows, None, seg, 1e-6, True),
                      lambda: ops.adaln_backward(x, x, x, x, rows, rows, rows, None, seg, mean, rstd, True),
@@ -269,21 +270,29 @@ def test_cpu_ops_check_segment_ids():
                 except RuntimeError as e:
                     print(str(e).splitlines()[0])
         seg = torch.full((10,), 1000000, dtype=torch.int32)
-        f = lambda x, shift, scale, cu, seg: sk.adaln_norm(x, shift, scale, cu, segment_ids=seg, backend="cpu")
-        try:
-            torch.compile(f, fullgraph=True)(x, rows, rows, cu, seg)
-            print("no error")
-        except RuntimeError as e:
-            print("compiled:", str(e).splitlines()[-1])
+        for f in (lambda x, rows, seg: ops.gated_residual(x, x, rows, seg),
+                  lambda x, rows, seg: ops.adaln(x, None, None, rows, rows, None, seg, 1e-6, True)):
+            try:
+                torch.compile(f, fullgraph=True)(x, rows, seg)
+                print("no error")
+            except RuntimeError as e:
+                print("compiled:", str(e).splitlines()[-1])
+        x0, rows0, seg0 = torch.randn(0, 16), torch.randn(0, 16), torch.zeros(0, dtype=torch.int32)
+        out = [ops.gated_residual(x0, x0, rows0, seg0),
+               ops.adaln(x0, None, None, rows0, rows0, None, seg0, 1e-6, True)[1],
+               ops.adaln(x0, x0, rows0, rows0, rows0, None, seg0, 1e-6, True)[1]]
+        print("empty:", [tuple(o.shape) for o in out])
     """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
     lines = proc.stdout.splitlines()
-    expected = [f"segment_ids: expected ids in [0, 2) (rows of the per-segment [2, D] tensors), got {bad} at token 0"
+    expected = [f"segment_ids: expected ids in [0, 2) (rows of the per-segment [2, D] tensors), got {bad} at token 3"
                 for bad in (1000000, 2, -1) for _ in range(5)]
     assert lines[:15] == expected
-    assert lines[15].startswith("compiled: ") and "segment_ids: expected ids in [0, 2)" in lines[15], lines[15]
+    for line in lines[15:17]:     # the C++ check's words: no Python check runs before a direct op call
+        assert line.startswith("compiled: ") and "expected ids in [0, 2) (rows of the per-segment" in line, line
+    assert lines[17] == "empty: [(0, 16), (0, 16), (0, 16)]", lines[17:]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

@@ -41,7 +41,7 @@ inline void check_segment_range(const int32_t* seg, int64_t rows, int64_t n) {
     lo = seg[r] < lo ? seg[r] : lo;
     hi = seg[r] > hi ? seg[r] : hi;
   }
-  if (lo >= 0 && hi < n) return;
+  if (rows == 0 || (lo >= 0 && hi < n)) return;  // no token: no id (and seg may be null)
   int64_t bad = 0;
   while (seg[bad] >= 0 && seg[bad] < n) ++bad;
   TORCH_CHECK(false, "segment_ids: expected ids in [0, ", n, ") (rows of the per-segment [", n, ", D] tensors), got ",
