@@ -948,12 +948,13 @@ def varlen_attention_cpu_backward(
                         _rope_of(positions_q, positions_k, theta, sections))
 
 
-def _reference_math(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, positions_q, positions_k, theta,
-                    sections):
-    if positions_q is not None:
-        q = ref_rope.rope3d(q, positions_q, theta, tuple(sections))
-        k = ref_rope.rope3d(k, positions_k, theta, tuple(sections))
-    return ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+def _rotate_qk(q, k, positions_q, positions_k, theta, sections, inverse=False):
+    """q and k rotated by their tokens' rope3d angles (back, with inverse); unchanged without
+    rope."""
+    if positions_q is None:
+        return q, k
+    return (ref_rope.rope3d(q, positions_q, theta, tuple(sections), inverse=inverse),
+            ref_rope.rope3d(k, positions_k, theta, tuple(sections), inverse=inverse))
 
 
 # The reference backend as a custom op too, so that torch.compile(fullgraph=True) takes it (its
@@ -967,8 +968,8 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                sections: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     check_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     with torch.no_grad():
-        out, lse = _reference_math(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, positions_q,
-                                   positions_k, theta, sections)
+        q, k = _rotate_qk(q, k, positions_q, positions_k, theta, sections)
+        out, lse = ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
     return out.contiguous(), lse.contiguous()
 
 
@@ -978,14 +979,10 @@ def varlen_attention_reference_backward(
         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
         softmax_scale: float, causal: bool, positions_q: torch.Tensor | None, positions_k: torch.Tensor | None,
         theta: float, sections: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rope = positions_q is not None
-    if rope:  # the attention saw q and k rotated; its dq and dk rotate back
-        q = ref_rope.rope3d(q, positions_q, theta, tuple(sections))
-        k = ref_rope.rope3d(k, positions_k, theta, tuple(sections))
+    # the attention saw q and k rotated; its dq and dk rotate back
+    q, k = _rotate_qk(q, k, positions_q, positions_k, theta, sections)
     dq, dk, dv = ref.varlen_attention_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
-    if rope:
-        dq = ref_rope.rope3d(dq, positions_q, theta, tuple(sections), inverse=True)
-        dk = ref_rope.rope3d(dk, positions_k, theta, tuple(sections), inverse=True)
+    dq, dk = _rotate_qk(dq, dk, positions_q, positions_k, theta, sections, inverse=True)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

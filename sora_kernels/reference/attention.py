@@ -4,6 +4,26 @@ from __future__ import annotations
 import torch
 
 
+def _segment(q, k, v, rows: slice, keys: slice, group: int, dtype: torch.dtype, softmax_scale: float, causal: bool):
+    """One segment's q, k and v [H, L, D] in dtype (k and v repeated over each group of query
+    heads), its masked scores [H, Lq, Lk] (fp32 or wider; -inf where causal forbids) and
+    probabilities: rows with no keys are a softmax of zeros, then zeroed, so that no NaN
+    reaches the gradients."""
+    wide = torch.promote_types(dtype, torch.float32)
+    qs = q[rows].to(dtype).transpose(0, 1)                                                  # [H, Lq, D]
+    ks = k[keys].to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)                  # [H, Lk, D]
+    vs = v[keys].to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)                  # [H, Lk, D]
+    Lq, Lk = qs.shape[1], ks.shape[1]
+    scores = (qs @ ks.transpose(1, 2)).to(wide) * softmax_scale                             # [H, Lq, Lk]
+    i = torch.arange(Lq, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    allowed = (j <= i + (Lk - Lq)) if causal else torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+    has_keys = allowed.any(dim=1)                                                             # [Lq]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(torch.where(has_keys[:, None], scores, 0.0), dim=-1) * has_keys[:, None]
+    return qs, ks, vs, scores, p
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool = False,
                      upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,18 +49,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
         if Lq == 0:
             continue
-        qs = q[cq[b]:cq[b + 1]].to(dtype).transpose(0, 1)                                    # [H, Lq, D]
-        ks = k[ck[b]:ck[b + 1]].to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Lk, D]
-        vs = v[ck[b]:ck[b + 1]].to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Lk, D]
-        scores = (qs @ ks.transpose(1, 2)).to(wide) * softmax_scale                         # [H, Lq, Lk]
-        i = torch.arange(Lq, device=q.device)[:, None]
-        j = torch.arange(Lk, device=q.device)[None, :]
-        allowed = (j <= i + (Lk - Lq)) if causal else torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
-        has_keys = allowed.any(dim=1)                                                         # [Lq]
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        _, _, vs, scores, p = _segment(q, k, v, slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1]), group, dtype,
+                                       softmax_scale, causal)
         lse = torch.logsumexp(scores, dim=-1).detach()                                        # [H, Lq]
-        # Rows with no keys: softmax of zeros, then zeroed, so no NaN reaches the gradients.
-        p = torch.softmax(torch.where(has_keys[:, None], scores, 0.0), dim=-1) * has_keys[:, None]
         outs.append((p.to(dtype) @ vs).transpose(0, 1))                                      # [Lq, H, D]
         lses.append(lse)
     if not outs:
@@ -65,17 +76,9 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
         Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
         if Lq == 0 or Lk == 0:
             continue
-        qs = q[cq[b]:cq[b + 1]].to(wide).transpose(0, 1)                                    # [H, Lq, D]
-        ks = k[ck[b]:ck[b + 1]].to(wide).transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Lk, D]
-        vs = v[ck[b]:ck[b + 1]].to(wide).transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Lk, D]
+        qs, ks, vs, _, p = _segment(q, k, v, slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1]), group, wide,
+                                    softmax_scale, causal)
         do = dout[cq[b]:cq[b + 1]].to(wide).transpose(0, 1)                                 # [H, Lq, D]
-        scores = (qs @ ks.transpose(1, 2)) * softmax_scale                                 # [H, Lq, Lk]
-        i = torch.arange(Lq, device=q.device)[:, None]
-        j = torch.arange(Lk, device=q.device)[None, :]
-        allowed = (j <= i + (Lk - Lq)) if causal else torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
-        has_keys = allowed.any(dim=1)
-        p = torch.softmax(torch.where(allowed, scores, float("-inf")).where(has_keys[:, None], 0.0), dim=-1)
-        p = p * has_keys[:, None]
         o = p @ vs
         ds = p * (do @ vs.transpose(1, 2) - (do * o).sum(-1, keepdim=True))
         dq[cq[b]:cq[b + 1]] = (ds @ ks * softmax_scale).transpose(0, 1)
