@@ -16,7 +16,8 @@ how one is picked):
     final_layer_unpatchify               DiT's final layer (modulated norm, linear) fused with unpack_unpatchify
     group_norm_silu                      per-frame GroupNorm + SiLU of video activations (the VAE's norm)
     group_norm_moments                   its per-frame statistics (mean, M2) of any view: a tiled decode's passes
-    latent_denorm                        the decoder's input epilogue: per-channel de-normalisation + NaN count per frame
+    latent_denorm                        the decoder's input epilogue: per-channel de-normalisation and a
+                                         count of NaN / Inf per frame
     frames_to_uint8                      the decoder's output epilogue: [C, T, H, W] -> uint8 frames [T, H, W, C]
 
 `python -m sora_kernels.info` prints what is built and usable here.
@@ -40,7 +41,7 @@ from sora_kernels.packed import Packed
 
 __version__ = "0.1.0"
 
-__all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "patch_embed3d", "Packed", "varlen_attention",
-           "Rope3D", "rope3d", "adaln_norm", "gated_residual", "gated_residual_adaln", "rms_norm", "gelu_tanh",
-           "swiglu", "final_layer_unpatchify", "group_norm_silu", "group_norm_moments", "latent_denorm", "frames_to_uint8",
-           "NoBackendError"]
+__all__ = ["patchify3d", "unpatchify3d", "pack_patchify", "unpack_unpatchify", "patch_embed3d", "Packed",
+           "varlen_attention", "Rope3D", "rope3d", "adaln_norm", "gated_residual", "gated_residual_adaln", "rms_norm",
+           "gelu_tanh", "swiglu", "final_layer_unpatchify", "group_norm_silu", "group_norm_moments", "latent_denorm",
+           "frames_to_uint8", "NoBackendError"]

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sora_kernels import backends as B
@@ -1040,8 +1041,9 @@ def attention_flops(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: t
     pairs = 0
     for b in range(len(cq) - 1):
         Lq, Lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
-        if causal:   # bottom-right: query i sees min(Lk, max(0, i + Lk - Lq + 1)) keys
-            pairs += sum(min(Lk, max(0, i + Lk - Lq + 1)) for i in range(Lq))
+        if causal:   # bottom-right: query i sees max(0, i + Lk - Lq + 1) keys, the last m = min(Lq, Lk) some
+            m = min(Lq, Lk)
+            pairs += m * (2 * Lk - m + 1) // 2
         else:
             pairs += Lq * Lk
     return 4 * H * D * pairs
@@ -1050,8 +1052,6 @@ def attention_flops(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: t
 # PyTorch's FLOP counter (torch.utils.flop_counter.FlopCounterMode) sees the attention custom
 # ops, not the products inside them: their counts, forward and backward (2.5x: Q K^T again, dV,
 # dP, dQ and dK), as for FlashAttention.
-from torch.utils.flop_counter import register_flop_formula  # noqa: E402
-
 
 @register_flop_formula([torch.ops.sora_kernels.varlen_attention_triton, torch.ops.sora_kernels.varlen_attention_cpu,
                         torch.ops.sora_kernels.varlen_attention_reference], get_raw=True)
@@ -1249,8 +1249,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             SORA_KERNELS_BACKEND sets it too).
 
     Returns out [Nq, H, D] in q.dtype, or (out, lse) with return_lse, or (out, lse, None) with
-    return_attn_probs. A query that sees no
-    key (an empty key segment, or causal with Lq > Lk) outputs zeros and lse -inf.
+    return_attn_probs. A query that sees no key (an empty key segment, or causal with Lq > Lk)
+    outputs zeros and lse -inf.
     Differentiable with respect to q, k and v. Equivalent PyTorch, per segment b::
 
         s = (q_b @ k_b^T) * softmax_scale         # per head, k_b repeated over its group
@@ -1276,7 +1276,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 def check_flash_defaults(window_size, softcap, alibi_slopes, deterministic) -> None:
     """flash_attn_varlen_func's arguments that varlen_attention takes at their defaults only."""
-    if not isinstance(window_size, (tuple, list)) or [w for w in window_size] != [-1, -1]:
+    if not isinstance(window_size, (tuple, list)) or list(window_size) != [-1, -1]:
         raise ValueError(f"window_size: expected (-1, -1) (no sliding window; local attention is not implemented), "
                          f"got {window_size!r}")
     if softcap != 0.0:
