@@ -24,6 +24,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from sora_model.checks import is_int
+
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 
 
@@ -75,7 +77,7 @@ def folder_videos(root: str, frames: int, height: int, width: int, seed: int = 0
     an uninterrupted run's where each packet decodes to one frame (a file with none raises, as
     read_video does)."""
     from sora_model.video_io import probe_video, read_video, to_model
-    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+    if not is_int(skip) or skip < 0:
         raise ValueError(f"skip: expected an int >= 0, got {skip!r}")
     files = video_files(root)
     g = torch.Generator().manual_seed(seed)
@@ -112,7 +114,7 @@ def folder_videos(root: str, frames: int, height: int, width: int, seed: int = 0
 
 def check_compression(temporal: int, spatial: int) -> None:
     for name, f in (("temporal", temporal), ("spatial", spatial)):
-        if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+        if not is_int(f) or f < 1:
             raise ValueError(f"{name}: expected the VAE's {name}_compression, a positive int, got {f!r}")
 
 
@@ -127,7 +129,7 @@ def latent_tokens(shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2), t
 
 
 def check_max_tokens(max_tokens: int) -> None:
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+    if not is_int(max_tokens) or max_tokens < 1:
         raise ValueError(f"max_tokens: expected a positive int (latent tokens per clip), got {max_tokens!r}")
 
 

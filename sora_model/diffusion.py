@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from sora_model.checks import is_int
 from sora_model.dit import TextBatch
 
 
@@ -110,7 +111,7 @@ def sample(model: Model, shapes: Sequence[Sequence[int]], text: TextBatch, patch
     method: "euler" (one model call per step) or "heun" (two, second order; the last step is
     Euler)."""
     n = len(shapes)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
     if method not in ("euler", "heun"):
         raise ValueError(f"method: expected 'euler' or 'heun', got {method!r}")

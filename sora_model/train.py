@@ -51,6 +51,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from sora_model.checks import is_int, is_real
 from sora_model.data import captioned_clips, fit_to_tokens, fitted_shape, latent_tokens, token_batches
 from sora_model.diffusion import FlowConfig, flow_error, sample_timesteps, token_counts
 from sora_model.dit import DiT, SIZES, TextBatch, dit_config
@@ -85,28 +86,20 @@ class TrainConfig:
     latent_channels: int = 16
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-
-
 # TrainConfig's numeric fields: what each must be, and a test of it (sora-train's flags of the
 # same names are checked with them; a clip_grad below 0 flipped the gradients, an ema over 1
 # extrapolated, a save_every of 0 divided by zero)
 FIELD_RULES = {
-    "budget": ("a positive int (latent tokens per global batch)", lambda v: _is_int(v) and v >= 1),
-    "max_tokens": ("a positive int (latent tokens per clip)", lambda v: _is_int(v) and v >= 1),
-    "steps": ("a positive int", lambda v: _is_int(v) and v >= 1),
-    "lr": ("a finite number > 0", lambda v: _is_real(v) and 0 < v < math.inf),
-    "weight_decay": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
-    "ema": ("a decay in [0, 1)", lambda v: _is_real(v) and 0 <= v < 1),
-    "clip_grad": ("a max gradient norm > 0 (inf: no clipping)", lambda v: _is_real(v) and v > 0),
-    "caption_dropout": ("a probability in [0, 1)", lambda v: _is_real(v) and 0 <= v < 1),
-    "save_every": ("a positive int (steps)", lambda v: _is_int(v) and v >= 1),
-    "latent_pool": ("0 or a positive int (steps)", lambda v: _is_int(v) and v >= 0),
+    "budget": ("a positive int (latent tokens per global batch)", lambda v: is_int(v) and v >= 1),
+    "max_tokens": ("a positive int (latent tokens per clip)", lambda v: is_int(v) and v >= 1),
+    "steps": ("a positive int", lambda v: is_int(v) and v >= 1),
+    "lr": ("a finite number > 0", lambda v: is_real(v) and 0 < v < math.inf),
+    "weight_decay": ("a finite number >= 0", lambda v: is_real(v) and 0 <= v < math.inf),
+    "ema": ("a decay in [0, 1)", lambda v: is_real(v) and 0 <= v < 1),
+    "clip_grad": ("a max gradient norm > 0 (inf: no clipping)", lambda v: is_real(v) and v > 0),
+    "caption_dropout": ("a probability in [0, 1)", lambda v: is_real(v) and 0 <= v < 1),
+    "save_every": ("a positive int (steps)", lambda v: is_int(v) and v >= 1),
+    "latent_pool": ("0 or a positive int (steps)", lambda v: is_int(v) and v >= 0),
 }
 
 

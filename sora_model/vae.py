@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sora_kernels as sk
+from sora_model.checks import is_int
 
 
 @dataclass(frozen=True)
@@ -485,12 +486,11 @@ class VideoAutoencoder(nn.Module):
                     max_memory_gb: float | None = None, keep_output: bool = True):
         """The chunk and tile sizes decode / decode_stream use (vae_tiling.DecodePlan)."""
         from sora_model import vae_tiling
-        if chunk_frames is not None and (not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool)
-                                         or chunk_frames < 1):
+        if chunk_frames is not None and (not is_int(chunk_frames) or chunk_frames < 1):
             raise ValueError(f"chunk_frames: expected a positive int, got {chunk_frames!r}")
         if tile is not None:
             if (not isinstance(tile, (tuple, list)) or len(tile) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in tile)):
+                    or not all(is_int(v) and v > 0 for v in tile)):
                 raise ValueError(f"tile: expected two positive ints (th, tw) in latent pixels, got {tile!r}")
             tile = (min(tile[0], z.shape[3]), min(tile[1], z.shape[4]))
         if max_memory_gb is not None and (isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float))

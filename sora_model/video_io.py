@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from sora_model.checks import is_int
+
 
 def _av():
     try:
@@ -21,9 +23,9 @@ def _av():
 def read_video(path: str, *, max_frames: int | None = None, start: int = 0) -> tuple[torch.Tensor, float]:
     """(frames uint8 [T, H, W, 3], frames per second) of the first video stream of `path`,
     from frame `start`, at most max_frames of them."""
-    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+    if not is_int(start) or start < 0:
         raise ValueError(f"start: expected a frame index >= 0, got {start!r}")
-    if max_frames is not None and (not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames < 1):
+    if max_frames is not None and (not is_int(max_frames) or max_frames < 1):
         raise ValueError(f"max_frames: expected a positive int or None, got {max_frames!r}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no such file {path!r}")
