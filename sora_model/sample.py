@@ -10,8 +10,10 @@ with t and s the VAE's temporal and spatial compression and p the DiT's patch (s
 ...), multiples of 8 with the patch-1 mini. Each gives one output, an image when FRAMES is 1.
 One --prompt for all, or one per --size.
 Each output is written as MP4 and GIF (an image as a 1-frame one), its prompt beside it in a
-.txt. The EMA weights are used unless --no-ema. A progress bar counts the sampling steps
-unless --no-progress.
+.txt, chunk by chunk as the streaming decode yields frames (the whole video is never held).
+--max-memory-gb bounds the decode's estimated peak (chunk and tile sizes chosen for it; an
+error before sampling when no plan fits). The EMA weights are used unless --no-ema. A
+progress bar counts the sampling steps unless --no-progress.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import re
+from typing import Iterator
 
 import torch
 
@@ -98,28 +101,62 @@ def load_run(run: str, ema: bool = True, device: str | torch.device = "cpu") -> 
 
 
 @torch.no_grad()
-def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, int, int]], *, steps: int = 30,
-             guidance: float = 4.0, method: str = "heun", seed: int = 0, progress: bool = False) -> list[torch.Tensor]:
-    """uint8 frames [T, H, W, 3] for each (prompt, pixel size), sampled as one packed batch
-    (with a progress bar over the sampling steps when progress)."""
+def sample_latents(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, int, int]], *, steps: int = 30,
+                   guidance: float = 4.0, method: str = "heun", seed: int = 0,
+                   progress: bool = False) -> list[torch.Tensor]:
+    """Latents [C, t, h, w] for each (prompt, pixel size), sampled as one packed batch (with a
+    progress bar over the sampling steps when progress)."""
     dit: DiT = model.dit
     device = dit.patch_embed.device
     check_sizes(sizes, vae.cfg, dit.cfg.patch_size, [f"sizes[{i}]" for i in range(len(sizes))])
-    tc, sc = vae.cfg.temporal_compression, vae.cfg.spatial_compression
-    shapes = [(dit.cfg.in_channels, 1 + (T - 1) // tc, H // sc, W // sc) for T, H, W in sizes]
+    shapes = [latent_shape(size, vae.cfg, dit.cfg.in_channels) for size in sizes]
     text = model.text(prompts)
     # bf16 autocast on a GPU, as in training: the attention kernels run bf16 and fp16 (in
     # float32 a GPU falls back to the reference attention)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
-        latents = sample(dit, shapes, text, dit.cfg.patch_size, null=model.text.null(len(prompts)),
-                         guidance=guidance, steps=steps, method=method, generator=torch.Generator().manual_seed(seed),
-                         device=device, progress=progress)
-    videos = []
-    for z in latents:
-        chunks = [to_uint8_frames(c) for c in vae.decode_stream(z[None], chunk_frames=2)]
-        videos.append(torch.cat(chunks, dim=0).cpu())
-    return videos
+        return sample(dit, shapes, text, dit.cfg.patch_size, null=model.text.null(len(prompts)), guidance=guidance,
+                      steps=steps, method=method, generator=torch.Generator().manual_seed(seed), device=device,
+                      progress=progress)
+
+
+def latent_shape(size: tuple[int, int, int], vae: VAEConfig, channels: int) -> tuple[int, int, int, int]:
+    """[C, t, h, w] of the latent of a (frames, height, width) pixel size."""
+    T, H, W = size
+    tc, sc = vae.temporal_compression, vae.spatial_compression
+    return channels, 1 + (T - 1) // tc, H // sc, W // sc
+
+
+def decode_frames(vae, z: torch.Tensor, max_memory_gb: float | None = None) -> Iterator[torch.Tensor]:
+    """uint8 frames [t, H, W, 3] of latent z [C, t, h, w], chunk by chunk (decode_stream: 2
+    latent frames a chunk; with max_memory_gb, the chunk and tile sizes whose estimated peak
+    fits it), on the CPU."""
+    chunk_frames = None if max_memory_gb is not None else 2
+    for chunk in vae.decode_stream(z[None], chunk_frames=chunk_frames, max_memory_gb=max_memory_gb):
+        yield to_uint8_frames(chunk[0]).cpu()
+
+
+def check_decode_budget(vae, shapes: list[tuple[int, int, int, int]], max_memory_gb: float | None) -> None:
+    """decode_stream's plan for each latent shape within max_memory_gb, found before sampling
+    (its ValueError names the budget and the smallest estimate)."""
+    if max_memory_gb is None:
+        return
+    dtype = next(vae.parameters()).dtype
+    for shape in shapes:
+        vae.plan_decode(torch.empty(1, *shape, dtype=dtype, device="meta"), None, None, max_memory_gb,
+                        keep_output=False)
+
+
+def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, int, int]], *, steps: int = 30,
+             guidance: float = 4.0, method: str = "heun", seed: int = 0, progress: bool = False,
+             max_memory_gb: float | None = None) -> list[torch.Tensor]:
+    """uint8 frames [T, H, W, 3] for each (prompt, pixel size): sample_latents, then
+    decode_frames (max_memory_gb bounds the decode)."""
+    check_sizes(sizes, vae.cfg, model.dit.cfg.patch_size, [f"sizes[{i}]" for i in range(len(sizes))])
+    check_decode_budget(vae, [latent_shape(size, vae.cfg, model.dit.cfg.in_channels) for size in sizes], max_memory_gb)
+    latents = sample_latents(model, vae, prompts, sizes, steps=steps, guidance=guidance, method=method, seed=seed,
+                             progress=progress)
+    return [torch.cat(list(decode_frames(vae, z, max_memory_gb))) for z in latents]
 
 
 def parse_args(argv=None):
@@ -137,17 +174,21 @@ def parse_args(argv=None):
     p.add_argument("--out", default="samples")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-memory-gb", type=float, default=None,
+                   help="bound the decode's estimated peak (GB): chunk and tile sizes chosen to fit")
     args = p.parse_args(argv)
+    if args.max_memory_gb is not None and not 0 < args.max_memory_gb < float("inf"):
+        p.error(f"--max-memory-gb: expected a positive number of GB, got {args.max_memory_gb}")
     if len(args.prompt) not in (1, len(args.size)):
         p.error(f"--prompt: expected one, or one per --size ({len(args.size)}), got {len(args.prompt)}")
     return args
 
 
 def main(argv=None) -> list[str]:
-    """Writes <out>/sample_<i>.mp4 and .gif for each size; returns the paths."""
+    """Writes <out>/sample_<i>.mp4 and .gif for each size, as the decode streams; returns the paths."""
     args = parse_args(argv)
     from sora_model.train_vae import load_checkpoint
-    from sora_model.video_io import _av, write_video
+    from sora_model.video_io import _av, VideoWriter
     _av()  # without PyAV, say so before sampling rather than after
     cfg = run_config(args.run)
     vae = load_checkpoint(args.vae, args.device).eval()
@@ -157,16 +198,27 @@ def main(argv=None) -> list[str]:
                          f"channels) = {trained}, got {given}")
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
     check_sizes(args.size, vae.cfg, model.dit.cfg.patch_size, [f"--size {T}x{H}x{W}" for T, H, W in args.size])
+    try:
+        check_decode_budget(vae, [latent_shape(s, vae.cfg, model.dit.cfg.in_channels) for s in args.size],
+                            args.max_memory_gb)
+    except ValueError as e:
+        raise ValueError(str(e).replace("max_memory_gb:", "--max-memory-gb:", 1)) from e
     prompts = args.prompt * len(args.size) if len(args.prompt) == 1 else args.prompt
-    videos = generate(model, vae, prompts, args.size, steps=args.steps, guidance=args.guidance, method=args.method,
-                      seed=args.seed, progress=not args.no_progress)
+    latents = sample_latents(model, vae, prompts, args.size, steps=args.steps, guidance=args.guidance,
+                             method=args.method, seed=args.seed, progress=not args.no_progress)
     os.makedirs(args.out, exist_ok=True)
     paths = []
-    for i, (frames, prompt) in enumerate(zip(videos, prompts)):
-        for ext in ("mp4", "gif"):
-            path = os.path.join(args.out, f"sample_{i}.{ext}")
-            write_video(path, frames, fps=args.fps)
-            paths.append(path)
+    for i, (z, prompt) in enumerate(zip(latents, prompts)):
+        files = [os.path.join(args.out, f"sample_{i}.{ext}") for ext in ("mp4", "gif")]
+        writers = [VideoWriter(path, fps=args.fps) for path in files]
+        try:
+            for frames in decode_frames(vae, z, args.max_memory_gb):
+                for writer in writers:
+                    writer.write(frames)
+        finally:
+            for writer in writers:
+                writer.close()
+        paths += files
         with open(os.path.join(args.out, f"sample_{i}.txt"), "w") as f:
             f.write(prompt + "\n")
     return paths

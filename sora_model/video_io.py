@@ -68,40 +68,83 @@ def probe_video(path: str, *, max_frames: int | None = None) -> tuple[int, int, 
         return frames, stream.codec_context.height, stream.codec_context.width
 
 
-def write_video(path: str, frames: torch.Tensor, *, fps: float = 24.0) -> None:
-    """Writes uint8 frames [T, H, W, 3] to `path`: .mp4 (H.264 where this FFmpeg has it, else
+class VideoWriter:
+    """Writes uint8 frames [t, H, W, 3] to `path` as they come, chunk by chunk (a streaming
+    decode's), so the whole video is never held: .mp4 (H.264 where this FFmpeg has it, else
     MPEG-4 part 2) or .gif (a fixed 3-3-2 bit palette, for previews; frame delays are whole
-    1/100 s, so 12 fps plays at 12.5)."""
-    if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
-        got = (tuple(frames.shape), frames.dtype) if isinstance(frames, torch.Tensor) else type(frames).__name__
-        raise ValueError(f"frames: expected uint8 [T, H, W, 3], got {got}")
-    if min(frames.shape[:3]) < 1:
-        raise ValueError(f"frames: expected at least one frame of at least 1 x 1 pixels, got {tuple(frames.shape)}")
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
-        raise ValueError(f"fps: expected a positive finite number, got {fps!r}")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".mp4", ".gif"):
-        raise ValueError(f"path: expected a .mp4 or .gif file name, got {path!r}")
-    av = _av()
-    from fractions import Fraction
-    T, H, W, _ = frames.shape
-    rate = Fraction(fps).limit_denominator(1000)
-    with av.open(path, mode="w") as container:
-        if ext == ".gif":
-            stream = container.add_stream("gif", rate=rate)
-            stream.pix_fmt = "rgb8"
-        else:
-            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-            stream = container.add_stream(codec, rate=rate)
-            stream.pix_fmt = "yuv420p"
-            if H % 2 or W % 2:
-                raise ValueError(f"frames: MP4 (yuv420p) needs even H and W, got H={H}, W={W}")
-        stream.width, stream.height = W, H
+    1/100 s, so 12 fps plays at 12.5). The first chunk sets H and W; the file is complete when
+    the writer closes (use it as a context manager)::
+
+        with VideoWriter("out.mp4", fps=24) as writer:
+            for frames in chunks:
+                writer.write(frames)
+    """
+
+    def __init__(self, path: str, *, fps: float = 24.0):
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
+            raise ValueError(f"fps: expected a positive finite number, got {fps!r}")
+        self.ext = os.path.splitext(path)[1].lower()
+        if self.ext not in (".mp4", ".gif"):
+            raise ValueError(f"path: expected a .mp4 or .gif file name, got {path!r}")
+        self.path, self.fps, self.frames = path, fps, 0
+        self._av, self._container, self._stream = _av(), None, None
+
+    def write(self, frames: torch.Tensor) -> None:
+        """Appends uint8 frames [t, H, W, 3] (H and W those of the first chunk)."""
+        if (not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[-1] != 3
+                or frames.dtype != torch.uint8):
+            got = (tuple(frames.shape), frames.dtype) if isinstance(frames, torch.Tensor) else type(frames).__name__
+            raise ValueError(f"frames: expected uint8 [T, H, W, 3], got {got}")
+        if min(frames.shape[:3]) < 1:
+            raise ValueError(f"frames: expected at least one frame of at least 1 x 1 pixels, got {tuple(frames.shape)}")
+        T, H, W, _ = frames.shape
+        if self._stream is None:
+            self._open(H, W)
+        elif (H, W) != (self._stream.height, self._stream.width):
+            raise ValueError(f"frames: expected {self._stream.height} x {self._stream.width} frames (the first "
+                             f"chunk's), got {tuple(frames.shape)}")
         for frame in frames.cpu().numpy():
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for packet in self._stream.encode(self._av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._container.mux(packet)
+        self.frames += T
+
+    def _open(self, H: int, W: int) -> None:
+        from fractions import Fraction
+        if self.ext == ".mp4" and (H % 2 or W % 2):
+            raise ValueError(f"frames: MP4 (yuv420p) needs even H and W, got H={H}, W={W}")
+        rate = Fraction(self.fps).limit_denominator(1000)
+        self._container = self._av.open(self.path, mode="w")
+        if self.ext == ".gif":
+            self._stream = self._container.add_stream("gif", rate=rate)
+            self._stream.pix_fmt = "rgb8"
+        else:
+            codec = "libx264" if "libx264" in self._av.codecs_available else "mpeg4"
+            self._stream = self._container.add_stream(codec, rate=rate)
+            self._stream.pix_fmt = "yuv420p"
+        self._stream.width, self._stream.height = W, H
+
+    def close(self) -> None:
+        """Flushes the encoder and closes the file (nothing is written without a frame)."""
+        if self._container is None:
+            return
+        container, self._container = self._container, None
+        try:
+            for packet in self._stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        finally:
+            container.close()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_video(path: str, frames: torch.Tensor, *, fps: float = 24.0) -> None:
+    """Writes uint8 frames [T, H, W, 3] to `path` (.mp4 or .gif: VideoWriter, in one chunk)."""
+    with VideoWriter(path, fps=fps) as writer:
+        writer.write(frames)
 
 
 def to_model(frames: torch.Tensor) -> torch.Tensor:

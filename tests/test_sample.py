@@ -127,3 +127,47 @@ def test_argument_errors(tmp_path):
                        "--size", "1x16x16", "--size", "1x16x16"])
     with pytest.raises(ValueError, match="run: no checkpoint.safetensors in"):
         sm.load_run(str(tmp_path))
+
+
+def test_sample_streams_to_the_files_within_a_budget(tmp_path, monkeypatch):
+    """sora-sample writes each chunk the streaming decode yields (2 latent frames: 5 then 8
+    frames of a 13-frame sample) and never the whole video at once; --max-memory-gb picks the
+    decode's chunk for the budget (1 latent frame: 1 + 4 + 4 + 4 frames), with the frames of
+    the unbounded decode; a budget no plan fits is an error naming the flag before sampling."""
+    pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
+    from sora_model import video_io
+    from sora_model.train_vae import load_checkpoint
+    torch.manual_seed(0)
+    vae_file, run = str(tmp_path / "vae.safetensors"), str(tmp_path / "run")
+    save_vae(vae_file, VideoAutoencoder(vae_config("tiny")), 0)
+    tr.train(tr.TrainConfig(steps=1, budget=128, max_tokens=64), load_checkpoint(vae_file), run, progress=False)
+    vae = load_checkpoint(vae_file).eval()
+    z = torch.empty(1, 16, 4, 4, 6)
+    one = vae.plan_decode(z, 1, None, 1.0, keep_output=False).estimate_bytes
+    two = vae.plan_decode(z, 2, None, 1.0, keep_output=False).estimate_bytes
+    assert one < two
+    budget = one / 2 ** 30
+    assert vae.plan_decode(z, None, None, budget, keep_output=False).chunk_frames == 1
+    written = []
+    write = video_io.VideoWriter.write
+    monkeypatch.setattr(video_io.VideoWriter, "write",
+                        lambda self, frames: written.append((self.ext, frames.shape[0])) or write(self, frames))
+    args = ["--run", run, "--vae", vae_file, "--prompt", "a ball", "--size", "13x32x48", "--steps", "1", "--method",
+            "euler", "--device", "cpu", "--no-progress"]
+    sm.main(args + ["--out", str(tmp_path / "a")])
+    assert [n for ext, n in written if ext == ".mp4"] == [5, 8]
+    written.clear()
+    sm.main(args + ["--out", str(tmp_path / "b"), "--max-memory-gb", str(budget)])
+    assert [n for ext, n in written if ext == ".mp4"] == [1, 4, 4, 4]
+    assert [n for ext, n in written if ext == ".gif"] == [1, 4, 4, 4]
+    model = sm.load_run(run)
+    plain = sm.generate(model, vae, ["a ball"], [(13, 32, 48)], steps=1, method="euler")[0]
+    bounded = sm.generate(model, vae, ["a ball"], [(13, 32, 48)], steps=1, method="euler", max_memory_gb=budget)[0]
+    assert plain.shape == bounded.shape == (13, 32, 48, 3)
+    assert (plain.int() - bounded.int()).abs().max() <= 1                 # exact decodes, up to rounding
+    monkeypatch.setattr(sm, "sample_latents", lambda *a, **k: pytest.fail("sampled before the budget was checked"))
+    with pytest.raises(ValueError, match=r"--max-memory-gb: 0.001 GB is below the smallest estimated peak, "
+                                         r"[0-9.]+ GB \(chunk_frames=1"):
+        sm.main(args + ["--out", str(tmp_path / "c"), "--max-memory-gb", "0.001"])
+    with pytest.raises(SystemExit):
+        sm.parse_args(args + ["--max-memory-gb", "0"])

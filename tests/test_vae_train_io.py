@@ -15,7 +15,7 @@ pytest.importorskip("safetensors")
 from sora_model import train_vae  # noqa: E402
 from sora_model.data import folder_videos, synthetic_video, synthetic_videos  # noqa: E402
 from sora_model.vae import to_uint8_frames  # noqa: E402
-from sora_model.video_io import read_video, to_model, write_video  # noqa: E402
+from sora_model.video_io import VideoWriter, read_video, to_model, write_video  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("native_kernels")
 
@@ -38,6 +38,24 @@ def test_write_then_read(tmp_path, ext):
     assert err < (25 if ext == ".gif" else 8), err  # GIF: a fixed 3-3-2 bit palette
     part, _ = read_video(path, start=2, max_frames=3)
     assert part.shape[0] == 3
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".gif"])
+def test_writer_in_chunks_equals_one_write(tmp_path, ext):
+    """VideoWriter fed chunk by chunk (a streaming decode's 1 + 4 + 4 + 1 frames) writes the
+    file write_video writes in one chunk; a chunk of another frame size is refused."""
+    frames = _clip(frames=10)
+    whole, parts = str(tmp_path / f"whole{ext}"), str(tmp_path / f"parts{ext}")
+    write_video(whole, frames, fps=10)
+    with VideoWriter(parts, fps=10) as writer:
+        for t0, t1 in [(0, 1), (1, 5), (5, 9), (9, 10)]:
+            writer.write(frames[t0:t1])
+        assert writer.frames == 10
+        with pytest.raises(ValueError, match=r"frames: expected 32 x 48 frames \(the first chunk's\), got "
+                                             r"\(1, 32, 32, 3\)"):
+            writer.write(frames[:1, :, :32])
+    a, b = read_video(whole)[0], read_video(parts)[0]
+    assert a.shape == b.shape == frames.shape and torch.equal(a, b)
 
 
 def test_io_errors(tmp_path):
