@@ -90,4 +90,5 @@ def test_activations(suite, benchmark, kernel, provider, mode):
             torch.autograd.grad(fn(*leaves), leaves, dout)
         rows = fwd_rows + bwd_rows
     nbytes = rows * inputs[0].numel() * inputs[0].element_size()
-    suite.run(kernel, mode, provider, f"mixed-{N}x{HIDDEN[kernel]}", run, nbytes, dtype, benchmark, tokens=N, graph=True)
+    suite.run(kernel, mode, provider, f"mixed-{N}x{HIDDEN[kernel]}", run, nbytes, dtype, benchmark, tokens=N,
+              graph=True)

@@ -132,5 +132,5 @@ def _time(suite, benchmark, kernel, provider, mode, label=None):
             o = fn(leaves)
             torch.autograd.grad(o if isinstance(o, tuple) else (o,), list(leaves.values()), grads)
         rows = rows_fwd + (6 if fused else 3)  # backward: reads x (h), dout[, dh, y], writes dx[, dy]
-    suite.run(kernel, mode, label or provider, f"mixed-{N}x{D}", run, rows * N * D * itemsize, args["x"].dtype, benchmark,
-              tokens=N, segments=len(_lengths(suite.device)), graph=True)
+    suite.run(kernel, mode, label or provider, f"mixed-{N}x{D}", run, rows * N * D * itemsize, args["x"].dtype,
+              benchmark, tokens=N, segments=len(_lengths(suite.device)), graph=True)

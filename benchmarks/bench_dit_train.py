@@ -78,7 +78,8 @@ def _step(provider, dit, opt, latents, noise, t, text, autocast):
             (flow_error(dit, latents, text, t, noise) / total).backward()
         elif provider == "padded":
             T, H, W = (max(z.shape[d] for z in latents) for d in (1, 2, 3))
-            pad = [torch.nn.functional.pad(z, (0, W - z.shape[3], 0, H - z.shape[2], 0, T - z.shape[1])) for z in latents]
+            pad = [torch.nn.functional.pad(z, (0, W - z.shape[3], 0, H - z.shape[2], 0, T - z.shape[1]))
+                   for z in latents]
             pad_noise = [torch.nn.functional.pad(e, (0, W - e.shape[3], 0, H - e.shape[2], 0, T - e.shape[1]))
                          for e in noise]
             td = t.to(latents[0].device)

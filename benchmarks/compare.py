@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     if not same_device(before["environment"], after["environment"]) and not args.any_device:
-        devices = [tuple(d["environment"].get(k) for k in ("device", "device_type", "cpu_count")) for d in (before, after)]
+        devices = [tuple(d["environment"].get(k) for k in ("device", "device_type", "cpu_count"))
+                   for d in (before, after)]
         p.error(f"the files are from different devices ({devices[0]}, {devices[1]}: name, type, cores); "
                 f"--any-device to compare")
     matched, only_before, only_after = compare(before, after, args.threshold, args.match)

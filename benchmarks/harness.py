@@ -221,7 +221,8 @@ def git_revision() -> str:
                              text=True, check=True).stdout.strip()
         # The results files themselves are rewritten during a run: they do not make it dirty.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+                                ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -153,5 +153,5 @@ def sample(model: Model, shapes: Sequence[Sequence[int]], text: TextBatch, patch
     return x
 
 
-__all__ = ["FlowConfig", "flow_loss", "flow_error", "sample", "sample_timesteps", "shift_timesteps", "time_shift", "token_counts",
-           "schedule", "concat_text"]
+__all__ = ["FlowConfig", "flow_loss", "flow_error", "sample", "sample_timesteps", "shift_timesteps", "time_shift",
+           "token_counts", "schedule", "concat_text"]

@@ -140,8 +140,9 @@ class DiTBlock(nn.Module):
         ca = sk.varlen_attention(qc, kc.to(qc.dtype), vc.to(qc.dtype), cu, text.cu_seqlens, packed.max_seqlen,
                                  text.max_seqlen)
         ones = torch.ones_like(gate2)
+        # residual, then MLP norm
         x, h = sk.gated_residual_adaln(x, self.cross_proj(ca.reshape(N, D)).to(dt), ones, shift2, scale2, cu,
-                                       eps=self.eps, segment_ids=seg)                              # residual, then MLP norm
+                                       eps=self.eps, segment_ids=seg)
         m = self.fc2(sk.gelu_tanh(self.fc1(h)))                                                    # [N, D]
         return sk.gated_residual(x, m.to(dt), gate2, cu, segment_ids=seg)
 
@@ -195,7 +196,8 @@ class DiT(nn.Module):
     def check_inputs(self, latents: Sequence[torch.Tensor], t: torch.Tensor, text: TextBatch) -> None:
         cfg = self.cfg
         if not isinstance(latents, (list, tuple)) or not latents:
-            raise ValueError(f"latents: expected a non-empty list of [C, T, H, W] tensors, got {type(latents).__name__}")
+            raise ValueError("latents: expected a non-empty list of [C, T, H, W] tensors, "
+                             f"got {type(latents).__name__}")
         for i, z in enumerate(latents):
             if z.dim() != 4 or z.shape[0] != cfg.in_channels:
                 raise ValueError(f"latents[{i}]: expected [{cfg.in_channels}, T, H, W], got {tuple(z.shape)}")
@@ -253,13 +255,14 @@ def forward_flops(cfg: DiTConfig, tokens: Sequence[int], text_tokens: Sequence[i
     D, Dm, Dt = cfg.hidden, int(cfg.hidden * cfg.mlp_ratio), cfg.text_dim
     P = cfg.in_channels * math.prod(cfg.patch_size)
     n, N, M = len(tokens), sum(tokens), sum(text_tokens)
-    per_video = 2 * (TIMESTEP_FREQUENCIES * D + D * D) + 2 * (Dt * D + D * D) + 2 * D * 2 * D      # t_embed, text_pool, final mod.
-    per_token = 2 * P * D + 2 * D * P                                                    # patch embedding, final layer
-    block = (n * 2 * D * 6 * D                                                           # modulation
-             + N * 2 * D * (3 * D + D + D + D + 2 * Dm)                                  # qkv, proj, cross q / proj, MLP
-             + M * 2 * Dt * 2 * D                                                        # cross k, v from the captions
-             + 4 * D * sum(L * L for L in tokens)                                        # self-attention
-             + 4 * D * sum(L * m for L, m in zip(tokens, text_tokens)))                  # cross-attention
+    # t_embed, text_pool, final mod.
+    per_video = 2 * (TIMESTEP_FREQUENCIES * D + D * D) + 2 * (Dt * D + D * D) + 2 * D * 2 * D
+    per_token = 2 * P * D + 2 * D * P                                                   # patch embedding, final layer
+    block = (n * 2 * D * 6 * D                                                          # modulation
+             + N * 2 * D * (3 * D + D + D + D + 2 * Dm)                                 # qkv, proj, cross q / proj, MLP
+             + M * 2 * Dt * 2 * D                                                       # cross k, v from the captions
+             + 4 * D * sum(L * L for L in tokens)                                       # self-attention
+             + 4 * D * sum(L * m for L, m in zip(tokens, text_tokens)))                 # cross-attention
     return n * per_video + N * per_token + cfg.depth * block
 
 

@@ -226,7 +226,8 @@ class MiniLMEncoder(nn.Module):
         state = {"word.weight": w["embeddings.word_embeddings.weight"],
                  "position.weight": w["embeddings.position_embeddings.weight"],
                  "token_type.weight": w["embeddings.token_type_embeddings.weight"],
-                 "embed_norm.weight": w["embeddings.LayerNorm.weight"], "embed_norm.bias": w["embeddings.LayerNorm.bias"]}
+                 "embed_norm.weight": w["embeddings.LayerNorm.weight"],
+                 "embed_norm.bias": w["embeddings.LayerNorm.bias"]}
         names = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
                  "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
                  "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}
@@ -358,9 +359,10 @@ class CaptionConditioner(nn.Module):
         check_captions(captions)
         n = len(captions)
         if drop is None:
-            drop = (torch.rand(n, generator=generator) < self.drop_prob) if self.training else torch.zeros(n, dtype=torch.bool)
-        elif not isinstance(drop, torch.Tensor) or tuple(drop.shape) != (n,):
-            got = tuple(drop.shape) if isinstance(drop, torch.Tensor) else type(drop).__name__
+            drop = ((torch.rand(n, generator=generator) < self.drop_prob) if self.training
+                    else torch.zeros(n, dtype=torch.bool))
+        elif not isinstance(drop, torch.Tensor) or tuple(drop.shape) != (n,) or drop.dtype != torch.bool:
+            got = (tuple(drop.shape), drop.dtype) if isinstance(drop, torch.Tensor) else type(drop).__name__
             raise ValueError(f"drop: expected a bool tensor [{n}] (one per caption), got {got}")
         drop = drop.cpu().bool().tolist()
         kept = [c for c, d in zip(captions, drop) if not d]

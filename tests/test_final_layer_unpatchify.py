@@ -106,7 +106,8 @@ def test_large_batch_correct_and_repeatable(dtype):
     runs = [torch.cat([o.flatten() for o in sk.final_layer_unpatchify(**leaves, packed=packed, patch_size=patch,
                                                                        backend="triton")]) for _ in range(8)]
     for i, other in enumerate(runs[1:], 1):
-        assert torch.equal(other, runs[0]), f"launch {i} differs from launch 0 in {(other != runs[0]).sum().item()} elements"
+        assert torch.equal(other, runs[0]), (f"launch {i} differs from launch 0 in "
+                                             f"{(other != runs[0]).sum().item()} elements")
     plain = torch.cat([o.flatten() for o in _reference(packed, patch, "layer")(**leaves)])
     exact = torch.cat([o.flatten() for o in _reference(packed, patch, "layer")(
         **{k: v.double() for k, v in leaves.items()})])

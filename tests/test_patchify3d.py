@@ -90,7 +90,8 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: sk.patchify3d(torch.zeros(3, 4, 4, 4), 2), r"x: expected a 5-dim tensor \[B, C, T, H, W\], got \(3, 4, 4, 4\)"),
+    (lambda: sk.patchify3d(torch.zeros(3, 4, 4, 4), 2),
+     r"x: expected a 5-dim tensor \[B, C, T, H, W\], got \(3, 4, 4, 4\)"),
     (lambda: sk.patchify3d(torch.zeros(1, 3, 3, 4, 4), 2), r"x: T=3 is not divisible by patch_size\[0\]=2"),
     (lambda: sk.patchify3d(torch.zeros(1, 3, 2, 4, 4), -1), r"patch_size\[0\]: expected a positive int, got -1"),
     (lambda: sk.unpatchify3d(torch.zeros(1, 5, 12), (1, 2, 2), (1, 2, 2)),

@@ -104,8 +104,12 @@ def test_caption_dropout_and_null():
     assert int(cond(["a"] * 50).cu_seqlens.diff().eq(1).sum()) == 0
     with pytest.raises(ValueError, match=r"drop_prob: expected a probability in \[0, 1\), got 1.0"):
         CaptionConditioner(ByteTextEncoder(), drop_prob=1.0)
-    with pytest.raises(ValueError, match=r"drop: expected a bool tensor \[3\] \(one per caption\), got \(2,\)"):
+    with pytest.raises(ValueError, match=r"drop: expected a bool tensor \[3\] \(one per caption\), "
+                                         r"got \(\(2,\), torch\.bool\)"):
         cond(["a", "b", "c"], drop=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"drop: expected a bool tensor \[2\] \(one per caption\), "
+                                         r"got \(\(2,\), torch\.float32\)"):
+        cond(["a", "b"], drop=torch.tensor([1.0, 0.0]))     # not taken as flags through .bool()
     with pytest.raises(ValueError, match=r"drop: expected a bool tensor \[1\] \(one per caption\), got list"):
         cond(["a"], drop=[True])
 

@@ -34,7 +34,8 @@ def test_every_config_compiles_and_its_spills_are_listed(aot_results):
     kernels = {r["kernel"] for r in aot_results}
     assert {"patchify_tile_kernel", "attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= kernels
     failed = [r for r in aot_results if not r["ok"]]
-    assert not failed, f"{len(failed)} configs failed; first: {failed[0]}; errors: {sorted({r['error'] for r in failed})[:3]}"
+    assert not failed, (f"{len(failed)} configs failed; first: {failed[0]}; "
+                        f"errors: {sorted({r['error'] for r in failed})[:3]}")
     assert {r["arch"] for r in aot_results} == {80, 90}
     import triton
     with open(os.path.join(os.path.dirname(__file__), "aot_spills.json")) as f:

@@ -669,7 +669,8 @@ def _kernel_args(**change):
     (dict(cu_seqlens_q=torch.tensor([1, 3, 7], dtype=torch.int32)), "cu_seqlens_q: expected to start at 0"),
     (dict(cu_seqlens_k=torch.tensor([0, 5], dtype=torch.int32)), r"cu_seqlens_k: expected 3 entries"),
     (dict(cu_seqlens_q=torch.tensor([0, 3, 7])), "cu_seqlens_q: expected an int32 CPU vector"),
-    (dict(q=torch.randn(7, 4, 0), k=torch.randn(5, 2, 0), v=torch.randn(5, 2, 0)), "q: expected a head dim of at least 1"),
+    (dict(q=torch.randn(7, 4, 0), k=torch.randn(5, 2, 0), v=torch.randn(5, 2, 0)),
+     "q: expected a head dim of at least 1"),
 ])
 def test_cpu_kernel_checks(change, message):
     """The C++ ops check what they index with (the public function checks first, with its own

@@ -217,7 +217,8 @@ template <typename Unit>
 cudaError_t launch_unit(bool pack, const VideoSlot* slots, int64_t n, int64_t tiles, const PatchDims& p,
                         const CudaPlan& plan, void* tokens, int32_t* positions, cudaStream_t stream) {
   constexpr int kMaxVec = 16 / sizeof(Unit) < 4 ? 16 / sizeof(Unit) : 4;
-  if (plan.vec >= 4 && kMaxVec >= 4) return launch_typed<Unit, kMaxVec>(pack, slots, n, tiles, p, plan, tokens, positions, stream);
+  if (plan.vec >= 4 && kMaxVec >= 4)
+    return launch_typed<Unit, kMaxVec>(pack, slots, n, tiles, p, plan, tokens, positions, stream);
   if (plan.vec >= 2) return launch_typed<Unit, 2>(pack, slots, n, tiles, p, plan, tokens, positions, stream);
   return launch_typed<Unit, 1>(pack, slots, n, tiles, p, plan, tokens, positions, stream);
 }

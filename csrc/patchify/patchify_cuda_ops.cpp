@@ -29,7 +29,8 @@ void patchify_engine_cuda(bool pack, std::vector<VideoSlot>& slots, const PatchD
               " bytes per token do not fit the cuda backend's 48 KB shared-memory tile");
   PatchDims p = dims;
   const int64_t tiles = patchify::assign_cuda_tiles(slots.data(), n, p, es, plan);
-  at::Tensor host = at::empty({n, static_cast<int64_t>(sizeof(VideoSlot) / sizeof(int64_t))}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  at::Tensor host = at::empty({n, static_cast<int64_t>(sizeof(VideoSlot) / sizeof(int64_t))},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::memcpy(host.data_ptr(), slots.data(), n * sizeof(VideoSlot));
   const at::Tensor dev = host.to(tokens.device(), /*non_blocking=*/true);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

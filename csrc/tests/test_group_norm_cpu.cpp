@@ -60,7 +60,8 @@ int main() {
         }
     std::vector<float> dxc(x.size()), dxl(x.size()), dwc(B * T * C), dbc(B * T * C), dwl(B * T * C), dbl(B * T * C);
     sora_kernels::vae::group_norm_backward_cpu(ac, dy.data(), mc.data(), rc.data(), dxc.data(), dwc.data(), dbc.data());
-    sora_kernels::vae::group_norm_backward_cpu(al, dyl.data(), ml.data(), rl.data(), dxl.data(), dwl.data(), dbl.data());
+    sora_kernels::vae::group_norm_backward_cpu(al, dyl.data(), ml.data(), rl.data(), dxl.data(), dwl.data(),
+                                               dbl.data());
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = 0; c < C; ++c)
         for (int64_t t = 0; t < T; ++t)
@@ -78,7 +79,8 @@ int main() {
     GroupNormArgs gc = ac, gl = al;
     gc.given = gl.given = true;
     sora_kernels::vae::group_norm_backward_cpu(gc, dy.data(), mc.data(), rc.data(), dxc.data(), dwc.data(), dbc.data());
-    sora_kernels::vae::group_norm_backward_cpu(gl, dyl.data(), ml.data(), rl.data(), dxl.data(), dwl.data(), dbl.data());
+    sora_kernels::vae::group_norm_backward_cpu(gl, dyl.data(), ml.data(), rl.data(), dxl.data(), dwl.data(),
+                                               dbl.data());
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = 0; c < C; ++c)
         for (int64_t t = 0; t < T; ++t) {

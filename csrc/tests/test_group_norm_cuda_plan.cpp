@@ -61,7 +61,8 @@ void walk(const GnShape& s, const GnPlan& p, Visit visit) {
       expect((q.end - q.begin) % V == 0, "piece length a multiple of vec", s, p);
       for (int thread = 0; thread < vae::kGnThreads; ++thread) {
         int64_t count = 0;
-        for (int64_t j = thread; j < nv; j += vae::kGnThreads, ++count) visit(block, thread, vae::gn_contiguous_offset(q, j, V));
+        for (int64_t j = thread; j < nv; j += vae::kGnThreads, ++count)
+          visit(block, thread, vae::gn_contiguous_offset(q, j, V));
         expect(count * V <= vae::kGnMaxPerThread, "contiguous: elements per thread", s, p);
       }
     } else {

@@ -67,7 +67,8 @@ constexpr int kThreads = 256;
 template <typename T>
 int frames(const void* x, uint8_t* out, int64_t C, int64_t P, cudaStream_t stream) {
   const int64_t blocks = (P + kThreads - 1) / kThreads;
-  frames_to_uint8_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(static_cast<const T*>(x), out, C, P);
+  frames_to_uint8_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(static_cast<const T*>(x), out,
+                                                                                    C, P);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -76,7 +77,8 @@ int denorm(const void* z, void* out, const float* scale, const float* shift, int
            int64_t T_, int64_t S, cudaStream_t stream) {
   const int64_t planes = B * C * T_;
   const int64_t per_plane = (S + kThreads - 1) / kThreads;
-  const dim3 grid(static_cast<unsigned>(per_plane < 64 ? per_plane : 64), static_cast<unsigned>(planes < 65535 ? planes : 65535),
+  const dim3 grid(static_cast<unsigned>(per_plane < 64 ? per_plane : 64),
+                  static_cast<unsigned>(planes < 65535 ? planes : 65535),
                   static_cast<unsigned>((planes + 65534) / 65535));
   if (grid.z > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
   latent_denorm_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(z), static_cast<T*>(out), scale, shift,

@@ -10,7 +10,8 @@ namespace sora_kernels {
 namespace {
 
 vae::FloatType float_type(at::ScalarType t) {
-  return t == at::kFloat ? vae::FloatType::kFloat32 : t == at::kHalf ? vae::FloatType::kFloat16 : vae::FloatType::kBFloat16;
+  return t == at::kFloat ? vae::FloatType::kFloat32
+                         : t == at::kHalf ? vae::FloatType::kFloat16 : vae::FloatType::kBFloat16;
 }
 
 at::Tensor frames_to_uint8_cuda_op(const at::Tensor& video) {

@@ -24,7 +24,8 @@ inline void check_frames(const at::Tensor& video, bool float32_only) {
   TORCH_CHECK(video.dim() == 4, "video: expected [C, T, H, W], got ", video.sizes());
   const auto t = video.scalar_type();
   TORCH_CHECK(t == at::kFloat || (!float32_only && (t == at::kHalf || t == at::kBFloat16)),
-              "video: expected ", float32_only ? "float32 (the cpu kernel)" : "float32, float16 or bfloat16", ", got ", t);
+              "video: expected ", float32_only ? "float32 (the cpu kernel)" : "float32, float16 or bfloat16",
+              ", got ", t);
 }
 
 inline void check_latent(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift, bool float32_only) {

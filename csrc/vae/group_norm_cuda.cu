@@ -396,7 +396,8 @@ gn_map_kernel(Op op, const T* __restrict__ x,   // [B, C, T, S] with the strides
         if (j < nv) {
           float v[V];
 #pragma unroll
-          for (int e = 0; e < V; ++e) v[e] = op.map(k, to_float(xv[u].e[e]), Op::kInputs == 2 ? to_float(dv[u].e[e]) : 0.f);
+          for (int e = 0; e < V; ++e)
+            v[e] = op.map(k, to_float(xv[u].e[e]), Op::kInputs == 2 ? to_float(dv[u].e[e]) : 0.f);
           store<T, V>(out + gn_contiguous_offset(q, j, V), v);
         }
       }
@@ -426,7 +427,8 @@ gn_map_kernel(Op op, const T* __restrict__ x,   // [B, C, T, S] with the strides
           if (r < q.end) {
             float v[V];
 #pragma unroll
-            for (int e = 0; e < V; ++e) v[e] = op.map(k[e], to_float(xv[u].e[e]), Op::kInputs == 2 ? to_float(dv[u].e[e]) : 0.f);
+            for (int e = 0; e < V; ++e)
+              v[e] = op.map(k[e], to_float(xv[u].e[e]), Op::kInputs == 2 ? to_float(dv[u].e[e]) : 0.f);
             store<T, V>(out + gn_channels_last_offset(s, q, r, col, V), v);
           }
         }
@@ -727,7 +729,8 @@ int forward(const GnShape& s, const GnPlan& p, const T* x, const float* weight, 
   }
   const unsigned blocks = static_cast<unsigned>(p.blocks);
   const unsigned frame_groups = static_cast<unsigned>(s.batch * s.frames * s.groups);
-  gn_reduce_kernel<StatsOp<T>, CL, T, V><<<blocks, kThreads, 0, stream>>>(StatsOp<T>{x, s}, x, nullptr, s, p, workspace);
+  gn_reduce_kernel<StatsOp<T>, CL, T, V><<<blocks, kThreads, 0, stream>>>(StatsOp<T>{x, s}, x, nullptr, s, p,
+                                                                          workspace);
   if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return static_cast<int>(e);
   gn_finalize_stats_kernel<T><<<frame_groups, kFinalizeThreads, 0, stream>>>(x, workspace, s, p, eps, mean, rstd);
   if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return static_cast<int>(e);
@@ -735,8 +738,8 @@ int forward(const GnShape& s, const GnPlan& p, const T* x, const float* weight, 
     gn_map_kernel<ApplyOp<true>, CL, T, V><<<blocks, kThreads, 0, stream>>>(ApplyOp<true>{s, mean, rstd, weight, bias},
                                                                             x, nullptr, y, s, p);
   } else {
-    gn_map_kernel<ApplyOp<false>, CL, T, V><<<blocks, kThreads, 0, stream>>>(ApplyOp<false>{s, mean, rstd, weight, bias},
-                                                                             x, nullptr, y, s, p);
+    gn_map_kernel<ApplyOp<false>, CL, T, V><<<blocks, kThreads, 0, stream>>>(
+        ApplyOp<false>{s, mean, rstd, weight, bias}, x, nullptr, y, s, p);
   }
   return static_cast<int>(cudaGetLastError());
 }

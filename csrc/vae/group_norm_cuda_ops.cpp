@@ -112,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward_cuda(const at:
   const vae::GnPlan plan = vae::gn_plan(p.shape, vec, sm_count());
   at::Tensor workspace = at::empty({vae::gn_workspace_floats(p.shape, plan)}, stat_options);
   const int err = vae::launch_group_norm_forward_cuda(
-      p.type, p.shape, plan, p.x.data_ptr(), data_or_null(p.weight), data_or_null(p.bias), static_cast<float>(eps), silu,
-      y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), workspace.data_ptr<float>(),
+      p.type, p.shape, plan, p.x.data_ptr(), data_or_null(p.weight), data_or_null(p.bias), static_cast<float>(eps),
+      silu, y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), workspace.data_ptr<float>(),
       at::cuda::getCurrentCUDAStream());
   check_launch(err, "forward", plan);
   return {y, mean, rstd};

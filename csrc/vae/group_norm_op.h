@@ -79,7 +79,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
   at::Tensor y = at::empty_like(p.keep[0]);
   auto opts = x.options();
   at::Tensor mean = at::empty({x.size(0), x.size(2), num_groups}, opts), rstd = at::empty_like(mean);
-  if (x.numel() > 0) group_norm_forward_cpu(p.args, y.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>());
+  if (x.numel() > 0)
+    group_norm_forward_cpu(p.args, y.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>());
   return {y, mean, rstd};
 }
 
@@ -103,7 +104,8 @@ inline at::Tensor group_norm_apply(const at::Tensor& x, const std::optional<at::
   Prepared p = prepare(x, weight, bias, num_groups, 0.0, silu);
   const auto [mean_c, rstd_c] = statistics(x, mean, rstd, num_groups);
   at::Tensor y = at::empty_like(p.keep[0]);
-  if (x.numel() > 0) group_norm_apply_cpu(p.args, mean_c.data_ptr<float>(), rstd_c.data_ptr<float>(), y.data_ptr<float>());
+  if (x.numel() > 0)
+    group_norm_apply_cpu(p.args, mean_c.data_ptr<float>(), rstd_c.data_ptr<float>(), y.data_ptr<float>());
   return y;
 }
 

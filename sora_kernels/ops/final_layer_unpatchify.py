@@ -204,7 +204,8 @@ def final_layer_unpatchify_triton(x: torch.Tensor, shift: torch.Tensor, scale: t
                                   bias: torch.Tensor | None, segment_ids: torch.Tensor, patch_size: list[int],
                                   sizes: list[int], eps: float, layer: bool) -> list[torch.Tensor]:
     return launch(x.contiguous(), shift.contiguous(), scale.contiguous(), weight.contiguous(),
-                  bias.contiguous() if bias is not None else None, segment_ids, patch_size, _unflatten(sizes), eps, layer)
+                  bias.contiguous() if bias is not None else None, segment_ids, patch_size, _unflatten(sizes),
+                  eps, layer)
 
 
 @final_layer_unpatchify_triton.register_fake

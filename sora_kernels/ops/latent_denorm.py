@@ -56,7 +56,8 @@ def launch(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[t
 
 
 @torch.library.custom_op("sora_kernels::latent_denorm_triton", mutates_args=())
-def latent_denorm_triton(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_denorm_triton(z: torch.Tensor, scale: torch.Tensor,
+                         shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return launch(z, scale, shift)
 
 
