@@ -94,22 +94,32 @@ class CausalConv3d(nn.Module):
     upsample: the convolution of x up-sampled 2x in space (nearest), computed from x without
     up-sampling it (a sub-pixel convolution, `_conv_upsampled`): 4 of the 3 x 3 kernel's 9
     spatial taps per output pixel. The carried frames are then x's, at its resolution.
+
+    upsample_t (with upsample): x is also up-sampled 2x in time, as Upsample does (frame 0 of
+    the video to one frame, every later frame to two), again without making the up-sampled
+    frames (`_forward_upsampled_t`): each output frame reads two input frames, with the taps
+    that read one frame summed, so 2 of the 3 temporal taps. The carried frame is x's last.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
-                 upsample: bool = False):
+                 upsample: bool = False, upsample_t: bool = False):
         super().__init__()
         if upsample and (kernel != 3 or stride != 1):
             raise ValueError(f"upsample: needs kernel 3 and stride 1, got kernel {kernel}, stride {stride}")
+        if upsample_t and not upsample:
+            raise ValueError("upsample_t: up-sampling in time needs upsample=True (in space too), got upsample=False")
         self.pad_t = kernel - 1
         self.stride = stride
         self.upsample = upsample
+        self.upsample_t = upsample_t
         self.pad_s = kernel // 2
         self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=(1, stride, stride),
                               padding=(0, self.pad_s, self.pad_s) if stride == 1 else 0)
 
     def forward(self, x: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
         # x: [B, C, T, H, W]
+        if self.upsample_t:
+            return self._forward_upsampled_t(x, state)
         if self.pad_t:
             left = state.frames.get(id(self)) if state is not None else None
             if left is None and self.stride == 1:
@@ -148,7 +158,8 @@ class CausalConv3d(nn.Module):
             return self._conv_upsampled(x, weight)
         return self._conv_valid_t(x, weight, self.conv.bias, self.conv.padding)
 
-    def _conv_upsampled(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _conv_upsampled(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution (zero padding 1 in space) of x up-sampled 2x in space by nearest:
         [B, C, T, h, w] -> [B, C_out, T - kt + 1, 2h, 2w], without the up-sampled tensor.
 
@@ -157,23 +168,65 @@ class CausalConv3d(nn.Module):
         share one summed (k0 | k1 + k2, or k0 + k1 | k2); the same for columns. So each of the
         four output phases (a, b) is a 2 x 2 convolution of x, and one convolution with the
         four phases' kernels as 4 C_out outputs and padding 1 gives them all on an (h + 1) x
-        (w + 1) grid: phase (a, b)'s pixel (i, j) is at (i + a, j + b) there."""
-        k0, k1, k2 = weight.unbind(3)
-        rows = torch.stack([torch.stack([k0, k1 + k2], 3), torch.stack([k0 + k1, k2], 3)])  # [a, O, I, kt, 2, 3]
-        k0, k1, k2 = rows.unbind(5)
-        # [a, b, O, I, kt, 2, 2]
-        phases = torch.stack([torch.stack([k0, k1 + k2], 5), torch.stack([k0 + k1, k2], 5)], 1)
-        O = weight.shape[0]
-        bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
+        (w + 1) grid: phase (a, b)'s pixel (i, j) is at (i + a, j + b) there.
+
+        bias: default self.conv.bias. out: where to write the result (a view, for example every
+        other frame of a larger output); default a new tensor."""
+        bias = self.conv.bias if bias is None else bias
+        O, I, kt = weight.shape[:3]
+        phases = weight.new_empty(2, 2, O, I, kt, 2, 2)                                      # [a, b, O, I, kt, 2, 2]
+        taps = (slice(0, 1), slice(1, 3)), (slice(0, 2), slice(2, 3))   # phase a's input row r: taps[a][r]
+        for a in (0, 1):
+            for b in (0, 1):
+                for r in (0, 1):
+                    for s in (0, 1):
+                        phases[a, b, :, :, :, r, s] = weight[..., taps[a][r], taps[b][s]].sum((-2, -1))
+        bias = bias.repeat(4) if bias is not None else None
         y = self._conv_valid_t(x, phases.reshape(4 * O, *phases.shape[3:]).contiguous(), bias, (0, 1, 1))
+        del phases
         B, _, T, h1, w1 = y.shape
         y = y.view(B, 2, 2, O, T, h1, w1)
         h, w = h1 - 1, w1 - 1
-        out = y.new_empty(B, O, T, h, 2, w, 2)
+        if out is None:
+            out = y.new_empty(B, O, T, 2 * h, 2 * w)
+        view = out.unflatten(3, (h, 2)).unflatten(5, (w, 2))                             # [B, O, T, h, 2, w, 2]
         for a in (0, 1):
             for b in (0, 1):
-                out[:, :, :, :, a, :, b] = y[:, a, b, :, :, a:a + h, b:b + w]
-        return out.view(B, O, T, 2 * h, 2 * w)
+                view[:, :, :, :, a, :, b] = y[:, a, b, :, :, a:a + h, b:b + w]
+        return out
+
+    def _forward_upsampled_t(self, x: torch.Tensor, state: DecodeState | None) -> torch.Tensor:
+        """The convolution of x [B, C, n, h, w] up-sampled 2x in time (frame 0 of the video once,
+        later frames twice: 2n - 1 frames for the video's first chunk, else 2n) and in space,
+        causal in time: [B, C_out, 2n - 1 or 2n, 2h, 2w], from x's frames alone.
+
+        With up-sampled frames u = (.., x[j-1], x[j-1], x[j], x[j], ..) and taps (k0, k1, k2) on
+        (u[t-2], u[t-1], u[t]), the first copy of x[j] gives (k0 + k1) x[j-1] + k2 x[j] and the
+        second k0 x[j-1] + (k1 + k2) x[j]: two 2-tap convolutions of the pairs (x[j-1], x[j]),
+        each writing every other output frame. x[-1] is the carried frame, the previous chunk's
+        last. Behind the video's zeros, frame 0 is k2 x[0] and the copy of x[1] after it
+        k1 x[0] + k2 x[1] (u holds x[0] once): the state says whether its frame is that lone
+        frame 0."""
+        carried = state.frames.get(id(self)) if state is not None else None
+        B, _, n, h, w = x.shape
+        if state is not None and state.update:
+            state.frames[id(self)] = (x[:, :, -1:].clone(), carried is None and n == 1)   # (frame, lone frame 0)
+        k0, k1, k2 = self.conv.weight.unbind(2)
+        out = x.new_empty(B, self.conv.out_channels, 2 * n - (carried is None), 2 * h, 2 * w)
+        if carried is None:                 # the video's first chunk
+            self._conv_upsampled(x[:, :, :1], k2.unsqueeze(2), out=out[:, :, :1])
+            pairs, lone, o = x, True, 1
+        else:
+            pairs, lone, o = torch.cat([carried[0], x], dim=2), carried[1], 0
+        if pairs.shape[2] < 2:
+            return out
+        self._conv_upsampled(pairs, torch.stack([k0, k1 + k2], 2), out=out[:, :, o + 1::2])     # second copies
+        if lone:                            # the copy of x[1] after the lone frame 0
+            self._conv_upsampled(pairs[:, :, :2], torch.stack([k1, k2], 2), out=out[:, :, o:o + 1])
+            pairs, o = pairs[:, :, 1:], o + 2
+        if pairs.shape[2] > 1:
+            self._conv_upsampled(pairs, torch.stack([k0 + k1, k2], 2), out=out[:, :, o::2])      # first copies
+        return out
 
     def _conv_valid_t(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       padding: tuple) -> torch.Tensor:
@@ -247,22 +300,21 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """2x spatially (nearest, then a conv: one sub-pixel convolution, CausalConv3d's
-    upsample); in time (when temporal) frame 0 of the video to one frame and every later frame
-    to two: T = 1 + m -> 1 + 2m. Each latent frame's output frames depend on it alone, so
-    chunks up-sample independently (`first`: the chunk holds frame 0)."""
+    """2x spatially (nearest, then a conv); in time (when temporal) frame 0 of the video to
+    one frame and every later frame to two: T = 1 + m -> 1 + 2m. One sub-pixel convolution
+    (CausalConv3d's upsample, and upsample_t when temporal) computes the conv of the
+    up-sampled frames from the input's. `first`: the chunk holds frame 0 (a later chunk's
+    state carries the previous chunk's last frame)."""
 
     def __init__(self, channels: int, temporal: bool):
         super().__init__()
         self.temporal = temporal
-        self.conv = CausalConv3d(channels, channels, upsample=True)
+        self.conv = CausalConv3d(channels, channels, upsample=True, upsample_t=temporal)
 
     def forward(self, x: torch.Tensor, state: DecodeState | None = None, first: bool = True) -> torch.Tensor:
-        if self.temporal:
-            if first:
-                x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
-            else:
-                x = x.repeat_interleave(2, dim=2)
+        if self.temporal and first == (state is not None and id(self.conv) in state.frames):
+            raise RuntimeError(f"Upsample: first={first}, but the state {'holds' if first else 'lacks'} a previous "
+                               f"chunk's frame")
         return self.conv(x, state)  # [B, C, T, 2H, 2W]
 
 

@@ -253,10 +253,12 @@ class _Kept:
 #     chunks: torch.cat of the carried frames and the input (the frames kept for the next chunk
 #     then replace the carried ones, counted above);
 #   - the sub-pixel up-sampling convolution (`_conv_upsampled`), per call: its phase kernels
-#     (16/9 of the weights) and `rows` (12/9), reordered by oneDNN as above, the 4 C_out phase
-#     outputs on an (h + 1) x (w + 1) grid, then the interleaved output;
-#   - Upsample in time: the repeat_interleave and the cat; a ResBlock: its input (held to the
-#     skip), each norm's output, the 1 x 1 skip convolution (oneDNN as above) and the sum;
+#     (16/9 of the weights, built from slices' sums), reordered by oneDNN as above, the 4 C_out
+#     phase outputs on an (h + 1) x (w + 1) grid, then the interleaved output;
+#   - Upsample in time (`_forward_upsampled_t`): the output, allocated first; its kernels; each
+#     sub-pixel convolution's phase kernels and phase outputs as above, written into the output;
+#     a later chunk's cat of the carried frame and the input. A ResBlock: its input (held to
+#     the skip), each norm's output, the 1 x 1 skip convolution (oneDNN as above) and the sum;
 #   - the norms of a tiled segment: a statistics pass may copy the tile's own pixels in float64
 #     (group_norm_moments' reference backend; the C++ and Triton kernels read them in place).
 # Measured against peak_bytes on CPU: docs/NOTES-vae.md, tests/test_vae_tiling.py.
@@ -363,11 +365,10 @@ def _causal_conv(r: _Replay, conv: CausalConv3d, t: int, h, w, first: bool):
         if sliced:
             r.alloc(tap * kt)                            # weight[:, :, p - k:].contiguous()
         if up:
-            r.alloc(28 * ci * co * kt)                   # `rows` and the phase kernels
-            y = _onednn_conv(r, B * ci * t_in * h * w, 4 * ci * kt, B * t_out * (h + 1) * (w + 1), 4 * co)
+            y = _sub_pixel_conv(r, B * ci * t_in * h * w, ci, co, kt, B * t_out * (h + 1) * (w + 1))
             out = B * co * t_out * oh * ow
             r.alloc(out)
-            r.free(y, 28 * ci * co * kt)
+            r.free(y)
         else:
             out = _onednn_conv(r, B * ci * t_in * h * w, 9 * ci * kt, B * t_out * oh * ow, co)
         if sliced:
@@ -392,6 +393,50 @@ def _causal_conv(r: _Replay, conv: CausalConv3d, t: int, h, w, first: bool):
     return out, oh, ow
 
 
+def _conv_upsampled_t(r: _Replay, conv: CausalConv3d, t: int, h, w, first: bool):
+    """CausalConv3d._forward_upsampled_t on [B, C_in, t, h, w] (held by the caller): the output
+    allocated first, then each sub-pixel convolution writing into it (the video's frame 0 on its
+    own; the pairs of frames, once per copy); a later chunk's pairs are the carried frame and
+    the input, concatenated. Leaves the output allocated; returns (elements, 2h, 2w)."""
+    ci, co, B = conv.conv.in_channels, conv.conv.out_channels, r.B
+    out = B * co * (2 * t - 1 if first else 2 * t) * 2 * h * 2 * w
+    r.alloc(out)
+
+    def one(t_in: int, kt: int):                         # _conv_upsampled into a view of out
+        taps = 9 * ci * co * kt if kt > 1 else 0         # the stacked temporal taps (one tap: a view)
+        r.alloc(taps)
+        y = _sub_pixel_conv(r, B * ci * t_in * h * w, ci, co, kt, B * (t_in - kt + 1) * (h + 1) * (w + 1))
+        r.free(y, taps)
+
+    if first:
+        one(1, 1)
+        if t > 1:
+            one(t, 2)                                    # second copies
+            one(2, 2)                                    # the copy of x[1] after frame 0
+        if t > 2:
+            one(t - 1, 2)                                # first copies
+    else:                                                # (after a lone frame 0: one more call, no larger)
+        pairs = B * ci * (t + 1) * h * w
+        r.alloc(pairs)
+        one(t + 1, 2)
+        r.free(pairs)
+    return out, 2 * h, 2 * w
+
+
+def _sub_pixel_conv(r: _Replay, inp, ci: int, co: int, kt: int, grid):
+    """CausalConv3d._conv_upsampled's convolution of inp elements on a `grid` of (h + 1) x
+    (w + 1) pixels x output frames: the phase kernels (16 / 9 of the kt-tap weights, each
+    entry the sum of a slice of at most 4 / 9 of them), then oneDNN (as above) with 4 C_out
+    outputs. Leaves the phase outputs allocated (the caller frees them once interleaved):
+    returns them."""
+    k = ci * co * kt
+    r.alloc(21 * k)
+    r.free(5 * k)
+    y = _onednn_conv(r, inp, 4 * ci * kt, grid, 4 * co)
+    r.free(16 * k)
+    return y
+
+
 def _layer(r: _Replay, layer: nn.Module, c: int, t: int, h, w, first: bool, tiled: bool):
     """A decoder layer on [B, c, t, h, w] (held by the caller); leaves its output allocated and
     returns it: (elements, channels, frames, height, width)."""
@@ -403,15 +448,10 @@ def _layer(r: _Replay, layer: nn.Module, c: int, t: int, h, w, first: bool, tile
         _norm(r, B * c * t * h * w, tiled)
         return B * c * t * h * w, c, t, h, w
     if isinstance(layer, Upsample):
-        x = 0
-        if layer.temporal:                               # repeat_interleave (then cat, for the first chunk)
-            rep = B * c * 2 * (t - 1 if first else t) * h * w
-            t = 2 * t - 1 if first else 2 * t
-            x = B * c * t * h * w
-            r.alloc(rep, x if first else 0)
-            r.free(rep if first else 0)
+        if layer.temporal:
+            out, h, w = _conv_upsampled_t(r, layer.conv, t, h, w, first)
+            return out, c, 2 * t - 1 if first else 2 * t, h, w
         out, h, w = _causal_conv(r, layer.conv, t, h, w, first)
-        r.free(x)
         return out, c, t, h, w
     if isinstance(layer, ResBlock):
         co, a = layer.conv1.conv.out_channels, B * t * h * w
@@ -495,7 +535,8 @@ class _Costs:
         self.segs, self.shape, self.element_size, self.keep_output = segs, shape, element_size, keep_output
         self.weights = sum(p.numel() * p.element_size() for seg in segs for layer in seg.layers
                            for p in layer.parameters())
-        self._carried = [[(c.conv.in_channels * c.pad_t, c.upsample) for c in seg.convs] for seg in segs]
+        self._carried = [[(c.conv.in_channels * (1 if c.upsample_t else c.pad_t), c.upsample) for c in seg.convs]
+                         for seg in segs]
         self._kept = [max(_kept_channels(layer) for layer in seg.layers) for seg in segs]
         self._replays: dict = {}
         self._axes: dict = {}

@@ -80,9 +80,43 @@ def test_upsampling_conv_equals_nearest_then_conv(T, grad):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("chunks", [[1], [2], [5], [1, 1, 1], [1, 3], [2, 1, 2], [3, 2]])
+def test_upsampling_in_time_equals_repeat_then_conv(chunks, grad):
+    """CausalConv3d(upsample=True, upsample_t=True), the convolution of the frames up-sampled in
+    time from the frames themselves, equals Upsample's old way: frame 0 once and every later
+    frame twice (repeat_interleave), nearest 2x in space, then the causal Conv3d behind zero
+    frames; decoded whole or in chunks (each carrying its last frame, and whether it is the
+    video's lone frame 0); gradients of x, the weight and the bias too."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(8, 6, upsample=True, upsample_t=True).to(DEVICE)
+    x = torch.randn(2, 8, sum(chunks), 5, 7, device=DEVICE, requires_grad=grad)
+    state = DecodeState()
+    with torch.set_grad_enabled(grad):
+        parts, t0 = [], 0
+        for n in chunks:
+            parts.append(conv(x[:, :, t0:t0 + n], state))
+            t0 += n
+        out = torch.cat(parts, dim=2)
+        assert [p.shape[2] for p in parts] == [2 * n - (i == 0) for i, n in enumerate(chunks)]
+        frames = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
+        up = _upsampled(frames)
+        expected = torch.nn.functional.conv3d(torch.cat([up.new_zeros(2, 8, 2, 10, 14), up], dim=2),
+                                              conv.conv.weight, conv.conv.bias, padding=(0, 1, 1))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if grad:
+        dout = torch.randn_like(out)
+        ours = torch.autograd.grad(out, [x, conv.conv.weight, conv.conv.bias], dout)
+        ref = torch.autograd.grad(expected, [x, conv.conv.weight, conv.conv.bias], dout)
+        for name, a, b in zip(["x", "weight", "bias"], ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
 def test_upsampling_conv_needs_a_3x3_stride_1_kernel():
     with pytest.raises(ValueError, match="upsample: needs kernel 3 and stride 1, got kernel 3, stride 2"):
         CausalConv3d(4, 4, stride=2, upsample=True)
+    with pytest.raises(ValueError, match="upsample_t: up-sampling in time needs upsample=True"):
+        CausalConv3d(4, 4, upsample_t=True)
 
 
 def test_first_frame_is_encoded_on_its_own():
