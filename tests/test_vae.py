@@ -68,14 +68,21 @@ def test_upsampling_conv_equals_nearest_then_conv(T, grad):
     with torch.set_grad_enabled(grad):
         out = torch.cat([conv(x1, state), conv(x2, state)], dim=2)
     assert state.frames[id(conv)].shape == (2, 8, 2, 5, 7)
-    up = _upsampled(torch.cat([x1, x2], dim=2))
-    expected = torch.nn.functional.conv3d(torch.cat([up.new_zeros(2, 8, 2, 10, 14), up], dim=2), conv.conv.weight,
-                                          conv.conv.bias, padding=(0, 1, 1))
+    with torch.set_grad_enabled(grad):
+        _assert_is_conv_of(out, _upsampled(torch.cat([x1, x2], dim=2)), conv, x1, grad)
+
+
+def _assert_is_conv_of(out, up, conv, x, grad):
+    """out equals conv's Conv3d over the frames `up` behind two zero frames (padding 1 in
+    space); with grad, so do the gradients of x, the weight and the bias."""
+    zeros = up.new_zeros(*up.shape[:2], 2, *up.shape[3:])
+    expected = torch.nn.functional.conv3d(torch.cat([zeros, up], dim=2), conv.conv.weight, conv.conv.bias,
+                                          padding=(0, 1, 1))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     if grad:
         dout = torch.randn_like(out)
-        ours = torch.autograd.grad(out, [x1, conv.conv.weight, conv.conv.bias], dout)
-        ref = torch.autograd.grad(expected, [x1, conv.conv.weight, conv.conv.bias], dout)
+        ours = torch.autograd.grad(out, [x, conv.conv.weight, conv.conv.bias], dout)
+        ref = torch.autograd.grad(expected, [x, conv.conv.weight, conv.conv.bias], dout)
         for name, a, b in zip(["x", "weight", "bias"], ours, ref):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
 
@@ -100,16 +107,7 @@ def test_upsampling_in_time_equals_repeat_then_conv(chunks, grad):
         out = torch.cat(parts, dim=2)
         assert [p.shape[2] for p in parts] == [2 * n - (i == 0) for i, n in enumerate(chunks)]
         frames = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
-        up = _upsampled(frames)
-        expected = torch.nn.functional.conv3d(torch.cat([up.new_zeros(2, 8, 2, 10, 14), up], dim=2),
-                                              conv.conv.weight, conv.conv.bias, padding=(0, 1, 1))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    if grad:
-        dout = torch.randn_like(out)
-        ours = torch.autograd.grad(out, [x, conv.conv.weight, conv.conv.bias], dout)
-        ref = torch.autograd.grad(expected, [x, conv.conv.weight, conv.conv.bias], dout)
-        for name, a, b in zip(["x", "weight", "bias"], ours, ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+        _assert_is_conv_of(out, _upsampled(frames), conv, x, grad)
 
 
 def test_upsampling_conv_needs_a_3x3_stride_1_kernel():
