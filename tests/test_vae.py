@@ -117,6 +117,21 @@ def test_upsampling_conv_needs_a_3x3_stride_1_kernel():
         CausalConv3d(4, 4, upsample_t=True)
 
 
+def test_temporal_upsample_checks_first_against_the_state():
+    """The temporal Upsample reads "first chunk" off its state (no carried frame); a caller
+    whose `first` says otherwise is an error, not frames up-sampled the wrong way."""
+    from sora_model.vae import Upsample
+    up = Upsample(4, temporal=True).to(DEVICE)
+    x = torch.randn(1, 4, 2, 3, 3, device=DEVICE)
+    with pytest.raises(RuntimeError, match="Upsample: first=False, but the state lacks a previous chunk's frame"):
+        up(x, None, first=False)
+    state = DecodeState()
+    assert up(x, state, first=True).shape == (1, 4, 3, 6, 6)
+    with pytest.raises(RuntimeError, match="Upsample: first=True, but the state holds a previous chunk's frame"):
+        up(x, state, first=True)
+    assert up(x, state, first=False).shape == (1, 4, 4, 6, 6)
+
+
 def test_first_frame_is_encoded_on_its_own():
     """An image is a 1-frame video: the latent of frame 0 does not depend on later frames."""
     vae = tiny()
