@@ -226,8 +226,9 @@ class ManifestClip:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _probe(path: str, mtime_ns: int) -> tuple[int, int, int]:
-    """video_io.probe_video, once per file version (training steps draw the same files again)."""
+def _probe(path: str, version: tuple[int, int, int]) -> tuple[int, int, int]:
+    """video_io.probe_video, once per file version (mtime, size, inode: training steps draw the
+    same files again)."""
     from sora_model.video_io import probe_video
     return probe_video(path)
 
@@ -283,7 +284,8 @@ def _fit_entry(manifest: str, line: int, path: str, full: str, max_tokens: int, 
     a file that is gone, is not a video, or fits no size within max_tokens is an error naming
     the manifest's line."""
     try:
-        probed = _probe(full, os.stat(full).st_mtime_ns)
+        st = os.stat(full)
+        probed = _probe(full, (st.st_mtime_ns, st.st_size, st.st_ino))
         return fitted_shape((3, *probed), max_tokens, patch_size, temporal, spatial)
     except (OSError, ValueError) as e:          # os.stat's and probe_video's (PyAV's subclass these), fitted_shape's
         raise ValueError(f"manifest {manifest!r} line {line} ({path!r}): {e}") from e

@@ -18,6 +18,7 @@ progress bar counts the sampling steps unless --no-progress.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -130,30 +131,47 @@ def latent_shape(size: tuple[int, int, int], vae: VAEConfig, channels: int) -> t
 def decode_frames(vae, z: torch.Tensor, max_memory_gb: float | None = None) -> Iterator[torch.Tensor]:
     """uint8 frames [t, H, W, 3] of latent z [C, t, h, w], chunk by chunk (decode_stream: 2
     latent frames a chunk; with max_memory_gb, the chunk and tile sizes whose estimated peak
-    fits it), on the CPU."""
-    chunk_frames = None if max_memory_gb is not None else 2
-    for chunk in vae.decode_stream(z[None], chunk_frames=chunk_frames, max_memory_gb=max_memory_gb):
-        yield to_uint8_frames(chunk[0]).cpu()
+    fits it), on the CPU. Each chunk is decoded without autograd (with it, every chunk's graph
+    would live on through the carried frames), and the caller's grad mode is left alone
+    between chunks."""
+    with torch.no_grad():
+        stream = vae.decode_stream(z[None], chunk_frames=None if max_memory_gb is not None else 2,
+                                   max_memory_gb=max_memory_gb)
+    while True:
+        with torch.no_grad():
+            chunk = next(stream, None)
+            if chunk is None:
+                return
+            frames = to_uint8_frames(chunk[0]).cpu()
+            del chunk
+        yield frames
 
 
-def check_decode_budget(vae, shapes: list[tuple[int, int, int, int]], max_memory_gb: float | None) -> None:
+def check_decode_budget(vae, shapes: list[tuple[int, int, int, int]], max_memory_gb: float | None,
+                        names: list[str]) -> None:
     """decode_stream's plan for each latent shape within max_memory_gb, found before sampling
-    (its ValueError names the budget and the smallest estimate)."""
+    (its ValueError names the budget, the smallest estimate and the size, by `names`)."""
     if max_memory_gb is None:
         return
     dtype = next(vae.parameters()).dtype
-    for shape in shapes:
-        vae.plan_decode(torch.empty(1, *shape, dtype=dtype, device="meta"), None, None, max_memory_gb,
-                        keep_output=False)
+    for shape, name in zip(shapes, names):
+        try:
+            vae.plan_decode(torch.empty(1, *shape, dtype=dtype, device="meta"), None, None, max_memory_gb,
+                            keep_output=False)
+        except ValueError as e:
+            raise ValueError(f"{e} ({name})") from e
 
 
+@torch.no_grad()
 def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, int, int]], *, steps: int = 30,
              guidance: float = 4.0, method: str = "heun", seed: int = 0, progress: bool = False,
              max_memory_gb: float | None = None) -> list[torch.Tensor]:
     """uint8 frames [T, H, W, 3] for each (prompt, pixel size): sample_latents, then
     decode_frames (max_memory_gb bounds the decode)."""
-    check_sizes(sizes, vae.cfg, model.dit.cfg.patch_size, [f"sizes[{i}]" for i in range(len(sizes))])
-    check_decode_budget(vae, [latent_shape(size, vae.cfg, model.dit.cfg.in_channels) for size in sizes], max_memory_gb)
+    names = [f"sizes[{i}]" for i in range(len(sizes))]
+    check_sizes(sizes, vae.cfg, model.dit.cfg.patch_size, names)
+    check_decode_budget(vae, [latent_shape(size, vae.cfg, model.dit.cfg.in_channels) for size in sizes], max_memory_gb,
+                        names)
     latents = sample_latents(model, vae, prompts, sizes, steps=steps, guidance=guidance, method=method, seed=seed,
                              progress=progress)
     return [torch.cat(list(decode_frames(vae, z, max_memory_gb))) for z in latents]
@@ -179,6 +197,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_memory_gb is not None and not 0 < args.max_memory_gb < float("inf"):
         p.error(f"--max-memory-gb: expected a positive number of GB, got {args.max_memory_gb}")
+    if not 0 < args.fps < float("inf"):
+        p.error(f"--fps: expected a positive finite number, got {args.fps}")
     if len(args.prompt) not in (1, len(args.size)):
         p.error(f"--prompt: expected one, or one per --size ({len(args.size)}), got {len(args.prompt)}")
     return args
@@ -200,7 +220,7 @@ def main(argv=None) -> list[str]:
     check_sizes(args.size, vae.cfg, model.dit.cfg.patch_size, [f"--size {T}x{H}x{W}" for T, H, W in args.size])
     try:
         check_decode_budget(vae, [latent_shape(s, vae.cfg, model.dit.cfg.in_channels) for s in args.size],
-                            args.max_memory_gb)
+                            args.max_memory_gb, [f"--size {T}x{H}x{W}" for T, H, W in args.size])
     except ValueError as e:
         raise ValueError(str(e).replace("max_memory_gb:", "--max-memory-gb:", 1)) from e
     prompts = args.prompt * len(args.size) if len(args.prompt) == 1 else args.prompt
@@ -210,14 +230,20 @@ def main(argv=None) -> list[str]:
     paths = []
     for i, (z, prompt) in enumerate(zip(latents, prompts)):
         files = [os.path.join(args.out, f"sample_{i}.{ext}") for ext in ("mp4", "gif")]
-        writers = [VideoWriter(path, fps=args.fps) for path in files]
-        try:
-            for frames in decode_frames(vae, z, args.max_memory_gb):
-                for writer in writers:
-                    writer.write(frames)
-        finally:
-            for writer in writers:
-                writer.close()
+        parts = [os.path.join(args.out, f"sample_{i}.partial.{ext}") for ext in ("mp4", "gif")]
+        try:     # written under .partial names, renamed once whole: a failed decode leaves no sample
+            with contextlib.ExitStack() as writers:
+                opened = [writers.enter_context(VideoWriter(part, fps=args.fps)) for part in parts]
+                for frames in decode_frames(vae, z, args.max_memory_gb):
+                    for writer in opened:
+                        writer.write(frames)
+        except BaseException:
+            for part in parts:
+                if os.path.exists(part):
+                    os.remove(part)
+            raise
+        for part, path in zip(parts, files):
+            os.replace(part, path)
         paths += files
         with open(os.path.join(args.out, f"sample_{i}.txt"), "w") as f:
             f.write(prompt + "\n")

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sora_kernels as sk
-from sora_model.checks import is_int
+from sora_model.checks import is_int, is_real
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,9 @@ SIZES = {
 class DecodeState:
     """What a chunked decode carries from chunk to chunk, passed down the decoder's forward.
 
-    frames: each causal convolution's last (kernel - 1) input frames, by module id.
+    frames: each causal convolution's last (kernel - 1) input frames, by module id; for an
+    up-sampling in time (CausalConv3d's upsample_t), its last input frame and whether that
+    frame is the video's lone frame 0.
     update: whether this pass stores them (the statistics passes of a tiled decode only read).
     norms: a tiled decode's whole-frame GroupNorm statistics (vae_tiling.TileNorms); None:
     each norm computes the statistics of the frames it is given.
@@ -218,6 +220,7 @@ class CausalConv3d(nn.Module):
             pairs, lone, o = x, True, 1
         else:
             pairs, lone, o = torch.cat([carried[0], x], dim=2), carried[1], 0
+            del carried                     # the state holds this chunk's frame now
         if pairs.shape[2] < 2:
             return out
         self._conv_upsampled(pairs, torch.stack([k0, k1 + k2], 2), out=out[:, :, o + 1::2])     # second copies
@@ -545,8 +548,7 @@ class VideoAutoencoder(nn.Module):
                     or not all(is_int(v) and v > 0 for v in tile)):
                 raise ValueError(f"tile: expected two positive ints (th, tw) in latent pixels, got {tile!r}")
             tile = (min(tile[0], z.shape[3]), min(tile[1], z.shape[4]))
-        if max_memory_gb is not None and (isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float))
-                                          or not max_memory_gb > 0):
+        if max_memory_gb is not None and (not is_real(max_memory_gb) or not max_memory_gb > 0):
             raise ValueError(f"max_memory_gb: expected a positive number, got {max_memory_gb!r}")
         return vae_tiling.plan_decode(self.decoder, tuple(z.shape), max_memory_gb, z.element_size(), chunk_frames,
                                       tile, keep_output)

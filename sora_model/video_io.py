@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from sora_model.checks import is_int
+from sora_model.checks import is_int, is_real
 
 
 def _av():
@@ -81,7 +81,7 @@ class VideoWriter:
     """
 
     def __init__(self, path: str, *, fps: float = 24.0):
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
+        if not is_real(fps) or not 0 < fps < float("inf"):
             raise ValueError(f"fps: expected a positive finite number, got {fps!r}")
         self.ext = os.path.splitext(path)[1].lower()
         if self.ext not in (".mp4", ".gif"):
@@ -115,13 +115,14 @@ class VideoWriter:
         rate = Fraction(self.fps).limit_denominator(1000)
         self._container = self._av.open(self.path, mode="w")
         if self.ext == ".gif":
-            self._stream = self._container.add_stream("gif", rate=rate)
-            self._stream.pix_fmt = "rgb8"
+            stream = self._container.add_stream("gif", rate=rate)
+            stream.pix_fmt = "rgb8"
         else:
             codec = "libx264" if "libx264" in self._av.codecs_available else "mpeg4"
-            self._stream = self._container.add_stream(codec, rate=rate)
-            self._stream.pix_fmt = "yuv420p"
-        self._stream.width, self._stream.height = W, H
+            stream = self._container.add_stream(codec, rate=rate)
+            stream.pix_fmt = "yuv420p"
+        stream.width, stream.height = W, H
+        self._stream = stream
 
     def close(self) -> None:
         """Flushes the encoder and closes the file (nothing is written without a frame)."""
@@ -129,8 +130,9 @@ class VideoWriter:
             return
         container, self._container = self._container, None
         try:
-            for packet in self._stream.encode():
-                container.mux(packet)
+            if self._stream is not None:          # (None: the stream's set-up failed)
+                for packet in self._stream.encode():
+                    container.mux(packet)
         finally:
             container.close()
 

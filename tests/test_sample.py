@@ -2,12 +2,14 @@
 packed batch, written as MP4 and GIF through the streaming decode; a progress bar unless
 --no-progress; the sizes a sample takes follow the VAE's compression and the DiT's patch (a run
 trained and sampled with a VAE of compression 2 in time and 4 in space); clear argument errors."""
+import itertools
 import json
 import os
 
 import pytest
 import torch
 
+from sora_kernels.testing.memory import peak_bytes
 from sora_model import sample as sm
 from sora_model import train as tr
 from sora_model.data import latent_tokens
@@ -133,7 +135,10 @@ def test_sample_streams_to_the_files_within_a_budget(tmp_path, monkeypatch):
     """sora-sample writes each chunk the streaming decode yields (2 latent frames: 5 then 8
     frames of a 13-frame sample) and never the whole video at once; --max-memory-gb picks the
     decode's chunk for the budget (1 latent frame: 1 + 4 + 4 + 4 frames), with the frames of
-    the unbounded decode; a budget no plan fits is an error naming the flag before sampling."""
+    the unbounded decode, and the decode's measured peak within the budget (decoded with
+    autograd, each chunk's graph lived on through the carried frames: 9.6x over); a budget no
+    plan fits is an error naming the flag before sampling; a decode that fails part-way leaves
+    no file."""
     pytest.importorskip("av", reason="video I/O needs PyAV (the dev extra installs it)")
     from sora_model import video_io
     from sora_model.train_vae import load_checkpoint
@@ -165,9 +170,25 @@ def test_sample_streams_to_the_files_within_a_budget(tmp_path, monkeypatch):
     bounded = sm.generate(model, vae, ["a ball"], [(13, 32, 48)], steps=1, method="euler", max_memory_gb=budget)[0]
     assert plain.shape == bounded.shape == (13, 32, 48, 3)
     assert (plain.int() - bounded.int()).abs().max() <= 1                 # exact decodes, up to rounding
+    assert all(p.requires_grad for p in vae.parameters())                 # as load_checkpoint gives them
+    latent = torch.randn(16, 4, 4, 6)
+    assert 0 < peak_bytes(lambda: list(sm.decode_frames(vae, latent, budget)), torch.device("cpu")) <= one
+    assert torch.is_grad_enabled()
+    real = sm.decode_frames
+
+    def failing(*a):
+        yield from itertools.islice(real(*a), 1)
+        raise RuntimeError("the decode failed")
+    monkeypatch.setattr(sm, "decode_frames", failing)
+    with pytest.raises(RuntimeError, match="the decode failed"):
+        sm.main(args + ["--out", str(tmp_path / "d")])
+    assert os.listdir(tmp_path / "d") == []
+    monkeypatch.setattr(sm, "decode_frames", real)
     monkeypatch.setattr(sm, "sample_latents", lambda *a, **k: pytest.fail("sampled before the budget was checked"))
     with pytest.raises(ValueError, match=r"--max-memory-gb: 0.001 GB is below the smallest estimated peak, "
                                          r"[0-9.]+ GB \(chunk_frames=1"):
         sm.main(args + ["--out", str(tmp_path / "c"), "--max-memory-gb", "0.001"])
     with pytest.raises(SystemExit):
         sm.parse_args(args + ["--max-memory-gb", "0"])
+    with pytest.raises(SystemExit):
+        sm.parse_args(args + ["--fps", "0"])
