@@ -217,10 +217,11 @@ def main(argv=None) -> list[str]:
         raise ValueError(f"--vae: expected a VAE of the run's (temporal compression, spatial compression, latent "
                          f"channels) = {trained}, got {given}")
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
-    check_sizes(args.size, vae.cfg, model.dit.cfg.patch_size, [f"--size {T}x{H}x{W}" for T, H, W in args.size])
+    names = [f"--size {T}x{H}x{W}" for T, H, W in args.size]
+    check_sizes(args.size, vae.cfg, model.dit.cfg.patch_size, names)
     try:
         check_decode_budget(vae, [latent_shape(s, vae.cfg, model.dit.cfg.in_channels) for s in args.size],
-                            args.max_memory_gb, [f"--size {T}x{H}x{W}" for T, H, W in args.size])
+                            args.max_memory_gb, names)
     except ValueError as e:
         raise ValueError(str(e).replace("max_memory_gb:", "--max-memory-gb:", 1)) from e
     prompts = args.prompt * len(args.size) if len(args.prompt) == 1 else args.prompt
