@@ -143,7 +143,8 @@ class CausalConv3d(nn.Module):
         T = x.shape[2]
         if T >= self.pad_t:
             return x[:, :, T - self.pad_t:].clone()
-        return torch.cat([x.new_zeros(x.shape[0], x.shape[1], self.pad_t - T, *x.shape[3:]), x], dim=2)
+        zeros = _empty_like_layout(x, (x.shape[0], x.shape[1], self.pad_t - T, *x.shape[3:])).zero_()
+        return torch.cat([zeros, x], dim=2)    # in x's layout: the next chunk's cat keeps it
 
     def _from_zeros(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution of x behind pad_t zero frames, without the zeros: output frame
@@ -190,7 +191,7 @@ class CausalConv3d(nn.Module):
         y = y.view(B, 2, 2, O, T, h1, w1)
         h, w = h1 - 1, w1 - 1
         if out is None:
-            out = y.new_empty(B, O, T, 2 * h, 2 * w)
+            out = _empty_like_layout(y, (B, O, T, 2 * h, 2 * w))
         view = out.unflatten(3, (h, 2)).unflatten(5, (w, 2))                             # [B, O, T, h, 2, w, 2]
         for a in (0, 1):
             for b in (0, 1):
@@ -214,7 +215,7 @@ class CausalConv3d(nn.Module):
         if state is not None and state.update:
             state.frames[id(self)] = (x[:, :, -1:].clone(), carried is None and n == 1)   # (frame, lone frame 0)
         k0, k1, k2 = self.conv.weight.unbind(2)
-        out = x.new_empty(B, self.conv.out_channels, 2 * n - (carried is None), 2 * h, 2 * w)
+        out = _empty_like_layout(x, (B, self.conv.out_channels, 2 * n - (carried is None), 2 * h, 2 * w))
         if carried is None:                 # the video's first chunk
             self._conv_upsampled(x[:, :, :1], k2.unsqueeze(2), out=out[:, :, :1])
             pairs, lone, o = x, True, 1
@@ -234,13 +235,36 @@ class CausalConv3d(nn.Module):
     def _conv_valid_t(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       padding: tuple) -> torch.Tensor:
         """Conv3d of x (no temporal padding) with self.conv's stride."""
-        c = self.conv
-        if _cpu_inference(x):
-            # PyTorch's CPU conv3d takes its unblocked slow_conv3d path for inputs of at most 5
-            # frames (a chunked decode's), about 10x slower per frame than oneDNN here (32
-            # channels, 128 x 128: 75 ms vs 7 ms a frame); so oneDNN is called directly.
-            return torch.mkldnn_convolution(x, weight, bias, list(padding), list(c.stride), list(c.dilation), c.groups)
-        return F.conv3d(x, weight, bias, c.stride, padding, c.dilation, c.groups)
+        return conv3d(x, weight, bias, self.conv.stride, padding)
+
+
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1, 1),
+           padding=(0, 0, 0)) -> torch.Tensor:
+    """F.conv3d (dilation 1, one group); in CPU inference oneDNN's, in the layout
+    CPU_CHANNELS_LAST picks. PyTorch's CPU conv3d takes its unblocked slow_conv3d path for
+    inputs of at most 5 frames (a chunked decode's), about 10x slower per frame than oneDNN
+    here (32 channels, 128 x 128: 75 ms vs 7 ms a frame); so oneDNN is called directly."""
+    if _cpu_inference(x):
+        layout = conv_layout(x)
+        x, weight = x.contiguous(memory_format=layout), weight.contiguous(memory_format=layout)
+        return torch.mkldnn_convolution(x, weight, bias, list(padding), list(stride), [1, 1, 1], 1)
+    return F.conv3d(x, weight, bias, stride, padding)
+
+
+# CPU inference runs the convolutions on channels-last-3d tensors: oneDNN's NDHWC kernels
+# take 0.5-0.7x the time of its NCDHW ones at this decoder's 16-32 channels (docs/NOTES-vae.md),
+# and every layer after the first convolution keeps that layout. False: contiguous throughout.
+CPU_CHANNELS_LAST = True
+
+
+def conv_layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout of x's convolutions' inputs and outputs."""
+    return torch.channels_last_3d if CPU_CHANNELS_LAST and _cpu_inference(x) else torch.contiguous_format
+
+
+def _empty_like_layout(x: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A new [B, C, T, H, W] tensor in the layout of x's convolutions' outputs."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=conv_layout(x))
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
@@ -281,7 +305,11 @@ class ResBlock(nn.Module):
         """The block from conv1's output h on (x: the block's input): where a tiled decode's
         pass resumes after the statistics pass of norm2 (vae_tiling.run_tiled)."""
         h = self.conv2(self.norm2(h, state), state)
-        return self.skip(x) + h
+        if isinstance(self.skip, nn.Conv3d):
+            x = conv3d(x, self.skip.weight, self.skip.bias)
+        if torch.is_grad_enabled():
+            return x + h
+        return h.add_(x)    # h: conv2's new output; in place, no fresh (page-faulting) tensor
 
 
 class Downsample(nn.Module):
@@ -550,8 +578,10 @@ class VideoAutoencoder(nn.Module):
             tile = (min(tile[0], z.shape[3]), min(tile[1], z.shape[4]))
         if max_memory_gb is not None and (not is_real(max_memory_gb) or not max_memory_gb > 0):
             raise ValueError(f"max_memory_gb: expected a positive number, got {max_memory_gb!r}")
+        device = next(self.decoder.parameters()).device
+        channels_last = conv_layout(torch.empty(0, dtype=z.dtype, device=device)) == torch.channels_last_3d
         return vae_tiling.plan_decode(self.decoder, tuple(z.shape), max_memory_gb, z.element_size(), chunk_frames,
-                                      tile, keep_output)
+                                      tile, keep_output, channels_last)
 
     def _stream(self, z: torch.Tensor, plan) -> Iterator[torch.Tensor]:
         """Decoded chunks of the de-normalised latent z, as the plan says."""

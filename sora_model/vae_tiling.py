@@ -39,7 +39,7 @@ import torch.nn as nn
 
 import sora_kernels as sk
 
-from sora_model.vae import CausalConv3d, DecodeState, GroupNormSiLU, ResBlock, Upsample, run_layers
+from sora_model.vae import CausalConv3d, DecodeState, GroupNormSiLU, ResBlock, Upsample, _empty_like_layout, run_layers
 
 
 class StopPass(Exception):
@@ -209,7 +209,7 @@ def run_tiled(seg: Segment, x: torch.Tensor, tiles: list[Tile], first: bool, kee
         kept[i] = None
         oy, ox, th, tw = t.region
         if out is None:
-            out = y.new_empty(*y.shape[:3], H, W)
+            out = _empty_like_layout(y, (*y.shape[:3], H, W))
         out[..., t.at[0]:t.at[0] + th, t.at[1]:t.at[1] + tw] = y[..., oy:oy + th, ox:ox + tw]
         del y                           # not held while the next tile runs
     return out
@@ -313,10 +313,11 @@ _H, _W = _Size((0, 1, 0, 0)), _Size((0, 0, 1, 0))
 
 class _Replay:
     """The elements alive during a replayed run (`now`), and every total an allocation reached
-    (`tops`: the peak is the largest, for the frame size in question). B: the batch."""
+    (`tops`: the peak is the largest, for the frame size in question). B: the batch.
+    channels_last: the convolutions run on channels-last-3d tensors (vae.CPU_CHANNELS_LAST)."""
 
-    def __init__(self, batch: int, now):
-        self.B, self.now, self.tops = batch, now, [now]
+    def __init__(self, batch: int, now, channels_last: bool = False):
+        self.B, self.now, self.tops, self.channels_last = batch, now, [now], channels_last
 
     def alloc(self, *sizes) -> None:
         self.now = sum(sizes, self.now)
@@ -345,7 +346,15 @@ def _onednn_conv(r: _Replay, inp, weight: int, pixels, channels: int):
     """One convolution (torch.mkldnn_convolution; F.conv3d off CPU) of inp elements, with
     `weight` elements per output channel, into `channels` x `pixels` elements: blocked copies of
     all three, then the plain output, which it leaves allocated. (Measured: oneDNN copies the
-    input and the weights, or makes a blocked output, or, at 3 output channels, all three.)"""
+    input and the weights, or makes a blocked output, or, at 3 output channels, all three.)
+    Channels-last (measured, 16 to 256 channels): a copy of the input, three of the weights
+    (vae.conv3d's conversion, the parameters being contiguous, then oneDNN's) and 12-13 KB of
+    scratch, then the output."""
+    if r.channels_last:
+        scratch = 16384                                  # elements: 64 KB in fp32
+        r.alloc(inp, 3 * weight * channels + scratch, pixels * channels)
+        r.free(inp, 3 * weight * channels + scratch)
+        return pixels * channels
     blocked = _blocked(channels)
     r.alloc(inp, weight * blocked, pixels * blocked, pixels * channels)
     r.free(inp, weight * blocked, pixels * blocked)
@@ -477,12 +486,12 @@ def _norm(r: _Replay, x, tiled: bool) -> None:
     r.alloc(x)
 
 
-def _replay_segment(seg: Segment, B: int, t: int, first: bool, tiled: bool) -> list[_Size]:
+def _replay_segment(seg: Segment, B: int, t: int, first: bool, tiled: bool, channels_last: bool) -> list[_Size]:
     """The segment's layers on its input [B, C_in, t, h, w] (held to the end: run_layers'
     caller keeps it), for symbolic h x w: the totals that can be its peak."""
     c, h, w = seg.in_channels, _H, _W
     x = B * c * t * h * w
-    r = _Replay(B, x)
+    r = _Replay(B, x, channels_last)
     held = True
     for layer in seg.layers:
         out, c, t, h, w = _layer(r, layer, c, t, h, w, first, tiled)
@@ -531,8 +540,10 @@ class _Costs:
     """Estimates for one latent shape; plan_decode asks for many, so each segment is replayed
     once per (frames, first chunk, tiled) and evaluated per tile size."""
 
-    def __init__(self, segs: list[Segment], shape: tuple[int, ...], element_size: int, keep_output: bool):
+    def __init__(self, segs: list[Segment], shape: tuple[int, ...], element_size: int, keep_output: bool,
+                 channels_last: bool = False):
         self.segs, self.shape, self.element_size, self.keep_output = segs, shape, element_size, keep_output
+        self.channels_last = channels_last
         self.weights = sum(p.numel() * p.element_size() for seg in segs for layer in seg.layers
                            for p in layer.parameters())
         self._carried = [[(c.conv.in_channels * (1 if c.upsample_t else c.pad_t), c.upsample) for c in seg.convs]
@@ -546,7 +557,8 @@ class _Costs:
     def _peak(self, s: int, t: int, first: bool, tiled: bool, h: int, w: int) -> int:
         key = (s, t, first, tiled)
         if key not in self._replays:
-            self._replays[key] = [top.c for top in _replay_segment(self.segs[s], self.shape[0], t, first, tiled)]
+            self._replays[key] = [top.c for top in _replay_segment(self.segs[s], self.shape[0], t, first, tiled,
+                                                                   self.channels_last)]
         return max(a * h * w + b * h + c * w + d for a, b, c, d in self._replays[key])
 
     def _frames(self, chunk: int) -> list[list[tuple[int, bool]]]:
@@ -604,11 +616,13 @@ class _Costs:
 
 
 def estimate_bytes(segs: list[Segment], shape: tuple[int, ...], chunk: int, tile: tuple[int, int] | None,
-                   tiled: tuple[bool, ...], element_size: int, keep_output: bool, keep_inputs: bool = True) -> int:
+                   tiled: tuple[bool, ...], element_size: int, keep_output: bool, keep_inputs: bool = True,
+                   channels_last: bool = False) -> int:
     """Estimated peak bytes of decoding a latent of `shape` [B, C, t, h, w] in chunks of
     `chunk` latent frames, the segments marked in `tiled` in tiles of `tile` latent pixels, the
-    decoder's weights included: an upper bound of the measured peak (see above)."""
-    return _Costs(segs, shape, element_size, keep_output).bytes(chunk, tile, tuple(tiled), keep_inputs)
+    decoder's weights included: an upper bound of the measured peak (see above).
+    channels_last: the convolutions run channels-last (vae.conv_layout)."""
+    return _Costs(segs, shape, element_size, keep_output, channels_last).bytes(chunk, tile, tuple(tiled), keep_inputs)
 
 
 def _tile_sides(n: int) -> list[int]:
@@ -631,7 +645,7 @@ def _tilings(n: int) -> list[tuple[bool, ...]]:
 
 def plan_decode(decoder: nn.Module, shape: tuple[int, ...], max_memory_gb: float | None, element_size: int,
                 chunk_frames: int | None = None, tile: tuple[int, int] | None = None,
-                keep_output: bool = True) -> DecodePlan:
+                keep_output: bool = True, channels_last: bool = False) -> DecodePlan:
     """The decode plan for a latent of `shape`: chunk_frames and tile as given; with a budget,
     those not given chosen so the estimated peak fits, fastest first: the largest chunk
     untiled; else tiles, keeping layer inputs between statistics passes if any such plan fits
@@ -649,7 +663,7 @@ def plan_decode(decoder: nn.Module, shape: tuple[int, ...], max_memory_gb: float
     chunks = [chunk_frames] if chunk_frames is not None else sorted({t} | {c for c in (16, 8, 4, 2, 1) if c < t},
                                                                     reverse=True)
     tiles = [tile] if tile is not None else _tile_candidates(h, w)
-    costs = _Costs(segs, shape, element_size, keep_output)
+    costs = _Costs(segs, shape, element_size, keep_output, channels_last)
     tilings = _tilings(len(segs))
     smallest = None
     # untiled first; then tiled plans keeping layer inputs (each convolution once per tile),

@@ -5,6 +5,7 @@ import torch
 
 from conftest import DEVICE
 from sora_kernels.testing.memory import peak_bytes
+from sora_model import vae as vae_module
 from sora_model.vae import CausalConv3d, DecodeState, VideoAutoencoder, to_uint8_frames, vae_config
 
 pytestmark = pytest.mark.usefixtures("native_kernels")
@@ -155,6 +156,44 @@ def test_streaming_decode_equals_full(chunk):
     assert sizes[0] == 1 + 4 * (min(chunk, 5) - 1) and sum(sizes) == 17
     assert (chunked - full).abs().max().item() <= 1e-4
     assert torch.equal(torch.cat(chunks, dim=2), chunked)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="channels-last convolutions are the CPU inference path's")
+def test_cpu_inference_convolves_channels_last(monkeypatch):
+    """CPU inference runs every decoder convolution on channels-last-3d tensors
+    (vae.CPU_CHANNELS_LAST; oneDNN's faster kernels here), up-sampled and skip convolutions
+    included, and every layer keeps that layout, so only the first convolution's input (the
+    latent) is converted (batch 1, where a run of frames is a contiguous view); with it off,
+    contiguous ones. The decodes (full, chunked, tiled) agree between the two layouts; with
+    autograd on, neither path runs."""
+    vae = tiny(seed=3)
+    z = torch.randn(2, 16, 3, 3, 4)
+    layout = {True: torch.channels_last_3d, False: torch.contiguous_format}
+    given, seen = [], []            # conv3d's inputs' layout, and what oneDNN is given
+    conv3d, onednn = vae_module.conv3d, torch.mkldnn_convolution
+    monkeypatch.setattr(vae_module, "conv3d", lambda x, *args: given.append(
+        (x.is_contiguous(memory_format=layout[vae_module.CPU_CHANNELS_LAST]), tuple(x.shape[3:]))) or conv3d(x, *args))
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda x, w, *args: seen.append(
+        (x.is_contiguous(memory_format=layout[True]), x.is_contiguous(),
+         w.is_contiguous(memory_format=layout[vae_module.CPU_CHANNELS_LAST]))) or onednn(x, w, *args))
+    out = {}
+    for channels_last in (True, False):
+        monkeypatch.setattr(vae_module, "CPU_CHANNELS_LAST", channels_last)
+        given.clear()
+        seen.clear()
+        with torch.no_grad():
+            vae.decode(z[:1]), vae.decode(z[:1], chunk_frames=1)
+            converted = {shape for kept, shape in given if not kept}
+            out[channels_last] = (vae.decode(z), vae.decode(z, chunk_frames=1),
+                                  vae.decode(z, chunk_frames=2, tile=(2, 3)))
+        if channels_last:   # (contiguous, the first chunk's slices of frames are copied: T is inside C there)
+            assert converted <= {(3, 4)}, converted        # the latent's resolution: conv_in
+        assert len(seen) > 60 and set(seen) == {(channels_last, not channels_last, True)}
+    for a, b in zip(out[True], out[False]):
+        assert (a - b).abs().max().item() <= 1e-4
+    seen.clear()
+    vae.decode(z[:1, :, :1])
+    assert not seen
 
 
 def test_streaming_decode_is_causal():
