@@ -156,9 +156,8 @@ def check_decode_budget(vae, shapes: list[tuple[int, int, int, int]], max_memory
     dtype = next(vae.parameters()).dtype
     for shape, name in zip(shapes, names):
         try:
-            with torch.no_grad():   # as decode_frames runs (the convolutions' layout depends on it)
-                vae.plan_decode(torch.empty(1, *shape, dtype=dtype, device="meta"), None, None, max_memory_gb,
-                                keep_output=False)
+            vae.plan_decode(torch.empty(1, *shape, dtype=dtype, device="meta"), None, None, max_memory_gb,
+                            keep_output=False)
         except ValueError as e:
             raise ValueError(f"{e} ({name})") from e
 

@@ -129,7 +129,7 @@ class CausalConv3d(nn.Module):
                     state.frames[id(self)] = self._last_frames(x)
                 return self._from_zeros(x)
             if left is None:
-                left = x.new_zeros(x.shape[0], x.shape[1], self.pad_t, *x.shape[3:])
+                left = _empty_like_layout(x, (x.shape[0], x.shape[1], self.pad_t, *x.shape[3:])).zero_()
             x = torch.cat([left, x], dim=2)
             del left                # the previous chunk's frames: freed when the state drops them below
             if state is not None and state.update:
@@ -150,7 +150,7 @@ class CausalConv3d(nn.Module):
         """The convolution of x behind pad_t zero frames, without the zeros: output frame
         t < pad_t from x[:t + 1] and the last t + 1 taps, the rest from x and every tap."""
         T, w = x.shape[2], self.conv.weight
-        parts = [self._conv(x[:, :, :t + 1], w[:, :, self.pad_t - t:].contiguous())
+        parts = [self._conv(x[:, :, :t + 1], w[:, :, self.pad_t - t:])
                  for t in range(min(self.pad_t, T))]
         if T > self.pad_t:
             parts.append(self._conv(x, w))
@@ -177,7 +177,8 @@ class CausalConv3d(nn.Module):
         other frame of a larger output); default a new tensor."""
         bias = self.conv.bias if bias is None else bias
         O, I, kt = weight.shape[:3]
-        phases = weight.new_empty(2, 2, O, I, kt, 2, 2)                                      # [a, b, O, I, kt, 2, 2]
+        phases = torch.empty((4 * O, I, kt, 2, 2), dtype=weight.dtype, device=weight.device,  # in x's conv layout
+                             memory_format=conv_layout(x)).unflatten(0, (2, 2, O))         # [a, b, O, I, kt, 2, 2]
         taps = (slice(0, 1), slice(1, 3)), (slice(0, 2), slice(2, 3))   # phase a's input row r: taps[a][r]
         for a in (0, 1):
             for b in (0, 1):
@@ -185,7 +186,7 @@ class CausalConv3d(nn.Module):
                     for s in (0, 1):
                         phases[a, b, :, :, :, r, s] = weight[..., taps[a][r], taps[b][s]].sum((-2, -1))
         bias = bias.repeat(4) if bias is not None else None
-        y = self._conv_valid_t(x, phases.reshape(4 * O, *phases.shape[3:]).contiguous(), bias, (0, 1, 1))
+        y = self._conv_valid_t(x, phases.flatten(0, 2), bias, (0, 1, 1))
         del phases
         B, _, T, h1, w1 = y.shape
         y = y.view(B, 2, 2, O, T, h1, w1)
@@ -253,13 +254,20 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
 
 # CPU inference runs the convolutions on channels-last-3d tensors: oneDNN's NDHWC kernels
 # take 0.5-0.7x the time of its NCDHW ones at this decoder's 16-32 channels (docs/NOTES-vae.md),
-# and every layer after the first convolution keeps that layout. False: contiguous throughout.
+# and the layers keep that layout. False: contiguous throughout.
 CPU_CHANNELS_LAST = True
 
 
+def inference_layout(dtype: torch.dtype, device: torch.device) -> torch.memory_format:
+    """The layout of the convolutions without autograd of tensors of that dtype on that device
+    (what the memory planner models: a budget bounds such a decode)."""
+    cl = CPU_CHANNELS_LAST and _onednn_dtype_device(dtype, device)
+    return torch.channels_last_3d if cl else torch.contiguous_format
+
+
 def conv_layout(x: torch.Tensor) -> torch.memory_format:
-    """The layout of x's convolutions' inputs and outputs."""
-    return torch.channels_last_3d if CPU_CHANNELS_LAST and _cpu_inference(x) else torch.contiguous_format
+    """The layout of x's convolutions' inputs and outputs (contiguous under autograd)."""
+    return torch.contiguous_format if torch.is_grad_enabled() else inference_layout(x.dtype, x.device)
 
 
 def _empty_like_layout(x: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -268,8 +276,11 @@ def _empty_like_layout(x: torch.Tensor, shape: tuple) -> torch.Tensor:
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.is_available())
+    return not torch.is_grad_enabled() and _onednn_dtype_device(x.dtype, x.device)
+
+
+def _onednn_dtype_device(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
 class GroupNormSiLU(nn.Module):
@@ -324,8 +335,7 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.temporal:
             first, rest = x[:, :, :1], x[:, :, 1:]
-            B, C, T, H, W = rest.shape
-            rest = rest.reshape(B, C, T // 2, 2, H, W).mean(3)
+            rest = (rest[:, :, 0::2] + rest[:, :, 1::2]) * 0.5      # the pairs' means, in x's layout
             x = torch.cat([first, rest], dim=2)
         return self.conv(x)
 
@@ -549,7 +559,8 @@ class VideoAutoencoder(nn.Module):
         out = None
         for chunk in self._stream(z, plan):
             if out is None:
-                out = chunk.new_empty(B, chunk.shape[1], 1 + self.cfg.temporal_compression * (t - 1), h * sc, w * sc)
+                out = _empty_like_layout(chunk, (B, chunk.shape[1], 1 + self.cfg.temporal_compression * (t - 1),
+                                                 h * sc, w * sc))
                 t0 = 0
             out[:, :, t0:t0 + chunk.shape[2]] = chunk
             t0 += chunk.shape[2]
@@ -578,8 +589,7 @@ class VideoAutoencoder(nn.Module):
             tile = (min(tile[0], z.shape[3]), min(tile[1], z.shape[4]))
         if max_memory_gb is not None and (not is_real(max_memory_gb) or not max_memory_gb > 0):
             raise ValueError(f"max_memory_gb: expected a positive number, got {max_memory_gb!r}")
-        device = next(self.decoder.parameters()).device
-        channels_last = conv_layout(torch.empty(0, dtype=z.dtype, device=device)) == torch.channels_last_3d
+        channels_last = inference_layout(z.dtype, next(self.decoder.parameters()).device) == torch.channels_last_3d
         return vae_tiling.plan_decode(self.decoder, tuple(z.shape), max_memory_gb, z.element_size(), chunk_frames,
                                       tile, keep_output, channels_last)
 

@@ -246,10 +246,13 @@ class _Kept:
 #             input, output and temporaries, and in a tiled segment the whole frames in and out,
 #             the tile's crop of the input and what the tiles keep between statistics passes.
 # The temporaries, measured per layer on CPU (oneDNN; small config):
-#   - a oneDNN convolution reorders its input, its weights and its output to blocked layouts
-#     (one copy each; which of them depends on the channel counts) and writes the plain output;
+#   - a oneDNN convolution on contiguous tensors reorders its input, its weights and its output
+#     to blocked layouts (one copy each; which of them depends on the channel counts) and writes
+#     the plain output; on channels-last ones (CPU inference's, vae.inference_layout) it copies
+#     the input and the weights (three copies, vae.conv3d's conversion included) and takes a
+#     scratch that grows with the threads;
 #   - CausalConv3d, first chunk (`_from_zeros`): the leading frames' convolutions, each with a
-#     contiguous slice of the weights, and the rest's, then torch.cat of their outputs; later
+#     slice of the weights (copied to the conv layout), and the rest's, then torch.cat of their outputs; later
 #     chunks: torch.cat of the carried frames and the input (the frames kept for the next chunk
 #     then replace the carried ones, counted above);
 #   - the sub-pixel up-sampling convolution (`_conv_upsampled`), per call: its phase kernels
@@ -258,7 +261,8 @@ class _Kept:
 #   - Upsample in time (`_forward_upsampled_t`): the output, allocated first; its kernels; each
 #     sub-pixel convolution's phase kernels and phase outputs as above, written into the output;
 #     a later chunk's cat of the carried frame and the input. A ResBlock: its input (held to
-#     the skip), each norm's output, the 1 x 1 skip convolution (oneDNN as above) and the sum;
+#     the skip), each norm's output, the 1 x 1 skip convolution (oneDNN as above); the sum is
+#     added into conv2's output in place (without autograd: what a budget bounds);
 #   - the norms of a tiled segment: a statistics pass may copy the tile's own pixels in float64
 #     (group_norm_moments' reference backend; the C++ and Triton kernels read them in place).
 # Measured against peak_bytes on CPU: docs/NOTES-vae.md, tests/test_vae_tiling.py.
@@ -348,10 +352,11 @@ def _onednn_conv(r: _Replay, inp, weight: int, pixels, channels: int):
     all three, then the plain output, which it leaves allocated. (Measured: oneDNN copies the
     input and the weights, or makes a blocked output, or, at 3 output channels, all three.)
     Channels-last (measured, 16 to 256 channels): a copy of the input, three of the weights
-    (vae.conv3d's conversion, the parameters being contiguous, then oneDNN's) and 12-13 KB of
-    scratch, then the output."""
+    (vae.conv3d's conversion, the parameters being contiguous, then oneDNN's) and a scratch of
+    about 4 KB a thread (12-13 KB at 2 threads, 57 KB more at 16), then the output; the replay
+    takes 32 KB + 8 KB a thread (a tiny plan measured 22 KB over a 16 KB allowance at 2)."""
     if r.channels_last:
-        scratch = 16384                                  # elements: 64 KB in fp32
+        scratch = (32768 + 8192 * torch.get_num_threads()) // 4     # elements (fp32 only: 4 bytes)
         r.alloc(inp, 3 * weight * channels + scratch, pixels * channels)
         r.free(inp, 3 * weight * channels + scratch)
         return pixels * channels
@@ -471,9 +476,8 @@ def _layer(r: _Replay, layer: nn.Module, c: int, t: int, h, w, first: bool, tile
         h2, _, _ = _causal_conv(r, layer.conv2, t, h, w, first)
         r.free(co * a, h1)
         skip = _onednn_conv(r, c * a, c, a, co) if isinstance(layer.skip, nn.Conv3d) else 0
-        r.alloc(co * a)                                  # the sum
-        r.free(skip, h2)
-        return co * a, co, t, h, w
+        r.free(skip)                                     # summed into h2 in place
+        return h2, co, t, h, w
     raise TypeError(f"estimate_bytes: no memory model for {type(layer).__name__}")
 
 

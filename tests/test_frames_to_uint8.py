@@ -8,15 +8,25 @@ from conftest import DEVICE, assert_bitwise_equal, assert_compiles_exactly, requ
 from sora_kernels.ops.frames_to_uint8 import FRAMES_BACKENDS, reference
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(3, 5, 16, 24), (3, 1, 7, 9), (1, 2, 3, 3), (4, 3, 40, 36)])
 @pytest.mark.parametrize("backend", ["cuda", "triton", "cpu", "reference"])
-def test_matches_reference(backend, shape, dtype):
+def test_matches_reference(backend, shape, dtype, layout):
+    """Layouts: contiguous; channels_last, [C, T, H, W] with the strides of [T, H, W, C] (a
+    channels-last decode's frames, which the cpu kernel reads in place); strided, every other
+    column of a wider tensor."""
     g = torch.Generator().manual_seed(0)
     x = (1.3 * torch.randn(*shape, generator=g)).to(DEVICE, dtype)
     # exact ties of (v + 1) * 127.5: v = (2k + 1) / 255 - 1 round half to even
     ties = (torch.arange(x.numel()) % 256 * 2 + 1).float() / 255 - 1
     x.view(-1)[::7] = ties[::7].to(x.device, dtype)
+    if layout == "channels_last":
+        x = x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        assert x.stride(0) == 1 or shape[0] == 1
+    elif layout == "strided":
+        x = torch.stack([x, -x], dim=-1).flatten(-2)[..., ::2]
+        assert not x.is_contiguous()
     require_backend(FRAMES_BACKENDS, backend, (x,))
     out = sk.frames_to_uint8(x, backend=backend)
     assert out.shape == (shape[1], shape[2], shape[3], shape[0])

@@ -9,8 +9,9 @@ import torch
 
 from conftest import DEVICE
 from sora_kernels.testing.memory import peak_bytes
+from sora_model import vae as vae_module
 from sora_model import vae_tiling
-from sora_model.vae import GroupNormSiLU, VideoAutoencoder, conv_layout, vae_config
+from sora_model.vae import GroupNormSiLU, VideoAutoencoder, inference_layout, vae_config
 
 pytestmark = pytest.mark.usefixtures("native_kernels")
 
@@ -86,8 +87,7 @@ def test_budget_picks_a_plan_that_fits():
     tiled = _estimate(vae, z, 1, (6, 6), (True,) * 4, keep_inputs=False)
     assert tiled < untiled
     budget_gb = (tiled + untiled) / 2 / 2 ** 30
-    with torch.no_grad():
-        plan = vae.plan_decode(z, max_memory_gb=budget_gb)
+    plan = vae.plan_decode(z, max_memory_gb=budget_gb)
     assert plan.tile is not None and plan.chunk_frames is not None and any(plan.tiled)
     assert plan.estimate_bytes <= budget_gb * 2 ** 30
     with torch.no_grad():
@@ -109,9 +109,8 @@ def small(seed=0):
 
 
 def _channels_last(z):
-    """Whether a decode of z (run without autograd, as the tests do) convolves channels-last."""
-    with torch.no_grad():
-        return conv_layout(z) == torch.channels_last_3d
+    """Whether a decode of z without autograd (what a budget bounds) convolves channels-last."""
+    return inference_layout(z.dtype, z.device) == torch.channels_last_3d
 
 
 def _estimate(vae, z, chunk, tile=None, tiled=(False,) * 4, keep_inputs=True):
@@ -125,8 +124,7 @@ def _decode_within(vae, z, budget, exact=False):
     max_memory_gb=) (on CPU the decoder's weights included: peak_bytes counts the tensors the
     call reads), within the budget; exact: the output equals the full decode."""
     gb = budget / 2 ** 30
-    with torch.no_grad():
-        plan = vae.plan_decode(z, max_memory_gb=gb)
+    plan = vae.plan_decode(z, max_memory_gb=gb)
     assert plan.estimate_bytes <= budget
     with torch.no_grad():
         if exact:
@@ -136,10 +134,13 @@ def _decode_within(vae, z, budget, exact=False):
     return plan
 
 
-def test_budget_small_batch_2_chunks():
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_budget_small_batch_2_chunks(channels_last, monkeypatch):
     """small, batch 2: a budget just above the chunk-by-chunk decode's estimate picks it and
     the measured peak stays under. (The estimate calibrated on tiny left out the decoder's
-    weights, which peak_bytes counts on CPU: 78 MB estimated, 170 MB measured here.)"""
+    weights, which peak_bytes counts on CPU: 78 MB estimated, 170 MB measured here.) Both CPU
+    layouts of the convolutions (vae.CPU_CHANNELS_LAST; on a GPU both are contiguous)."""
+    monkeypatch.setattr(vae_module, "CPU_CHANNELS_LAST", channels_last)
     vae = small()
     z = torch.randn(2, 16, 4, 4, 6, device=DEVICE)
     plan = _decode_within(vae, z, 1.001 * _estimate(vae, z, 1))
@@ -164,14 +165,13 @@ def test_budget_error_reports_the_smallest_estimate():
     latent, while a budget of 0.08 GB found a plan.)"""
     vae = tiny()
     z = torch.zeros(1, 16, 5, 16, 24, device=DEVICE)
-    with torch.no_grad():               # as decode runs, in the decode's convolution layout
-        with pytest.raises(ValueError, match="below the smallest estimated peak") as error:
-            vae.plan_decode(z, max_memory_gb=0.001)
-        smallest = float(re.search(r"peak, ([0-9.]+) GB", str(error.value)).group(1))
-        plan = vae.plan_decode(z, max_memory_gb=smallest + 0.001)
-        assert plan.estimate_bytes <= (smallest + 0.001) * 2 ** 30
-        with pytest.raises(ValueError):
-            vae.plan_decode(z, max_memory_gb=smallest - 0.001)
+    with pytest.raises(ValueError, match="below the smallest estimated peak") as error:
+        vae.plan_decode(z, max_memory_gb=0.001)
+    smallest = float(re.search(r"peak, ([0-9.]+) GB", str(error.value)).group(1))
+    plan = vae.plan_decode(z, max_memory_gb=smallest + 0.001)
+    assert plan.estimate_bytes <= (smallest + 0.001) * 2 ** 30
+    with pytest.raises(ValueError):
+        vae.plan_decode(z, max_memory_gb=smallest - 0.001)
     segs = vae_tiling.segments_of(vae.decoder)
     best = min(vae_tiling.estimate_bytes(segs, tuple(z.shape), 1, (8, 6), tiled, 4, True, keep, _channels_last(z))
                for tiled in itertools.product((False, True), repeat=4) for keep in (False, True))
@@ -192,8 +192,7 @@ def test_budget_tiles_each_axis():
     z = torch.randn(1, 16, 2, 8, 24, device=DEVICE)
     tiled = _estimate(vae, z, 2, (8, 12), (False, False, False, True), keep_inputs=False)
     assert tiled < _estimate(vae, z, 2)
-    with torch.no_grad():
-        assert vae.plan_decode(z, max_memory_gb=1.001 * tiled / 2 ** 30).tile[0] == 8
+    assert vae.plan_decode(z, max_memory_gb=1.001 * tiled / 2 ** 30).tile[0] == 8
 
 
 def test_budget_too_small_says_what_it_needs():

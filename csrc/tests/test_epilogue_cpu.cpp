@@ -19,10 +19,16 @@ int main() {
   // float arithmetic are checked bit for bit in tests/test_frames_to_uint8.py.)
   std::vector<float> x = {-3.f, 0.f, -0.5f, 0.25f, nan, 1.f, 7.f, -1.f, 0.5f, -0.99f};
   std::vector<uint8_t> want = {0, 255, 128, 255, 64, 0, 159, 191, 0, 1}, out(10);
-  sora_kernels::vae::frames_to_uint8_cpu(x.data(), out.data(), 2, 5);
+  sora_kernels::vae::frames_to_uint8_cpu(x.data(), out.data(), 2, 5, /*c_stride=*/5, /*p_stride=*/1);
+  // the same values channels-last ([P, C] already, read with strides (1, C)) give the same bytes
+  std::vector<float> xl(10);
+  for (int p = 0; p < 5; ++p)
+    for (int c = 0; c < 2; ++c) xl[p * 2 + c] = x[c * 5 + p];
+  std::vector<uint8_t> outl(10);
+  sora_kernels::vae::frames_to_uint8_cpu(xl.data(), outl.data(), 2, 5, /*c_stride=*/1, /*p_stride=*/2);
   for (int i = 0; i < 10; ++i)
-    if (out[i] != want[i]) {
-      std::printf("frames_to_uint8: byte %d is %d, expected %d\n", i, out[i], want[i]);
+    if (out[i] != want[i] || outl[i] != want[i]) {
+      std::printf("frames_to_uint8: byte %d is %d (channels-last %d), expected %d\n", i, out[i], outl[i], want[i]);
       ++failures;
     }
   // latent_denorm: B = 2, C = 3, T = 2, S = 4, NaN at two places of (b=1, t=0) and one of (b=0, t=1)

@@ -42,9 +42,13 @@ inline void check_latent(const at::Tensor& z, const at::Tensor& scale, const at:
 
 inline at::Tensor frames_to_uint8_cpu_op(const at::Tensor& video) {
   check_frames(video, /*float32_only=*/true);
-  const at::Tensor x = video.contiguous();
-  at::Tensor out = at::empty({x.size(1), x.size(2), x.size(3), x.size(0)}, x.options().dtype(at::kByte));
-  frames_to_uint8_cpu(x.data_ptr<float>(), out.data_ptr<uint8_t>(), x.size(0), x.size(1) * x.size(2) * x.size(3));
+  const int64_t C = video.size(0), P = video.size(1) * video.size(2) * video.size(3);
+  // A channels-last decode's frames ([3, T, H, W] with the strides of [T, H, W, 3]) are read
+  // where they are; any other layout is made contiguous first.
+  const bool last = video.stride(0) == 1 && video.permute({1, 2, 3, 0}).is_contiguous();
+  const at::Tensor x = last ? video : video.contiguous();
+  at::Tensor out = at::empty({x.size(1), x.size(2), x.size(3), C}, x.options().dtype(at::kByte));
+  frames_to_uint8_cpu(x.data_ptr<float>(), out.data_ptr<uint8_t>(), C, P, last ? 1 : P, last ? C : 1);
   return out;
 }
 
