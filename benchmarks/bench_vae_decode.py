@@ -23,6 +23,7 @@ GB/s is of the uint8 frames written, for the table only.
 """
 import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -56,21 +57,12 @@ def forced_backend(name: str | None):
             os.environ[B.BACKEND_ENV] = old
 
 
-@contextlib.contextmanager
-def channels_last(on: bool):
-    old = vae_module.CPU_CHANNELS_LAST
-    vae_module.CPU_CHANNELS_LAST = on
-    try:
-        yield
-    finally:
-        vae_module.CPU_CHANNELS_LAST = old
-
-
 def _decode(vae, z, provider):
     eager = provider == "eager_full"
 
     def run():
-        with torch.no_grad(), forced_backend("reference" if eager else None), channels_last(not eager):
+        with (torch.no_grad(), forced_backend("reference" if eager else None),
+              mock.patch.object(vae_module, "CPU_CHANNELS_LAST", not eager)):
             if provider in ("streaming", "streaming_1", "tiled"):
                 plan = {"streaming": dict(chunk_frames=2), "streaming_1": dict(chunk_frames=1),
                         "tiled": dict(chunk_frames=1, tile=(-(-z.shape[3] // 2), -(-z.shape[4] // 2)))}[provider]

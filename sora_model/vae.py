@@ -246,7 +246,7 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     inputs of at most 5 frames (a chunked decode's), about 10x slower per frame than oneDNN
     here (32 channels, 128 x 128: 75 ms vs 7 ms a frame); so oneDNN is called directly."""
     if _cpu_inference(x):
-        layout = conv_layout(x)
+        layout = inference_layout(x.dtype, x.device)
         x, weight = x.contiguous(memory_format=layout), weight.contiguous(memory_format=layout)
         return torch.mkldnn_convolution(x, weight, bias, list(padding), list(stride), [1, 1, 1], 1)
     return F.conv3d(x, weight, bias, stride, padding)
