@@ -39,6 +39,20 @@ def _eager(x, weight, bias):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_group_norm_silu(suite, benchmark, provider, mode, layout):
+    _time(suite, benchmark, provider, mode, layout)
+
+
+def test_cuda_three_pass(suite, benchmark, monkeypatch):
+    """The CUDA C++ forward without its single-read cluster kernel (SORA_KERNELS_GN_CLUSTER=0:
+    statistics, finalize, apply), as provider cuda:three-pass beside the default cuda row,
+    which on sm_90 runs the cluster kernel where a frame-group fits (contiguous x)."""
+    if suite.device.type != "cuda":
+        pytest.skip("the cluster kernel is the CUDA backend's")
+    monkeypatch.setenv("SORA_KERNELS_GN_CLUSTER", "0")
+    _time(suite, benchmark, "cuda", "fwd", "contiguous", label="cuda:three-pass")
+
+
+def _time(suite, benchmark, provider, mode, layout, label=None):
     shape, dtype = workload(suite.device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g).to(suite.device, dtype)
@@ -63,5 +77,5 @@ def test_group_norm_silu(suite, benchmark, provider, mode, layout):
         def run():
             torch.autograd.grad(fn(*leaves), leaves, dy)
         rows += 3
-    suite.run("group_norm_silu", mode, provider, f"{'x'.join(map(str, shape))}-{layout}", run,
+    suite.run("group_norm_silu", mode, label or provider, f"{'x'.join(map(str, shape))}-{layout}", run,
               rows * x.numel() * x.element_size(), dtype, benchmark, groups=GROUPS, graph=True)
