@@ -59,12 +59,13 @@ step() {
   return $rc
 }
 
-log "start: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+changes'), budget ${budget}s"
+rev="$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+changes')"
+log "start: $rev, budget ${budget}s"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader >>"$out/session.log" 2>&1
-$py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
-  >>"$out/session.log" 2>&1
-arch=$($py -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))" \
-  2>>"$out/session.log")
+$py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+                                   'triton', triton.__version__)" >>"$out/session.log" 2>&1
+arch=$($py -c "import torch; c = torch.cuda.get_device_capability()
+print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))" 2>>"$out/session.log")
 [[ -n "$arch" ]] && export SORA_KERNELS_CUDA_ARCHS=${SORA_KERNELS_CUDA_ARCHS:-$arch}
 
 if step build 240 build.log env CXX="$cxx" "$py" setup.py -q build_ext --inplace; then
