@@ -6,6 +6,11 @@ optional adversarial term), checkpoints in safetensors.
     python -m sora_model.train_vae --data path/to/videos ...      # any container FFmpeg reads
     python -m sora_model.train_vae ... --adv-weight 0.1 --adv-start 5000   # with a 3D PatchGAN
 
+--warmup N raises the autoencoder's learning rate linearly to --lr over the first N steps (a
+function of the step, so a resumed run continues it). On the physics world it lets a higher
+rate train without settling on the background (benchmarks/results/e2e/README.md, "VAE learning
+rate").
+
 The adversarial term (sora_model/discriminator.py) is off by default (--adv-weight 0). From
 step --adv-start the decoder also minimises adv_weight * -D(reconstruction), and the
 discriminator takes one hinge-loss step per training step.
@@ -176,6 +181,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=0,
+                   help="steps over which the autoencoder's learning rate rises linearly to --lr (0: --lr from "
+                        "the first step)")
     p.add_argument("--recon", default="l1", choices=["l1", "mse"],
                    help="reconstruction loss: l1 (the default) or mse (for scenes of small objects on a "
                         "plain background, where l1 first settles on the background: see RECON_LOSSES)")
@@ -199,10 +207,16 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
     if not args.lr > 0:
         p.error(f"--lr: expected > 0, got {args.lr}")
-    for name in ("kl_weight", "adv_weight", "adv_start"):
+    for name in ("kl_weight", "adv_weight", "adv_start", "warmup"):
         if not getattr(args, name) >= 0:
             p.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
     return args
+
+
+def warmup_lr(lr: float, warmup: int, step: int) -> float:
+    """The learning rate of 1-based `step`: lr * step / warmup over the first `warmup` steps, then lr
+    (a function of the step alone, so a resumed run continues the same schedule)."""
+    return lr * min(1.0, step / warmup) if warmup > 0 else lr
 
 
 def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float]:
@@ -258,6 +272,8 @@ def train(args, discriminator: PatchDiscriminator3D | None = None) -> list[float
                 p.requires_grad_(True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(args.lr, args.warmup, step)
         opt.step()
         stats = {args.recon: f"{rec.item():.4f}", "kl": f"{kl.item():.1f}"}
         if adv_on:

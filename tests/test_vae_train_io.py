@@ -124,6 +124,7 @@ def test_train_and_checkpoint(tmp_path):
     (["--kl-weight", "-1"], "--kl-weight: expected >= 0, got -1.0"),
     (["--adv-weight", "nan"], "--adv-weight: expected >= 0, got nan"),
     (["--adv-start", "-2"], "--adv-start: expected >= 0, got -2"),
+    (["--warmup", "-1"], "--warmup: expected >= 0, got -1"),
 ])
 def test_train_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -136,7 +137,8 @@ def _args(out, steps, *more):
                                  str(steps), "--lr", "1e-3", "--out", out, "--device", "cpu", "--no-progress", *more])
 
 
-@pytest.mark.parametrize("extra", [[], ["--adv-weight", "0.5", "--adv-start", "2"]], ids=["plain", "adversarial"])
+@pytest.mark.parametrize("extra", [[], ["--adv-weight", "0.5", "--adv-start", "2"], ["--warmup", "3"]],
+                         ids=["plain", "adversarial", "warmup"])
 def test_resume_gives_the_same_next_steps(tmp_path, extra):
     """Steps 1-2, then a resume for steps 3-4: the losses of 4 uninterrupted steps (the weights,
     AdamW's state, the discriminator's, the clips and the posterior's noise all continue)."""
@@ -220,6 +222,25 @@ def test_resume_takes_this_runs_lr(tmp_path):
         meta = f.metadata()
     for key in ("param_groups", "disc_param_groups"):
         assert [g["lr"] for g in json.loads(meta[key])] == [2e-4], key
+
+
+def test_warmup_schedule(tmp_path, monkeypatch):
+    """--warmup 3: AdamW steps with lr / 3, 2 lr / 3, then lr, and a resume at step 2 continues
+    the schedule; the discriminator's AdamW keeps --lr."""
+    lrs = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        lrs.append([g["lr"] for g in self.param_groups])
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    path = str(tmp_path / "vae.safetensors")
+    train_vae.train(_args(path, 1, "--warmup", "3", "--adv-weight", "0.5", "--lr", "3e-3"))
+    train_vae.train(_args(path, 4, "--warmup", "3", "--adv-weight", "0.5", "--lr", "3e-3", "--resume"))
+    autoencoder, disc = lrs[0::2], lrs[1::2]      # each step: the autoencoder's AdamW, then the discriminator's
+    assert [g[0] for g in autoencoder] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
+    assert [g[0] for g in disc] == pytest.approx([3e-3] * 4)
+    assert train_vae.warmup_lr(1.0, 0, 1) == 1.0
 
 
 def test_resume_errors(tmp_path):
