@@ -269,9 +269,11 @@ def results_path(env: dict) -> str:
 
 def write_results(rows: list[Row], env: dict, copy_bw: float, path: str | None = None) -> str:
     path = path or results_path(env)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"          # then renamed: a run killed while writing leaves the last whole file
+    with open(tmp, "w") as f:
         json.dump({"environment": env, "copy_bandwidth_gbps": copy_bw, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    os.replace(tmp, path)
     return path
 
 

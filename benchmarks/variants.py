@@ -48,18 +48,18 @@ def variant_groups(rows: list[dict], match: str = "", threshold: float = 0.02) -
     """Groups of rows by (kernel, mode, workload, dtype, backend) that hold a backend:setting
     row, each {"key": ..., "rows": [...]} with rows fastest first and, per row, x_fastest and
     a verdict against the fastest ('fastest'; 'slower' past the threshold with the p20-p80
-    ranges apart, as compare.verdict; '~' otherwise). `match` filters rows by a substring of
-    their key fields joined with spaces."""
+    ranges apart, as compare.verdict; '~' otherwise). A group with one row (a variant whose
+    siblings were not timed) is kept. `match` keeps the groups with a row whose key fields,
+    joined with spaces, contain it (the whole group: `-k dq-atomic` shows its siblings too)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        if match not in " ".join(str(row[k]) for k in compare.KEY):
-            continue
         key = (row["kernel"], row["mode"], row["workload"], row["dtype"], row["provider"].split(":")[0])
         groups.setdefault(key, []).append(row)
     out = []
     for key in sorted(groups):
         members = groups[key]
-        if not any(":" in r["provider"] for r in members) or len(members) < 2:
+        if not any(":" in r["provider"] for r in members) \
+                or not any(match in " ".join(str(r[k]) for k in compare.KEY) for r in members):
             continue
         members = sorted(members, key=lambda r: r["median_ms"])
         best = members[0]

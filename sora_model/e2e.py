@@ -1,7 +1,7 @@
 """End to end on the physics world: trains the tiny VAE, then the mini DiT on its latents,
 samples videos of several sizes from captions, and measures them.
 
-    python -m sora_model.e2e --out e2e/      # 800 VAE, 2500 DiT steps (pool 150): ~8 min on 2 CPU cores
+    python -m sora_model.e2e --out e2e/      # 800 VAE, 2500 DiT steps (pool 150): 4-7 min on 2 CPU cores
 
 Steps:
   1. the VAE (sora_model.train_vae) on 9-frame 32x32 physics clips (three latent frames: trained
@@ -169,7 +169,8 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
     blank = dit_train.make_denoiser(cfg).eval()
     untrained = generate(blank, vae, captions, sizes, steps=20, guidance=3.0, seed=seed)
     # the evaluation set: 72 world clips of 9 frames or more, their captions sampled at one size
-    # (24 gave ball motion 0.11 to 0.17 over three sets of captions for one trained pipeline)
+    # (24 gave ball motion 0.11, 0.17 and 0.15 over three sets of captions for one trained
+    # pipeline: benchmarks/results/e2e/README.md)
     world = list(itertools.islice(((v, c) for v, c in physics_clips(WorldConfig(), seed=seed + 505)
                                    if v.shape[1] >= 9), EVAL_CLIPS))
     eval_sizes = [(9, 32, 48)] * len(world)

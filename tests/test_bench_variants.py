@@ -24,22 +24,30 @@ def test_groups_fastest_first_with_the_default_marked(tmp_path, capsys):
                                      _row("triton:dq-atomic", 1.5), _row("sdpa_padded", 9.0),
                                      _row("triton", 1.0, workload="mixed"), _row("sdpa_padded", 3.0, workload="mixed")])
     b = _write(tmp_path / "b.json", [_row("cuda:three-pass", 0.3, 0.5, workload="mixed"),
-                                     _row("cuda", 0.25, 0.5, workload="mixed")])
+                                     _row("cuda", 0.25, 0.5, workload="mixed"),
+                                     _row("triton:load-tma", 4.0, workload="dense-16k-causal")])
     out = tmp_path / "v.json"
     assert variants.main([a, b, "--json", str(out)]) == 0
     text = capsys.readouterr().out
     groups = json.loads(out.read_text())["groups"]
-    # the mixed triton group has no variant row; sdpa_padded is another backend
-    assert [(g["key"]["workload"], g["key"]["backend"]) for g in groups] == [("dense-16k", "triton"), ("mixed", "cuda")]
+    # the mixed triton group has no variant row; sdpa_padded is another backend; a lone variant
+    # row (its siblings not timed) is a group of its own
+    assert [(g["key"]["workload"], g["key"]["backend"]) for g in groups] == [
+        ("dense-16k", "triton"), ("dense-16k-causal", "triton"), ("mixed", "cuda")]
     rows = groups[0]["rows"]
     assert [r["provider"] for r in rows] == ["triton:dq-atomic", "triton", "triton:dq-separate"]
     assert [r["verdict"] for r in rows] == ["fastest", "slower", "slower"]
     assert rows[1]["default"] and not rows[0]["default"]
     assert rows[1]["x_fastest"] == pytest.approx(2.0 / 1.5) and rows[2]["graph_ms"] == 1.9
-    assert [r["verdict"] for r in groups[1]["rows"]] == ["fastest", "~"]   # 1.2x, but the ranges overlap
-    assert "triton (default)" in text and "2 groups of variant rows (backend:setting) among 8 rows" in text
-    assert variants.main([a, b, "-k", "cuda"]) == 0
+    assert [r["provider"] for r in groups[1]["rows"]] == ["triton:load-tma"]
+    assert [r["verdict"] for r in groups[2]["rows"]] == ["fastest", "~"]   # 1.2x, but the ranges overlap
+    assert "triton (default)" in text and "3 groups of variant rows (backend:setting) among 9 rows" in text
+    assert variants.main([a, b, "-k", "cuda", "--json", str(out)]) == 0
     assert "1 groups" in capsys.readouterr().out
+    assert variants.main([a, b, "-k", "dq-atomic", "--json", str(out)]) == 0     # the whole group, siblings too
+    capsys.readouterr()
+    assert [[r["provider"] for r in g["rows"]] for g in json.loads(out.read_text())["groups"]] == [
+        ["triton:dq-atomic", "triton", "triton:dq-separate"]]
 
 
 def test_threshold():

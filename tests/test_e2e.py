@@ -1,5 +1,5 @@
 """End to end on the physics world (sora_model/e2e.py): the full default run, as committed in
-benchmarks/results/e2e/ (about 8 minutes on 2 CPU cores): the tiny VAE, then the mini DiT with
+benchmarks/results/e2e/ (4 to 7 minutes on 2 CPU cores): the tiny VAE, then the mini DiT with
 the pretrained MiniLM text encoder, then samples of three aspect ratios and an image."""
 import os
 
