@@ -117,8 +117,8 @@ def sample_latents(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[i
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
         return sample(dit, shapes, text, dit.cfg.patch_size, null=model.text.null(len(prompts)), guidance=guidance,
-                      steps=steps, method=method, generator=torch.Generator().manual_seed(seed), device=device,
-                      progress=progress)
+                      steps=steps, method=method, cfg=model.flow, generator=torch.Generator().manual_seed(seed),
+                      device=device, progress=progress)
 
 
 def latent_shape(size: tuple[int, int, int], vae: VAEConfig, channels: int) -> tuple[int, int, int, int]:

@@ -77,6 +77,11 @@ class TrainConfig:
     fsdp: bool = False                 # several ranks: FSDP2 instead of DDP (no effect in one process)
     latent_pool: int = 0               # > 0: step k trains on step (k mod latent_pool)'s clips, encoded once
     grad_checkpointing: bool = False   # recompute each DiT block in the backward: less activation memory, same results
+    # the timestep shift's base (diffusion.FlowConfig.base_tokens): a video of this many latent
+    # tokens is not shifted, bigger ones toward noise, smaller ones away from it. Training and
+    # sampling use the run's value (load_run's Denoiser.flow). The physics world's clips have
+    # 16-144 tokens, so at 256 all of them train and sample shifted away from noise.
+    shift_base_tokens: int = 256
     # the VAE's compression and latent channels (its cfg's properties of these names; 4, 8 and
     # 16: the tiny, small and base VAE's): clips are fitted and counted in latent tokens with
     # them, and the DiT takes latent_channels in. train() checks them against its VAE,
@@ -100,6 +105,7 @@ FIELD_RULES = {
     "caption_dropout": ("a probability in [0, 1)", lambda v: is_real(v) and 0 <= v < 1),
     "save_every": ("a positive int (steps)", lambda v: is_int(v) and v >= 1),
     "latent_pool": ("0 or a positive int (steps)", lambda v: is_int(v) and v >= 0),
+    "shift_base_tokens": ("a positive int (latent tokens)", lambda v: is_int(v) and v >= 1),
 }
 
 
@@ -122,11 +128,12 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 class Denoiser(nn.Module):
-    """What is trained: the DiT and the text conditioner (its byte encoder, null caption)."""
+    """What is trained: the DiT and the text conditioner (its byte encoder, null caption). `flow`
+    is the timestep schedule it is trained with, and sampled with."""
 
-    def __init__(self, dit: DiT, text: CaptionConditioner):
+    def __init__(self, dit: DiT, text: CaptionConditioner, flow: FlowConfig = FlowConfig()):
         super().__init__()
-        self.dit, self.text = dit, text
+        self.dit, self.text, self.flow = dit, text, flow
 
     def forward(self, latents, t, captions, drop, batch_drop=None):
         """drop: bool [n], which captions become the null one; batch_drop: the flags of the whole
@@ -196,7 +203,8 @@ def make_denoiser(cfg: TrainConfig) -> Denoiser:
     encoder = text_encoder(cfg.text)
     dit = DiT(dit_config(cfg.dit, text_dim=encoder.dim, in_channels=cfg.latent_channels,
                          grad_checkpointing=cfg.grad_checkpointing))
-    return Denoiser(dit, CaptionConditioner(encoder, cfg.caption_dropout))
+    flow = FlowConfig(base_tokens=cfg.shift_base_tokens)
+    return Denoiser(dit, CaptionConditioner(encoder, cfg.caption_dropout), flow)
 
 
 def shard(model: Denoiser, ema: DiT, device: torch.device) -> None:
@@ -475,7 +483,7 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
         shard(model, ema, device)
     vae = vae.to(device).eval()
     patch = model.dit.cfg.patch_size
-    flow = FlowConfig()
+    flow = model.flow
     params = [p for p in model.parameters() if p.requires_grad]     # FSDP2's sharded ones
     # fused: one kernel over every parameter (4.3 ms a step here for 5.8M parameters on the CPU,
     # against 11.8 for the per-tensor loop); FSDP2's DTensor shards keep the loop.
@@ -581,6 +589,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each DiT block in the backward: less activation memory for more compute, the "
                         "same losses (may change on resume)")
+    p.add_argument("--shift-base-tokens", type=int, default=d.shift_base_tokens, metavar="N",
+                   help="the timestep shift's base: videos of more latent tokens than N train and sample at "
+                        "more noise, s = sqrt(tokens / N) (sora-sample uses the run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -607,7 +618,8 @@ def train_config(args, vae_cfg) -> TrainConfig:
                        steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, ema=args.ema,
                        clip_grad=args.clip_grad, caption_dropout=args.caption_dropout, seed=args.seed,
                        save_every=args.save_every, fsdp=args.fsdp, latent_pool=args.latent_pool,
-                       grad_checkpointing=args.grad_checkpointing, **vae_fields(vae_cfg))
+                       grad_checkpointing=args.grad_checkpointing, shift_base_tokens=args.shift_base_tokens,
+                       **vae_fields(vae_cfg))
 
 
 def main(argv=None) -> None:

@@ -324,6 +324,7 @@ def test_physics_clips_follow_max_tokens(vae_file, tmp_path):
     ("--caption-dropout", "1", r"--caption-dropout: expected a probability in \[0, 1\), got 1.0"),
     ("--budget", "0", r"--budget: expected a positive int \(latent tokens per global batch\), got 0"),
     ("--latent-pool", "-1", r"--latent-pool: expected 0 or a positive int \(steps\), got -1"),
+    ("--shift-base-tokens", "0", r"--shift-base-tokens: expected a positive int \(latent tokens\), got 0"),
 ])
 def test_argument_ranges(vae_file, tmp_path, capsys, flag, value, message):
     """Values that would train wrongly or die later are argparse errors naming the flag: a
@@ -392,3 +393,33 @@ def test_resume_logs_each_step_once(vae_file, tmp_path, monkeypatch):
     assert _log(tmp_path, "step") == [1, 2, 3, 4]
     assert _log(tmp_path, "loss")[2:] == resumed
     assert not os.path.exists(tmp_path / "log.jsonl.tmp")
+
+
+def test_shift_base_tokens_reaches_training_and_sampling(vae_file, tmp_path, monkeypatch):
+    """--shift-base-tokens N: the run trains at timesteps shifted by sqrt(tokens / N), keeps N in
+    its config, and sora-sample's schedule is the run's (load_run's Denoiser.flow); a run's
+    config without the field (before it existed) samples with the default."""
+    import sora_model.diffusion as diffusion
+    import sora_model.sample as sm
+    from sora_model.train_vae import load_checkpoint
+    seen = []
+    sample_timesteps = tr.sample_timesteps
+    monkeypatch.setattr(tr, "sample_timesteps", lambda tokens, flow, g: seen.append(flow.base_tokens) or
+                        sample_timesteps(tokens, flow, g))
+    args = ["--vae", vae_file, "--budget", "128", "--max-tokens", "64", "--device", "cpu", "--no-progress",
+            "--steps", "1"]
+    tr.main(args + ["--out", str(tmp_path / "a"), "--shift-base-tokens", "32"])
+    assert seen and set(seen) == {32}
+    model = sm.load_run(str(tmp_path / "a"), ema=False)      # the trained weights: v is not 0
+    assert model.flow == diffusion.FlowConfig(base_tokens=32)
+    schedules = []
+    monkeypatch.setattr(sm, "sample", lambda *a, cfg, **k: schedules.append(cfg) or diffusion.sample(*a, cfg=cfg, **k))
+    vae = load_checkpoint(vae_file)
+    z = sm.sample_latents(model, vae, ["a ball"], [(5, 32, 32)], steps=2)
+    assert schedules == [diffusion.FlowConfig(base_tokens=32)]
+    # the same model at the default base: another schedule, so other latents from the same noise
+    model.flow = diffusion.FlowConfig()
+    assert not torch.equal(z[0], sm.sample_latents(model, vae, ["a ball"], [(5, 32, 32)], steps=2)[0])
+    config = dataclasses.asdict(tr.TrainConfig())
+    del config["shift_base_tokens"]
+    assert tr.TrainConfig(**config).shift_base_tokens == diffusion.FlowConfig().base_tokens
