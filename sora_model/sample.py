@@ -13,7 +13,8 @@ Each output is written as MP4 and GIF (an image as a 1-frame one), its prompt be
 .txt, chunk by chunk as the streaming decode yields frames (the whole video is never held).
 --max-memory-gb bounds the decode's estimated peak (chunk and tile sizes chosen for it; an
 error before sampling when no plan fits). The EMA weights are used unless --no-ema. A
-progress bar counts the sampling steps unless --no-progress.
+progress bar counts the sampling steps unless --no-progress. --shift-base-tokens sets the
+sampling schedule's timestep shift (256 by default), apart from the one the run trained with.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from typing import Iterator
 
 import torch
 
-from sora_model.diffusion import sample
+from sora_model.checks import is_int
+from sora_model.diffusion import FlowConfig, sample
 from sora_model.dit import DiT
 from sora_model.train import VAE_FIELDS, Denoiser, TrainConfig, make_denoiser, text_problem, vae_fields
 from sora_model.vae import VAEConfig, to_uint8_frames
@@ -103,10 +105,14 @@ def load_run(run: str, ema: bool = True, device: str | torch.device = "cpu") -> 
 
 @torch.no_grad()
 def sample_latents(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, int, int]], *, steps: int = 30,
-                   guidance: float = 4.0, method: str = "heun", seed: int = 0,
-                   progress: bool = False) -> list[torch.Tensor]:
+                   guidance: float = 4.0, method: str = "heun", seed: int = 0, progress: bool = False,
+                   shift_base_tokens: int = FlowConfig.base_tokens) -> list[torch.Tensor]:
     """Latents [C, t, h, w] for each (prompt, pixel size), sampled as one packed batch (with a
-    progress bar over the sampling steps when progress)."""
+    progress bar over the sampling steps when progress). Each video walks the schedule shifted
+    by s = sqrt(its tokens / shift_base_tokens), whatever its run trained with (TrainConfig's
+    field of that name)."""
+    if not is_int(shift_base_tokens) or shift_base_tokens < 1:
+        raise ValueError(f"shift_base_tokens: expected a positive int (latent tokens), got {shift_base_tokens!r}")
     dit: DiT = model.dit
     device = dit.patch_embed.device
     check_sizes(sizes, vae.cfg, dit.cfg.patch_size, [f"sizes[{i}]" for i in range(len(sizes))])
@@ -117,8 +123,8 @@ def sample_latents(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[i
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
         return sample(dit, shapes, text, dit.cfg.patch_size, null=model.text.null(len(prompts)), guidance=guidance,
-                      steps=steps, method=method, cfg=model.flow, generator=torch.Generator().manual_seed(seed),
-                      device=device, progress=progress)
+                      steps=steps, method=method, cfg=FlowConfig(base_tokens=shift_base_tokens),
+                      generator=torch.Generator().manual_seed(seed), device=device, progress=progress)
 
 
 def latent_shape(size: tuple[int, int, int], vae: VAEConfig, channels: int) -> tuple[int, int, int, int]:
@@ -165,7 +171,8 @@ def check_decode_budget(vae, shapes: list[tuple[int, int, int, int]], max_memory
 @torch.no_grad()
 def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, int, int]], *, steps: int = 30,
              guidance: float = 4.0, method: str = "heun", seed: int = 0, progress: bool = False,
-             max_memory_gb: float | None = None) -> list[torch.Tensor]:
+             max_memory_gb: float | None = None, shift_base_tokens: int = FlowConfig.base_tokens
+             ) -> list[torch.Tensor]:
     """uint8 frames [T, H, W, 3] for each (prompt, pixel size): sample_latents, then
     decode_frames (max_memory_gb bounds the decode)."""
     names = [f"sizes[{i}]" for i in range(len(sizes))]
@@ -173,7 +180,7 @@ def generate(model: Denoiser, vae, prompts: list[str], sizes: list[tuple[int, in
     check_decode_budget(vae, [latent_shape(size, vae.cfg, model.dit.cfg.in_channels) for size in sizes], max_memory_gb,
                         names)
     latents = sample_latents(model, vae, prompts, sizes, steps=steps, guidance=guidance, method=method, seed=seed,
-                             progress=progress)
+                             progress=progress, shift_base_tokens=shift_base_tokens)
     return [torch.cat(list(decode_frames(vae, z, max_memory_gb))) for z in latents]
 
 
@@ -194,7 +201,12 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="bound the decode's estimated peak (GB): chunk and tile sizes chosen to fit")
+    p.add_argument("--shift-base-tokens", type=int, default=FlowConfig.base_tokens, metavar="N",
+                   help="the sampling schedule's shift base: videos of more latent tokens than N spend more of "
+                        "the steps at high noise, s = sqrt(tokens / N); need not be the run's training one")
     args = p.parse_args(argv)
+    if args.shift_base_tokens < 1:
+        p.error(f"--shift-base-tokens: expected a positive int (latent tokens), got {args.shift_base_tokens}")
     if args.max_memory_gb is not None and not 0 < args.max_memory_gb < float("inf"):
         p.error(f"--max-memory-gb: expected a positive number of GB, got {args.max_memory_gb}")
     if not 0 < args.fps < float("inf"):
@@ -226,7 +238,8 @@ def main(argv=None) -> list[str]:
         raise ValueError(str(e).replace("max_memory_gb:", "--max-memory-gb:", 1)) from e
     prompts = args.prompt * len(args.size) if len(args.prompt) == 1 else args.prompt
     latents = sample_latents(model, vae, prompts, args.size, steps=args.steps, guidance=args.guidance,
-                             method=args.method, seed=args.seed, progress=not args.no_progress)
+                             method=args.method, seed=args.seed, progress=not args.no_progress,
+                             shift_base_tokens=args.shift_base_tokens)
     os.makedirs(args.out, exist_ok=True)
     paths = []
     for i, (z, prompt) in enumerate(zip(latents, prompts)):

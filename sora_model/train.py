@@ -77,10 +77,9 @@ class TrainConfig:
     fsdp: bool = False                 # several ranks: FSDP2 instead of DDP (no effect in one process)
     latent_pool: int = 0               # > 0: step k trains on step (k mod latent_pool)'s clips, encoded once
     grad_checkpointing: bool = False   # recompute each DiT block in the backward: less activation memory, same results
-    # the timestep shift's base (diffusion.FlowConfig.base_tokens): a video of this many latent
-    # tokens is not shifted, bigger ones toward noise, smaller ones away from it. Training and
-    # sampling use the run's value (load_run's Denoiser.flow). The physics world's clips have
-    # 16-144 tokens, so at 256 all of them train and sample shifted away from noise.
+    # the training timesteps' shift base (diffusion.FlowConfig.base_tokens): a video of this
+    # many latent tokens is not shifted, bigger ones toward noise, smaller ones away from it.
+    # Sampling has its own (sample.sample_latents' shift_base_tokens, sora-sample's flag).
     shift_base_tokens: int = 256
     # the VAE's compression and latent channels (its cfg's properties of these names; 4, 8 and
     # 16: the tiny, small and base VAE's): clips are fitted and counted in latent tokens with
@@ -128,12 +127,11 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 class Denoiser(nn.Module):
-    """What is trained: the DiT and the text conditioner (its byte encoder, null caption). `flow`
-    is the timestep schedule it is trained with, and sampled with."""
+    """What is trained: the DiT and the text conditioner (its byte encoder, null caption)."""
 
-    def __init__(self, dit: DiT, text: CaptionConditioner, flow: FlowConfig = FlowConfig()):
+    def __init__(self, dit: DiT, text: CaptionConditioner):
         super().__init__()
-        self.dit, self.text, self.flow = dit, text, flow
+        self.dit, self.text = dit, text
 
     def forward(self, latents, t, captions, drop, batch_drop=None):
         """drop: bool [n], which captions become the null one; batch_drop: the flags of the whole
@@ -203,8 +201,7 @@ def make_denoiser(cfg: TrainConfig) -> Denoiser:
     encoder = text_encoder(cfg.text)
     dit = DiT(dit_config(cfg.dit, text_dim=encoder.dim, in_channels=cfg.latent_channels,
                          grad_checkpointing=cfg.grad_checkpointing))
-    flow = FlowConfig(base_tokens=cfg.shift_base_tokens)
-    return Denoiser(dit, CaptionConditioner(encoder, cfg.caption_dropout), flow)
+    return Denoiser(dit, CaptionConditioner(encoder, cfg.caption_dropout))
 
 
 def shard(model: Denoiser, ema: DiT, device: torch.device) -> None:
@@ -483,7 +480,7 @@ def train(cfg: TrainConfig, vae, out: str, *, device: str | torch.device = "cpu"
         shard(model, ema, device)
     vae = vae.to(device).eval()
     patch = model.dit.cfg.patch_size
-    flow = model.flow
+    flow = FlowConfig(base_tokens=cfg.shift_base_tokens)
     params = [p for p in model.parameters() if p.requires_grad]     # FSDP2's sharded ones
     # fused: one kernel over every parameter (4.3 ms a step here for 5.8M parameters on the CPU,
     # against 11.8 for the per-tensor loop); FSDP2's DTensor shards keep the loop.
@@ -590,8 +587,8 @@ def parse_args(argv=None):
                    help="recompute each DiT block in the backward: less activation memory for more compute, the "
                         "same losses (may change on resume)")
     p.add_argument("--shift-base-tokens", type=int, default=d.shift_base_tokens, metavar="N",
-                   help="the timestep shift's base: videos of more latent tokens than N train and sample at "
-                        "more noise, s = sqrt(tokens / N) (sora-sample uses the run's)")
+                   help="the training timesteps' shift base: videos of more latent tokens than N train at more "
+                        "noise, of fewer at less, s = sqrt(tokens / N) (sora-sample has its own)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

