@@ -30,8 +30,8 @@ Metrics (metrics.json):
     against the same distance for the untrained pipeline's samples, for uniform noise frames
     and for a second set of world clips (the floor);
   - colour_distance_recon: the same distance for the VAE's reconstructions of the held-out
-    clips (the VAE's own floor: a DiT whose latents matched the world's would give about
-    this), and colour_distance_samples_to_recon / _untrained_to_recon: the samples' and
+    clips (a reference: about what a DiT whose latents matched the world's would give), and
+    colour_distance_samples_to_recon / _untrained_to_recon: the samples' and
     the untrained pipeline's distance to those reconstructions (the DiT's part, apart from the
     VAE's);
   - ball_pixels_samples / _untrained / _data: the fraction of pixels near one of the five ball

@@ -409,19 +409,25 @@ def _like(v: torch.Tensor, ref) -> torch.Tensor:
 # The config fields that shape the model and its data's tokens: a resume must keep them (the
 # steps, the batch budget, the learning rate and the rest may change).
 MODEL_FIELDS = ("dit", "text", "temporal_compression", "spatial_compression", "latent_channels")
+# The fields that set what the model is trained to do: a resume must keep them too (a resume
+# that left out --shift-base-tokens would go on at the default's timesteps).
+OBJECTIVE_FIELDS = ("shift_base_tokens",)
 
 
 def check_resumable(path: str, cfg: TrainConfig) -> None:
     """ValueError naming each model field whose value in the checkpoint's config differs from
-    cfg's (a resume of another model would fail later as a mismatch of tensor shapes)."""
+    cfg's (a resume of another model would fail later as a mismatch of tensor shapes), or else
+    each objective field that differs."""
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         saved = json.loads(f.metadata()["config"])
     default = asdict(TrainConfig())      # checkpoints from before a field existed had its default
-    differ = [f"{name} {saved.get(name, default[name])!r} there, {getattr(cfg, name)!r} here" for name in MODEL_FIELDS
-              if saved.get(name, default[name]) != getattr(cfg, name)]
-    if differ:
-        raise ValueError(f"resume: {path!r} holds another model: " + "; ".join(differ))
+    for fields, what in ((MODEL_FIELDS, "holds another model"),
+                         (OBJECTIVE_FIELDS, "was trained with another objective")):
+        differ = [f"{name} {saved.get(name, default[name])!r} there, {getattr(cfg, name)!r} here" for name in fields
+                  if saved.get(name, default[name]) != getattr(cfg, name)]
+        if differ:
+            raise ValueError(f"resume: {path!r} {what}: " + "; ".join(differ))
 
 
 def load_checkpoint(path: str, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -588,7 +594,8 @@ def parse_args(argv=None):
                         "same losses (may change on resume)")
     p.add_argument("--shift-base-tokens", type=int, default=d.shift_base_tokens, metavar="N",
                    help="the training timesteps' shift base: videos of more latent tokens than N train at more "
-                        "noise, of fewer at less, s = sqrt(tokens / N) (sora-sample has its own)")
+                        "noise, of fewer at less, s = sqrt(tokens / N) (sora-sample has its own; a resume must keep "
+                        "the run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

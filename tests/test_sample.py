@@ -217,8 +217,23 @@ def test_sampling_schedule_s_shift_base(tmp_path, monkeypatch, capsys):
         with pytest.raises(ValueError, match=rf"shift_base_tokens: expected a positive int \(latent tokens\), got "
                                              rf"{bad}"):
             sm.sample_latents(model, vae, ["a ball"], [(5, 32, 32)], steps=2, shift_base_tokens=bad)
-    assert sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "p", "--size", "1x16x16",
-                          "--shift-base-tokens", "64"]).shift_base_tokens == 64
     with pytest.raises(SystemExit):
         sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "p", "--size", "1x16x16", "--shift-base-tokens", "0"])
     assert "--shift-base-tokens: expected a positive int (latent tokens), got 0" in capsys.readouterr().err
+
+    # generate's argument and sora-sample's flag reach sample_latents (stopped there: the rest is
+    # test_sample_mixed_sizes')
+    class Sampled(Exception):
+        pass
+
+    def stop(*args, shift_base_tokens, **kwargs):
+        raise Sampled(shift_base_tokens)
+    monkeypatch.setattr(sm, "sample_latents", stop)
+    with pytest.raises(Sampled) as got:
+        sm.generate(model, vae, ["a ball"], [(5, 32, 32)], steps=2, shift_base_tokens=8)
+    assert got.value.args == (8,)
+    pytest.importorskip("av", reason="sora-sample checks for PyAV before sampling")
+    with pytest.raises(Sampled) as got:
+        sm.main(["--run", str(tmp_path / "run"), "--vae", vae_file, "--prompt", "p", "--size", "1x32x32",
+                 "--device", "cpu", "--no-progress", "--shift-base-tokens", "64"])
+    assert got.value.args == (64,)

@@ -397,7 +397,8 @@ def test_resume_logs_each_step_once(vae_file, tmp_path, monkeypatch):
 
 def test_shift_base_tokens_reaches_the_training_timesteps(vae_file, tmp_path, monkeypatch):
     """--shift-base-tokens N: the run draws its timesteps shifted by sqrt(tokens / N) and keeps N
-    in its config; a run's config from before the field existed reads as the default (256)."""
+    in its config; a resume must keep it; a checkpoint from before the field existed reads as
+    the default (256), resumes at it and refuses another."""
     from sora_model.diffusion import FlowConfig
     from sora_model.sample import run_config
     seen = []
@@ -411,7 +412,25 @@ def test_shift_base_tokens_reaches_the_training_timesteps(vae_file, tmp_path, mo
     assert run_config(str(tmp_path / "a")).shift_base_tokens == 32
     seen.clear()
     tr.main(args + ["--out", str(tmp_path / "b")])
-    assert seen and set(seen) == {256}
-    config = dataclasses.asdict(tr.TrainConfig())
+    assert seen and set(seen) == {256} and FlowConfig().base_tokens == 256
+    # a resume keeps the run's base: one that left out the flag would go on at 256
+    with pytest.raises(ValueError, match=r"resume: .* was trained with another objective: shift_base_tokens 32 "
+                                         r"there, 256 here"):
+        tr.main(args[:-1] + ["2", "--out", str(tmp_path / "a"), "--resume"])
+    seen.clear()
+    tr.main(args[:-1] + ["2", "--out", str(tmp_path / "a"), "--resume", "--shift-base-tokens", "32"])
+    assert set(seen) == {32} and _log(tmp_path / "a", "step") == [1, 2]
+    # a checkpoint from before the field existed: its run trained at 256
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = str(tmp_path / "b" / "checkpoint.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
     del config["shift_base_tokens"]
-    assert tr.TrainConfig(**config).shift_base_tokens == FlowConfig().base_tokens == 256
+    save_file(tensors, path, {**meta, "config": json.dumps(config)})
+    assert run_config(str(tmp_path / "b")).shift_base_tokens == 256
+    with pytest.raises(ValueError, match=r"shift_base_tokens 256 there, 32 here"):
+        tr.main(args[:-1] + ["2", "--out", str(tmp_path / "b"), "--resume", "--shift-base-tokens", "32"])
+    tr.main(args[:-1] + ["2", "--out", str(tmp_path / "b"), "--resume"])
+    assert _log(tmp_path / "b", "step") == [1, 2]
