@@ -194,7 +194,7 @@ def test_sample_streams_to_the_files_within_a_budget(tmp_path, monkeypatch):
         sm.parse_args(args + ["--fps", "0"])
 
 
-def test_sampling_schedule_s_shift_base(tmp_path, monkeypatch, capsys):
+def test_sampling_shift_base(tmp_path, monkeypatch, capsys):
     """shift_base_tokens (sora-sample --shift-base-tokens) is the sampling schedule's shift base,
     256 by default whatever the run trained with: it reaches diffusion.sample and changes the
     latents of a trained model; a value that is no positive int is an error naming it."""
