@@ -23,9 +23,9 @@ def test_physics_world_end_to_end(tmp_path):
     # untrained pipeline's 0.42 (its samples are the starting noise decoded); ball-coloured
     # pixels 0.81% against 0.02% untrained and 7.1% in world clips; ball motion over 72 clips
     # 0.160 frame heights against 0.072 untrained and 0.31 in world clips; caption errors 0.464
-    # own, 0.544 shifted, 0.498 null. Seeds 1 and 2 pass too (the README there, "Seeds"); the
-    # tightest bound at seeds 0-2 is the caption one (4.5-6.2% of headroom), then motion at
-    # seed 0 (11%).
+    # own, 0.544 shifted, 0.498 null. Seeds 1 to 3 pass too, and seed 4 fails the pixel bound
+    # over its 4 samples (the README there, "Seeds"); the tightest bound at seeds 0-3 is the
+    # caption one (4.5-6.2% of headroom), then motion at seed 0 (11%).
     assert m["vae_loss_last"] < m["vae_loss_first"] / 2, m
     assert m["dit_loss_last"] < m["dit_loss_first"] / 1.75, m
     # nearer the world's colours than noise, and nearer the VAE's decoding of world latents than
