@@ -37,6 +37,9 @@ Metrics (metrics.json):
   - ball_pixels_samples / _untrained / _data: the fraction of pixels near one of the five ball
     colours, in the samples, in the same pipeline's samples before training (the DiT at its
     adaLN-Zero start predicts nothing, so they are the starting noise decoded) and in held-out clips;
+    ball_pixels_eval / _eval_untrained: the same over the evaluation set's 72 samples of each
+    pipeline (over the 4 samples alone the untrained pipeline's fraction swings with the VAE's
+    decoding of a few noise draws);
   - ball_motion_samples / _untrained / _data: how far down the frame the ball-coloured pixels'
     centroid moves over a clip (ball_motion: every world ball falls), over the evaluation set,
     the untrained pipeline's and the 72 world clips whose captions it used;
@@ -219,6 +222,8 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
         "colour_distance_untrained_to_recon": (h_before - h_recon).abs().sum().item(),
         "ball_pixels_samples": ball_pixels(samples), "ball_pixels_untrained": ball_pixels(before),
         "ball_pixels_data": ball_pixels(data),
+        "ball_pixels_eval": ball_pixels(torch.cat([v.reshape(-1, 3) for v in evaluated])),
+        "ball_pixels_eval_untrained": ball_pixels(torch.cat([v.reshape(-1, 3) for v in evaluated_untrained])),
         "ball_motion_samples": ball_motion(evaluated), "ball_motion_untrained": ball_motion(evaluated_untrained),
         "ball_motion_data": ball_motion([_frames(v)[:9] for v, _ in world]),
         "caption_errors": caption_errors(model, vae, list(itertools.islice(physics_clips(WorldConfig(),

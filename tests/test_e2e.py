@@ -23,9 +23,9 @@ def test_physics_world_end_to_end(tmp_path):
     # untrained pipeline's 0.42 (its samples are the starting noise decoded); ball-coloured
     # pixels 0.81% against 0.02% untrained and 7.1% in world clips; ball motion over 72 clips
     # 0.160 frame heights against 0.072 untrained and 0.31 in world clips; caption errors 0.464
-    # own, 0.544 shifted, 0.498 null. Seeds 1 to 3 pass too, and seed 4 fails the pixel bound
-    # over its 4 samples (the README there, "Seeds"); the tightest bound at seeds 0-3 is the
-    # caption one (4.5-6.2% of headroom), then motion at seed 0 (11%).
+    # own, 0.544 shifted, 0.498 null; ball pixels over the 72 evaluation samples 1.42% against
+    # 0.23%. Seeds 1 to 4 pass too (the README there, "Seeds"); the tightest bound at seeds 0-4
+    # is the caption one (3.9-6.2% of headroom), then motion at seed 0 (11%).
     assert m["vae_loss_last"] < m["vae_loss_first"] / 2, m
     assert m["dit_loss_last"] < m["dit_loss_first"] / 1.75, m
     # nearer the world's colours than noise, and nearer the VAE's decoding of world latents than
@@ -35,7 +35,9 @@ def test_physics_world_end_to_end(tmp_path):
     # asks less there (the README there, "Seeds"); a DiT that learned nothing scores 1.0x.
     assert m["colour_distance_data"] < m["colour_distance_samples"] < 0.5 * m["colour_distance_noise"], m
     assert m["colour_distance_samples_to_recon"] < 0.7 * m["colour_distance_untrained_to_recon"], m
-    assert m["ball_pixels_samples"] > max(3 * m["ball_pixels_untrained"], 0.05 * m["ball_pixels_data"]), m
+    # ball-coloured pixels over the 72 evaluation samples (over the 4 samples, seed 4's failed:
+    # 0.90% against 3x the untrained pipeline's 0.36%; over its 72, 1.22% against 0.31%)
+    assert m["ball_pixels_eval"] > max(3 * m["ball_pixels_eval_untrained"], 0.05 * m["ball_pixels_data"]), m
     assert m["ball_motion_samples"] > max(2 * m["ball_motion_untrained"], 0.15 * m["ball_motion_data"]), m  # they fall
     errors = m["caption_errors"]
     assert errors["own"] * 1.02 < min(errors["shifted"], errors["null"]), m    # the DiT uses its captions
