@@ -110,6 +110,11 @@ def first_last_tenths(losses: list[float]) -> tuple[float, float]:
     return sum(losses[:n]) / n, sum(losses[-n:]) / n
 
 
+def _pixels(videos) -> torch.Tensor:
+    """The pixels of uint8 videos [..., 3], all in one [N, 3]."""
+    return torch.cat([v.reshape(-1, 3) for v in videos])      # videos: any iterable
+
+
 def _frames(video: torch.Tensor) -> torch.Tensor:
     """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
@@ -197,13 +202,11 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
         with open(os.path.join(out, f"sample_{i}.txt"), "w") as f:
             f.write(caption + "\n")
 
-    data = torch.cat([_frames(v).reshape(-1, 3) for v in held_out])
+    data = _pixels(_frames(v) for v in held_out)
     with torch.no_grad():   # what a DiT that matched the world's latents would give: their decoding
-        recon = torch.cat([_frames(vae.decode(vae.encode(v[None]).mode())[0]).reshape(-1, 3) for v in held_out])
-    other = torch.cat([_frames(v).reshape(-1, 3)
-                       for v, _ in itertools.islice(physics_clips(WorldConfig(), seed=seed + 303), 32)])
-    samples = torch.cat([v.reshape(-1, 3) for v in videos])
-    before = torch.cat([v.reshape(-1, 3) for v in untrained])
+        recon = _pixels(_frames(vae.decode(vae.encode(v[None]).mode())[0]) for v in held_out)
+    other = _pixels(_frames(v) for v, _ in itertools.islice(physics_clips(WorldConfig(), seed=seed + 303), 32))
+    samples, before = _pixels(videos), _pixels(untrained)
     noise = torch.randint(0, 256, samples.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     h_data, h_recon = colour_histogram(data), colour_histogram(recon)
     h_samples, h_before = colour_histogram(samples), colour_histogram(before)
@@ -222,8 +225,8 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
         "colour_distance_untrained_to_recon": (h_before - h_recon).abs().sum().item(),
         "ball_pixels_samples": ball_pixels(samples), "ball_pixels_untrained": ball_pixels(before),
         "ball_pixels_data": ball_pixels(data),
-        "ball_pixels_eval": ball_pixels(torch.cat([v.reshape(-1, 3) for v in evaluated])),
-        "ball_pixels_eval_untrained": ball_pixels(torch.cat([v.reshape(-1, 3) for v in evaluated_untrained])),
+        "ball_pixels_eval": ball_pixels(_pixels(evaluated)),
+        "ball_pixels_eval_untrained": ball_pixels(_pixels(evaluated_untrained)),
         "ball_motion_samples": ball_motion(evaluated), "ball_motion_untrained": ball_motion(evaluated_untrained),
         "ball_motion_data": ball_motion([_frames(v)[:9] for v, _ in world]),
         "caption_errors": caption_errors(model, vae, list(itertools.islice(physics_clips(WorldConfig(),
