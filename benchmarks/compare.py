@@ -83,14 +83,15 @@ def _environment_line(name: str, env: dict) -> str:
     return f"{name}: " + " | ".join(f"{k} {env.get(k)}" for k in fields)
 
 
-def _ms(x: float) -> str:
+def format_ms(x: float) -> str:
+    """Milliseconds as the comparison tables print them (4 significant digits; 0.1 from 1000 up)."""
     return f"{x:.1f}" if x >= 1000 else f"{x:.4g}"
 
 
 def format_comparison(matched: list[dict]) -> str:
     head = ("kernel", "mode", "workload", "dtype", "provider", "before ms", "after ms", "speedup", "")
-    lines = [(m["kernel"], m["mode"], m["workload"], m["dtype"], m["provider"], _ms(m["before_ms"]),
-              _ms(m["after_ms"]), f"{m['speedup']:.2f}x", m["verdict"]) for m in matched]
+    lines = [(m["kernel"], m["mode"], m["workload"], m["dtype"], m["provider"], format_ms(m["before_ms"]),
+              format_ms(m["after_ms"]), f"{m['speedup']:.2f}x", m["verdict"]) for m in matched]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])

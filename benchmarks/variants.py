@@ -81,9 +81,9 @@ def format_groups(groups: list[dict]) -> str:
         for i, r in enumerate(g["rows"]):
             first = i == 0
             lines.append((k["kernel"] if first else "", k["mode"] if first else "", k["workload"] if first else "",
-                          r["provider"] + (" (default)" if r["default"] else ""), compare._ms(r["median_ms"]),
-                          f"{compare._ms(r['p20_ms'])}-{compare._ms(r['p80_ms'])}",
-                          "-" if r["graph_ms"] is None else compare._ms(r["graph_ms"]), f"{r['x_fastest']:.2f}x",
+                          r["provider"] + (" (default)" if r["default"] else ""), compare.format_ms(r["median_ms"]),
+                          f"{compare.format_ms(r['p20_ms'])}-{compare.format_ms(r['p80_ms'])}",
+                          "-" if r["graph_ms"] is None else compare.format_ms(r["graph_ms"]), f"{r['x_fastest']:.2f}x",
                           r["verdict"]))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

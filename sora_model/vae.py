@@ -129,7 +129,7 @@ class CausalConv3d(nn.Module):
                     state.frames[id(self)] = self._last_frames(x)
                 return self._from_zeros(x)
             if left is None:
-                left = _empty_like_layout(x, (x.shape[0], x.shape[1], self.pad_t, *x.shape[3:])).zero_()
+                left = empty_like_layout(x, (x.shape[0], x.shape[1], self.pad_t, *x.shape[3:])).zero_()
             x = torch.cat([left, x], dim=2)
             del left                # the previous chunk's frames: freed when the state drops them below
             if state is not None and state.update:
@@ -143,7 +143,7 @@ class CausalConv3d(nn.Module):
         T = x.shape[2]
         if T >= self.pad_t:
             return x[:, :, T - self.pad_t:].clone()
-        zeros = _empty_like_layout(x, (x.shape[0], x.shape[1], self.pad_t - T, *x.shape[3:])).zero_()
+        zeros = empty_like_layout(x, (x.shape[0], x.shape[1], self.pad_t - T, *x.shape[3:])).zero_()
         return torch.cat([zeros, x], dim=2)    # in x's layout: the next chunk's cat keeps it
 
     def _from_zeros(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,7 @@ class CausalConv3d(nn.Module):
         y = y.view(B, 2, 2, O, T, h1, w1)
         h, w = h1 - 1, w1 - 1
         if out is None:
-            out = _empty_like_layout(y, (B, O, T, 2 * h, 2 * w))
+            out = empty_like_layout(y, (B, O, T, 2 * h, 2 * w))
         view = out.unflatten(3, (h, 2)).unflatten(5, (w, 2))                             # [B, O, T, h, 2, w, 2]
         for a in (0, 1):
             for b in (0, 1):
@@ -216,7 +216,7 @@ class CausalConv3d(nn.Module):
         if state is not None and state.update:
             state.frames[id(self)] = (x[:, :, -1:].clone(), carried is None and n == 1)   # (frame, lone frame 0)
         k0, k1, k2 = self.conv.weight.unbind(2)
-        out = _empty_like_layout(x, (B, self.conv.out_channels, 2 * n - (carried is None), 2 * h, 2 * w))
+        out = empty_like_layout(x, (B, self.conv.out_channels, 2 * n - (carried is None), 2 * h, 2 * w))
         if carried is None:                 # the video's first chunk
             self._conv_upsampled(x[:, :, :1], k2.unsqueeze(2), out=out[:, :, :1])
             pairs, lone, o = x, True, 1
@@ -270,7 +270,7 @@ def conv_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format if torch.is_grad_enabled() else inference_layout(x.dtype, x.device)
 
 
-def _empty_like_layout(x: torch.Tensor, shape: tuple) -> torch.Tensor:
+def empty_like_layout(x: torch.Tensor, shape: tuple) -> torch.Tensor:
     """A new [B, C, T, H, W] tensor in the layout of x's convolutions' outputs."""
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=conv_layout(x))
 
@@ -559,7 +559,7 @@ class VideoAutoencoder(nn.Module):
         out = None
         for chunk in self._stream(z, plan):
             if out is None:
-                out = _empty_like_layout(chunk, (B, chunk.shape[1], 1 + self.cfg.temporal_compression * (t - 1),
+                out = empty_like_layout(chunk, (B, chunk.shape[1], 1 + self.cfg.temporal_compression * (t - 1),
                                                  h * sc, w * sc))
                 t0 = 0
             out[:, :, t0:t0 + chunk.shape[2]] = chunk

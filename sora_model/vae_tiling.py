@@ -39,7 +39,7 @@ import torch.nn as nn
 
 import sora_kernels as sk
 
-from sora_model.vae import CausalConv3d, DecodeState, GroupNormSiLU, ResBlock, Upsample, _empty_like_layout, run_layers
+from sora_model.vae import CausalConv3d, DecodeState, GroupNormSiLU, ResBlock, Upsample, empty_like_layout, run_layers
 
 
 class StopPass(Exception):
@@ -209,7 +209,7 @@ def run_tiled(seg: Segment, x: torch.Tensor, tiles: list[Tile], first: bool, kee
         kept[i] = None
         oy, ox, th, tw = t.region
         if out is None:
-            out = _empty_like_layout(y, (*y.shape[:3], H, W))
+            out = empty_like_layout(y, (*y.shape[:3], H, W))
         out[..., t.at[0]:t.at[0] + th, t.at[1]:t.at[1] + tw] = y[..., oy:oy + th, ox:ox + tw]
         del y                           # not held while the next tile runs
     return out
