@@ -33,7 +33,8 @@ Metrics (metrics.json):
     clips (a reference: about what a DiT whose latents matched the world's would give), and
     colour_distance_samples_to_recon / _untrained_to_recon: the samples' and
     the untrained pipeline's distance to those reconstructions (the DiT's part, apart from the
-    VAE's);
+    VAE's); colour_distance_eval_to_recon / _eval_untrained_to_recon: the same over the
+    evaluation set's 72 samples of each pipeline;
   - ball_pixels_samples / _untrained / _data: the fraction of pixels near one of the five ball
     colours, in the samples, in the same pipeline's samples before training (the DiT at its
     adaLN-Zero start predicts nothing, so they are the starting noise decoded) and in held-out clips;
@@ -42,7 +43,9 @@ Metrics (metrics.json):
     decoding of a few noise draws);
   - ball_motion_samples / _untrained / _data: how far down the frame the ball-coloured pixels'
     centroid moves over a clip (ball_motion: every world ball falls), over the evaluation set,
-    the untrained pipeline's and the 72 world clips whose captions it used;
+    the untrained pipeline's and the 72 world clips whose captions it used; ball_motion_recon:
+    the VAE's reconstructions of those clips (what this VAE's blur leaves of their fall: a
+    DiT whose latents matched the world's would score about this);
   - caption_errors: the flow-matching error on 48 held-out clips with their own captions,
     with each clip given another's, and with the null caption (a model that ignores its
     captions scores the three alike).
@@ -205,11 +208,13 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
     data = _pixels(_frames(v) for v in held_out)
     with torch.no_grad():   # what a DiT that matched the world's latents would give: their decoding
         recon = _pixels(_frames(vae.decode(vae.encode(v[None]).mode())[0]) for v in held_out)
+        world_recon = [_frames(vae.decode(vae.encode(v[None, :, :9]).mode())[0]) for v, _ in world]
     other = _pixels(_frames(v) for v, _ in itertools.islice(physics_clips(WorldConfig(), seed=seed + 303), 32))
     samples, before = _pixels(videos), _pixels(untrained)
     noise = torch.randint(0, 256, samples.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     h_data, h_recon = colour_histogram(data), colour_histogram(recon)
     h_samples, h_before = colour_histogram(samples), colour_histogram(before)
+    h_eval, h_eval_before = colour_histogram(_pixels(evaluated)), colour_histogram(_pixels(evaluated_untrained))
     vae_first, vae_last = first_last_tenths(vae_losses)
     dit_first, dit_last = first_last_tenths(dit_losses)
     metrics = {
@@ -223,12 +228,15 @@ def run(out: str, vae_steps: int = 800, dit_steps: int = 2500, seed: int = 0, pr
         "colour_distance_recon": (h_recon - h_data).abs().sum().item(),
         "colour_distance_samples_to_recon": (h_samples - h_recon).abs().sum().item(),
         "colour_distance_untrained_to_recon": (h_before - h_recon).abs().sum().item(),
+        "colour_distance_eval_to_recon": (h_eval - h_recon).abs().sum().item(),
+        "colour_distance_eval_untrained_to_recon": (h_eval_before - h_recon).abs().sum().item(),
         "ball_pixels_samples": ball_pixels(samples), "ball_pixels_untrained": ball_pixels(before),
         "ball_pixels_data": ball_pixels(data),
         "ball_pixels_eval": ball_pixels(_pixels(evaluated)),
         "ball_pixels_eval_untrained": ball_pixels(_pixels(evaluated_untrained)),
         "ball_motion_samples": ball_motion(evaluated), "ball_motion_untrained": ball_motion(evaluated_untrained),
         "ball_motion_data": ball_motion([_frames(v)[:9] for v, _ in world]),
+        "ball_motion_recon": ball_motion(world_recon),
         "caption_errors": caption_errors(model, vae, list(itertools.islice(physics_clips(WorldConfig(),
                                                                                        seed=seed + 404), 48)), seed),
         "captions": captions, "sizes": sizes,
