@@ -238,7 +238,7 @@ class _Kept:
 #
 # estimate_bytes replays the allocations of a decode layer by layer, in the order vae.py makes
 # them, and keeps the largest total. What is alive at the peak:
-#   weights   the decoder's parameters (resident: peak_bytes counts them on CPU);
+#   weights   the decoder's parameters (resident: peak_bytes counts them; on CUDA as `resident`);
 #   fixed     the de-normalised latent; the output video (decode), and the previous chunk, which
 #             decode's loop (or decode_stream's caller) holds while the next one is decoded;
 #   carried   each causal convolution's last input frames, per tile in a tiled segment;

@@ -9,17 +9,22 @@ import warnings
 import torch
 
 
-def peak_bytes(fn, device: torch.device) -> int:
-    """Peak bytes of live tensors, above those alive before, while fn() runs: the CUDA
-    allocator's statistics on a GPU; on CPU, the profiler's memory timeline (every tensor
-    allocation and free recorded)."""
+def peak_bytes(fn, device: torch.device, resident=()) -> int:
+    """Peak bytes of live tensors while fn() runs, beyond those alive before that it does not
+    read: the CUDA allocator's statistics on a GPU; on CPU, the profiler's memory timeline
+    (every tensor allocation and free recorded). The timeline also counts the tensors alive
+    before that fn reads (its PREEXISTING ones: a model's weights); the allocator's statistics
+    cannot tell those apart, so on CUDA the bytes of `resident` (tensors alive before that fn
+    reads, e.g. a module's parameters) are added, and a budget check measures the same on both."""
     if device.type == "cuda":
+        held = sum(t.numel() * t.element_size() for t in {id(t): t for t in resident}.values()
+                   if t.device.type == "cuda")
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        return torch.cuda.max_memory_allocated(device) - base + held
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
                                 record_shapes=True, with_stack=True) as prof:
         fn()
