@@ -367,6 +367,7 @@ def token_batches(clips: Iterable[tuple[torch.Tensor, str]], budget: int, patch_
     check_compression(temporal, spatial)
     it = iter(clips)
     carry: list[tuple[torch.Tensor, str]] = []
+    drawn = 0
     while True:
         items, counts = carry, [latent_tokens(v.shape, patch_size, temporal, spatial) for v, _ in carry]
         done = False
@@ -375,8 +376,14 @@ def token_batches(clips: Iterable[tuple[torch.Tensor, str]], budget: int, patch_
             if clip is None:
                 done = True
                 break
+            n = latent_tokens(clip[0].shape, patch_size, temporal, spatial)
+            if n > budget:      # named as the caller knows it, before any batch of its window is yielded
+                raise ValueError(f"clips: clip {drawn} ({clip[1]!r}, shape {tuple(clip[0].shape)}) has {n} latent "
+                                 f"tokens, over the batch budget of {budget} (downscale it, e.g. fit_to_tokens, "
+                                 f"or raise budget)")
+            drawn += 1
             items.append(clip)
-            counts.append(latent_tokens(clip[0].shape, patch_size, temporal, spatial))
+            counts.append(n)
         if not items:
             return
         bins = first_fit_decreasing(counts, budget)

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sora_model.checks import is_int
+from sora_model.checks import is_int, is_real
 from sora_model.dit import TextBatch
 
 
@@ -115,6 +115,8 @@ def sample(model: Model, shapes: Sequence[Sequence[int]], text: TextBatch, patch
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
     if method not in ("euler", "heun"):
         raise ValueError(f"method: expected 'euler' or 'heun', got {method!r}")
+    if not is_real(guidance) or not math.isfinite(guidance):     # NaN or inf: every velocity NaN
+        raise ValueError(f"guidance: expected a finite number, got {guidance!r}")
     if guidance != 1.0 and null is None:
         raise ValueError(f"null: guidance={guidance} needs the unconditional captions (CaptionConditioner.null(n))")
     if text.pooled.shape[0] != n:

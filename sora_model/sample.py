@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 from typing import Iterator
@@ -205,6 +206,10 @@ def parse_args(argv=None):
                    help="the sampling schedule's shift base: videos of more latent tokens than N spend more of "
                         "the steps at high noise, s = sqrt(tokens / N); need not be the run's training one")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps: expected a positive int, got {args.steps}")
+    if not math.isfinite(args.guidance):
+        p.error(f"--guidance: expected a finite number, got {args.guidance}")
     if args.shift_base_tokens < 1:
         p.error(f"--shift-base-tokens: expected a positive int (latent tokens), got {args.shift_base_tokens}")
     if args.max_memory_gb is not None and not 0 < args.max_memory_gb < float("inf"):

@@ -84,6 +84,16 @@ def test_token_batches_window_smaller_than_a_batch():
         assert 64 < sum(latent_tokens(v.shape) for v, _ in batch) <= 128 and len(batch) > 2
 
 
+def test_token_batches_clip_over_the_budget():
+    """A clip over the budget is named by its place in the caller's stream, its caption and
+    shape, as it is drawn: not by its index inside a window, after the batches before it."""
+    small = [(torch.zeros(3, 1, 32, 32), f"small {i}") for i in range(40)]     # 4 tokens each
+    big = (torch.zeros(3, 1, 128, 128), "a big one")                           # 64 tokens
+    with pytest.raises(ValueError, match=r"clips: clip 40 \('a big one', shape \(3, 1, 128, 128\)\) has 64 latent "
+                                         r"tokens, over the batch budget of 16"):
+        list(token_batches(small + [big], budget=16, window=8))
+
+
 def test_fitted_shape_is_fit_to_tokens_shape():
     for shape, bound in [((3, 9, 64, 96), 10_000), ((3, 11, 64, 96), 40), ((3, 1, 200, 100), 30), ((3, 6, 48, 80), 20)]:
         assert fitted_shape(shape, bound) == tuple(fit_to_tokens(torch.zeros(shape), bound).shape)

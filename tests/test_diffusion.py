@@ -118,3 +118,6 @@ def test_errors():
         sample(m, SHAPES, text_batch(4), PATCH, null=text_batch(1), guidance=4.0)
     with pytest.raises(ValueError, match="steps: expected a positive int, got True"):
         sample(m, SHAPES, text_batch(4), PATCH, steps=True)
+    for bad in (float("nan"), float("inf"), "2"):        # NaN or inf: every guided velocity NaN
+        with pytest.raises(ValueError, match=f"guidance: expected a finite number, got {bad!r}"):
+            sample(m, SHAPES, text_batch(4), PATCH, null=text_batch(4), guidance=bad)

@@ -118,10 +118,19 @@ def test_sample_with_another_vae(tmp_path):
         sm.generate(sm.load_run(run), vae, ["a", "b"], [(3, 24, 40), (4, 24, 40)], steps=1)
 
 
-def test_argument_errors(tmp_path):
+def test_argument_errors(tmp_path, capsys):
     for bad in ("5x32", "0x32x32", "5x32x0", "5x32x32x1"):
         with pytest.raises(SystemExit):
             sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "p", "--size", bad])
+    # steps and guidance are checked before the run and the VAE load (guidance NaN or inf would
+    # make every velocity NaN and write NaN videos)
+    for flag, value, message in (("--steps", "0", "--steps: expected a positive int, got 0"),
+                                 ("--guidance", "nan", "--guidance: expected a finite number, got nan"),
+                                 ("--guidance", "inf", "--guidance: expected a finite number, got inf")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "p", "--size", "1x16x16", flag, value])
+        assert message in capsys.readouterr().err
     # which sizes a run takes depends on its VAE and DiT (size_problem, after they are loaded)
     assert sm.parse_args(["--run", "r", "--vae", "v", "--prompt", "p", "--size", "4x30x32"]).size == [(4, 30, 32)]
     with pytest.raises(SystemExit):

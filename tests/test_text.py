@@ -63,6 +63,24 @@ def test_minilm_meaning_packing_and_limits():
         enc(["ok", "ball " * 600])
 
 
+@needs_minilm
+@needs_transformers
+def test_minilm_matches_transformers():
+    """The hand-written BERT and WordPiece tokenizer against transformers' BertModel and its
+    tokenizer on the same folder (HFTextEncoder): the same token rows and cu_seqlens, and the
+    same pooled direction (MiniLM's pooled is HFTextEncoder's mean, L2-normalised), on accents,
+    CJK, punctuation, digits and an empty caption."""
+    from sora_model.text import MiniLMEncoder, minilm_path
+    caps = ["A small red ball falls and bounces twice on the right.", "Café crème, naïve façade!",
+            "一个红色的球", "balls: 3 x 2.5cm -- (blue/green) #42", ""]
+    ours, theirs = MiniLMEncoder().to(DEVICE), HFTextEncoder(minilm_path()).to(DEVICE)
+    with torch.no_grad():
+        a, b = ours(caps), theirs(caps)
+    assert torch.equal(a.cu_seqlens.cpu(), b.cu_seqlens.cpu())
+    torch.testing.assert_close(a.tokens, b.tokens, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.pooled, torch.nn.functional.normalize(b.pooled, dim=1), rtol=1e-5, atol=1e-5)
+
+
 def test_byte_encoder():
     torch.manual_seed(0)
     enc = ByteTextEncoder(dim=32, layers=2, heads=4, max_bytes=64).to(DEVICE)

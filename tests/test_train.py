@@ -181,11 +181,26 @@ def test_checkpoint_write_is_atomic(vae_file, tmp_path, monkeypatch):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_argument_errors(vae_file, tmp_path):
+def test_progress_bar_shows_tokens_per_second(vae_file, tmp_path, capfd):
+    """Without --no-progress a bar counts the steps and shows the loss and the tokens/s."""
+    from sora_model.train_vae import load_checkpoint
+    tr.train(tr.TrainConfig(steps=2, budget=128, max_tokens=64), load_checkpoint(vae_file), str(tmp_path / "run"))
+    err = capfd.readouterr().err
+    assert "train: 100%" in err and "2/2" in err and re.search(r"loss=\d+\.\d{4}", err), err
+    assert re.search(r"tok_s=\d+", err), err
+
+
+def test_argument_errors(vae_file, tmp_path, capsys):
+    # a clip over the token budget would fit no batch: named by both flags, and by both fields
     with pytest.raises(SystemExit):
         tr.parse_args(["--vae", vae_file, "--out", str(tmp_path), "--max-tokens", "512", "--budget", "256"])
+    assert "--max-tokens: a clip of 512 tokens would not fit a batch of --budget 256" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cfg.max_tokens: a clip of 512 tokens would not fit a batch of cfg.budget "
+                                         "256"):
+        tr.check_config(tr.TrainConfig(max_tokens=512, budget=256))
     with pytest.raises(SystemExit):
         tr.parse_args(["--vae", vae_file, "--out", str(tmp_path), "--latent-pool", "-1"])
+    assert "--latent-pool" in capsys.readouterr().err
     assert tr.parse_args(["--vae", vae_file, "--out", str(tmp_path), "--latent-pool", "8"]).latent_pool == 8
     from sora_model.train_vae import load_checkpoint
     with pytest.raises(ValueError, match="resume: no checkpoint at"):
