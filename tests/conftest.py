@@ -76,6 +76,28 @@ def assert_compiles_exactly(f, *args) -> None:
             assert traced_as == computed, f"output {i}: traced as {traced_as}, computed {computed}"
 
 
+def assert_compiles_backward_exactly(f, *args, decomposed: bool = False) -> None:
+    """torch.compile(f, fullgraph=True) (aot_eager) gives f's gradients bit for bit: the
+    backward is traced too (with the fakes of the backward ops), for the float args that
+    require grad. A backward that launches a kernel on the traced (fake) tensors fails here.
+    decomposed: f is plain PyTorch (a reference backend), whose aten ops aot_eager decomposes
+    into others (group_norm's backward into sums of products): fp32 rounding apart, not bits."""
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    assert leaves, "no argument requires grad"
+
+    def grads(fn):
+        out = fn(*args)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device, out.dtype)
+        return torch.autograd.grad(out, leaves, dy)
+    expected = grads(f)
+    torch._dynamo.reset()
+    got = grads(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    tol = dict(rtol=1e-5, atol=1e-6) if decomposed else dict(rtol=0, atol=0)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {i}: {m}")
+
+
 def require_backend(backends, name: str, args: tuple) -> None:
     """Skips the test, with the backend's own reasons, when `name` cannot run `args` here."""
     backend = next(b for b in backends if b.name == name)

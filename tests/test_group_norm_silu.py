@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import sora_kernels as sk
-from conftest import DEVICE, assert_2x_rule, assert_bitwise_equal, assert_compiles_exactly, require_backend
+from conftest import (DEVICE, assert_2x_rule, assert_bitwise_equal, assert_compiles_backward_exactly,
+                      assert_compiles_exactly, require_backend)
 from sora_kernels.ops.group_norm_silu import GROUP_NORM_BACKENDS
 from sora_kernels.reference import vae_ops as ref
 
@@ -188,6 +189,19 @@ def test_torch_compile_fullgraph():
     leaves, G, _ = make((1, 8, 2, 4, 4, 2), torch.float32, True)
     args = [t.detach() for t in leaves]
     assert_compiles_exactly(lambda x, w, b: sk.group_norm_silu(x, G, w, b), *args)
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["statistics", "given_statistics"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_torch_compile_fullgraph_backward(backend, given):
+    """The backward under torch.compile: the Triton backend's went through its launcher on
+    the traced tensors and failed (now the group_norm_triton_backward op, with a fake)."""
+    leaves, G, _ = make((1, 8, 2, 4, 4, 2), torch.float32, True)
+    stats = tuple(s.to(DEVICE) for s in _frame_statistics(leaves[0].detach() * 0.5, G)) if given else None
+    require_backend(GROUP_NORM_BACKENDS, backend, _args([t.detach() for t in leaves], G, "silu", stats))
+    assert_compiles_backward_exactly(lambda x, w, b: sk.group_norm_silu(x, G, w, b, statistics=stats,
+                                                                        backend=backend), *leaves,
+                                     decomposed=backend == "reference")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

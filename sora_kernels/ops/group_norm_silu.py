@@ -311,8 +311,23 @@ def _input_grads(ctx, run, dy, **kw) -> tuple:
             dbias.to(bias.dtype) if ctx.has_bias else None)
 
 
+@torch.library.custom_op("sora_kernels::group_norm_triton_backward", mutates_args=())
+def group_norm_triton_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                               bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                               silu: bool, given: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """triton_backward as an op, so that a compiled graph's backward traces it with its fake
+    (a launch on fake tensors fails); dweight / dbias are empty where weight / bias are None,
+    as the compiled CPU op's (_backward_fake)."""
+    dx, dweight, dbias = triton_backward(dy, x, weight, bias, mean, rstd, num_groups, silu, given)
+    return (dx, dweight.contiguous() if weight is not None else dweight.new_empty(0),
+            dbias.contiguous() if bias is not None else dbias.new_empty(0))
+
+
+group_norm_triton_backward.register_fake(
+    lambda dy, x, weight, bias, mean, rstd, num_groups, silu, given=False:
+    _backward_fake(dy, x, weight, bias, mean, rstd, num_groups, silu))
 group_norm_triton.register_fake(_fake)
-group_norm_triton.register_autograd(_backward_with(triton_backward), setup_context=_setup)
+group_norm_triton.register_autograd(_backward_with(group_norm_triton_backward), setup_context=_setup)
 
 
 @torch.library.custom_op("sora_kernels::group_norm_apply_triton", mutates_args=())
@@ -331,7 +346,7 @@ def _apply_setup(ctx, inputs, output):
 
 
 def _apply_backward(ctx, dy):
-    return _input_grads(ctx, triton_backward, dy, given=True) + (None, None, None, None)
+    return _input_grads(ctx, group_norm_triton_backward, dy, given=True) + (None, None, None, None)
 
 
 group_norm_apply_triton.register_autograd(_apply_backward, setup_context=_apply_setup)
