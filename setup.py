@@ -9,6 +9,7 @@ The CUDA kernels are built whenever torch is a CUDA build and nvcc is found, als
 a machine without a GPU: the build only needs the compiler.
 """
 import glob
+import json
 import os
 import shutil
 import sys
@@ -44,6 +45,16 @@ def _max_jobs():
     return str(jobs)
 
 
+def _record_build(with_cuda: bool, reason: str) -> None:
+    """sora_kernels/_build.json: whether this build compiled the CUDA kernels, and why not
+    (tests/test_backends.py fails when they are missing for a reason the build no longer has,
+    so that the cuda backend's tests cannot all skip unnoticed)."""
+    import torch
+    record = {"cuda": with_cuda, "reason": reason, "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    with open(os.path.join(ROOT, "sora_kernels", "_build.json"), "w") as f:
+        json.dump(record, f, indent=1)
+
+
 def _extensions():
     cuda_home = _find_cuda_home()
     if cuda_home and not os.environ.get("CUDA_HOME"):
@@ -66,6 +77,7 @@ def _extensions():
         reason = ("SORA_KERNELS_SKIP_CUDA_BUILD is set" if skip_cuda else
                   "torch is not a CUDA build" if torch.version.cuda is None else "nvcc was not found")
         print(f"sora_kernels: building C++ CPU kernels only ({reason})", file=sys.stderr)
+        _record_build(False, reason)
         return [cpp_extension.CppExtension("sora_kernels._C", sources, include_dirs=include_dirs,
                                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
     os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("SORA_KERNELS_CUDA_ARCHS", "8.0;9.0a")
@@ -80,6 +92,7 @@ def _extensions():
     sources += [f for d in op_dirs for f in sorted(glob.glob(d + "*_cuda_ops.cpp")) + sorted(glob.glob(d + "*.cu"))]
     print(f"sora_kernels: building C++ CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
           f"with {cpp_extension.CUDA_HOME}/bin/nvcc", file=sys.stderr)
+    _record_build(True, f"built for {os.environ['TORCH_CUDA_ARCH_LIST']} with {cpp_extension.CUDA_HOME}/bin/nvcc")
     return [cpp_extension.CUDAExtension(
         "sora_kernels._C", sources, include_dirs=include_dirs,
         define_macros=[("SORA_KERNELS_WITH_CUDA", "1")],
@@ -103,6 +116,7 @@ setup(
     description="Kernels for video diffusion transformers: 3D patchify, variable-size packing, "
                 "variable-length attention, fused DiT ops and latent decoding",
     packages=find_packages(include=["sora_kernels", "sora_kernels.*", "sora_model", "sora_model.*"]),
+    package_data={"sora_kernels": ["_build.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     # model: what sora_model's video I/O, checkpoints and training loop use (the tests need it too)

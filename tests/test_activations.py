@@ -93,6 +93,9 @@ def test_errors():
     x = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="up: expected shape"):
         sk.swiglu(x, x[:2])
+    with pytest.raises(ValueError, match=r"up: expected shape \(4, 8\), dtype torch.float32 and device .* got "
+                                         r"\(4, 8\), torch.float32, meta"):
+        sk.swiglu(x, x.to("meta"))          # meta stands for another device on any machine
     with pytest.raises(ValueError, match="x: expected a floating-point tensor"):
         sk.gelu_tanh(torch.zeros(3, dtype=torch.int32))
 

@@ -217,6 +217,16 @@ def test_errors(change, message):
         sk.adaln_norm(x, shift, scale, cu_seqlens, **args)
 
 
+def test_tensors_on_another_device():
+    """A meta tensor stands for another device on any machine."""
+    args, cu = make(LENGTHS, 16, torch.float32)
+    x, shift, scale = (args[k].detach() for k in ("x", "shift", "scale"))
+    with pytest.raises(ValueError, match=f"shift: expected device {DEVICE.type}.* like x, got meta"):
+        sk.adaln_norm(x, shift.to("meta"), scale, cu)
+    with pytest.raises(ValueError, match=f"gate: expected device {DEVICE.type}.* like x, got meta"):
+        sk.gated_residual_adaln(x, x, torch.zeros_like(shift, device="meta"), shift, scale, cu)
+
+
 HOST_ERRORS = [e for e in ERRORS if any(m in e[1] for m in HOST_CHECKED)]
 
 

@@ -1,5 +1,9 @@
 """Backend selection: priority, forcing by argument and environment, one error that lists
 every backend with its reasons, and `python -m sora_kernels.info`."""
+import glob
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +67,41 @@ def test_cuda_backend_declares_its_tile_limit():
     from sora_kernels.ops.pack_patchify import cuda_reasons
     assert cuda_reasons(2, 2048) == []
     assert "4096-byte" in cuda_reasons(4, 2048)[0]
+
+
+def _nvcc() -> str | None:
+    """The nvcc setup.py would find (CUDA_HOME, /usr/local/cuda*, PATH)."""
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in filter(None, homes):
+        if os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def test_cuda_kernels_built_where_they_can_be():
+    """setup.py records in sora_kernels/_build.json whether it compiled the CUDA kernels and
+    why not. Built with them, they are registered; built without them for a reason gone now (no
+    nvcc then, or a CPU torch) while torch is a CUDA build and nvcc is here, this fails: the
+    cuda backend's tests would otherwise all skip. SORA_KERNELS_SKIP_CUDA_BUILD skips it."""
+    if B.COMPILED_MISSING:
+        pytest.skip("sora_kernels._C is not built")
+    path = os.path.join(os.path.dirname(sk.__file__), "_build.json")
+    if not os.path.exists(path):
+        pytest.skip("no sora_kernels/_build.json: built before setup.py wrote it")
+    with open(path) as f:
+        record = json.load(f)
+    cuda_ops = sorted(op for op, key in B.COMPILED_KERNELS if key == "CUDA")
+    if record["cuda"]:
+        assert cuda_ops, f"the build compiled the CUDA kernels ({record['reason']}), but none is registered"
+        return
+    assert not cuda_ops, f"the build record says no CUDA kernels ({record['reason']}), but {cuda_ops} are registered"
+    if "SORA_KERNELS_SKIP_CUDA_BUILD" in record["reason"]:
+        pytest.skip(f"built without CUDA kernels: {record['reason']}")
+    nvcc = _nvcc()
+    if torch.version.cuda is not None and nvcc:
+        pytest.fail(f"sora_kernels._C was built without CUDA kernels ({record['reason']}), but torch "
+                    f"{torch.__version__} is a CUDA build and {nvcc} exists: rebuild (pip install -e .), or the "
+                    f"cuda backend's tests all skip")
 
 
 def test_info_prints_backends():

@@ -230,6 +230,8 @@ ERRORS = [
     (dict(bias=torch.zeros(8, dtype=torch.float64)), "bias: expected torch.float32"),
     (dict(eps=-1.0), "eps: expected a finite number >= 0"),
     (dict(act="gelu"), "act: expected one of"),
+    (dict(weight=torch.ones(8, device="meta")),              # meta stands for another device
+     "weight: expected torch.float32 on cpu like x, got torch.float32 on meta"),
 ]
 
 

@@ -76,6 +76,8 @@ def test_errors():
         sk.latent_denorm(z, torch.ones(3, device=DEVICE), 0.0)
     with pytest.raises(ValueError, match="shift: expected a float or a tensor of shape"):
         sk.latent_denorm(z, 1.0, "0")
+    with pytest.raises(ValueError, match=f"scale: expected it on z's device {DEVICE.type}.*, got meta"):
+        sk.latent_denorm(z, torch.ones(4, device="meta"), 0.0)     # meta stands for another device
     with pytest.raises(ValueError, match=r"z: expected float16, bfloat16, float32 or float64 \(the reference "
                                          r"backend\), got torch.int64"):
         sk.latent_denorm(z.long(), 1.0, 0.0)

@@ -136,3 +136,9 @@ def test_errors():
         sk.gated_residual(x, x, torch.ones(3, 8, device=DEVICE), cu)
     with pytest.raises(ValueError, match=r"y: expected shape \(4, 8\)"):
         sk.gated_residual(x, x[:3], torch.ones(2, 8, device=DEVICE), cu)
+    # another device (meta stands for one on any machine)
+    with pytest.raises(ValueError, match=f"weight: expected dtype torch.float32 on {DEVICE.type}.* got torch.float32 "
+                                         f"on meta"):
+        sk.rms_norm(x, torch.ones(8, device="meta"))
+    with pytest.raises(ValueError, match=f"gate: expected device {DEVICE.type}.* like x, got meta"):
+        sk.gated_residual(x, x, torch.ones(2, 8, device="meta"), cu)

@@ -87,6 +87,12 @@ def test_errors(kwargs, message):
         sk.rope3d(args.pop("x"), args.pop("positions"), **args)
 
 
+def test_positions_on_another_device():
+    """A meta tensor stands for another device on any machine."""
+    with pytest.raises(ValueError, match=f"positions: expected device {DEVICE.type}.* like the tokens, got meta"):
+        sk.rope3d(torch.zeros(4, 2, 16, device=DEVICE), torch.zeros(4, 3, dtype=torch.int32, device="meta"))
+
+
 def _cpu_kernel():
     if not CPU_KERNEL_BUILT:
         pytest.skip("sora_kernels._C has no CPU rope3d kernel")

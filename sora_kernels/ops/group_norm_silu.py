@@ -522,7 +522,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
             of x's own (a tiled decode's whole-frame statistics). They are constants: no
             gradient flows to them (like running statistics in an evaluating BatchNorm), and
             eps is not used. Runs on the triton, cpu and reference backends.
-        backend: "triton", "cuda" (C++), "cpu" (C++, fp32) or "reference"; by default the
+        backend: "cuda" (C++), "triton", "cpu" (C++, fp32) or "reference"; by default the
             first that can run in that order.
 
     Returns y like x (same shape, dtype and layout). Differentiable in x, weight and bias.
