@@ -447,6 +447,8 @@ ERRORS = [
     (dict(softcap=30.0), r"softcap: expected 0.0 \(soft-capping is not implemented\), got 30.0"),
     (dict(alibi_slopes=torch.ones(4)), r"alibi_slopes: expected None \(ALiBi is not implemented\), got Tensor"),
     (dict(deterministic="yes"), "deterministic: expected a bool, got 'yes'"),
+    (dict(block_table=torch.zeros(2, 4, dtype=torch.int32)), r"block_table: expected None \(a paged KV cache is not "
+                                                              r"implemented; .*got Tensor"),
 ]
 if DEVICE.type == "cuda":
     ERRORS.append((dict(k=torch.randn(6, 2, 16, dtype=torch.float16), v=torch.randn(6, 2, 16, dtype=torch.float16)),
@@ -488,13 +490,15 @@ def test_custom_op_opcheck(backend, lengths, engine, monkeypatch):
 def test_flash_attn_varlen_positional_call(monkeypatch):
     """flash_attn_varlen_func's calls run unchanged: its arguments in its order, positional
     (dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-    return_attn_probs), their defaults accepted, and return_attn_probs giving (out, lse, None)."""
+    return_attn_probs, block_table), their defaults accepted, and return_attn_probs giving
+    (out, lse, None)."""
     valid = _valid()
     args = [valid[k] for k in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
     out = sk.varlen_attention(*args, 0.0, softmax_scale=0.3, causal=True, backend="reference")
     assert torch.equal(out, sk.varlen_attention(*args, softmax_scale=0.3, causal=True, backend="reference"))
     assert torch.equal(out, sk.varlen_attention(*args, 0.0, 0.3, True, backend="reference"))
-    out3, lse, probs = sk.varlen_attention(*args, 0.0, 0.3, True, (-1, -1), 0.0, None, True, True, backend="reference")
+    out3, lse, probs = sk.varlen_attention(*args, 0.0, 0.3, True, (-1, -1), 0.0, None, True, True, None,
+                                           backend="reference")
     _, lse2 = sk.varlen_attention(*args, softmax_scale=0.3, causal=True, return_lse=True, backend="reference")
     assert torch.equal(out3, out) and torch.equal(lse, lse2) and probs is None
     monkeypatch.setattr(op, "DQ_MODE", "atomic")

@@ -1216,7 +1216,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                      softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
                      softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
-                     return_attn_probs: bool = False, *, return_lse: bool = False, rope=None,
+                     return_attn_probs: bool = False, block_table=None, *, return_lse: bool = False, rope=None,
                      backend: str | None = None):
     """Attention over packed sequences of different lengths (block-diagonal), with no padding.
 
@@ -1240,6 +1240,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             DQ_MODE ("separate"); True is refused while DQ_MODE is "atomic".
         return_attn_probs: flash_attn_varlen_func's: returns (out, lse, None) (the third, its
             dropout mask, has no meaning without dropout).
+        block_table: flash_attn_varlen_func's paged KV cache, accepted as None only (k and v
+            are packed tensors here).
         return_lse: also return the log-sum-exp, fp32 [H, Nq] (natural log).
         rope: None; an int32 positions tensor [Nq, 3] of (t, h, w) (self-attention: keys use
             the same); or a Rope3D(positions_q, positions_k, theta, sections). q and k are
@@ -1262,6 +1264,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p: expected 0.0 (attention dropout is not implemented), got {dropout_p!r}")
     check_flash_defaults(window_size, softcap, alibi_slopes, deterministic)
+    if block_table is not None:
+        raise ValueError(f"block_table: expected None (a paged KV cache is not implemented; k and v are packed), "
+                         f"got {type(block_table).__name__}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[2])
     elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
