@@ -279,8 +279,11 @@ def _cpu_inference(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and _onednn_dtype_device(x.dtype, x.device)
 
 
+_ONEDNN = torch.backends.mkldnn.is_available()   # read once: torch.compile cannot trace the call
+
+
 def _onednn_dtype_device(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return device.type == "cpu" and dtype == torch.float32 and _ONEDNN
 
 
 class GroupNormSiLU(nn.Module):
@@ -531,6 +534,9 @@ class VideoAutoencoder(nn.Module):
         """The decoder's input: z de-normalised and scanned for NaN and +-Inf in one pass
         (sora_kernels.latent_denorm); ValueError naming the latent frames that hold any."""
         out, nan = sk.latent_denorm(z, 1.0 / self.cfg.scaling_factor, self.cfg.shift_factor)
+        if torch.compiler.is_compiling():   # tracing cannot read values: an assert in the graph
+            torch._assert_async(~nan.any(), "latent: contains NaN or Inf")
+            return out
         if bool(nan.any()):
             frames = nan.sum(0).nonzero().flatten().tolist()
             raise ValueError(f"latent: contains NaN or Inf ({int(nan.sum())} elements, in latent frames {frames[:8]}"
