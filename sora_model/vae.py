@@ -566,7 +566,7 @@ class VideoAutoencoder(nn.Module):
         for chunk in self._stream(z, plan):
             if out is None:
                 out = empty_like_layout(chunk, (B, chunk.shape[1], 1 + self.cfg.temporal_compression * (t - 1),
-                                                 h * sc, w * sc))
+                                                h * sc, w * sc))
                 t0 = 0
             out[:, :, t0:t0 + chunk.shape[2]] = chunk
             t0 += chunk.shape[2]
