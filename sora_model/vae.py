@@ -572,12 +572,18 @@ class VideoAutoencoder(nn.Module):
             t0 += chunk.shape[2]
         return out
 
-    def decode_stream(self, z: torch.Tensor, chunk_frames: int | None = 1, *, tile: tuple[int, int] | None = None,
+    def decode_stream(self, z: torch.Tensor, chunk_frames: int | None | str = "auto", *,
+                      tile: tuple[int, int] | None = None,
                       max_memory_gb: float | None = None) -> Iterator[torch.Tensor]:
         """Yields the decoded video in temporal chunks, [B, 3, frames, 8h, 8w] each (the
         first chunk 1 + 4(n - 1) frames, later ones 4n), as soon as each is decoded. tile and
-        max_memory_gb as in decode (the budget counts one yielded chunk, not the video;
-        chunk_frames=None lets the budget choose it)."""
+        max_memory_gb as in decode (the budget counts one yielded chunk, not the video).
+        chunk_frames: latent frames a chunk; "auto" (the default): 1, or with max_memory_gb the
+        largest chunk the budget fits (as None does then; None without a budget: one chunk)."""
+        if isinstance(chunk_frames, str):
+            if chunk_frames != "auto":
+                raise ValueError(f"chunk_frames: expected a positive int, None or 'auto', got {chunk_frames!r}")
+            chunk_frames = None if max_memory_gb is not None else 1
         self.check_latent(z)
         plan = self.plan_decode(z, chunk_frames, tile, max_memory_gb, keep_output=False)
         return self._stream(self._denormalize_checked(z), plan)

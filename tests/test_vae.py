@@ -302,8 +302,23 @@ def test_decode_errors():
         vae.decode(torch.zeros(1, 16, 3, 2, 2, device=DEVICE, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="chunk_frames: expected a positive int, got 0"):
         list(vae.decode_stream(torch.zeros(1, 16, 3, 2, 2, device=DEVICE), chunk_frames=0))
+    with pytest.raises(ValueError, match="chunk_frames: expected a positive int, None or 'auto', got 'all'"):
+        list(vae.decode_stream(torch.zeros(1, 16, 3, 2, 2, device=DEVICE), chunk_frames="all"))
     with pytest.raises(ValueError, match="temporal_down: expected 3 flags"):
         VideoAutoencoder(vae_config("tiny", temporal_down=(True,)))
+
+
+def test_decode_stream_budget_picks_the_chunk():
+    """decode_stream's default chunk: one latent frame without a budget; with max_memory_gb the
+    largest the budget fits (a roomy one: the whole latent in one chunk), as decode picks."""
+    vae = tiny(seed=5)
+    z = torch.randn(1, 16, 3, 2, 2, device=DEVICE)
+    with torch.no_grad():
+        one = [c.shape[2] for c in vae.decode_stream(z)]
+        roomy = list(vae.decode_stream(z, max_memory_gb=4))
+        assert one == [1, 4, 4] and [c.shape[2] for c in roomy] == [9]
+        torch.testing.assert_close(roomy[0], vae.decode(z), rtol=0, atol=1e-4)
+    assert vae.plan_decode(z, None, None, 4, keep_output=False).chunk_frames is None
 
 
 def test_float64_decode():
