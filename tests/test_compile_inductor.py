@@ -1,7 +1,8 @@
 """Every public op under torch.compile(fullgraph=True) with the default backend, inductor (the
 other tests compile with aot_eager: the graph capture without codegen): inductor checks the
 fakes' strides against the real outputs and generates the code around the ops. Forward and
-backward, equal to eager bit for bit (the graphs hold the ops alone, so no glue is re-fused)."""
+backward, equal to eager bit for bit (the graphs hold the ops alone, so no glue is re-fused;
+on a GPU the gradients to fp32 rounding: below)."""
 import pytest
 import torch
 
@@ -78,8 +79,13 @@ def test_inductor_fullgraph_forward_backward(name, native, request):
     torch._dynamo.reset()
     got, got_grads = run(torch.compile(f, fullgraph=True))
     assert len(got) == len(expected) and len(got_grads) == len(expected_grads)
-    for i, (a, b) in enumerate(zip(got + list(got_grads), expected + list(expected_grads))):
+    # on a GPU the adaLN backward adds segment sums with float atomics, in an order that varies
+    # from run to run: gradients there are compared to fp32 rounding, not bits
+    grad_tol = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=1e-5, atol=1e-6)
+    pairs = [(a, b, dict(rtol=0, atol=0)) for a, b in zip(got, expected)] + \
+        [(a, b, grad_tol) for a, b in zip(got_grads, expected_grads)]
+    for i, (a, b, tol) in enumerate(pairs):
         assert (a is None) == (b is None), f"{name}: output or gradient {i}"
         if a is not None:
             assert a.shape == b.shape and a.dtype == b.dtype, f"{name} {i}: {a.shape} {a.dtype}, {b.shape} {b.dtype}"
-            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}, output or gradient {i}: {m}")
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}, output or gradient {i}: {m}")

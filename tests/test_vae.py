@@ -259,8 +259,8 @@ def test_encode_errors(video, message):
 
 def test_torch_compile_fullgraph_forward_backward():
     """Encode and decode (a VAE training step's forward and backward) under
-    torch.compile(fullgraph=True): the same gradients bit for bit (aot_eager runs the same
-    kernels). The latent's NaN scan cannot be read while tracing: the graph asserts it instead
+    torch.compile(fullgraph=True): the same gradients bit for bit on CPU (aot_eager runs the
+    same kernels). The latent's NaN scan cannot be read while tracing: the graph asserts it instead
     (RuntimeError, without the frames; eager names them: test_decode_errors)."""
     vae = tiny(seed=4).train()
     video = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(4)).to(DEVICE) * 2 - 1
@@ -273,9 +273,11 @@ def test_torch_compile_fullgraph_forward_backward():
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(video), params,
                               allow_unused=True)
     assert sum(g is not None for g in got) == sum(g is not None for g in expected) > 0
+    # cuDNN's convolution backward may pick algorithms that accumulate in a varying order
+    tol = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=1e-4, atol=1e-6)
     for a, b in zip(got, expected):
         if b is not None:
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, **tol)
     z = torch.zeros(1, 16, 2, 2, 2, device=DEVICE)
     z[0, 1, 1, 0, 0] = float("nan")
     torch._dynamo.reset()
