@@ -276,7 +276,10 @@ def empty_like_layout(x: torch.Tensor, shape: tuple) -> torch.Tensor:
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
-    return not torch.is_grad_enabled() and _onednn_dtype_device(x.dtype, x.device)
+    """Whether conv3d calls oneDNN directly: CPU inference in eager mode (torch.compile cannot
+    trace torch.mkldnn_convolution; compiled code takes F.conv3d)."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and _onednn_dtype_device(x.dtype, x.device))
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()   # read once: torch.compile cannot trace the call
@@ -534,8 +537,11 @@ class VideoAutoencoder(nn.Module):
         """The decoder's input: z de-normalised and scanned for NaN and +-Inf in one pass
         (sora_kernels.latent_denorm); ValueError naming the latent frames that hold any."""
         out, nan = sk.latent_denorm(z, 1.0 / self.cfg.scaling_factor, self.cfg.shift_factor)
-        if torch.compiler.is_compiling():   # tracing cannot read values: an assert in the graph
-            torch._assert_async(~nan.any(), "latent: contains NaN or Inf")
+        if torch.compiler.is_compiling():   # tracing cannot read values
+            if nan.device.type == "cpu":    # an assert in the graph: RuntimeError, without the frames
+                torch._assert_async(~nan.any(), "latent: contains NaN or Inf")
+            # on a GPU that assert would be a device-side one, which ends the process's CUDA
+            # context, and a readable check needs a host sync the graph cannot hold: unchecked
             return out
         if bool(nan.any()):
             frames = nan.sum(0).nonzero().flatten().tolist()
