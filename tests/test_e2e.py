@@ -28,13 +28,15 @@ def test_physics_world_end_to_end(tmp_path):
     # is the caption one (3.9-6.2% of headroom), then motion at seed 0 (11%).
     assert m["vae_loss_last"] < m["vae_loss_first"] / 2, m
     assert m["dit_loss_last"] < m["dit_loss_first"] / 1.75, m
-    # nearer the world's colours than noise, and, over the 72 evaluation samples of each
-    # pipeline, nearer the VAE's decoding of world latents than the untrained pipeline's decoded
-    # noise is (the reconstructions: against the world's own frames they are 0.37-0.47 away, so
-    # a bound to the world asked for nearly the VAE's own error at seeds 1 and 2). A DiT that
-    # learned nothing scores 1.0x here; seeds 0-4 0.10-0.33x (over the 4 samples 0.40-0.59x,
-    # where the bound was 0.7x; the README there, "Seeds" and "Colour over the evaluation set").
+    # nearer the world's colours than noise, and nearer the VAE's decoding of world latents than
+    # the untrained pipeline's decoded noise is (the reconstructions: against the world's own
+    # frames they are 0.37-0.47 away, so a bound to the world asked for nearly the VAE's own
+    # error at seeds 1 and 2): over the 4 samples (seeds 0-4: 0.40-0.59x) and over the 72
+    # evaluation samples of each pipeline (0.10-0.33x). A DiT that learned nothing scores 1.0x.
+    # The 72-sample bound was added after seeing those ratios; the 4-sample one stays, so the
+    # test refuses every run it refused before (the README there, "Colour over the evaluation set").
     assert m["colour_distance_data"] < m["colour_distance_samples"] < 0.5 * m["colour_distance_noise"], m
+    assert m["colour_distance_samples_to_recon"] < 0.7 * m["colour_distance_untrained_to_recon"], m
     assert m["colour_distance_eval_to_recon"] < 0.5 * m["colour_distance_eval_untrained_to_recon"], m
     # ball-coloured pixels over the 72 evaluation samples (over the 4 samples, seed 4's failed:
     # 0.90% against 3x the untrained pipeline's 0.36%; over its 72, 1.22% against 0.31%)
