@@ -586,10 +586,10 @@ class VideoAutoencoder(nn.Module):
         max_memory_gb as in decode (the budget counts one yielded chunk, not the video).
         chunk_frames: latent frames a chunk; "auto" (the default): 1, or with max_memory_gb the
         largest chunk the budget fits (as None does then; None without a budget: one chunk)."""
-        if isinstance(chunk_frames, str):
-            if chunk_frames != "auto":
-                raise ValueError(f"chunk_frames: expected a positive int, None or 'auto', got {chunk_frames!r}")
+        if chunk_frames == "auto":
             chunk_frames = None if max_memory_gb is not None else 1
+        elif chunk_frames is not None and (not is_int(chunk_frames) or chunk_frames < 1):
+            raise ValueError(f"chunk_frames: expected a positive int, None or 'auto', got {chunk_frames!r}")
         self.check_latent(z)
         plan = self.plan_decode(z, chunk_frames, tile, max_memory_gb, keep_output=False)
         return self._stream(self._denormalize_checked(z), plan)

@@ -204,6 +204,22 @@ def test_torch_compile_fullgraph_backward(backend, given):
                                      decomposed=backend == "reference")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_triton_backward_op_opcheck(channels_last):
+    """The Triton backward's op (what a compiled graph's backward calls): its schema, fake
+    (shapes, strides, dtypes) and dynamic-shape tracing, with and without the affine, with the
+    statistics computed and given."""
+    leaves, G, dy = make((1, 8, 2, 4, 4, 2), torch.float32, channels_last)
+    x, w, b = (t.detach() for t in leaves)
+    require_backend(GROUP_NORM_BACKENDS, "triton", _args([x, w, b], G, "silu"))
+    _, mean, rstd = torch.ops.sora_kernels.group_norm_triton(x, w, b, G, 1e-6, True)
+    dy = dy.contiguous(memory_format=torch.channels_last_3d) if channels_last else dy
+    for weight, bias in ((w, b), (None, None)):
+        for given in (False, True):
+            torch.library.opcheck(torch.ops.sora_kernels.group_norm_triton_backward,
+                                  (dy, x, weight, bias, mean, rstd, G, True, given))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_torch_compile_fullgraph_cuda(dtype):
     """The cuda backend under torch.compile: the op's fake (shared with the CPU kernels) traces

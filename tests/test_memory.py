@@ -1,4 +1,5 @@
 """sora_kernels.testing.memory.peak_bytes: what the bounded-memory tests and benchmarks measure."""
+import pytest
 import torch
 
 from conftest import DEVICE
@@ -21,9 +22,11 @@ def test_peak_bytes_counts_what_the_call_reads_and_makes():
         del y
         return z
 
-    measured = peak_bytes(call, DEVICE, resident=[w, w])     # a tensor listed twice counts once
+    measured = peak_bytes(call, DEVICE, resident=[w, w, w[:10]])  # a storage listed thrice counts once
     assert abs(measured - 3 * MB) <= 4096, measured           # scalars, the allocator's 512-byte blocks
     without = peak_bytes(call, DEVICE)
     expected_without = 3 * MB if DEVICE.type == "cpu" else 2 * MB
     assert abs(without - expected_without) <= 4096, without
     assert unread.numel() == MB // 4
+    with pytest.raises(TypeError, match="resident: expected tensors .*, got Linear at 0"):
+        peak_bytes(call, DEVICE, resident=[torch.nn.Linear(2, 2)])

@@ -318,6 +318,8 @@ def test_decode_errors():
                                          "parameters, got torch.bfloat16"):
         vae.decode(torch.zeros(1, 16, 3, 2, 2, device=DEVICE, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="chunk_frames: expected a positive int, got 0"):
+        vae.decode(torch.zeros(1, 16, 3, 2, 2, device=DEVICE), chunk_frames=0)
+    with pytest.raises(ValueError, match="chunk_frames: expected a positive int, None or 'auto', got 0"):
         list(vae.decode_stream(torch.zeros(1, 16, 3, 2, 2, device=DEVICE), chunk_frames=0))
     with pytest.raises(ValueError, match="chunk_frames: expected a positive int, None or 'auto', got 'all'"):
         list(vae.decode_stream(torch.zeros(1, 16, 3, 2, 2, device=DEVICE), chunk_frames="all"))
@@ -327,15 +329,19 @@ def test_decode_errors():
 
 def test_decode_stream_budget_picks_the_chunk():
     """decode_stream's default chunk: one latent frame without a budget; with max_memory_gb the
-    largest the budget fits (a roomy one: the whole latent in one chunk), as decode picks."""
+    largest the budget fits: a roomy one, the whole latent in one chunk; one between the
+    estimates of chunks of 2 and 3 latent frames, chunks of 2 (5 frames, then 4)."""
     vae = tiny(seed=5)
     z = torch.randn(1, 16, 3, 2, 2, device=DEVICE)
+    two, three = (vae.plan_decode(z, c, None, 4, keep_output=False).estimate_bytes for c in (2, 3))
+    assert two < three
     with torch.no_grad():
         one = [c.shape[2] for c in vae.decode_stream(z)]
         roomy = list(vae.decode_stream(z, max_memory_gb=4))
-        assert one == [1, 4, 4] and [c.shape[2] for c in roomy] == [9]
+        between = list(vae.decode_stream(z, max_memory_gb=(two + three) / 2 / 2 ** 30))
+        assert one == [1, 4, 4] and [c.shape[2] for c in roomy] == [9] and [c.shape[2] for c in between] == [5, 4]
         torch.testing.assert_close(roomy[0], vae.decode(z), rtol=0, atol=1e-4)
-    assert vae.plan_decode(z, None, None, 4, keep_output=False).chunk_frames is None
+        torch.testing.assert_close(torch.cat(between, 2), roomy[0], rtol=0, atol=1e-4)
 
 
 def test_float64_decode():

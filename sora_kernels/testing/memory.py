@@ -15,10 +15,17 @@ def peak_bytes(fn, device: torch.device, resident=()) -> int:
     (every tensor allocation and free recorded). The timeline also counts the tensors alive
     before that fn reads (its PREEXISTING ones: a model's weights); the allocator's statistics
     cannot tell those apart, so on CUDA the bytes of `resident` (tensors alive before that fn
-    reads, e.g. a module's parameters) are added, and a budget check measures the same on both."""
+    reads, e.g. a module's parameters; each storage once) are added, and a budget check
+    measures the same on both. TypeError for a resident that is not a tensor, on any device."""
+    storages = {}     # by storage: views and tied weights count once, a whole storage each
+    for i, t in enumerate(resident):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"resident: expected tensors (e.g. module.parameters()), got {type(t).__name__} at {i}")
+        if t.device.type == device.type and device.index in (None, t.device.index):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
     if device.type == "cuda":
-        held = sum(t.numel() * t.element_size() for t in {id(t): t for t in resident}.values()
-                   if t.device.type == "cuda")
+        held = sum(storages.values())
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
