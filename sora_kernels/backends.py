@@ -61,6 +61,18 @@ def _compiled_kernels() -> frozenset:
 COMPILED_KERNELS = _compiled_kernels()  # a constant, so selection traces under torch.compile
 
 
+def build_record() -> dict | None:
+    """What setup.py recorded of the build of sora_kernels._C (sora_kernels/_build.json):
+    {"cuda": whether it compiled the CUDA kernels, "reason": how, or why not, ...}; None when
+    there is no record (a build before setup.py wrote it, or none)."""
+    import json
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def compiled_has(op: str, key: str) -> bool:
     """Whether sora_kernels._C registered `op` for dispatch key `key` ('CPU' or 'CUDA')."""
     return (op, key) in COMPILED_KERNELS

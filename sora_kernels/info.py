@@ -66,6 +66,11 @@ def main() -> None:
     print(f"torch        {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"triton       {triton_version}{' (interpreter on)' if B.triton_interpreting() else ''}")
     print(f"_C           {'built' if B.COMPILED_MISSING is None else B.COMPILED_MISSING}")
+    record = B.build_record()
+    if record is None:
+        print("_C build     no record (sora_kernels/_build.json: written by setup.py)")
+    else:
+        print(f"_C build     {'CUDA kernels ' if record['cuda'] else 'C++ CPU kernels only: '}{record['reason']}")
     print(f"_C kernels   {', '.join(sorted(f'{op}/{key}' for op, key in B.COMPILED_KERNELS)) or 'none'}")
     forced = os.environ.get(B.BACKEND_ENV)
     print(f"{B.BACKEND_ENV} = {forced!r}")

@@ -1,7 +1,6 @@
 """Backend selection: priority, forcing by argument and environment, one error that lists
 every backend with its reasons, and `python -m sora_kernels.info`."""
 import glob
-import json
 import os
 import shutil
 import subprocess
@@ -85,11 +84,9 @@ def test_cuda_kernels_built_where_they_can_be():
     cuda backend's tests would otherwise all skip. SORA_KERNELS_SKIP_CUDA_BUILD skips it."""
     if B.COMPILED_MISSING:
         pytest.skip("sora_kernels._C is not built")
-    path = os.path.join(os.path.dirname(sk.__file__), "_build.json")
-    if not os.path.exists(path):
+    record = B.build_record()
+    if record is None:
         pytest.skip("no sora_kernels/_build.json: built before setup.py wrote it")
-    with open(path) as f:
-        record = json.load(f)
     cuda_ops = sorted(op for op, key in B.COMPILED_KERNELS if key == "CUDA")
     if record["cuda"]:
         assert cuda_ops, f"the build compiled the CUDA kernels ({record['reason']}), but none is registered"
@@ -106,7 +103,7 @@ def test_cuda_kernels_built_where_they_can_be():
 
 def test_info_prints_backends():
     out = subprocess.run([sys.executable, "-m", "sora_kernels.info"], capture_output=True, text=True, check=True).stdout
-    for word in ("torch", "triton", "device", "pack_patchify", "reference"):
+    for word in ("torch", "triton", "device", "pack_patchify", "reference", "_C build"):
         assert word in out, out
 
 
