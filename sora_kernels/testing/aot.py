@@ -238,7 +238,8 @@ def final_layer_jobs(archs: list[int]) -> list[dict]:
 
 
 def group_norm_jobs(archs: list[int]) -> list[dict]:
-    """The four group_norm_silu kernels for every tile config, bf16, with and without SiLU."""
+    """The four group_norm_silu kernels for every tile config, in bf16, fp16 and fp32 (the
+    video autoencoder's dtypes), with and without SiLU."""
     from sora_kernels.ops import group_norm_silu as op
     kernels = (op.gn_stats_kernel, op.gn_apply_kernel, op.gn_bwd_reduce_kernel, op.gn_bwd_apply_kernel)
     fp32 = {name: "*fp32" for name in ("part_ptr", "group_part_ptr", "chan_part_ptr", "m1_ptr", "m2_ptr", "w_ptr",
@@ -254,8 +255,9 @@ def group_norm_jobs(archs: list[int]) -> list[dict]:
                     if silu is not None:
                         constexprs["SILU"] = silu
                     constexprs.update({name: None for name in none})
-                    signature = _pointer_signature(fn, constexprs, none, "bf16", fp32)
-                    jobs += [_job(fn, arch, cfg["num_warps"], 3, signature, constexprs) for arch in archs]
+                    for dtype in ("bf16", "fp16", "fp32"):
+                        signature = _pointer_signature(fn, constexprs, none, dtype, fp32)
+                        jobs += [_job(fn, arch, cfg["num_warps"], 3, signature, constexprs) for arch in archs]
     return jobs
 
 
