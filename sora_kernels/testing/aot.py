@@ -205,10 +205,11 @@ def dit_jobs(archs: list[int]) -> list[dict]:
 
 
 def patch_embed_jobs(archs: list[int]) -> list[dict]:
-    """patch_embed_kernel in bf16 (tensor cores) and fp32 (ieee products), with and without bias."""
+    """patch_embed_kernel in bf16 and fp16 (tensor cores) and fp32 (ieee products), with and
+    without bias."""
     from sora_kernels.ops import patch_embed3d as op
     jobs = []
-    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+    for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
         cfg = op.config(fp32=dtype == "fp32")
         for bias in (True, False):
             none = set() if bias else {"bias_ptr"}
@@ -221,11 +222,11 @@ def patch_embed_jobs(archs: list[int]) -> list[dict]:
 
 
 def final_layer_jobs(archs: list[int]) -> list[dict]:
-    """final_layer_kernel for every BLOCK_P, LayerNorm and RMSNorm, in bf16 (tensor cores) and
-    fp32 (ieee products)."""
+    """final_layer_kernel for every BLOCK_P, LayerNorm and RMSNorm, in bf16 and fp16 (tensor
+    cores) and fp32 (ieee products)."""
     from sora_kernels.ops import final_layer_unpatchify as op
     jobs = []
-    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+    for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
         for layer in (True, False):
             for cfg in op.config_space(fp32=dtype == "fp32"):
                 constexprs = {"LAYER": layer, "PRECISION": precision,
@@ -275,10 +276,10 @@ def group_norm_moments_jobs(archs: list[int]) -> list[dict]:
 
 
 def frames_jobs(archs: list[int]) -> list[dict]:
-    """frames_to_uint8_kernel for every channel block, bf16 and fp32 input."""
+    """frames_to_uint8_kernel for every channel block, bf16, fp16 and fp32 input."""
     from sora_kernels.ops import frames_to_uint8 as op
     jobs = []
-    for dtype in ("bf16", "fp32"):
+    for dtype in ("bf16", "fp16", "fp32"):
         for constexprs in op.config_space():
             signature = _pointer_signature(op.frames_to_uint8_kernel, constexprs, set(), dtype, {"out_ptr": "*u8"})
             jobs += [_job(op.frames_to_uint8_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
@@ -286,10 +287,10 @@ def frames_jobs(archs: list[int]) -> list[dict]:
 
 
 def latent_denorm_jobs(archs: list[int]) -> list[dict]:
-    """latent_denorm_kernel, bf16 and fp32 latents."""
+    """latent_denorm_kernel, bf16, fp16 and fp32 latents."""
     from sora_kernels.ops import latent_denorm as op
     jobs = []
-    for dtype in ("bf16", "fp32"):
+    for dtype in ("bf16", "fp16", "fp32"):
         constexprs = {"BLOCK": op.BLOCK}
         signature = _pointer_signature(op.latent_denorm_kernel, constexprs, set(), dtype,
                                        {"scale_ptr": "*fp32", "shift_ptr": "*fp32", "nan_ptr": "*i32"})
