@@ -19,9 +19,9 @@ def test_physics_world_end_to_end(tmp_path):
     m = run(str(tmp_path), progress=False)
     # The committed run (benchmarks/results/e2e/metrics.json, seed 0) gave, against each bound
     # here: VAE loss 0.148 -> 0.037 (4.0x); DiT loss 1.34 -> 0.50 (2.7x); colour distance to the
-    # world 0.44 (noise 1.80, floor 0.03), and over the 72 evaluation samples to the VAE's
-    # reconstructions 0.15 against the untrained pipeline's 0.45 (its samples are the starting
-    # noise decoded); ball-coloured pixels over the 72 evaluation samples 1.42% against 0.23%
+    # world 0.44 (noise 1.80, floor 0.03), and to the VAE's reconstructions 0.22 against the
+    # untrained pipeline's 0.42 (its samples are the starting noise decoded; over the 72
+    # evaluation samples 0.15 against 0.45); ball-coloured pixels over the 72 evaluation samples 1.42% against 0.23%
     # untrained and 7.1% in world clips; ball motion over 72 clips 0.160 frame heights against
     # 0.072 untrained and 0.31 in world clips; caption errors 0.464 own, 0.544 shifted, 0.498
     # null. Seeds 1 to 4 pass too (the README there, "Seeds"); the tightest bound at seeds 0-4
