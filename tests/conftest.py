@@ -76,26 +76,38 @@ def assert_compiles_exactly(f, *args) -> None:
             assert traced_as == computed, f"output {i}: traced as {traced_as}, computed {computed}"
 
 
-def assert_compiles_backward_exactly(f, *args, decomposed: bool = False) -> None:
-    """torch.compile(f, fullgraph=True) (aot_eager) gives f's gradients bit for bit: the
-    backward is traced too (with the fakes of the backward ops), for the float args that
-    require grad. A backward that launches a kernel on the traced (fake) tensors fails here.
-    decomposed: f is plain PyTorch (a reference backend), whose aten ops aot_eager decomposes
-    into others (group_norm's backward into sums of products): fp32 rounding apart, not bits."""
+def assert_compiles_backward_exactly(f, *args, backend: str = "aot_eager", out_tol: dict | None = None,
+                                     grad_tol: dict | None = None) -> None:
+    """torch.compile(f, fullgraph=True, backend=backend) gives f's outputs and its gradients,
+    for the tensor args that require grad, bit for bit unless out_tol / grad_tol (rtol, atol)
+    are given: the backward is traced too (with the fakes of the backward ops), so a backward
+    that launches a kernel on the traced (fake) tensors fails here. f returns a tensor or a list
+    of them; the gradient flows from those that require grad (a random dout for each)."""
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     assert leaves, "no argument requires grad"
 
-    def grads(fn):
+    def run(fn):
         out = fn(*args)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device, out.dtype)
-        return torch.autograd.grad(out, leaves, dy)
-    expected = grads(f)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        diff = [o for o in outs if o.requires_grad]
+        grads = []
+        if diff:
+            g = torch.Generator().manual_seed(1)
+            douts = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in diff]
+            grads = list(torch.autograd.grad(diff, leaves, douts, allow_unused=True))
+        return [o.detach() for o in outs], grads
+    expected, expected_grads = run(f)
     torch._dynamo.reset()
-    got = grads(torch.compile(f, fullgraph=True, backend="aot_eager"))
-    tol = dict(rtol=1e-5, atol=1e-6) if decomposed else dict(rtol=0, atol=0)
-    for i, (a, b) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient {i}: {m}")
+    got, got_grads = run(torch.compile(f, fullgraph=True, backend=backend))
+    assert len(got) == len(expected) and len(got_grads) == len(expected_grads)
+    exact = dict(rtol=0, atol=0)
+    pairs = [(a, b, out_tol or exact, f"output {i}") for i, (a, b) in enumerate(zip(got, expected))] + \
+        [(a, b, grad_tol or exact, f"gradient {i}") for i, (a, b) in enumerate(zip(got_grads, expected_grads))]
+    for a, b, tol, what in pairs:
+        assert (a is None) == (b is None), what
+        if a is not None:
+            assert (a.shape, a.dtype) == (b.shape, b.dtype), f"{what}: {a.shape} {a.dtype}, {b.shape} {b.dtype}"
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
 
 
 def require_backend(backends, name: str, args: tuple) -> None:

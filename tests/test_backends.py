@@ -1,8 +1,6 @@
 """Backend selection: priority, forcing by argument and environment, one error that lists
 every backend with its reasons, and `python -m sora_kernels.info`."""
-import glob
 import os
-import shutil
 import subprocess
 import sys
 
@@ -69,12 +67,12 @@ def test_cuda_backend_declares_its_tile_limit():
 
 
 def _nvcc() -> str | None:
-    """The nvcc setup.py would find (CUDA_HOME, /usr/local/cuda*, PATH)."""
-    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
-    for home in filter(None, homes):
-        if os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    """The nvcc torch's extension builder finds (its CUDA_HOME: the variable, PATH's nvcc or
+    /usr/local/cuda), which setup.py builds with."""
+    from torch.utils import cpp_extension
+    home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(home, "bin", "nvcc") if home else None
+    return nvcc if nvcc and os.path.exists(nvcc) else None
 
 
 def test_cuda_kernels_built_where_they_can_be():

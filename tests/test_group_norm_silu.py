@@ -191,6 +191,11 @@ def test_torch_compile_fullgraph():
     assert_compiles_exactly(lambda x, w, b: sk.group_norm_silu(x, G, w, b), *args)
 
 
+# the reference backend is plain PyTorch, whose aten ops aot_eager decomposes into others
+# (group_norm's backward into sums of products): the same to fp32 rounding, not bits
+_DECOMPOSED = dict(out_tol=dict(rtol=1e-5, atol=1e-6), grad_tol=dict(rtol=1e-5, atol=1e-6))
+
+
 @pytest.mark.parametrize("given", [False, True], ids=["statistics", "given_statistics"])
 @pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_torch_compile_fullgraph_backward(backend, given):
@@ -201,7 +206,7 @@ def test_torch_compile_fullgraph_backward(backend, given):
     require_backend(GROUP_NORM_BACKENDS, backend, _args([t.detach() for t in leaves], G, "silu", stats))
     assert_compiles_backward_exactly(lambda x, w, b: sk.group_norm_silu(x, G, w, b, statistics=stats,
                                                                         backend=backend), *leaves,
-                                     decomposed=backend == "reference")
+                                     **(_DECOMPOSED if backend == "reference" else {}))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
