@@ -9,10 +9,11 @@ import torch
 
 
 def segment_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """int32 [N]: the segment of each token (no device sync: the output size is given)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    ids = torch.arange(lengths.shape[0], device=cu_seqlens.device, dtype=torch.int32)
-    return torch.repeat_interleave(ids, lengths, output_size=n_tokens)
+    """int32 [N]: the segment of each token, the last whose offset is at most the token's index
+    (so empty segments get none). No device sync, and no slice of cu_seqlens: under torch.export
+    a slice of a symbolic length specialises it to at least 2, refusing one-segment batches."""
+    tokens = torch.arange(n_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return (torch.searchsorted(cu_seqlens, tokens, right=True) - 1).to(torch.int32)
 
 
 def _wide(x: torch.Tensor) -> torch.dtype:
