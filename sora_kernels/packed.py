@@ -93,11 +93,13 @@ def assert_offsets(name: str, cu: torch.Tensor, n) -> None:
     """check_offsets for a traced function (torch.compile), which cannot read cu's values: the
     same conditions as asserts in the graph, which raise RuntimeError when it runs. For CPU
     tensors only: on a GPU a failed assert is a device-side assert, fatal to the CUDA context."""
-    count = f" {n}" if isinstance(n, int) else ""  # a symbolic size has no value yet
+    # Neither a slice of cu (cu[1:] >= cu[:-1]) nor n in the message: under dynamic shapes the
+    # first specialises the segment count to at least 2, the second the token count to this
+    # call's (a recompilation for every batch size; traced code cannot tell whether n is
+    # symbolic without the same effect).
     torch._assert_async(cu[0] == 0, f"{name}: expected cu_seqlens[0] == 0")
-    # (no cu[1:] >= cu[:-1]: slices of a symbolic length would specialise it to at least 2)
     torch._assert_async((cu.cummax(0).values == cu).all(), f"{name}: expected non-decreasing offsets")
-    torch._assert_async(cu[-1] == n, f"{name}: expected the last entry to equal the token count{count}")
+    torch._assert_async(cu[-1] == n, f"{name}: expected the last entry to equal the token count")
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, min_entries: int = 1) -> None:

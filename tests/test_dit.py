@@ -84,6 +84,32 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_compiled_block_two_graphs_for_every_batch():
+    """A DiT block under torch.compile over packed batches of other token, video and caption
+    counts: the first batch's graph, then one with those counts dynamic (torch.compile's
+    automatic dynamic shapes) that serves every later batch, with eager's outputs. A size
+    formatted into an error message, a slice of cu_seqlens and math.isfinite on a traced float
+    each used to make a count a constant or break the graph: a recompilation per batch size."""
+    import sora_kernels as sk
+    dit = model(seed=5)
+    block = dit.blocks[0]
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=count_graphs)
+    batches = [(SIZES_TWH, (5, 1, 3)), ([(2, 4, 4), (1, 2, 2)], (4, 2)),
+               ([(1, 2, 2), (3, 6, 6), (1, 4, 2), (2, 2, 2)], (1, 2, 3, 4)), ([(4, 2, 6), (1, 8, 8)], (7, 1))]
+    with torch.no_grad():
+        for seed, (sizes, text_lengths) in enumerate(batches):
+            latents, t, text = batch(seed, sizes, text_lengths)
+            packed = sk.patch_embed3d(latents, dit.patch_embed, dit.patch_bias, dit.cfg.patch_size)
+            c = dit.t_embed(t) + dit.text_pool(text.pooled)
+            assert torch.equal(compiled(packed.tokens, c, packed, text), block(packed.tokens, c, packed, text))
+    assert len(graphs) == 2, f"{len(graphs)} graphs for {len(batches)} batches"
+
 def test_adaln_zero_output_is_zero():
     torch.manual_seed(0)
     dit = DiT(dit_config("tiny")).to(DEVICE)

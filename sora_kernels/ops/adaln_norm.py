@@ -616,7 +616,8 @@ def check_segments(x: torch.Tensor, cu_seqlens, segment_ids) -> tuple[int, torch
     offsets start at 0, never decrease and end at the token count; given segment ids lie in
     [0, segments) (a backend indexes shift / scale / gate rows with them). In eager mode the
     host reads them (ValueError); under torch.compile, where tracing cannot read values, asserts
-    in the graph check the same when it runs (RuntimeError, the message without the values)."""
+    in the graph check the same when it runs (RuntimeError, the message without the values or
+    the counts)."""
     check_cu_seqlens("cu_seqlens", cu_seqlens, x.device, min_entries=2)
     on_cpu = cu_seqlens.device.type == "cpu"
     traced = torch.compiler.is_compiling()
@@ -632,13 +633,14 @@ def check_segments(x: torch.Tensor, cu_seqlens, segment_ids) -> tuple[int, torch
         got = (tuple(segment_ids.shape), segment_ids.dtype, str(segment_ids.device)) \
             if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
         raise ValueError(f"segment_ids: expected int32 [{x.shape[0]}] on {x.device}, got {got}")
-    expected = f"segment_ids: expected ids in [0, {n}) (cu_seqlens has {n} segments)"
     if on_cpu and not traced and segment_ids.numel() > 0:
         low, high = (int(v) for v in torch.aminmax(segment_ids))
         if low < 0 or high >= n:
-            raise ValueError(f"{expected}, got ids from {low} to {high}")
-    elif on_cpu and traced:
-        torch._assert_async(((segment_ids >= 0) & (segment_ids < n)).all(), expected)
+            raise ValueError(f"segment_ids: expected ids in [0, {n}) (cu_seqlens has {n} segments), got ids from "
+                             f"{low} to {high}")
+    elif on_cpu and traced:     # (n not in the message: it would specialise a dynamic segment count)
+        torch._assert_async(((segment_ids >= 0) & (segment_ids < n)).all(),
+                            "segment_ids: expected ids in [0, the segment count of cu_seqlens)")
     return n, segment_ids
 
 
@@ -646,7 +648,7 @@ def check_norm(norm, eps) -> bool:
     """True for LayerNorm, False for RMSNorm."""
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if not isinstance(eps, (int, float)) or not abs(eps) < math.inf or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     return norm == "layer"
 

@@ -416,7 +416,7 @@ def check_args(x, num_groups, weight, bias, eps, act) -> None:
             raise ValueError(f"{name}: expected shape ({C},), got {got}")
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"{name}: expected {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if not isinstance(eps, (int, float)) or not abs(eps) < math.inf or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     if act not in ACTS:
         raise ValueError(f"act: expected one of {ACTS}, got {act!r}")

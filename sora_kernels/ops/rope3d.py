@@ -239,7 +239,7 @@ def check_positions(name: str, positions, n_tokens: int, device: torch.device) -
 
 
 def check_theta(theta) -> float:
-    if not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
+    if not isinstance(theta, (int, float)) or not abs(theta) < math.inf or theta <= 1:
         raise ValueError(f"theta: expected a finite number > 1, got {theta!r}")
     return float(theta)
 

@@ -1269,7 +1269,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                          f"got {type(block_table).__name__}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[2])
-    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    elif not isinstance(softmax_scale, (int, float)) or not abs(softmax_scale) < math.inf:
         raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
     rope = _rope_record(rope, q, k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(causal), rope)
