@@ -182,6 +182,9 @@ def public_op_cases() -> dict:
     cu = torch.tensor(OP_CASE_CU, dtype=torch.int32, device=DEVICE)
     pos = torch.randint(0, 4, (10, 3), generator=g, dtype=torch.int32).to(DEVICE)
     patch = (1, 2, 2)
+    # the final layer's output layout: 4-channel latents of 2 x 4 x 4 and 1 x 2 x 4 (8 + 2 tokens)
+    latent_layout = sk.pack_patchify([torch.zeros(4, 2, 4, 4, device=DEVICE), torch.zeros(4, 1, 2, 4, device=DEVICE)],
+                                     patch)
 
     def pack(a, b):
         packed = sk.pack_patchify([a, b], patch)
@@ -207,6 +210,9 @@ def public_op_cases() -> dict:
         "group_norm_silu": (lambda x, w, b: sk.group_norm_silu(x, 2, w, b), [leaf(1, 8, 2, 4, 4), leaf(8), leaf(8)]),
         "patch_embed3d": (lambda a, w, b: sk.patch_embed3d([a], w, b, patch).tokens,
                           [leaf(4, 2, 2, 4), leaf(8, 4, 1, 2, 2), leaf(8)]),
+        "final_layer_unpatchify": (lambda x, shift, scale, w, b: sk.final_layer_unpatchify(x, shift, scale, w, b,
+                                                                                            latent_layout, patch),
+                                   [leaf(10, 16), leaf(2, 16), leaf(2, 16), leaf(16, 16), leaf(16)]),
         "latent_denorm": (lambda z: list(sk.latent_denorm(z, 0.5, 0.1)), [leaf(1, 4, 2, 3, 5)]),
         # not differentiable: forward only
         "frames_to_uint8": (lambda v: sk.frames_to_uint8(v.detach()), [leaf(3, 2, 4, 4)]),
