@@ -15,6 +15,7 @@ When none can run, one :class:`NoBackendError` lists every backend and its reaso
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -114,6 +115,24 @@ def device_reasons(name: str, device: torch.device, op: str) -> list[str]:
             return [f"runs on CUDA tensors, got {device.type}"]
         return []
     raise ValueError(f"backend: expected one of {PRIORITY}, got {name!r}")
+
+
+def deterministic_reasons(args: tuple, atomic_sums: str) -> list[str]:
+    """Why a backend whose backward adds `atomic_sums` with float atomics (in an order, and so
+    to last bits, that vary from run to run) cannot run a call that will be differentiated
+    while torch.use_deterministic_algorithms(True) is set: the next backend runs it (the
+    reference's index additions are deterministic in that mode). With warn_only=True it runs
+    after a warning, as PyTorch's own nondeterministic ops do; but not under torch.compile,
+    which cannot read warn_only (the next backend runs, as without it)."""
+    if not (torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return []
+    why = (f"its backward adds {atomic_sums} with float atomics, in an order that varies from run to run, "
+           f"and torch.use_deterministic_algorithms(True) is set")
+    if not torch.compiler.is_compiling() and torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(f"sora_kernels' triton backend runs although {why} (warn_only=True)", stacklevel=3)
+        return []
+    return [why]
 
 
 # -----------------------------------------------------------------------------

@@ -665,8 +665,17 @@ def check_adaln_args(x, shift, scale, weight, n: int) -> None:
 # Backends
 # -----------------------------------------------------------------------------
 
-def triton_reasons(x: torch.Tensor, op: str) -> list[str]:
-    reasons = B.device_reasons("triton", x.device, op)
+# What the Triton backwards of the adaLN family add with float atomics
+ATOMIC_SUMS = {"adaln_norm": "the per-segment shift and scale gradients (and the weight's)",
+               "gated_residual_adaln": "the per-segment gate, shift and scale gradients (and the weight's)",
+               "gated_residual": "the per-segment gate gradients", "rms_norm": "the weight's gradient",
+               "final_layer_unpatchify": "the per-segment shift and scale gradients"}
+
+
+def triton_reasons(x: torch.Tensor, op: str, args: tuple = ()) -> list[str]:
+    """Why the Triton kernels cannot run op `op` (args: all its tensors, for the deterministic
+    mode's check: ATOMIC_SUMS)."""
+    reasons = B.device_reasons("triton", x.device, op) + B.deterministic_reasons(args, ATOMIC_SUMS[op])
     if x.shape[-1] > MAX_D:
         reasons.append(f"compiled for rows of at most {MAX_D} elements, got D={x.shape[-1]}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -683,7 +692,7 @@ def cpu_reasons(x: torch.Tensor, compiled_op: str = "adaln") -> list[str]:
 
 
 ADALN_BACKENDS = (
-    B.Backend("triton", lambda x, *rest: triton_reasons(x, "adaln_norm"),
+    B.Backend("triton", lambda *args: triton_reasons(args[0], "adaln_norm", args),
               lambda x, shift, scale, weight, seg, eps, layer:
               adaln_norm_triton(x, shift, scale, weight, seg, eps, layer)[0]),
     B.Backend("cpu", lambda x, *rest: cpu_reasons(x),
@@ -694,7 +703,7 @@ ADALN_BACKENDS = (
               ref.adaln_norm(x, shift, scale, seg, eps, "layer" if layer else "rms", weight)),
 )
 FUSED_BACKENDS = (
-    B.Backend("triton", lambda x, *rest: triton_reasons(x, "gated_residual_adaln"),
+    B.Backend("triton", lambda *args: triton_reasons(args[0], "gated_residual_adaln", args),
               lambda x, y, gate, shift, scale, weight, seg, eps, layer:
               gated_residual_adaln_triton(x, y, gate, shift, scale, weight, seg, eps, layer)[:2]),
     B.Backend("cpu", lambda x, *rest: cpu_reasons(x),

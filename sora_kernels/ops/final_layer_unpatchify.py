@@ -26,8 +26,8 @@ from typing import Sequence
 import torch
 
 from sora_kernels import backends as B
-from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, MAX_D, adaln_norm_triton, adaln_norm_triton_backward, \
-    check_like, check_norm, check_tokens
+from sora_kernels.ops.adaln_norm import ADALN_BACKENDS, ATOMIC_SUMS, MAX_D, adaln_norm_triton, \
+    adaln_norm_triton_backward, check_like, check_norm, check_tokens
 from sora_kernels.ops.pack_patchify import check_patch_size, pack_patchify, unpack_unpatchify
 from sora_kernels.packed import Packed, check_packed
 from sora_kernels.reference import dit_ops as ref
@@ -242,7 +242,8 @@ final_layer_unpatchify_triton.register_autograd(_backward, setup_context=_setup)
 # -----------------------------------------------------------------------------
 
 def _triton_reasons(x, shift, scale, weight, bias, seg, patch, packed, eps, layer) -> list[str]:
-    reasons = B.device_reasons("triton", x.device, "final_layer_unpatchify")
+    reasons = B.device_reasons("triton", x.device, "final_layer_unpatchify") + B.deterministic_reasons(
+        (x, shift, scale, weight, bias), ATOMIC_SUMS["final_layer_unpatchify"])
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
     if x.shape[1] > MAX_D:  # the backward runs adaln_norm's kernels

@@ -522,7 +522,8 @@ class RopeArgs:
 #               atomics, so dq is the same bit for bit from run to run;
 #   "atomic":   the dk/dv kernel also adds each pair's dq into an fp32 buffer with atomics
 #               (FlashAttention-2's way): 5 products per pair, one pass, but the order of the
-#               additions, and so dq's last bits, vary from run to run.
+#               additions, and so dq's last bits, vary from run to run; "separate" runs
+#               instead while torch.use_deterministic_algorithms(True) is set.
 # benchmarks/bench_varlen_attention.py (test_dq_modes) times both; "separate" stays the
 # default until a GPU measures "atomic". Head dims over 128 always compute dq "separate"
 # (KERNEL_CONFIGS has no atomic config there that keeps its tiles in registers).
@@ -644,7 +645,7 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
     rotated: dict = {}  # q, k rotated by rope3d, shared by the two kernels
     if DQ_MODE not in DQ_MODES:
         raise ValueError(f"DQ_MODE: expected one of {DQ_MODES}, got {DQ_MODE!r}")
-    atomic = (DQ_MODE == "atomic" and Nq > 0 and max_q > 0
+    atomic = (DQ_MODE == "atomic" and Nq > 0 and max_q > 0 and not torch.are_deterministic_algorithms_enabled()
               and bool(configs_for("dkdv_dq", BLOCK_D, config_family(q.device))))  # none at D=256
     dq_acc = torch.zeros((Nq, H, D), dtype=torch.float32, device=q.device) if atomic else None
 
@@ -1237,7 +1238,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             defaults only ((-1, -1): no window; 0.0: no soft-capping; None: no ALiBi), so
             its calls run unchanged, positional arguments included.
         deterministic: the backward is deterministic on every backend with the default
-            DQ_MODE ("separate"); True is refused while DQ_MODE is "atomic".
+            DQ_MODE ("separate"); True is refused while DQ_MODE is "atomic" (under
+            torch.use_deterministic_algorithms(True) the backward computes dq "separate").
         return_attn_probs: flash_attn_varlen_func's: returns (out, lse, None) (the third, its
             dropout mask, has no meaning without dropout).
         block_table: flash_attn_varlen_func's paged KV cache, accepted as None only (k and v

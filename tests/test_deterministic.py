@@ -1,0 +1,107 @@
+"""torch.use_deterministic_algorithms(True), as PyTorch's own ops honour it. The Triton
+backwards of the adaLN family (adaln_norm, gated_residual_adaln, gated_residual, rms_norm's
+weight, the final layer) add gradients with float atomics, whose order varies from run to run
+on a GPU: in that mode a call that will be differentiated goes to the next backend (forced,
+the Triton backend is refused with the reason); with warn_only=True it runs after a warning;
+inference is untouched. varlen_attention's "atomic" dq mode computes dq "separate" instead."""
+import pytest
+import torch
+
+import sora_kernels as sk
+from conftest import DEVICE, public_op_cases, require_backend
+from sora_kernels.ops import adaln_norm as adaln_op
+from sora_kernels.ops import varlen_attention as attention_op
+
+ATOMIC_BACKWARDS = ["adaln_norm", "gated_residual_adaln", "gated_residual", "rms_norm", "final_layer_unpatchify"]
+NEXT_BACKEND = "cpu" if DEVICE.type == "cpu" else "reference"     # after triton, for these fp32 cases
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    """Sets torch.use_deterministic_algorithms(True, warn_only=...) and restores the setting
+    (with the cuBLAS workspace PyTorch asks for in that mode: the final layer's F.linear)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield lambda warn_only=False: torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _grads(f, leaves) -> list[torch.Tensor]:
+    out = f(*leaves)
+    out = out if isinstance(out, list) else [out]
+    return torch.autograd.grad(sum((o.float() * o.float()).sum() for o in out), leaves)
+
+
+@pytest.mark.parametrize("name", ATOMIC_BACKWARDS)
+def test_triton_backend_refused_for_a_backward(name, deterministic, monkeypatch):
+    f, leaves = public_op_cases()[name]
+    require_backend(adaln_op.ADALN_BACKENDS, "triton", (leaves[0].detach(),))
+    monkeypatch.setenv("SORA_KERNELS_BACKEND", "triton")
+    deterministic()
+    with pytest.raises(sk.NoBackendError, match=r"triton: .*float atomics.*torch.use_deterministic_algorithms\(True\)"):
+        f(*leaves)
+    with torch.no_grad():          # inference: the forward has no atomics
+        f(*leaves)
+    f(*(x.detach() for x in leaves))
+
+
+@pytest.mark.parametrize("name", ATOMIC_BACKWARDS)
+def test_next_backend_runs_it(name, deterministic):
+    """Unforced, the call runs on the next backend: the gradients are that backend's, forced."""
+    f, leaves = public_op_cases()[name]
+    require_backend(adaln_op.ADALN_BACKENDS, "triton", (leaves[0].detach(),))
+    deterministic()
+    got = _grads(f, leaves)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SORA_KERNELS_BACKEND", NEXT_BACKEND)
+        expected = _grads(f, leaves)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("warn_only", [False, True])
+def test_under_compile(warn_only, deterministic):
+    """Under torch.compile(fullgraph=True) the mode is read while tracing (torch.compile guards
+    on it); warn_only cannot be read there, so the next backend runs either way."""
+    f, leaves = public_op_cases()["adaln_norm"]
+    require_backend(adaln_op.ADALN_BACKENDS, "triton", (leaves[0].detach(),))
+    deterministic(warn_only=warn_only)
+    torch._dynamo.reset()
+    got = _grads(torch.compile(f, fullgraph=True, backend="aot_eager"), leaves)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SORA_KERNELS_BACKEND", NEXT_BACKEND)
+        expected = _grads(f, leaves)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+def test_warn_only_runs_the_triton_backend(deterministic, monkeypatch):
+    f, leaves = public_op_cases()["adaln_norm"]
+    require_backend(adaln_op.ADALN_BACKENDS, "triton", (leaves[0].detach(),))
+    monkeypatch.setenv("SORA_KERNELS_BACKEND", "triton")
+    deterministic(warn_only=True)
+    with pytest.warns(UserWarning, match="triton backend runs although its backward adds .* float atomics"):
+        _grads(f, leaves)
+
+
+def test_attention_atomic_dq_mode_computes_dq_separately(deterministic, monkeypatch):
+    """DQ_MODE "atomic" adds dq with atomics in the dk/dv kernel; in the deterministic mode the
+    backward launches the dq kernel instead, and gives DQ_MODE "separate"'s bits."""
+    f, leaves = public_op_cases()["varlen_attention"]
+    leaves = [x.detach().half().requires_grad_() for x in leaves]    # the Triton kernels' dtypes
+    require_backend(attention_op.ATTENTION_BACKENDS, "triton", tuple(x.detach() for x in leaves))
+    monkeypatch.setenv("SORA_KERNELS_BACKEND", "triton")
+    launched, launch = [], attention_op._launch
+    monkeypatch.setattr(attention_op, "_launch", lambda kind, *args, **kw: launched.append(kind) or launch(kind, *args,
+                                                                                                       **kw))
+    monkeypatch.setattr(attention_op, "DQ_MODE", "separate")
+    expected = _grads(f, leaves)
+    monkeypatch.setattr(attention_op, "DQ_MODE", "atomic")
+    launched.clear()
+    _grads(f, leaves)
+    assert "dkdv_dq" in launched and "dq" not in launched
+    deterministic()
+    launched.clear()
+    got = _grads(f, leaves)
+    assert "dkdv_dq" not in launched and "dq" in launched, launched
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
