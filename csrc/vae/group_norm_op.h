@@ -128,9 +128,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     group_norm_backward_cpu(p.args, dyc.data_ptr<float>(), mean_c.data_ptr<float>(), rstd_c.data_ptr<float>(),
                             dx.data_ptr<float>(), rows[0].data_ptr<float>(), rows[1].data_ptr<float>());
   }
-  at::Tensor sums = B * T > 0 ? rows.sum(1) : at::zeros({2, C}, x.options());
-  at::Tensor dweight = weight.has_value() ? sums[0] : at::empty({0}, x.options());
-  at::Tensor dbias = bias.has_value() ? sums[1] : at::empty({0}, x.options());
+  // one sum each: rows.sum(1)[0] and [1] would be views of one tensor, outputs that alias
+  // each other, which the op's schema does not declare (torch.library.opcheck refuses them)
+  const auto channel_sums = [&](int64_t i) { return B * T > 0 ? rows[i].sum(0) : at::zeros({C}, x.options()); };
+  at::Tensor dweight = weight.has_value() ? channel_sums(0) : at::empty({0}, x.options());
+  at::Tensor dbias = bias.has_value() ? channel_sums(1) : at::empty({0}, x.options());
   return {dx, dweight, dbias};
 }
 
