@@ -15,6 +15,7 @@ When none can run, one :class:`NoBackendError` lists every backend and its reaso
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -117,22 +118,33 @@ def device_reasons(name: str, device: torch.device, op: str) -> list[str]:
     raise ValueError(f"backend: expected one of {PRIORITY}, got {name!r}")
 
 
-def deterministic_reasons(args: tuple, atomic_sums: str) -> list[str]:
-    """Why a backend whose backward adds `atomic_sums` with float atomics (in an order, and so
-    to last bits, that vary from run to run) cannot run a call that will be differentiated
-    while torch.use_deterministic_algorithms(True) is set: the next backend runs it (the
-    reference's index additions are deterministic in that mode). With warn_only=True it runs
-    after a warning, as PyTorch's own nondeterministic ops do; but not under torch.compile,
-    which cannot read warn_only (the next backend runs, as without it)."""
+def deterministic_reasons(summed: tuple, atomic_sums: str) -> list[str]:
+    """Why a backend whose backward adds `atomic_sums` (the gradients of the tensors `summed`)
+    with float atomics, in an order, and so to last bits, that vary from run to run, cannot run
+    a call that will differentiate one of them while torch.use_deterministic_algorithms(True)
+    is set: the next backend runs it (the reference's index additions are deterministic in that
+    mode). With warn_only=True it runs after a warning to the caller, as PyTorch's own
+    nondeterministic ops do; but not under torch.compile, which cannot read warn_only (the next
+    backend runs, as without it). Call it last, when nothing else rules the backend out."""
     if not (torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
-            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in summed)):
         return []
     why = (f"its backward adds {atomic_sums} with float atomics, in an order that varies from run to run, "
            f"and torch.use_deterministic_algorithms(True) is set")
     if not torch.compiler.is_compiling() and torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(f"sora_kernels' triton backend runs although {why} (warn_only=True)", stacklevel=3)
+        warnings.warn(f"sora_kernels' triton backend runs although {why} (warn_only=True)",
+                      stacklevel=_outside_the_package())
         return []
     return [why]
+
+
+def _outside_the_package() -> int:
+    """The stacklevel of the first frame outside sora_kernels, seen from the caller's caller
+    (a warning then names the user's line, however deep in the package it was raised)."""
+    package, frame, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # -----------------------------------------------------------------------------

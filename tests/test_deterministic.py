@@ -3,11 +3,13 @@ backwards of the adaLN family (adaln_norm, gated_residual_adaln, gated_residual,
 weight, the final layer) add gradients with float atomics, whose order varies from run to run
 on a GPU: in that mode a call that will be differentiated goes to the next backend (forced,
 the Triton backend is refused with the reason); with warn_only=True it runs after a warning;
-inference is untouched. varlen_attention's "atomic" dq mode computes dq "separate" instead."""
+inference and calls that differentiate only the token tensors (dx has no atomic sums) are
+untouched. varlen_attention's "atomic" dq mode computes dq "separate" instead."""
 import pytest
 import torch
 
 import sora_kernels as sk
+import conftest
 from conftest import DEVICE, public_op_cases, require_backend
 from sora_kernels.ops import adaln_norm as adaln_op
 from sora_kernels.ops import varlen_attention as attention_op
@@ -49,7 +51,8 @@ def test_triton_backend_refused_for_a_backward(name, deterministic, monkeypatch)
 def test_next_backend_runs_it(name, deterministic):
     """Unforced, the call runs on the next backend: the gradients are that backend's, forced."""
     f, leaves = public_op_cases()[name]
-    require_backend(adaln_op.ADALN_BACKENDS, "triton", (leaves[0].detach(),))
+    for backend in ("triton", NEXT_BACKEND):
+        require_backend(adaln_op.ADALN_BACKENDS, backend, (leaves[0].detach(),))
     deterministic()
     got = _grads(f, leaves)
     with pytest.MonkeyPatch.context() as m:
@@ -64,7 +67,8 @@ def test_under_compile(warn_only, deterministic):
     """Under torch.compile(fullgraph=True) the mode is read while tracing (torch.compile guards
     on it); warn_only cannot be read there, so the next backend runs either way."""
     f, leaves = public_op_cases()["adaln_norm"]
-    require_backend(adaln_op.ADALN_BACKENDS, "triton", (leaves[0].detach(),))
+    for backend in ("triton", NEXT_BACKEND):
+        require_backend(adaln_op.ADALN_BACKENDS, backend, (leaves[0].detach(),))
     deterministic(warn_only=warn_only)
     torch._dynamo.reset()
     got = _grads(torch.compile(f, fullgraph=True, backend="aot_eager"), leaves)
@@ -74,13 +78,40 @@ def test_under_compile(warn_only, deterministic):
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
 
+
+def test_token_gradients_alone_stay_on_triton(deterministic, monkeypatch):
+    """Only the per-segment and weight gradients are summed with atomics: with those tensors
+    frozen the Triton backend runs the backward."""
+    g = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(10, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    gate, shift, scale = (torch.randn(2, 16, generator=g).to(DEVICE) for _ in range(3))
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=DEVICE)
+    require_backend(adaln_op.ADALN_BACKENDS, "triton", (x.detach(),))
+    monkeypatch.setenv("SORA_KERNELS_BACKEND", "triton")
+    deterministic()
+    h, z = sk.gated_residual_adaln(x, y, gate, shift, scale, cu)
+    torch.autograd.grad((h.sum() + z.sum(), sk.rms_norm(x.view(10, 2, 8), torch.ones(8, device=DEVICE)).sum()),
+                        (x, y))
+    with pytest.raises(sk.NoBackendError, match="float atomics"):
+        sk.rms_norm(x.view(10, 2, 8), torch.ones(8, device=DEVICE, requires_grad=True))
+
+
 def test_warn_only_runs_the_triton_backend(deterministic, monkeypatch):
+    """warn_only=True: the Triton backend runs after a warning that points at the caller's
+    line; none when the Triton backend could not run anyway (float64 here)."""
     f, leaves = public_op_cases()["adaln_norm"]
     require_backend(adaln_op.ADALN_BACKENDS, "triton", (leaves[0].detach(),))
-    monkeypatch.setenv("SORA_KERNELS_BACKEND", "triton")
     deterministic(warn_only=True)
-    with pytest.warns(UserWarning, match="triton backend runs although its backward adds .* float atomics"):
-        _grads(f, leaves)
+    with monkeypatch.context() as m:
+        m.setenv("SORA_KERNELS_BACKEND", "triton")
+        with pytest.warns(UserWarning, match="triton backend runs although its backward adds .* float atomics") as w:
+            _grads(f, leaves)
+    # the line that called sk.adaln_norm (in public_op_cases), not one inside sora_kernels
+    assert {r.filename for r in w} == {conftest.__file__}, [(r.filename, r.lineno) for r in w]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _grads(f, [x.detach().double().requires_grad_() for x in leaves])
 
 
 def test_attention_atomic_dq_mode_computes_dq_separately(deterministic, monkeypatch):

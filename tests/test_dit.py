@@ -110,6 +110,7 @@ def test_compiled_block_two_graphs_for_every_batch():
             assert torch.equal(compiled(packed.tokens, c, packed, text), block(packed.tokens, c, packed, text))
     assert len(graphs) == 2, f"{len(graphs)} graphs for {len(batches)} batches"
 
+
 def test_adaln_zero_output_is_zero():
     torch.manual_seed(0)
     dit = DiT(dit_config("tiny")).to(DEVICE)

@@ -71,6 +71,7 @@ def test_mp4_bytes_do_not_depend_on_scheduling(tmp_path):
         context = writer._stream.codec_context
         assert context.name == "libx264" and context.thread_type == av.codec.context.ThreadType.FRAME
 
+
 def test_io_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="path: no such file"):
         read_video(str(tmp_path / "missing.mp4"))

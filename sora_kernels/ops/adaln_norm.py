@@ -672,15 +672,15 @@ ATOMIC_SUMS = {"adaln_norm": "the per-segment shift and scale gradients (and the
                "final_layer_unpatchify": "the per-segment shift and scale gradients"}
 
 
-def triton_reasons(x: torch.Tensor, op: str, args: tuple = ()) -> list[str]:
-    """Why the Triton kernels cannot run op `op` (args: all its tensors, for the deterministic
-    mode's check: ATOMIC_SUMS)."""
-    reasons = B.device_reasons("triton", x.device, op) + B.deterministic_reasons(args, ATOMIC_SUMS[op])
+def triton_reasons(x: torch.Tensor, op: str, summed: tuple = ()) -> list[str]:
+    """Why the Triton kernels cannot run op `op` (summed: the tensors whose gradients its
+    backward adds with float atomics, ATOMIC_SUMS, for the deterministic mode's check)."""
+    reasons = B.device_reasons("triton", x.device, op)
     if x.shape[-1] > MAX_D:
         reasons.append(f"compiled for rows of at most {MAX_D} elements, got D={x.shape[-1]}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
-    return reasons
+    return reasons or B.deterministic_reasons(summed, ATOMIC_SUMS[op])
 
 
 def cpu_reasons(x: torch.Tensor, compiled_op: str = "adaln") -> list[str]:
@@ -692,7 +692,8 @@ def cpu_reasons(x: torch.Tensor, compiled_op: str = "adaln") -> list[str]:
 
 
 ADALN_BACKENDS = (
-    B.Backend("triton", lambda *args: triton_reasons(args[0], "adaln_norm", args),
+    B.Backend("triton", lambda x, shift=None, scale=None, weight=None, *rest:
+              triton_reasons(x, "adaln_norm", (shift, scale, weight)),
               lambda x, shift, scale, weight, seg, eps, layer:
               adaln_norm_triton(x, shift, scale, weight, seg, eps, layer)[0]),
     B.Backend("cpu", lambda x, *rest: cpu_reasons(x),
@@ -703,7 +704,8 @@ ADALN_BACKENDS = (
               ref.adaln_norm(x, shift, scale, seg, eps, "layer" if layer else "rms", weight)),
 )
 FUSED_BACKENDS = (
-    B.Backend("triton", lambda *args: triton_reasons(args[0], "gated_residual_adaln", args),
+    B.Backend("triton", lambda x, y=None, gate=None, shift=None, scale=None, weight=None, *rest:
+              triton_reasons(x, "gated_residual_adaln", (gate, shift, scale, weight)),
               lambda x, y, gate, shift, scale, weight, seg, eps, layer:
               gated_residual_adaln_triton(x, y, gate, shift, scale, weight, seg, eps, layer)[:2]),
     B.Backend("cpu", lambda x, *rest: cpu_reasons(x),

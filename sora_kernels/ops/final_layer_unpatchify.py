@@ -242,13 +242,12 @@ final_layer_unpatchify_triton.register_autograd(_backward, setup_context=_setup)
 # -----------------------------------------------------------------------------
 
 def _triton_reasons(x, shift, scale, weight, bias, seg, patch, packed, eps, layer) -> list[str]:
-    reasons = B.device_reasons("triton", x.device, "final_layer_unpatchify") + B.deterministic_reasons(
-        (x, shift, scale, weight, bias), ATOMIC_SUMS["final_layer_unpatchify"])
+    reasons = B.device_reasons("triton", x.device, "final_layer_unpatchify")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"runs fp16, bf16 and fp32, got {x.dtype}")
     if x.shape[1] > MAX_D:  # the backward runs adaln_norm's kernels
         reasons.append(f"compiled for rows of at most {MAX_D} elements, got D={x.shape[1]}")
-    return reasons
+    return reasons or B.deterministic_reasons((shift, scale), ATOMIC_SUMS["final_layer_unpatchify"])
 
 
 def _unfused(backend: str):

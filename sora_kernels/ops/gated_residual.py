@@ -170,7 +170,8 @@ if B.compiled_has("gated_residual", "CPU"):
     torch.library.register_autograd("sora_kernels::gated_residual", _compiled_backward, setup_context=_setup)
 
 GATED_RESIDUAL_BACKENDS = (
-    B.Backend("triton", lambda *args: triton_reasons(args[0], "gated_residual", args), gated_residual_triton),
+    B.Backend("triton", lambda x, y=None, gate=None, *rest: triton_reasons(x, "gated_residual", (gate,)),
+              gated_residual_triton),
     B.Backend("cpu", lambda x, *rest: cpu_reasons(x, "gated_residual"),
               lambda x, y, gate, seg: torch.ops.sora_kernels.gated_residual(x, y, gate, seg)),
     B.Backend("reference", lambda *args: [], ref.gated_residual),

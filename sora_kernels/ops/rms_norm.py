@@ -58,7 +58,7 @@ def _backward(ctx, dout, _drstd):
 rms_norm_triton.register_autograd(_backward, setup_context=_setup)
 
 RMS_NORM_BACKENDS = (
-    B.Backend("triton", lambda *args: triton_reasons(args[0], "rms_norm", args),
+    B.Backend("triton", lambda x, weight=None, *rest: triton_reasons(x, "rms_norm", (weight,)),
               lambda x, weight, eps: rms_norm_triton(x, weight, eps)[0]),
     B.Backend("cpu", lambda x, *rest: cpu_reasons(x),
               lambda x, weight, eps: torch.ops.sora_kernels.adaln(

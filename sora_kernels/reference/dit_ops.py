@@ -13,7 +13,7 @@ def segment_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
     (so empty segments get none). No device sync, and no slice of cu_seqlens: under torch.export
     a slice of a symbolic length specialises it to at least 2, refusing one-segment batches."""
     tokens = torch.arange(n_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return (torch.searchsorted(cu_seqlens, tokens, right=True) - 1).to(torch.int32)
+    return torch.searchsorted(cu_seqlens, tokens, right=True, out_int32=True) - 1
 
 
 def _wide(x: torch.Tensor) -> torch.dtype:
