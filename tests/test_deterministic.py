@@ -4,7 +4,8 @@ weight, the final layer) add gradients with float atomics, whose order varies fr
 on a GPU: in that mode a call that will be differentiated goes to the next backend (forced,
 the Triton backend is refused with the reason); with warn_only=True it runs after a warning;
 inference and calls that differentiate only the token tensors (dx has no atomic sums) are
-untouched. varlen_attention's "atomic" dq mode computes dq "separate" instead."""
+untouched. varlen_attention's "atomic" dq mode computes dq "separate" instead. And the mode's
+NaN-filled torch.empty shows that no op reads memory it has not written."""
 import pytest
 import torch
 
@@ -136,3 +137,36 @@ def test_attention_atomic_dq_mode_computes_dq_separately(deterministic, monkeypa
     assert "dkdv_dq" not in launched and "dq" in launched, launched
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["default", "native"])
+@pytest.mark.parametrize("name", list(public_op_cases()))
+def test_no_op_reads_memory_it_did_not_write(name, native, deterministic, request):
+    """In the deterministic mode torch.empty fills new tensors with NaN (torch.utils.
+    deterministic.fill_uninitialized_memory): every public op, forward and backward, on the
+    tests' backends and a CPU user's (warn_only, so the Triton backwards run too) gives the
+    results it gives without it, so none reads an output or workspace before writing it."""
+    if native:
+        if DEVICE.type != "cpu":
+            pytest.skip("the native case is the CPU user's backends; on a GPU it repeats the default one")
+        request.getfixturevalue("native_kernels")
+    f, leaves = public_op_cases()[name]
+
+    def results():
+        out = f(*leaves)
+        outs = out if isinstance(out, list) else [out]
+        diff = [o for o in outs if o.requires_grad]
+        grads = torch.autograd.grad(sum((o.float() ** 2).sum() for o in diff), leaves) if diff else ()
+        return [o.detach() for o in outs] + list(grads)
+    expected = results()
+    deterministic(warn_only=True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # the atomic backwards' warn_only warning
+        got = results()
+    for a, b in zip(got, expected, strict=True):
+        if DEVICE.type == "cpu":
+            assert torch.equal(a, b), name
+        else:   # the float atomics' order varies from run to run: fp32 rounding, but no NaN
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
