@@ -45,6 +45,29 @@ def test_tiled_equals_untiled(tile, chunk):
     assert torch.equal(streamed, tiled)
 
 
+def test_every_pixel_is_written(monkeypatch):
+    """With torch.use_deterministic_algorithms(True), torch.empty fills new tensors with NaN: the
+    full, chunked, tiled and streamed decodes (which write into buffers they allocate empty)
+    give the same bits as without it, so none leaves a pixel or a carried frame unwritten."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    vae = tiny(seed=2)
+    z = torch.randn(1, 16, 3, 5, 7, device=DEVICE)
+
+    def decodes():
+        with torch.no_grad():
+            return [vae.decode(z), vae.decode(z, 2), vae.decode(z, 2, tile=(2, 3)),
+                    torch.cat(list(vae.decode_stream(z, tile=(3, 2))), dim=2)]
+    expected = decodes()
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = decodes()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
 def _per_tile_statistics(vae, z, tile):
     """The tiled decode with the same tiles and halos but each tile's GroupNorms taking the
     statistics of the tile (with its halo): what tiling without the statistics passes gives."""
