@@ -41,6 +41,21 @@ def test_matches_conv3d(backend, dtype):
     assert_2x_rule(ours, plain, exact, dtype, "patch_embed3d")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_no_output_features(backend):
+    """A projection to E = 0 features gives [N, 0] tokens and zero-size gradients, as Conv3d
+    does (the weight check once indexed the weight's first row, an IndexError)."""
+    patch = (1, 2, 2)
+    videos = [torch.randn(4, *s, device=DEVICE, requires_grad=True) for s in SIZES[:2]]
+    weight = torch.zeros(0, 4, *patch, device=DEVICE, requires_grad=True)
+    bias = torch.zeros(0, device=DEVICE, requires_grad=True)
+    require_backend(PATCH_EMBED_BACKENDS, backend, (videos, weight.reshape(0, 16), bias, patch))
+    tokens = sk.patch_embed3d(videos, weight, bias, patch, backend=backend).tokens
+    assert tokens.shape == (3 * 4 * 6 + 3 * 2, 0)
+    grads = torch.autograd.grad(tokens.sum(), videos + [weight, bias], allow_unused=True)
+    assert [None if g is None else tuple(g.shape) for g in grads[-2:]] == [(0, 4, *patch), (0,)]
+    assert all(g is None or not g.any() for g in grads)
+
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_torch_compile_fullgraph(backend):
     g = torch.Generator().manual_seed(0)

@@ -191,7 +191,7 @@ PATCH_EMBED_BACKENDS = (
 def _check_projection(weight, bias, C: int, patch: tuple[int, int, int], like: torch.Tensor):
     """weight as [E, K] (K = C*pt*ph*pw) and bias, checked against the input `like`."""
     K = C * patch[0] * patch[1] * patch[2]
-    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 5) or weight[0].numel() != K:
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 5) or weight.shape[1:].numel() != K:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight: expected [E, {C}, {patch[0]}, {patch[1]}, {patch[2]}] or [E, {K}], got {got}")
     if weight.dtype != like.dtype or weight.device != like.device:
