@@ -77,6 +77,7 @@ def test_torch_compile_fullgraph():
     (dict(positions=torch.zeros(4, 3, dtype=torch.int64)), "positions: expected dtype torch.int32, got torch.int64"),
     (dict(sections=(8, 8, 2)), r"sections: expected \(t, h, w\) summing to the head dim 16, got \(8, 8, 2\)"),
     (dict(sections=(7, 7, 2)), "sections: expected 3 non-negative even ints"),
+    (dict(sections=16), "sections: expected 3 non-negative even ints .*, got 16"),
     (dict(theta=0.5), "theta: expected a finite number > 1, got 0.5"),
 ])
 def test_errors(kwargs, message):

@@ -447,6 +447,7 @@ ERRORS = [
     (dict(softcap=30.0), r"softcap: expected 0.0 \(soft-capping is not implemented\), got 30.0"),
     (dict(alibi_slopes=torch.ones(4)), r"alibi_slopes: expected None \(ALiBi is not implemented\), got Tensor"),
     (dict(deterministic="yes"), "deterministic: expected a bool, got 'yes'"),
+    (dict(causal="no"), "causal: expected a bool, got 'no'"),
     (dict(block_table=torch.zeros(2, 4, dtype=torch.int32)), r"block_table: expected None \(a paged KV cache is not "
                                                               r"implemented; .*got Tensor"),
 ]

@@ -218,7 +218,7 @@ def check_sections(head_dim: int, sections, name: str = "x") -> tuple[int, int, 
         raise ValueError(f"{name}: rope rotates pairs of features, expected an even head dim D, got D={head_dim}")
     if sections is None:
         return ref.default_sections(head_dim)
-    s = tuple(sections)
+    s = tuple(sections) if isinstance(sections, (list, tuple)) else ()
     if len(s) != 3 or not all(isinstance(n, int) and n >= 0 and n % 2 == 0 for n in s):
         raise ValueError(f"sections: expected 3 non-negative even ints (t, h, w), got {sections!r}")
     if sum(s) != head_dim:

@@ -1273,6 +1273,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         softmax_scale = 1.0 / math.sqrt(q.shape[2])
     elif not isinstance(softmax_scale, (int, float)) or not abs(softmax_scale) < math.inf:
         raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
+    if not isinstance(causal, int) or causal not in (0, 1):   # a bool, or flash_attn callers' 0 / 1
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
     rope = _rope_record(rope, q, k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), bool(causal), rope)
     out, lse = B.select("varlen_attention", ATTENTION_BACKENDS, args, backend).run(*args)
