@@ -1,16 +1,16 @@
 """torch.use_deterministic_algorithms(True), as PyTorch's own ops honour it. The Triton
 backwards of the adaLN family (adaln_norm, gated_residual_adaln, gated_residual, rms_norm's
 weight, the final layer) add gradients with float atomics, whose order varies from run to run
-on a GPU: in that mode a call that will be differentiated goes to the next backend (forced,
-the Triton backend is refused with the reason); with warn_only=True it runs after a warning;
-inference and calls that differentiate only the token tensors (dx has no atomic sums) are
-untouched. varlen_attention's "atomic" dq mode computes dq "separate" instead. And the mode's
+on a GPU: in that mode a call that will differentiate those tensors goes to the next backend
+(forced, the Triton backend is refused with the reason); with warn_only=True it runs after a
+warning; inference and calls that differentiate only the token tensors (dx has no atomic
+sums) are untouched. varlen_attention's "atomic" dq mode computes dq "separate" instead. And the mode's
 NaN-filled torch.empty shows that no op reads memory it has not written."""
 import pytest
 import torch
 
-import sora_kernels as sk
 import conftest
+import sora_kernels as sk
 from conftest import DEVICE, public_op_cases, require_backend
 from sora_kernels.ops import adaln_norm as adaln_op
 from sora_kernels.ops import varlen_attention as attention_op
