@@ -1,7 +1,7 @@
 """The Packed record: many videos of different sizes as one token sequence."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +33,28 @@ class Packed:
     @property
     def num_videos(self) -> int:
         return len(self.grids)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+           non_blocking: bool = False) -> "Packed":
+        """This record with every tensor on `device` and the tokens cast to `dtype` (each when
+        given; the int32 index tensors keep their dtype), e.g. packed in a DataLoader worker on
+        the CPU, then moved to the GPU. Segment ids already computed move with it."""
+        def move(t: torch.Tensor, cast: torch.dtype | None = None) -> torch.Tensor:
+            return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+        return self._with(move, lambda t: move(t, dtype))
+
+    def pin_memory(self) -> "Packed":
+        """This record with every tensor in pinned host memory: torch.utils.data.DataLoader's
+        pin_memory=True calls it on batches that are Packed records."""
+        return self._with(torch.Tensor.pin_memory, torch.Tensor.pin_memory)
+
+    def _with(self, index_fn, tokens_fn) -> "Packed":
+        out = replace(self, tokens=tokens_fn(self.tokens), cu_seqlens=index_fn(self.cu_seqlens),
+                      positions=index_fn(self.positions), grid_sizes=index_fn(self.grid_sizes))
+        ids = self.__dict__.get("_segment_ids")
+        if ids is not None:
+            object.__setattr__(out, "_segment_ids", index_fn(ids))
+        return out
 
     @property
     def segment_ids(self) -> torch.Tensor:

@@ -118,6 +118,31 @@ def test_metadata_is_int32_and_positions_are_grid_indices(backend):
     assert packed.grids == ((2, 2, 3), (1, 1, 2))
 
 
+def test_record_to_device_and_dtype():
+    """Packed.to moves every tensor (the segment ids too, once computed) and casts the tokens
+    only; Packed.pin_memory pins them (what DataLoader(pin_memory=True) calls). Packed in a
+    DataLoader's collate function on the CPU, a batch arrives as a record."""
+    packed = sk.pack_patchify(make_videos([(2, 4, 6), (1, 2, 4)], 3, device="cpu"), (1, 2, 2))
+    ids = packed.segment_ids
+    moved = packed.to("meta", torch.float16)
+    tensors = ("tokens", "cu_seqlens", "positions", "grid_sizes", "segment_ids")
+    assert all(getattr(moved, name).device.type == "meta" for name in tensors)
+    assert moved.tokens.dtype == torch.float16 and moved.segment_ids.dtype == torch.int32
+    assert (moved.grids, moved.max_seqlen, moved.patch_size) == (packed.grids, packed.max_seqlen, packed.patch_size)
+    same = packed.to(dtype=torch.float64)
+    assert torch.equal(same.tokens, packed.tokens.double()) and "_segment_ids" in same.__dict__
+    assert torch.equal(same.segment_ids, ids) and torch.equal(same.cu_seqlens, packed.cu_seqlens)
+    loader = torch.utils.data.DataLoader([make_videos([(1, 2, 2), (2, 4, 4)], 3, device="cpu", seed=i)
+                                          for i in range(3)], batch_size=None,
+                                         collate_fn=lambda videos: sk.pack_patchify(videos, (1, 2, 2)),
+                                         pin_memory=torch.cuda.is_available())
+    batches = list(loader)
+    assert len(batches) == 3 and all(isinstance(b, sk.Packed) for b in batches)
+    assert all(b.tokens.is_pinned() for b in batches) == torch.cuda.is_available()
+    if torch.cuda.is_available():
+        on_gpu = batches[0].to(DEVICE, non_blocking=True)
+        assert on_gpu.tokens.is_cuda and on_gpu.positions.is_cuda
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
 def test_backward_matches_reference(backend):
     patch = (1, 2, 2)
