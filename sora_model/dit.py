@@ -72,6 +72,9 @@ class TextBatch:
     pooled: torch.Tensor
 
 
+torch.export.register_dataclass(TextBatch, serialized_type_name="sora_model.TextBatch")   # (as Packed)
+
+
 # -----------------------------------------------------------------------------
 # Embedders
 # -----------------------------------------------------------------------------

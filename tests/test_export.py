@@ -142,6 +142,24 @@ def test_export_dit_and_aoti(tmp_path, native_kernels):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_export_dit_block(native_kernels):
+    """One DiT block, whose forward takes the Packed record and the TextBatch (both registered
+    as pytree dataclasses, so torch.export takes them): exported, equal to eager bit for bit."""
+    from sora_model.dit import TextBatch
+    dit = _random_dit()
+    block = dit.blocks[0]
+    g = torch.Generator().manual_seed(3)
+    latents = [torch.randn(dit.cfg.in_channels, *s, generator=g).to(DEVICE) for s in [(3, 8, 12), (1, 6, 4)]]
+    text = TextBatch(torch.randn(11, dit.cfg.text_dim, generator=g).to(DEVICE),
+                     torch.tensor([0, 5, 11], dtype=torch.int32, device=DEVICE), 6,
+                     torch.randn(2, dit.cfg.text_dim, generator=g).to(DEVICE))
+    with torch.no_grad():
+        packed = sk.patch_embed3d(latents, dit.patch_embed, dit.patch_bias, dit.cfg.patch_size)
+        c = dit.t_embed(torch.rand(2, generator=g).to(DEVICE)) + dit.text_pool(text.pooled)
+        args = (packed.tokens, c, packed, text)
+        program = torch.export.export(block, args)
+        assert torch.equal(program.module()(*args), block(*args))
+
 def test_export_vae_decode(native_kernels):
     """The autoencoder's decode (sampling's last step) exported: on CPU eager calls oneDNN
     directly and the exported graph F.conv3d, so fp32 rounding (test_vae's compiled decode)."""
