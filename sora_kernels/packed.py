@@ -64,15 +64,16 @@ class Packed:
         Cached in the instance dict by hand rather than with functools.cached_property: on
         Python < 3.12 that takes an RLock, which torch.compile (Dynamo) cannot trace, so a
         compiled function that builds a Packed and reads segment_ids would fail to compile.
-        Not cached while torch.export traces: it runs this code on fake tensors, and a cached
-        fake would outlive the trace in a record the caller keeps using (torch.compile replays
-        the cache's write with the real ids). The ids need no device sync
+        Not cached while torch.export traces without Dynamo (its default): it runs this code on
+        fake tensors, and a cached fake would outlive the trace in a record the caller keeps
+        using. Dynamo (torch.compile) replays the cache's write with the real ids. (Under Dynamo,
+        torch 2.11 says is_exporting() too, hence both tests.) The ids need no device sync
         (reference.dit_ops.segment_ids)."""
         ids = self.__dict__.get("_segment_ids")
         if ids is None:
             from sora_kernels.reference.dit_ops import segment_ids
             ids = segment_ids(self.cu_seqlens, self.tokens.shape[0])
-            if not torch.compiler.is_exporting():
+            if torch.compiler.is_dynamo_compiling() or not torch.compiler.is_exporting():
                 object.__setattr__(self, "_segment_ids", ids)  # a frozen dataclass: a cache, not a field
         return ids
 

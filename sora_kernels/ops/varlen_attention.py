@@ -1170,7 +1170,9 @@ def _reasons(name: str):
 
 def _op_runner(op):
     def run(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, rope):
-        pos_q, pos_k, theta, sections = (None, None, 10000.0, []) if rope is None else \
+        # without rope the sections go unused; not [], which AOTInductor in torch 2.11 passes
+        # to the op as None (a package of a model with cross-attention then failed to run)
+        pos_q, pos_k, theta, sections = (None, None, 10000.0, [0, 0, 0]) if rope is None else \
             (rope.positions_q, rope.positions_k, rope.theta, list(rope.sections))
         return op(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, pos_q, pos_k, theta, sections)
     return run
