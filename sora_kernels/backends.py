@@ -14,6 +14,7 @@ When none can run, one :class:`NoBackendError` lists every backend and its reaso
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -116,6 +117,13 @@ def device_reasons(name: str, device: torch.device, op: str) -> list[str]:
             return [f"runs on CUDA tensors, got {device.type}"]
         return []
     raise ValueError(f"backend: expected one of {PRIORITY}, got {name!r}")
+
+
+def finite_number(x) -> bool:
+    """Whether x is an int or float and finite. abs(x) < inf rather than math.isfinite: under
+    torch.compile with dynamic shapes a float argument is traced, and math.isfinite breaks the
+    graph on it."""
+    return isinstance(x, (int, float)) and abs(x) < math.inf
 
 
 def deterministic_reasons(summed: tuple, atomic_sums: str) -> list[str]:

@@ -17,7 +17,6 @@ from run to run at float32 rounding: ~2e-5 at most in a tiny DiT's parameters on
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -648,7 +647,7 @@ def check_norm(norm, eps) -> bool:
     """True for LayerNorm, False for RMSNorm."""
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    if not isinstance(eps, (int, float)) or not abs(eps) < math.inf or eps < 0:
+    if not B.finite_number(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     return norm == "layer"
 

@@ -30,7 +30,6 @@ function.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -416,7 +415,7 @@ def check_args(x, num_groups, weight, bias, eps, act) -> None:
             raise ValueError(f"{name}: expected shape ({C},), got {got}")
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"{name}: expected {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
-    if not isinstance(eps, (int, float)) or not abs(eps) < math.inf or eps < 0:
+    if not B.finite_number(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     if act not in ACTS:
         raise ValueError(f"act: expected one of {ACTS}, got {act!r}")

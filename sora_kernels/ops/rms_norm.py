@@ -6,7 +6,6 @@ fp32 atomic per column per program.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -90,7 +89,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, backen
     if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight: expected dtype {x.dtype} on {x.device} like x, "
                          f"got {weight.dtype} on {weight.device}")
-    if not isinstance(eps, (int, float)) or not abs(eps) < math.inf or eps < 0:
+    if not B.finite_number(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     args = (x, weight, float(eps))
     chosen = B.select("rms_norm", RMS_NORM_BACKENDS, args, backend)

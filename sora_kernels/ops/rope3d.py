@@ -6,7 +6,6 @@ fuses into its loads (ops/varlen_attention.py).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -239,7 +238,7 @@ def check_positions(name: str, positions, n_tokens: int, device: torch.device) -
 
 
 def check_theta(theta) -> float:
-    if not isinstance(theta, (int, float)) or not abs(theta) < math.inf or theta <= 1:
+    if not B.finite_number(theta) or theta <= 1:
         raise ValueError(f"theta: expected a finite number > 1, got {theta!r}")
     return float(theta)
 

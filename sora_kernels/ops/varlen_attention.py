@@ -1273,7 +1273,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                          f"got {type(block_table).__name__}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[2])
-    elif not isinstance(softmax_scale, (int, float)) or not abs(softmax_scale) < math.inf:
+    elif not B.finite_number(softmax_scale):
         raise ValueError(f"softmax_scale: expected a finite number or None, got {softmax_scale!r}")
     if not isinstance(causal, int) or causal not in (0, 1):   # a bool, or flash_attn callers' 0 / 1
         raise ValueError(f"causal: expected a bool, got {causal!r}")
