@@ -207,11 +207,14 @@ if B.TRITON_MISSING is None:
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
-                    q_start, Lq, lo, mask_end, hi, head, stride_qn, stride_qh, n_q, heads, head_dim, diag,
-                    scale_log2, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                    q_start, Lq, lo, mask_end, hi, head0, group, stride_qn, stride_qh, n_q, heads, head_dim,
+                    diag, scale_log2, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_D: tl.constexpr):
         """dk, dv of one key block summed over query blocks lo..hi (multiples of BLOCK_M, or
-        hi = Lq) of one head; MASK (causal): the blocks before mask_end cross the causal
+        hi = Lq) of the `group` heads head0.. (one loop over (head, block) pairs: a loop over
+        heads around the loop over blocks had ptxas spill the blocks' loop-invariant addresses
+        around it, 64 x 128 at D=128 on sm_90 up to 128 bytes under Triton 3.8 and 296 under
+        3.6; now 0-16); MASK (causal): the blocks before mask_end cross the causal
         diagonal and are masked (a branch inside the loop: one inlined copy of it, not two, which
         held more registers: 64 x 128, D=128, sm_90 spilled 320 bytes, now 96). Elsewhere no mask is needed:
         rows past the segment are loaded as zeros with lse +inf (probability 0), and columns
@@ -220,7 +223,11 @@ if B.TRITON_MISSING is None:
         dq_acc [Nq, H, D] with atomics."""
         offs_m = tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
-        for start_m in range(lo, hi, BLOCK_M):
+        n_blk = tl.cdiv(hi - lo, BLOCK_M)
+        for it in range(0, group * n_blk):
+            g = it // n_blk
+            head = head0 + g
+            start_m = lo + (it - g * n_blk) * BLOCK_M
             qi = start_m + offs_m
             q_mask = qi < Lq
             rows = (q_start + qi).to(tl.int64)
@@ -283,11 +290,15 @@ if B.TRITON_MISSING is None:
             lo = tl.maximum(0, n_block * BLOCK_N - diag) // BLOCK_M * BLOCK_M
             last = (n_block + 1) * BLOCK_N - 1 - diag  # the first query that sees the whole block
             mid = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(last, 0), BLOCK_M) * BLOCK_M), Lq)
-        for g in range(group):
-            head = kv_head * group + g
-            dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
-                                 q_start, Lq, lo, mid, Lq, head, stride_qn, stride_qh, n_q, heads, head_dim, diag,
-                                 scale_log2, CAUSAL, ATOMIC_DQ, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
+                             q_start, Lq, lo, mid, Lq, kv_head * group, group, stride_qn, stride_qh, n_q, heads,
+                             head_dim, diag, scale_log2, CAUSAL, ATOMIC_DQ, BLOCK_M, BLOCK_D)
+        # the stores' rows again, from a second load of the segment start: kept from the
+        # prologue, they were spilled across the loop (32 bytes of the 64 x 128 config's 80)
+        k_start = tl.load(cu_k_ptr + seq)
+        cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < Lk
+        k_rows = (k_start + cols).to(tl.int64)
         # dv first: its registers are free before dk's rotation needs its sin / cos tiles
         _store_rows(dv_ptr, dv, k_rows, col_mask, kv_heads * head_dim, kv_head, head_dim, head_dim, BLOCK_D)
         dk = dk * softmax_scale
@@ -342,6 +353,10 @@ if B.TRITON_MISSING is None:
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq)
+        q_start = tl.load(cu_q_ptr + seq)  # the stores' rows again, as in attn_bwd_dkdv_kernel
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_mask = offs_m < Lq
+        rows = (q_start + offs_m).to(tl.int64)
         dq = dq * softmax_scale
         if ROPE:
             dq = rotate_tile(dq, pos_q_ptr, rows, q_mask, freq_ptr, True, FAST, BLOCK_D)
@@ -372,10 +387,11 @@ def _configs(*configs: tuple[int, int, int, int]) -> list[KernelConfig]:
 # single list (and smaller ones) that compile without spilling registers on that family, in
 # the variants the launchers run with rope (testing/aot.py, Triton 3.8, 2026-12-06; the old
 # lists' first dk/dv config spilled 5.9 KB a thread on sm_80 at D=128). Listed in
-# tests/aot_spills.json: dk/dv 64 x 128 at D=128 on Hopper spills 80-128 bytes (some inside
-# the key loop) and stays first, because the H200 timed it fastest (benchmarks/results/
-# cuda-nvidia-h200.json); without rope (no rotation when storing dq / dk) five more configs
-# spill 16-40 bytes, all of them values stored in the prologue and read in the epilogue.
+# tests/aot_spills.json: dk/dv 64 x 128 at D=128 on Hopper, first because the H200 timed it
+# fastest (benchmarks/results/cuda-nvidia-h200.json), spilled 80-128 bytes then; since the
+# dk/dv kernel loops once over (head, query block) pairs and reloads the stores' rows after
+# the loop (2026-12-07) it spills 0-8 bytes under Triton 3.8 and 8-16 under 3.6 (the GPU
+# machine's), and 3.8 lists four attention configs at 8-16 bytes, 3.6 seven.
 # On a GPU the first AUTOTUNE_CANDIDATES are timed once per (kernel, head dim, causal, rope,
 # dtype) and the fastest kept, unless SORA_KERNELS_AUTOTUNE=0 (then, and under the
 # interpreter, the first). dk/dv with ATOMIC_DQ (DQ_MODE "atomic") also holds a
