@@ -88,3 +88,50 @@ def test_frames_rounding_add_not_fused(aot_results):
     frames = [r for r in aot_results if r["kernel"] == "frames_to_uint8_kernel"]
     assert frames and not [r for r in frames if r["fma_rounding"]], \
         [(r["arch"], r["constexprs"]) for r in frames if r["fma_rounding"]][:5]
+
+
+class _Launches:
+    """Stands in for a Triton kernel in its module: records each launch's arguments by name,
+    then launches the kernel."""
+
+    def __init__(self, kernel, record: list):
+        self.kernel, self.record = kernel, record
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.record.append((self.kernel.fn.__name__, {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_jobs_are_the_jits_variants(layout, monkeypatch):
+    """The JIT compiles an int argument equal to 1 as a constant and marks multiples of 16; the
+    ahead-of-time jobs of group_norm_silu's kernels must be that variant for the strides and
+    sizes that address memory (C, S, sb, sc, st, ss), as the launchers pass them for a decoder
+    activation in each layout (forward and backward), or the spill check reads code no call
+    runs."""
+    import torch
+
+    import sora_kernels as sk
+    from sora_kernels.ops import group_norm_silu as op
+    from sora_kernels.testing.aot import group_norm_jobs
+    addressing = ("C", "S", "sb", "sc", "st", "ss")
+    jobs = {}
+    for job in group_norm_jobs([90]):
+        ones = {k for k in addressing if job["constexprs"].get(k) == 1}
+        jobs.setdefault(job["kernel"], set()).add((frozenset(ones), frozenset(job["divisible"])))
+    launches = []
+    for name in ("gn_stats_kernel", "gn_apply_kernel", "gn_bwd_reduce_kernel", "gn_bwd_apply_kernel"):
+        monkeypatch.setattr(op, name, _Launches(getattr(op, name), launches))
+    x = torch.randn(1, 64, 2, 8, 16)  # C, H * W and every stride multiples of 16
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last_3d)
+    weight = torch.ones(64, requires_grad=True)
+    sk.group_norm_silu(x.requires_grad_(), 16, weight, torch.zeros(64), eps=1e-5, backend="triton").sum().backward()
+    assert {name for name, _ in launches} == {"gn_stats_kernel", "gn_apply_kernel", "gn_bwd_reduce_kernel",
+                                               "gn_bwd_apply_kernel"}
+    for name, args in launches:
+        ones = frozenset(k for k in addressing if args[k] == 1)
+        divisible = frozenset(k for k in addressing if args[k] != 1 and args[k] % 16 == 0)
+        assert (ones, divisible) in jobs[name], (name, layout, sorted(ones), sorted(divisible), jobs[name])

@@ -207,14 +207,11 @@ if B.TRITON_MISSING is None:
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
-                    q_start, Lq, lo, mask_end, hi, head0, group, stride_qn, stride_qh, n_q, heads, head_dim,
-                    diag, scale_log2, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                    q_start, Lq, lo, mask_end, hi, head, stride_qn, stride_qh, n_q, heads, head_dim, diag,
+                    scale_log2, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_D: tl.constexpr):
         """dk, dv of one key block summed over query blocks lo..hi (multiples of BLOCK_M, or
-        hi = Lq) of the `group` heads head0.. (one loop over (head, block) pairs: a loop over
-        heads around the loop over blocks had ptxas spill the blocks' loop-invariant addresses
-        around it, 64 x 128 at D=128 on sm_90 up to 128 bytes under Triton 3.8 and 296 under
-        3.6; now 0-16); MASK (causal): the blocks before mask_end cross the causal
+        hi = Lq) of one head; MASK (causal): the blocks before mask_end cross the causal
         diagonal and are masked (a branch inside the loop: one inlined copy of it, not two, which
         held more registers: 64 x 128, D=128, sm_90 spilled 320 bytes, now 96). Elsewhere no mask is needed:
         rows past the segment are loaded as zeros with lse +inf (probability 0), and columns
@@ -223,11 +220,7 @@ if B.TRITON_MISSING is None:
         dq_acc [Nq, H, D] with atomics."""
         offs_m = tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
-        n_blk = tl.cdiv(hi - lo, BLOCK_M)
-        for it in range(0, group * n_blk):
-            g = it // n_blk
-            head = head0 + g
-            start_m = lo + (it - g * n_blk) * BLOCK_M
+        for start_m in range(lo, hi, BLOCK_M):
             qi = start_m + offs_m
             q_mask = qi < Lq
             rows = (q_start + qi).to(tl.int64)
@@ -290,11 +283,13 @@ if B.TRITON_MISSING is None:
             lo = tl.maximum(0, n_block * BLOCK_N - diag) // BLOCK_M * BLOCK_M
             last = (n_block + 1) * BLOCK_N - 1 - diag  # the first query that sees the whole block
             mid = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(last, 0), BLOCK_M) * BLOCK_M), Lq)
-        dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
-                             q_start, Lq, lo, mid, Lq, kv_head * group, group, stride_qn, stride_qh, n_q, heads,
-                             head_dim, diag, scale_log2, CAUSAL, ATOMIC_DQ, BLOCK_M, BLOCK_D)
+        for g in range(group):
+            head = kv_head * group + g
+            dk, dv = _dkdv_inner(dk, dv, k, v, cols, k_rows, q_ptr, dout_ptr, lse_ptr, delta_ptr, dq_acc_ptr,
+                                 q_start, Lq, lo, mid, Lq, head, stride_qn, stride_qh, n_q, heads, head_dim, diag,
+                                 scale_log2, CAUSAL, ATOMIC_DQ, BLOCK_M, BLOCK_D)
         # the stores' rows again, from a second load of the segment start: kept from the
-        # prologue, they were spilled across the loop (32 bytes of the 64 x 128 config's 80)
+        # prologue, ptxas spilled them across the loop (64 x 128 at D=128 on sm_90: 32 bytes)
         k_start = tl.load(cu_k_ptr + seq)
         cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < Lk
@@ -387,11 +382,10 @@ def _configs(*configs: tuple[int, int, int, int]) -> list[KernelConfig]:
 # single list (and smaller ones) that compile without spilling registers on that family, in
 # the variants the launchers run with rope (testing/aot.py, Triton 3.8, 2026-12-06; the old
 # lists' first dk/dv config spilled 5.9 KB a thread on sm_80 at D=128). Listed in
-# tests/aot_spills.json: dk/dv 64 x 128 at D=128 on Hopper, first because the H200 timed it
-# fastest (benchmarks/results/cuda-nvidia-h200.json), spilled 80-128 bytes then; since the
-# dk/dv kernel loops once over (head, query block) pairs and reloads the stores' rows after
-# the loop (2026-12-07) it spills 0-8 bytes under Triton 3.8 and 8-16 under 3.6 (the GPU
-# machine's), and 3.8 lists four attention configs at 8-16 bytes, 3.6 seven.
+# tests/aot_spills.json: dk/dv 64 x 128 at D=128 on Hopper stays first, because the H200 timed
+# it fastest (benchmarks/results/cuda-nvidia-h200.json); for multi-head attention (the DiT's;
+# the JIT folds group == 1) it spills 0-8 bytes, for GQA 48-88 under Triton 3.8 and 184-248
+# under 3.6 (the GPU machine's), ptxas's reloads around the loop over a group's heads.
 # On a GPU the first AUTOTUNE_CANDIDATES are timed once per (kernel, head dim, causal, rope,
 # dtype) and the fastest kept, unless SORA_KERNELS_AUTOTUNE=0 (then, and under the
 # interpreter, the first). dk/dv with ATOMIC_DQ (DQ_MODE "atomic") also holds a

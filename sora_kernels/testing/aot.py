@@ -11,6 +11,7 @@ Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit function
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -88,7 +89,10 @@ def _attention_variants(kind: str, cfg, BLOCK_D: int, arch: int) -> list[dict]:
 
 def attention_jobs(archs: list[int]) -> list[dict]:
     """One job per (kernel, config its family's launcher can try, padded head dim, arch,
-    variant) of the varlen_attention kernels, bf16."""
+    variant) of the varlen_attention kernels, bf16; each for GQA / MQA (`group`, the query heads
+    per kv head, an unknown int) and for multi-head attention, the DiT's: there the JIT makes
+    group == 1 a constant (an int argument equal to 1 is specialised), which folds the kv head
+    arithmetic and, in the dk/dv kernel, the loop over a group's heads."""
     from sora_kernels.ops import varlen_attention as op
     kernels = {"fwd": op.attn_fwd_kernel, "dkdv": op.attn_bwd_dkdv_kernel, "dq": op.attn_bwd_dq_kernel,
                "dkdv_dq": op.attn_bwd_dkdv_kernel}
@@ -99,7 +103,8 @@ def attention_jobs(archs: list[int]) -> list[dict]:
                 family = 80 if arch < 90 else 90
                 tried = [c for short in (False, True) for c in op.launch_candidates(kind, BLOCK_D, short, family)]
                 for cfg in dict.fromkeys(tried):
-                    for cx in _attention_variants(kind, cfg, BLOCK_D, arch):
+                    for cx, mha in itertools.product(_attention_variants(kind, cfg, BLOCK_D, arch), (False, True)):
+                        cx = dict(cx, group=1) if mha else cx
                         signature = _attention_signature(fn, "bf16", cx)
                         if cx.get("TMA"):
                             signature.update(k_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>",
@@ -130,9 +135,13 @@ def rope_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
-def _job(fn, arch: int, num_warps: int, num_stages: int, signature: dict, constexprs: dict) -> dict:
+def _job(fn, arch: int, num_warps: int, num_stages: int, signature: dict, constexprs: dict,
+         divisible: tuple = ()) -> dict:
+    """divisible: integer arguments of this call the JIT sees as multiples of 16, past
+    ALIGNED_INTS and stride_* (_alignment_hints)."""
     return {"module": fn.__module__, "kernel": fn.__name__, "arch": arch, "num_warps": num_warps,
-            "num_stages": num_stages, "signature": signature, "constexprs": constexprs}
+            "num_stages": num_stages, "signature": signature, "constexprs": constexprs,
+            "divisible": list(divisible)}
 
 
 def _pointer_signature(fn, constexprs: dict, none: set, dtype: str, overrides: dict | None = None) -> dict:
@@ -238,9 +247,19 @@ def final_layer_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
+# group_norm_silu's two layouts as the JIT compiles them: the launchers pass x contiguous or
+# channels-last-3d (_dense), so the position stride ss or the channel stride sc is 1, which the
+# JIT makes a constant (an int argument equal to 1 is specialised as constexpr 1); the frame
+# sizes of a video autoencoder (H * W, C * H * W, ...) make the other strides and C, S
+# multiples of 16. Compiling the strides as unknown ints instead (as before 2026-12-07) checked
+# scalar code with 64-bit addresses per element that no call runs.
+GN_LAYOUTS = {"contiguous": ({"ss": 1}, ("C", "S", "sb", "sc", "st")),
+              "channels_last": ({"sc": 1}, ("C", "S", "sb", "st", "ss"))}
+
+
 def group_norm_jobs(archs: list[int]) -> list[dict]:
     """The four group_norm_silu kernels for every tile config, in bf16, fp16 and fp32 (the
-    video autoencoder's dtypes), with and without SiLU."""
+    video autoencoder's dtypes), with and without SiLU, in both layouts (GN_LAYOUTS)."""
     from sora_kernels.ops import group_norm_silu as op
     kernels = (op.gn_stats_kernel, op.gn_apply_kernel, op.gn_bwd_reduce_kernel, op.gn_bwd_apply_kernel)
     fp32 = {name: "*fp32" for name in ("part_ptr", "group_part_ptr", "chan_part_ptr", "m1_ptr", "m2_ptr", "w_ptr",
@@ -251,14 +270,15 @@ def group_norm_jobs(archs: list[int]) -> list[dict]:
         variants = ({"dx_ptr"}, {"group_part_ptr"}) if fn is op.gn_bwd_reduce_kernel else (set(),)
         for none in variants:
             for silu in ((False, True) if "SILU" in fn.arg_names else (None,)):
-                for cfg in op.config_space():
+                for cfg, (unit, divisible) in itertools.product(op.config_space(), GN_LAYOUTS.values()):
                     constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
                     if silu is not None:
                         constexprs["SILU"] = silu
-                    constexprs.update({name: None for name in none})
+                    constexprs.update({name: None for name in none}, **unit)
                     for dtype in ("bf16", "fp16", "fp32"):
                         signature = _pointer_signature(fn, constexprs, none, dtype, fp32)
-                        jobs += [_job(fn, arch, cfg["num_warps"], 3, signature, constexprs) for arch in archs]
+                        jobs += [_job(fn, arch, cfg["num_warps"], 3, signature, constexprs, divisible)
+                                 for arch in archs]
     return jobs
 
 
@@ -315,15 +335,16 @@ def _cuobjdump() -> str:
 ALIGNED_INTS = ("D", "head_dim")
 
 
-def _alignment_hints(fn, signature: dict) -> dict:
+def _alignment_hints(fn, signature: dict, divisible=()) -> dict:
     """The divisibility hints the JIT gives a call with 16-aligned tensors and strides: 16 on
-    every pointer and on the stride / width arguments (ALIGNED_INTS, stride_*). Without them the
-    compiler cannot vectorise a load (it assumes 1-byte alignment) and the register and stack
-    figures are the scalar code's, not the code the GPU runs."""
+    every pointer and on the stride / width arguments (ALIGNED_INTS, stride_*, `divisible`).
+    Without them the compiler cannot vectorise a load (it assumes 1-byte alignment) and the
+    register and stack figures are the scalar code's, not the code the GPU runs."""
     hints = {}
     for i, name in enumerate(fn.arg_names):
         kind = signature.get(name, "constexpr")
-        if kind.startswith("*") or (kind == "i32" and (name in ALIGNED_INTS or name.startswith("stride"))):
+        if kind.startswith("*") or (kind == "i32" and (name in ALIGNED_INTS or name.startswith("stride")
+                                                       or name in divisible)):
             hints[(i,)] = [["tt.divisibility", 16]]
     return hints
 
@@ -339,7 +360,7 @@ def compile_job(job: dict) -> dict:
     result = dict(job)
     try:
         src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"],
-                        attrs=_alignment_hints(fn, job["signature"]))
+                        attrs=_alignment_hints(fn, job["signature"], job.get("divisible", ())))
         k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
                            options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
