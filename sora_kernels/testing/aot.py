@@ -24,7 +24,8 @@ _TYPES = {2: "*i16", 4: "*i32"}
 
 
 def patchify_jobs(archs: list[int]) -> list[dict]:
-    """One job per (config, element size, direction, arch) of patchify_tile_kernel."""
+    """One job per (config, element size, direction, arch) of patchify_tile_kernel, pt unknown
+    and pt == 1."""
     from sora_kernels.ops import pack_patchify as op
     jobs = []
     # Launched as: pack with positions (pack_patchify), pack without (patchify3d), unpack.
@@ -42,7 +43,7 @@ def patchify_jobs(archs: list[int]) -> list[dict]:
                     jobs.append({"module": "sora_kernels.ops.pack_patchify", "kernel": "patchify_tile_kernel",
                                  "arch": arch, "num_warps": op.NUM_WARPS, "num_stages": 3,
                                  "signature": signature, "constexprs": constexprs})
-    return jobs
+    return _unit_temporal_patch(jobs)
 
 
 def _attention_signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -144,6 +145,15 @@ def _job(fn, arch: int, num_warps: int, num_stages: int, signature: dict, conste
             "divisible": list(divisible)}
 
 
+def _unit_temporal_patch(jobs: list[dict]) -> list[dict]:
+    """The jobs, and each again with pt == 1: the DiT's patch is (1, 2, 2), and the JIT makes an
+    int argument equal to 1 a constant, which folds the temporal index math of the patch
+    kernels (final_layer under Triton 3.6 spilled 24 bytes with pt unknown, none with pt 1)."""
+    unit = [dict(job, signature=dict(job["signature"], pt="constexpr"), constexprs=dict(job["constexprs"], pt=1))
+            for job in jobs]
+    return jobs + unit
+
+
 def _pointer_signature(fn, constexprs: dict, none: set, dtype: str, overrides: dict | None = None) -> dict:
     """Argument types of a kernel from its argument names: *_ptr arguments are pointers (fp32
     for the saved statistics and accumulators, int32 for segment ids, else `dtype`), the rest
@@ -215,7 +225,7 @@ def dit_jobs(archs: list[int]) -> list[dict]:
 
 def patch_embed_jobs(archs: list[int]) -> list[dict]:
     """patch_embed_kernel in bf16 and fp16 (tensor cores) and fp32 (ieee products), with and
-    without bias."""
+    without bias, pt unknown and pt == 1."""
     from sora_kernels.ops import patch_embed3d as op
     jobs = []
     for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
@@ -227,12 +237,12 @@ def patch_embed_jobs(archs: list[int]) -> list[dict]:
             signature = _pointer_signature(op.patch_embed_kernel, constexprs, none, dtype, {"slots_ptr": "*i64"})
             jobs += [_job(op.patch_embed_kernel, arch, cfg["num_warps"], cfg["num_stages"], signature,
                           constexprs) for arch in archs]
-    return jobs
+    return _unit_temporal_patch(jobs)
 
 
 def final_layer_jobs(archs: list[int]) -> list[dict]:
     """final_layer_kernel for every BLOCK_P, LayerNorm and RMSNorm, in bf16 and fp16 (tensor
-    cores) and fp32 (ieee products)."""
+    cores) and fp32 (ieee products), pt unknown and pt == 1."""
     from sora_kernels.ops import final_layer_unpatchify as op
     jobs = []
     for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
@@ -244,7 +254,7 @@ def final_layer_jobs(archs: list[int]) -> list[dict]:
                                                {"slots_ptr": "*i64", "u_ptr": "*fp32", "c_ptr": "*fp32"})
                 jobs += [_job(op.final_layer_kernel, arch, cfg["num_warps"], cfg["num_stages"], signature, constexprs)
                          for arch in archs]
-    return jobs
+    return _unit_temporal_patch(jobs)
 
 
 # group_norm_silu's two layouts as the JIT compiles them: the launchers pass x contiguous or
