@@ -105,7 +105,7 @@ class _Launches:
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_group_norm_jobs_are_the_jits_variants(layout, monkeypatch):
+def test_group_norm_jobs_are_the_jits_variants(layout, device, monkeypatch):
     """The JIT compiles an int argument equal to 1 as a constant and marks multiples of 16; the
     ahead-of-time jobs of group_norm_silu's kernels must be that variant for the strides and
     sizes that address memory (C, S, sb, sc, st, ss), as the launchers pass them for a decoder
@@ -124,11 +124,12 @@ def test_group_norm_jobs_are_the_jits_variants(layout, monkeypatch):
     launches = []
     for name in ("gn_stats_kernel", "gn_apply_kernel", "gn_bwd_reduce_kernel", "gn_bwd_apply_kernel"):
         monkeypatch.setattr(op, name, _Launches(getattr(op, name), launches))
-    x = torch.randn(1, 64, 2, 8, 16)  # C, H * W and every stride multiples of 16
+    x = torch.randn(1, 64, 2, 8, 16, device=device)  # C, H * W and every stride multiples of 16
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last_3d)
-    weight = torch.ones(64, requires_grad=True)
-    sk.group_norm_silu(x.requires_grad_(), 16, weight, torch.zeros(64), eps=1e-5, backend="triton").sum().backward()
+    weight = torch.ones(64, device=device, requires_grad=True)
+    bias = torch.zeros(64, device=device)
+    sk.group_norm_silu(x.requires_grad_(), 16, weight, bias, eps=1e-5, backend="triton").sum().backward()
     assert {name for name, _ in launches} == {"gn_stats_kernel", "gn_apply_kernel", "gn_bwd_reduce_kernel",
                                                "gn_bwd_apply_kernel"}
     for name, args in launches:
