@@ -91,6 +91,14 @@ if B.TRITON_MISSING is None:
         return lse, delta
 
     @triton.jit
+    def _key_mask(cols, Lk, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Which keys of a block exist: cols < Lk, or (a block without a mask, every key in the
+        segment) a constant true, which drops a compare and a select per loaded chunk."""
+        if MASK:
+            return cols < Lk
+        return tl.full([BLOCK_N], 1, tl.int1)
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, k_start, lo, hi, offs_m, Lk, diag,
                    kv_head, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -104,7 +112,7 @@ if B.TRITON_MISSING is None:
         offs_n = tl.arange(0, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
-            col_mask = cols < Lk
+            col_mask = _key_mask(cols, Lk, MASK, BLOCK_N)
             rows = (k_start + cols).to(tl.int64)
             if TMA and not MASK:
                 k = k_desc.load([k_start + start_n, kv_head * head_dim])
@@ -302,6 +310,31 @@ if B.TRITON_MISSING is None:
         _store_rows(dk_ptr, dk, k_rows, col_mask, kv_heads * head_dim, kv_head, head_dim, head_dim, BLOCK_D)
 
     @triton.jit
+    def _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, k_start, lo, hi, offs_m, Lk, diag, kv_head,
+                  stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dq of one query block summed over key blocks lo..hi; MASK: blocks that need the length
+        / causal mask, else every key of the blocks exists and is seen (loads without a row mask)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_mask = _key_mask(cols, Lk, MASK, BLOCK_N)
+            k_rows = (k_start + cols).to(tl.int64)
+            k = _load_rows(k_ptr, k_rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, BLOCK_D)
+            v = _load_rows(v_ptr, k_rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
+            qk = tl.dot(q, tl.trans(k)) * scale_log2
+            p = tl.exp2(qk - lse[:, None])
+            if MASK:
+                allowed = col_mask[None, :]
+                if CAUSAL:
+                    allowed = allowed & (cols[None, :] <= offs_m[:, None] + diag)
+                p = tl.where(allowed, p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq)
+        return dq
+
+    @triton.jit
     def attn_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,
         dq_ptr,                         # [Nq, H, D] contiguous
@@ -331,23 +364,12 @@ if B.TRITON_MISSING is None:
         lse, delta = _row_stats(lse_ptr, delta_ptr, head, n_q, rows, q_mask)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         full, hi, diag = _key_range(m_block, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
-        offs_n = tl.arange(0, BLOCK_N)
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            col_mask = cols < Lk
-            k_rows = (k_start + cols).to(tl.int64)
-            k = _load_rows(k_ptr, k_rows, col_mask, stride_kn, kv_head, stride_kh, head_dim, BLOCK_D)
-            v = _load_rows(v_ptr, k_rows, col_mask, stride_vn, kv_head, stride_vh, head_dim, BLOCK_D)
-            qk = tl.dot(q, tl.trans(k)) * scale_log2
-            p = tl.exp2(qk - lse[:, None])
-            if start_n >= full:
-                allowed = col_mask[None, :]
-                if CAUSAL:
-                    allowed = allowed & (cols[None, :] <= offs_m[:, None] + diag)
-                p = tl.where(allowed, p, 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, k_start, 0, full, offs_m, Lk, diag, kv_head,
+                       stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, False, CAUSAL,
+                       BLOCK_N, BLOCK_D)
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, k_start, full, hi, offs_m, Lk, diag, kv_head,
+                       stride_kn, stride_kh, stride_vn, stride_vh, head_dim, scale_log2, True, CAUSAL,
+                       BLOCK_N, BLOCK_D)
         q_start = tl.load(cu_q_ptr + seq)  # the stores' rows again, as in attn_bwd_dkdv_kernel
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         q_mask = offs_m < Lq
