@@ -78,11 +78,11 @@ class Packed:
         return ids
 
 
-
 # A pytree node (its fields the children): torch.export takes a Packed argument (a DiT block's
 # forward), and torch.utils._pytree.tree_map reaches its tensors. The index tensors and ints
 # keep their meaning only together, so map the tensors alone (Packed.to does).
 torch.export.register_dataclass(Packed, serialized_type_name="sora_kernels.Packed")
+
 
 def packed_metadata(grids, device: torch.device):
     """cu_seqlens [n+1] and grid_sizes [n, 3] (int32, on `device`, from one host-to-device copy)

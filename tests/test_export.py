@@ -160,6 +160,7 @@ def test_export_dit_block(native_kernels):
         program = torch.export.export(block, args)
         assert torch.equal(program.module()(*args), block(*args))
 
+
 def test_export_vae_decode(native_kernels):
     """The autoencoder's decode (sampling's last step) exported: on CPU eager calls oneDNN
     directly and the exported graph F.conv3d, so fp32 rounding (test_vae's compiled decode)."""

@@ -143,6 +143,7 @@ def test_record_to_device_and_dtype():
         on_gpu = batches[0].to(DEVICE, non_blocking=True)
         assert on_gpu.tokens.is_cuda and on_gpu.positions.is_cuda
 
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
 def test_backward_matches_reference(backend):
     patch = (1, 2, 2)

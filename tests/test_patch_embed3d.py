@@ -56,6 +56,7 @@ def test_no_output_features(backend):
     assert [None if g is None else tuple(g.shape) for g in grads[-2:]] == [(0, 4, *patch), (0,)]
     assert all(g is None or not g.any() for g in grads)
 
+
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_torch_compile_fullgraph(backend):
     g = torch.Generator().manual_seed(0)

@@ -30,7 +30,6 @@ function.
 """
 from __future__ import annotations
 
-
 import torch
 
 from sora_kernels import backends as B

@@ -6,7 +6,6 @@ fp32 atomic per column per program.
 """
 from __future__ import annotations
 
-
 import torch
 
 from sora_kernels import backends as B

@@ -6,7 +6,6 @@ fuses into its loads (ops/varlen_attention.py).
 """
 from __future__ import annotations
 
-
 import torch
 
 from sora_kernels import backends as B
