@@ -136,3 +136,60 @@ def test_group_norm_jobs_are_the_jits_variants(layout, device, monkeypatch):
         ones = frozenset(k for k in addressing if args[k] == 1)
         divisible = frozenset(k for k in addressing if args[k] != 1 and args[k] % 16 == 0)
         assert (ones, divisible) in jobs[name], (name, layout, sorted(ones), sorted(divisible), jobs[name])
+
+
+def test_unit_ints_compile_as_the_jobs_compile_them(device, monkeypatch):
+    """The JIT makes an int argument equal to 1 a constant: a variant of its own. Calls that pass
+    1s (one video: n_videos; two: one search step; an image: T; small frames: one chunk a
+    group, one block a plane; a few tokens: one tile a program; multi-query attention: one kv
+    head) must compile as some ahead-of-time job does: the argument is do_not_specialize (one
+    variant for every value), or the jobs compile its constant 1 too (pt, group)."""
+    import torch
+
+    import sora_kernels as sk
+    from sora_kernels.ops import (adaln_norm, final_layer_unpatchify, gated_residual, group_norm_moments,
+                                  group_norm_silu, latent_denorm, pack_patchify, patch_embed3d, varlen_attention)
+    from sora_kernels.testing import aot
+    jobs = aot.kernel_jobs([90])
+    ints = {}  # kernel -> its int arguments (unknown ints in some job)
+    for job in jobs:
+        ints.setdefault(job["kernel"], set()).update(n for n, t in job["signature"].items() if t == "i32")
+    compiled = {}  # kernel -> the sets of int arguments its jobs compile as the constant 1
+    for job in jobs:
+        compiled.setdefault(job["kernel"], set()).add(
+            frozenset(n for n in ints[job["kernel"]] if job["constexprs"].get(n) == 1))
+    launches, kernels = [], {}
+    for module in (adaln_norm, final_layer_unpatchify, gated_residual, group_norm_moments, group_norm_silu,
+                   latent_denorm, pack_patchify, patch_embed3d, varlen_attention):
+        for name in set(vars(module)) & set(compiled):
+            kernels[name] = getattr(module, name)
+            monkeypatch.setattr(module, name, _Launches(kernels[name], launches))
+
+    def leaf(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    patch = (1, 2, 2)
+    sk.patchify3d(leaf(1, 4, 2, 4, 4), patch, backend="triton").sum().backward()          # one video
+    packed = sk.pack_patchify([leaf(4, 1, 4, 4), leaf(4, 2, 2, 2)], patch, backend="triton")  # two
+    packed.tokens.sum().backward()
+    one = sk.patch_embed3d([leaf(4, 2, 4, 4)], leaf(32, 16), leaf(32), patch, backend="triton")
+    tokens = one.tokens
+    cu = one.cu_seqlens
+    shift, scale, gate = leaf(1, 32), leaf(1, 32), leaf(1, 32)
+    h = sk.gated_residual(tokens, leaf(*tokens.shape), gate, cu, backend="triton")  # 8 tokens: one tile
+    h = sk.adaln_norm(h, shift, scale, cu, backend="triton")
+    out = sk.final_layer_unpatchify(h, shift, scale, leaf(16, 32), leaf(16), one, patch, backend="triton")
+    out[0].sum().backward()
+    image = leaf(1, 32, 1, 4, 4)                                    # T = 1, 16 positions: one chunk
+    sk.group_norm_silu(image, 8, leaf(32), leaf(32), backend="triton").sum().backward()
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        sk.group_norm_moments(image.detach().to(memory_format=layout)[..., 1:, :3], 8, backend="triton")  # a tile
+    sk.latent_denorm(image.detach(), 0.5, 0.1, backend="triton")     # one block a plane
+    q = leaf(6, 2, 16, dtype=torch.float16)
+    k, v = leaf(6, 1, 16, dtype=torch.float16), leaf(6, 1, 16, dtype=torch.float16)  # one kv head
+    cu_qk = torch.tensor([0, 2, 6], device=device, dtype=torch.int32)
+    sk.varlen_attention(q, k, v, cu_qk, cu_qk, 4, 4, backend="triton").float().sum().backward()
+    assert {name for name, _ in launches} == set(kernels), sorted(set(kernels) - {name for name, _ in launches})
+    for name, args in launches:
+        plain = aot.unspecialized(kernels[name])
+        ones = frozenset(n for n in ints[name] - plain if args[n] == 1)
+        assert ones in compiled[name], (name, sorted(ones), sorted(map(sorted, compiled[name])))

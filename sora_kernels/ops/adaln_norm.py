@@ -276,7 +276,8 @@ if B.TRITON_MISSING is None:
                 tl.atomic_add(dgate_ptr + seg_row + cols, dgate, mask=col_mask)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=col_mask)
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["tiles_per_program"])
     def adaln_bwd_kernel(
         x_ptr,                 # [N, D] what was normalised (h when RESIDUAL)
         dout_ptr,              # [N, D] gradient of the modulated norm

@@ -60,7 +60,8 @@ NARROW_BLOCK_K = 64
 
 if B.TRITON_MISSING is None:
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["n_videos", "search_steps"])
     def final_layer_kernel(
         x_ptr,                 # [N, D] packed tokens
         wmod_ptr,              # [n, P, D] W * (1 + scale[s]) per video, P = C*pt*ph*pw in (c, i, j, k) order

@@ -19,7 +19,8 @@ if B.TRITON_MISSING is None:
 
     from sora_kernels.ops.adaln_norm import _program_run, _row_tile, _run_add, _run_end, _run_tile, _tile_segments
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["tiles_per_program"])
     def gated_residual_kernel(
         x_ptr, y_ptr,      # [N, D]; in the backward x_ptr is the output gradient
         gate_ptr,          # [n, D] per segment

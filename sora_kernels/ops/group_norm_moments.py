@@ -29,7 +29,8 @@ if B.TRITON_MISSING is None:
 
     from sora_kernels.ops.group_norm_silu import gn_tile_ids, store_tile_moments
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["T", "n_chunks"])
     def gn_moments_kernel(x_ptr, part_ptr, T, W, S, Cg, G, n_chunks, sb, sc, st, sh, sw,
                           BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """part[bt, g, chunk] = (count, mean, M2) of a [BLOCK_C, BLOCK_S] tile of (frame bt,

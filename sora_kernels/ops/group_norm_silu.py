@@ -113,7 +113,8 @@ if B.TRITON_MISSING is None:
         tl.store(out + 1, mean)
         tl.store(out + 2, m2)
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["T", "n_chunks"])
     def gn_stats_kernel(x_ptr, part_ptr, C, T, S, Cg, G, n_chunks, sb, sc, st, ss,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """part[bt, g, chunk] = (count, mean, M2) of the tile (fp32)."""
@@ -121,7 +122,8 @@ if B.TRITON_MISSING is None:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         store_tile_moments(part_ptr, x, mask, bt, g, G, n_chunks, chunk)
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["T"])
     def gn_apply_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, C, T, S, Cg, G, sb, sc, st, ss,
                         SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         """y = act((x - mean) * rstd * w[c] + b[c]) for the tile (y with x's strides)."""
@@ -135,7 +137,8 @@ if B.TRITON_MISSING is None:
             z, _ = _silu_and_grad(z)
         tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["T", "n_chunks"])
     def gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, group_part_ptr, chan_part_ptr,
                              dx_ptr, C, T, S, Cg, G, n_chunks, sb, sc, st, ss,
                              SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -158,7 +161,8 @@ if B.TRITON_MISSING is None:
         tl.store(chan, sum_dz, mask=c_mask)
         tl.store(chan + 1, sum_dz_xhat, mask=c_mask)
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["T"])
     def gn_bwd_apply_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, m1_ptr, m2_ptr,
                             C, T, S, Cg, G, sb, sc, st, ss,
                             SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):

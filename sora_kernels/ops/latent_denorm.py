@@ -22,7 +22,8 @@ BLOCK = 1024
 
 if B.TRITON_MISSING is None:
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["T", "blocks_per_plane"])
     def latent_denorm_kernel(z_ptr, out_ptr, scale_ptr, shift_ptr, nan_ptr, C, T, S, blocks_per_plane,
                              BLOCK: tl.constexpr):
         """BLOCK positions of one (b, c, t) plane of S = h * w positions (z contiguous

@@ -62,7 +62,8 @@ if B.TRITON_MISSING is None:
         w0 = (local - row * wtiles) * TW
         return T, H, W, Wg, row // Hg, row % Hg, w0, tl.load(slot + 4) + row.to(tl.int64) * Wg + w0
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["n_videos", "search_steps"])
     def patchify_tile_kernel(
         slots_ptr,     # int64 [n, 6]: data address, T, H, W, first token, first tile of each video
         tokens_ptr,    # [N, D] packed tokens (integer words): written when PACK, read otherwise

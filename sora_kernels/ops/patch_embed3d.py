@@ -38,7 +38,8 @@ def config(fp32: bool) -> dict:
 
 if B.TRITON_MISSING is None:
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["n_videos", "search_steps"])
     def patch_embed_kernel(
         slots_ptr,     # int64 [n, 6]: data address, T, H, W, first token, first tile of each video
         weight_ptr,    # [E, K] projection, K = C*pt*ph*pw in (c, i, j, k) order

@@ -250,7 +250,8 @@ if B.TRITON_MISSING is None:
                               mask=q_mask[:, None] & (d < head_dim)[None, :], sem="relaxed")
         return dk, dv
 
-    @triton.jit
+    # not specialised on a value of 1: one variant for every value (docs/ARCHITECTURE.md, "Integer arguments")
+    @triton.jit(do_not_specialize=["kv_heads"])
     def attn_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, dout_ptr,  # q, dout [Nq, H, D] (dout contiguous); k, v [Nk, Hkv, D]
         lse_ptr, delta_ptr,             # fp32 [H, Nq]

@@ -145,6 +145,18 @@ def _job(fn, arch: int, num_warps: int, num_stages: int, signature: dict, conste
             "divisible": list(divisible)}
 
 
+def unspecialized(kernel) -> set[str]:
+    """The int arguments `kernel` declares do_not_specialize (a JITFunction, or the interpreter's
+    InterpretedFunction): the JIT compiles one variant for all their values, neither a constant
+    for 1 nor a multiple-of-16 hint (docs/ARCHITECTURE.md, "Integer arguments"); the jobs
+    compile them as unknown ints."""
+    names = getattr(kernel, "do_not_specialize", None)
+    if names is None:
+        names = getattr(kernel, "kwargs", {}).get("do_not_specialize")
+    arg_names = kernel.arg_names
+    return {arg_names[n] if isinstance(n, int) else n for n in names or ()}
+
+
 def _unit_temporal_patch(jobs: list[dict]) -> list[dict]:
     """The jobs, and each again with pt == 1: the DiT's patch is (1, 2, 2), and the JIT makes an
     int argument equal to 1 a constant, which folds the temporal index math of the patch
@@ -292,16 +304,26 @@ def group_norm_jobs(archs: list[int]) -> list[dict]:
     return jobs
 
 
+# group_norm_moments reads a view of a decoder tile's activation (sora_model/vae_tiling.py), in the
+# decoder's layout: contiguous (the width stride sw is 1) or channels-last-3d (the channel stride
+# sc is 1). Channels-last strides are multiples of the channel count (16-aligned in a decoder);
+# a contiguous tile's row and frame strides are its own width and area, halo included, so they
+# get no hint.
+GN_MOMENTS_LAYOUTS = {"contiguous": ({"sw": 1}, ()), "channels_last": ({"sc": 1}, ("sb", "st", "sh", "sw"))}
+
+
 def group_norm_moments_jobs(archs: list[int]) -> list[dict]:
-    """group_norm_moments' kernel for every tile config, bf16 and fp32 input."""
+    """group_norm_moments' kernel for every tile config, bf16 and fp32 input, in both layouts
+    (GN_MOMENTS_LAYOUTS)."""
     from sora_kernels.ops import group_norm_moments as op
     from sora_kernels.ops.group_norm_silu import config_space
     jobs = []
     for dtype in ("bf16", "fp32"):
-        for cfg in config_space():
-            constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+        for cfg, (unit, divisible) in itertools.product(config_space(), GN_MOMENTS_LAYOUTS.values()):
+            constexprs = {**{k: v for k, v in cfg.items() if k.startswith("BLOCK")}, **unit}
             signature = _pointer_signature(op.gn_moments_kernel, constexprs, set(), dtype, {"part_ptr": "*fp32"})
-            jobs += [_job(op.gn_moments_kernel, arch, cfg["num_warps"], 3, signature, constexprs) for arch in archs]
+            jobs += [_job(op.gn_moments_kernel, arch, cfg["num_warps"], 3, signature, constexprs, divisible)
+                     for arch in archs]
     return jobs
 
 
@@ -351,10 +373,11 @@ def _alignment_hints(fn, signature: dict, divisible=()) -> dict:
     Without them the compiler cannot vectorise a load (it assumes 1-byte alignment) and the
     register and stack figures are the scalar code's, not the code the GPU runs."""
     hints = {}
+    plain = unspecialized(fn)
     for i, name in enumerate(fn.arg_names):
         kind = signature.get(name, "constexpr")
-        if kind.startswith("*") or (kind == "i32" and (name in ALIGNED_INTS or name.startswith("stride")
-                                                       or name in divisible)):
+        if kind.startswith("*") or (kind == "i32" and name not in plain and (
+                name in ALIGNED_INTS or name.startswith("stride") or name in divisible)):
             hints[(i,)] = [["tt.divisibility", 16]]
     return hints
 
