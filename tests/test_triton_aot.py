@@ -142,13 +142,15 @@ def test_unit_ints_compile_as_the_jobs_compile_them(device, monkeypatch):
     """The JIT makes an int argument equal to 1 a constant: a variant of its own. Calls that pass
     1s (one video: n_videos; two: one search step; an image: T; small frames: one chunk a
     group, one block a plane; a few tokens: one tile a program; multi-query attention: one kv
-    head) must compile as some ahead-of-time job does: the argument is do_not_specialize (one
-    variant for every value), or the jobs compile its constant 1 too (pt, group)."""
+    head, and rope3d on it) must compile as some ahead-of-time job does: the argument is
+    do_not_specialize (one variant for every value), or the jobs compile its constant 1 too
+    (pt, group, rope3d's heads)."""
     import torch
 
     import sora_kernels as sk
     from sora_kernels.ops import (adaln_norm, final_layer_unpatchify, gated_residual, group_norm_moments,
-                                  group_norm_silu, latent_denorm, pack_patchify, patch_embed3d, varlen_attention)
+                                  group_norm_silu, latent_denorm, pack_patchify, patch_embed3d, rope3d,
+                                  varlen_attention)
     from sora_kernels.testing import aot
     jobs = aot.kernel_jobs([90])
     ints = {}  # kernel -> its int arguments (unknown ints in some job)
@@ -160,7 +162,7 @@ def test_unit_ints_compile_as_the_jobs_compile_them(device, monkeypatch):
             frozenset(n for n in ints[job["kernel"]] if job["constexprs"].get(n) == 1))
     launches, kernels = [], {}
     for module in (adaln_norm, final_layer_unpatchify, gated_residual, group_norm_moments, group_norm_silu,
-                   latent_denorm, pack_patchify, patch_embed3d, varlen_attention):
+                   latent_denorm, pack_patchify, patch_embed3d, rope3d, varlen_attention):
         for name in set(vars(module)) & set(compiled):
             kernels[name] = getattr(module, name)
             monkeypatch.setattr(module, name, _Launches(kernels[name], launches))
@@ -188,6 +190,8 @@ def test_unit_ints_compile_as_the_jobs_compile_them(device, monkeypatch):
     k, v = leaf(6, 1, 16, dtype=torch.float16), leaf(6, 1, 16, dtype=torch.float16)  # one kv head
     cu_qk = torch.tensor([0, 2, 6], device=device, dtype=torch.int32)
     sk.varlen_attention(q, k, v, cu_qk, cu_qk, 4, 4, backend="triton").float().sum().backward()
+    positions = torch.zeros(6, 3, device=device, dtype=torch.int32)
+    sk.rope3d(k, positions, backend="triton").float().sum().backward()                   # one head
     assert {name for name, _ in launches} == set(kernels), sorted(set(kernels) - {name for name, _ in launches})
     for name, args in launches:
         plain = aot.unspecialized(kernels[name])

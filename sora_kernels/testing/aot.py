@@ -117,10 +117,12 @@ def attention_jobs(archs: list[int]) -> list[dict]:
 def rope_jobs(archs: list[int]) -> list[dict]:
     """The attention's helper kernels in bf16, for every padded head dim: rope3d (forward and
     inverse rotation, approximate and accurate sin / cos: FAST is bf16 / fp16 on a GPU, fp32
-    takes the accurate ones) and the backward's preprocess (delta = rowsum(out * dout))."""
+    takes the accurate ones; also for one head, multi-query attention's k, where the constant
+    folds each element's token and head division) and the backward's preprocess (delta =
+    rowsum(out * dout))."""
     from sora_kernels.ops import rope3d as rope
     from sora_kernels.ops import varlen_attention as op
-    jobs = []
+    rotations = []
     for BLOCK_D in op.HEAD_DIM_BLOCKS:
         for inverse in (False, True):
             for fast in (True, False):
@@ -128,7 +130,9 @@ def rope_jobs(archs: list[int]) -> list[dict]:
                               "BLOCK_D": BLOCK_D}
                 signature = _pointer_signature(rope.rope3d_kernel, constexprs, set(), "bf16" if fast else "fp32",
                                                {"pos_ptr": "*i32", "freq_ptr": "*fp32"})
-                jobs += [_job(rope.rope3d_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
+                rotations += [_job(rope.rope3d_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
+    jobs = _with_unit(rotations, "heads")
+    for BLOCK_D in op.HEAD_DIM_BLOCKS:
         constexprs = {"BLOCK_ROWS": 32, "BLOCK_D": BLOCK_D}
         signature = _pointer_signature(op.attn_bwd_preprocess_kernel, constexprs, set(), "bf16",
                                        {"delta_ptr": "*fp32"})
@@ -157,13 +161,19 @@ def unspecialized(kernel) -> set[str]:
     return {arg_names[n] if isinstance(n, int) else n for n in names or ()}
 
 
-def _unit_temporal_patch(jobs: list[dict]) -> list[dict]:
-    """The jobs, and each again with pt == 1: the DiT's patch is (1, 2, 2), and the JIT makes an
-    int argument equal to 1 a constant, which folds the temporal index math of the patch
-    kernels (final_layer under Triton 3.6 spilled 24 bytes with pt unknown, none with pt 1)."""
-    unit = [dict(job, signature=dict(job["signature"], pt="constexpr"), constexprs=dict(job["constexprs"], pt=1))
-            for job in jobs]
+def _with_unit(jobs: list[dict], name: str) -> list[dict]:
+    """The jobs, and each again with the int argument `name` == 1, which the JIT compiles as the
+    constant 1 (a variant of its own)."""
+    unit = [dict(job, signature=dict(job["signature"], **{name: "constexpr"}),
+                 constexprs=dict(job["constexprs"], **{name: 1})) for job in jobs]
     return jobs + unit
+
+
+def _unit_temporal_patch(jobs: list[dict]) -> list[dict]:
+    """The jobs, and each again with pt == 1: the DiT's patch is (1, 2, 2), and the constant
+    folds the temporal index math of the patch kernels (final_layer under Triton 3.6 spilled 24
+    bytes with pt unknown, none with pt 1)."""
+    return _with_unit(jobs, "pt")
 
 
 def _pointer_signature(fn, constexprs: dict, none: set, dtype: str, overrides: dict | None = None) -> dict:
