@@ -138,54 +138,73 @@ def test_group_norm_jobs_are_the_jits_variants(layout, device, monkeypatch):
         assert (ones, divisible) in jobs[name], (name, layout, sorted(ones), sorted(divisible), jobs[name])
 
 
-def test_unit_ints_compile_as_the_jobs_compile_them(device, monkeypatch):
-    """The JIT makes an int argument equal to 1 a constant: a variant of its own. Calls that pass
-    1s (one video: n_videos; two: one search step; an image: T; small frames: one chunk a
-    group, one block a plane; a few tokens: one tile a program; multi-query attention: one kv
-    head, and rope3d on it) must compile as some ahead-of-time job does: the argument is
-    do_not_specialize (one variant for every value), or the jobs compile its constant 1 too
-    (pt, group, rope3d's heads)."""
+# Per kernel, the int arguments that size or stride its contiguous rows: with the JIT's
+# multiple-of-16 hint their loads and stores vectorise, so a job must have the hint a call gets.
+_GN = ("C", "S", "sb", "sc", "st", "ss")
+_ATTENTION = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "head_dim")
+ADDRESSING = {"activation_kernel": ("n",), "patch_embed_kernel": ("E", "K"), "final_layer_kernel": ("D", "P"),
+              "latent_denorm_kernel": ("S",), "frames_to_uint8_kernel": ("P",), "adaln_fwd_kernel": ("D",),
+              "adaln_bwd_kernel": ("D",), "gated_residual_kernel": ("D",), "gn_stats_kernel": _GN,
+              "gn_apply_kernel": _GN, "gn_bwd_reduce_kernel": _GN, "gn_bwd_apply_kernel": _GN,
+              "rope3d_kernel": ("stride_xn", "stride_xh", "head_dim"), "attn_bwd_preprocess_kernel": ("head_dim",),
+              "attn_fwd_kernel": _ATTENTION, "attn_bwd_dkdv_kernel": _ATTENTION, "attn_bwd_dq_kernel": _ATTENTION}
+
+
+def test_launches_compile_as_the_jobs_compile_them(device, monkeypatch):
+    """The JIT makes an int argument equal to 1 a constant (a variant of its own) and hints
+    multiples of 16. Launches of every kernel with the DiT's sizes (multiples of 16; patches
+    (1, 2, 2) and the mini DiT's (1, 1, 1) with 4 channels, whose K and P are not) and with 1s
+    (one video: n_videos; two: one search step; an image: T; small frames: one chunk a group,
+    one block a plane; a few tokens: one tile a program; multi-query attention: one kv head,
+    and rope3d on it) must compile as some ahead-of-time job does: the same constants (or the
+    argument is do_not_specialize: one variant for every value) and the same hints on the
+    arguments that address rows (ADDRESSING)."""
     import torch
 
     import sora_kernels as sk
-    from sora_kernels.ops import (adaln_norm, final_layer_unpatchify, gated_residual, group_norm_moments,
-                                  group_norm_silu, latent_denorm, pack_patchify, patch_embed3d, rope3d,
-                                  varlen_attention)
+    from sora_kernels.ops import (activations, adaln_norm, final_layer_unpatchify, frames_to_uint8, gated_residual,
+                                  group_norm_moments, group_norm_silu, latent_denorm, pack_patchify, patch_embed3d,
+                                  rope3d, varlen_attention)
     from sora_kernels.testing import aot
+    modules = (activations, adaln_norm, final_layer_unpatchify, frames_to_uint8, gated_residual, group_norm_moments,
+               group_norm_silu, latent_denorm, pack_patchify, patch_embed3d, rope3d, varlen_attention)
     jobs = aot.kernel_jobs([90])
     ints = {}  # kernel -> its int arguments (unknown ints in some job)
     for job in jobs:
         ints.setdefault(job["kernel"], set()).update(n for n, t in job["signature"].items() if t == "i32")
-    compiled = {}  # kernel -> the sets of int arguments its jobs compile as the constant 1
+    kernels = {name: getattr(module, name) for module in modules for name in set(vars(module)) & set(ints)}
+    compiled = {}  # kernel -> (int arguments compiled as the constant 1, hinted addressing ones) of its jobs
     for job in jobs:
-        compiled.setdefault(job["kernel"], set()).add(
-            frozenset(n for n in ints[job["kernel"]] if job["constexprs"].get(n) == 1))
-    launches, kernels = [], {}
-    for module in (adaln_norm, final_layer_unpatchify, gated_residual, group_norm_moments, group_norm_silu,
-                   latent_denorm, pack_patchify, patch_embed3d, rope3d, varlen_attention):
-        for name in set(vars(module)) & set(compiled):
-            kernels[name] = getattr(module, name)
+        name = job["kernel"]
+        hinted = aot.hinted_ints(kernels[name], job["signature"], job.get("divisible", ()))
+        compiled.setdefault(name, set()).add((frozenset(n for n in ints[name] if job["constexprs"].get(n) == 1),
+                                              frozenset(hinted & set(ADDRESSING.get(name, ())))))
+    launches = []
+    for module in modules:
+        for name in set(vars(module)) & set(kernels):
             monkeypatch.setattr(module, name, _Launches(kernels[name], launches))
 
     def leaf(*shape, dtype=torch.float32):
         return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
-    patch = (1, 2, 2)
-    sk.patchify3d(leaf(1, 4, 2, 4, 4), patch, backend="triton").sum().backward()          # one video
-    packed = sk.pack_patchify([leaf(4, 1, 4, 4), leaf(4, 2, 2, 2)], patch, backend="triton")  # two
-    packed.tokens.sum().backward()
-    one = sk.patch_embed3d([leaf(4, 2, 4, 4)], leaf(32, 16), leaf(32), patch, backend="triton")
-    tokens = one.tokens
-    cu = one.cu_seqlens
-    shift, scale, gate = leaf(1, 32), leaf(1, 32), leaf(1, 32)
-    h = sk.gated_residual(tokens, leaf(*tokens.shape), gate, cu, backend="triton")  # 8 tokens: one tile
-    h = sk.adaln_norm(h, shift, scale, cu, backend="triton")
-    out = sk.final_layer_unpatchify(h, shift, scale, leaf(16, 32), leaf(16), one, patch, backend="triton")
-    out[0].sum().backward()
+    for patch, C, E in (((1, 2, 2), 4, 32), ((1, 1, 1), 4, 32)):
+        P = C * patch[0] * patch[1] * patch[2]
+        sk.patchify3d(leaf(1, C, 2, 4, 4), patch, backend="triton").sum().backward()         # one video
+        packed = sk.pack_patchify([leaf(C, 1, 4, 4), leaf(C, 2, 2, 2)], patch, backend="triton")  # two
+        packed.tokens.sum().backward()
+        one = sk.patch_embed3d([leaf(C, 2, 4, 4)], leaf(E, P), leaf(E), patch, backend="triton")
+        tokens, cu = one.tokens, one.cu_seqlens
+        shift, scale, gate = leaf(1, E), leaf(1, E), leaf(1, E)
+        h = sk.gated_residual(tokens, leaf(*tokens.shape), gate, cu, backend="triton")  # one tile
+        h = sk.adaln_norm(h, shift, scale, cu, backend="triton")
+        h = sk.gelu_tanh(h, backend="triton") + sk.swiglu(h, h, backend="triton")
+        out = sk.final_layer_unpatchify(h, shift, scale, leaf(P, E), leaf(P), one, patch, backend="triton")
+        out[0].sum().backward()
     image = leaf(1, 32, 1, 4, 4)                                    # T = 1, 16 positions: one chunk
     sk.group_norm_silu(image, 8, leaf(32), leaf(32), backend="triton").sum().backward()
     for layout in (torch.contiguous_format, torch.channels_last_3d):
         sk.group_norm_moments(image.detach().to(memory_format=layout)[..., 1:, :3], 8, backend="triton")  # a tile
     sk.latent_denorm(image.detach(), 0.5, 0.1, backend="triton")     # one block a plane
+    sk.frames_to_uint8(image.detach()[0, :3], backend="triton")
     q = leaf(6, 2, 16, dtype=torch.float16)
     k, v = leaf(6, 1, 16, dtype=torch.float16), leaf(6, 1, 16, dtype=torch.float16)  # one kv head
     cu_qk = torch.tensor([0, 2, 6], device=device, dtype=torch.int32)
@@ -194,6 +213,7 @@ def test_unit_ints_compile_as_the_jobs_compile_them(device, monkeypatch):
     sk.rope3d(k, positions, backend="triton").float().sum().backward()                   # one head
     assert {name for name, _ in launches} == set(kernels), sorted(set(kernels) - {name for name, _ in launches})
     for name, args in launches:
-        plain = aot.unspecialized(kernels[name])
-        ones = frozenset(n for n in ints[name] - plain if args[n] == 1)
-        assert ones in compiled[name], (name, sorted(ones), sorted(map(sorted, compiled[name])))
+        free = ints[name] - aot.unspecialized(kernels[name])
+        ones = frozenset(n for n in free if args[n] == 1)
+        hints = frozenset(n for n in free & set(ADDRESSING.get(name, ())) if args[n] != 1 and args[n] % 16 == 0)
+        assert (ones, hints) in compiled[name], (name, sorted(ones), sorted(hints), compiled[name])

@@ -43,7 +43,7 @@ def patchify_jobs(archs: list[int]) -> list[dict]:
                     jobs.append({"module": "sora_kernels.ops.pack_patchify", "kernel": "patchify_tile_kernel",
                                  "arch": arch, "num_warps": op.NUM_WARPS, "num_stages": 3,
                                  "signature": signature, "constexprs": constexprs})
-    return _unit_temporal_patch(jobs)
+    return _unit_patches(jobs)
 
 
 def _attention_signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -131,7 +131,7 @@ def rope_jobs(archs: list[int]) -> list[dict]:
                 signature = _pointer_signature(rope.rope3d_kernel, constexprs, set(), "bf16" if fast else "fp32",
                                                {"pos_ptr": "*i32", "freq_ptr": "*fp32"})
                 rotations += [_job(rope.rope3d_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
-    jobs = _with_unit(rotations, "heads")
+    jobs = rotations + _unit(rotations, "heads")
     for BLOCK_D in op.HEAD_DIM_BLOCKS:
         constexprs = {"BLOCK_ROWS": 32, "BLOCK_D": BLOCK_D}
         signature = _pointer_signature(op.attn_bwd_preprocess_kernel, constexprs, set(), "bf16",
@@ -161,19 +161,29 @@ def unspecialized(kernel) -> set[str]:
     return {arg_names[n] if isinstance(n, int) else n for n in names or ()}
 
 
-def _with_unit(jobs: list[dict], name: str) -> list[dict]:
-    """The jobs, and each again with the int argument `name` == 1, which the JIT compiles as the
+def _unit(jobs: list[dict], *names: str) -> list[dict]:
+    """Each job again with the int arguments `names` == 1, which the JIT compiles as the
     constant 1 (a variant of its own)."""
-    unit = [dict(job, signature=dict(job["signature"], **{name: "constexpr"}),
-                 constexprs=dict(job["constexprs"], **{name: 1})) for job in jobs]
-    return jobs + unit
+    ones = dict.fromkeys(names, 1)
+    return [dict(job, signature=dict(job["signature"], **dict.fromkeys(names, "constexpr")),
+                 constexprs=dict(job["constexprs"], **ones)) for job in jobs]
 
 
-def _unit_temporal_patch(jobs: list[dict]) -> list[dict]:
-    """The jobs, and each again with pt == 1: the DiT's patch is (1, 2, 2), and the constant
-    folds the temporal index math of the patch kernels (final_layer under Triton 3.6 spilled 24
-    bytes with pt unknown, none with pt 1)."""
-    return _with_unit(jobs, "pt")
+def _hinted(jobs: list[dict], *names: str) -> list[dict]:
+    """Each job again with the int arguments `names` multiples of 16 (the JIT's hint for the
+    usual sizes): they size masks and strides along contiguous rows, whose loads and stores
+    vectorise only with the hint; the jobs without it stand for other sizes."""
+    return [dict(job, divisible=[*job.get("divisible", ()), *names]) for job in jobs]
+
+
+def _unit_patches(jobs: list[dict]) -> list[dict]:
+    """The jobs, and each again with the patch sizes of the DiT configs as the JIT compiles them
+    (their 1s constants): pt == 1, for (1, 2, 2) (the constant folds the temporal index math:
+    final_layer under Triton 3.6 spilled 24 bytes with pt unknown, none with pt 1), and
+    pt == ph == pw == 1, the mini DiT's (1, 1, 1) (of the patchify copy's configs, those with
+    PW_P2 == 1, the ones a pw of 1 selects)."""
+    point = [job for job in jobs if job["constexprs"].get("PW_P2", 1) == 1]
+    return jobs + _unit(jobs, "pt") + _unit(point, "pt", "ph", "pw")
 
 
 def _pointer_signature(fn, constexprs: dict, none: set, dtype: str, overrides: dict | None = None) -> dict:
@@ -234,6 +244,7 @@ def dit_jobs(archs: list[int]) -> list[dict]:
                 signature = _pointer_signature(fn, constexprs, none, dtype)
                 jobs += [_job(fn, arch, warps, 3, signature, constexprs) for arch in archs]
     from sora_kernels.ops import activations as act
+    activations = []
     for dtype, torch_dtype in DIT_DTYPES:
         for kind in (0, 1):
             for backward in (False, True):
@@ -241,13 +252,14 @@ def dit_jobs(archs: list[int]) -> list[dict]:
                 constexprs = {"KIND": kind, "BACKWARD": backward, "BLOCK": act.BLOCK, **{name: None for name in none}}
                 signature = _pointer_signature(act.activation_kernel, constexprs, none, dtype)
                 warps = act.num_warps(getattr(torch, torch_dtype))
-                jobs += [_job(act.activation_kernel, arch, warps, 3, signature, constexprs) for arch in archs]
-    return jobs
+                activations += [_job(act.activation_kernel, arch, warps, 3, signature, constexprs) for arch in archs]
+    return jobs + activations + _hinted(activations, "n")  # n = N * D elements
 
 
 def patch_embed_jobs(archs: list[int]) -> list[dict]:
     """patch_embed_kernel in bf16 and fp16 (tensor cores) and fp32 (ieee products), with and
-    without bias, pt unknown and pt == 1."""
+    without bias, K (C * pt * ph * pw, the weight's [E, K]) a multiple of 16 and not, for any
+    patch and the DiT's (_unit_patches)."""
     from sora_kernels.ops import patch_embed3d as op
     jobs = []
     for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
@@ -259,12 +271,13 @@ def patch_embed_jobs(archs: list[int]) -> list[dict]:
             signature = _pointer_signature(op.patch_embed_kernel, constexprs, none, dtype, {"slots_ptr": "*i64"})
             jobs += [_job(op.patch_embed_kernel, arch, cfg["num_warps"], cfg["num_stages"], signature,
                           constexprs) for arch in archs]
-    return _unit_temporal_patch(jobs)
+    return _unit_patches(jobs + _hinted(jobs, "K"))
 
 
 def final_layer_jobs(archs: list[int]) -> list[dict]:
     """final_layer_kernel for every BLOCK_P, LayerNorm and RMSNorm, in bf16 and fp16 (tensor
-    cores) and fp32 (ieee products), pt unknown and pt == 1."""
+    cores) and fp32 (ieee products), P (C * pt * ph * pw) a multiple of 16 and not, for any
+    patch and the DiT's (_unit_patches)."""
     from sora_kernels.ops import final_layer_unpatchify as op
     jobs = []
     for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
@@ -276,7 +289,7 @@ def final_layer_jobs(archs: list[int]) -> list[dict]:
                                                {"slots_ptr": "*i64", "u_ptr": "*fp32", "c_ptr": "*fp32"})
                 jobs += [_job(op.final_layer_kernel, arch, cfg["num_warps"], cfg["num_stages"], signature, constexprs)
                          for arch in archs]
-    return _unit_temporal_patch(jobs)
+    return _unit_patches(jobs + _hinted(jobs, "P"))
 
 
 # group_norm_silu's two layouts as the JIT compiles them: the launchers pass x contiguous or
@@ -338,18 +351,20 @@ def group_norm_moments_jobs(archs: list[int]) -> list[dict]:
 
 
 def frames_jobs(archs: list[int]) -> list[dict]:
-    """frames_to_uint8_kernel for every channel block, bf16, fp16 and fp32 input."""
+    """frames_to_uint8_kernel for every channel block, bf16, fp16 and fp32 input, P (T * H * W
+    positions) a multiple of 16 and not."""
     from sora_kernels.ops import frames_to_uint8 as op
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
         for constexprs in op.config_space():
             signature = _pointer_signature(op.frames_to_uint8_kernel, constexprs, set(), dtype, {"out_ptr": "*u8"})
             jobs += [_job(op.frames_to_uint8_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
-    return jobs
+    return jobs + _hinted(jobs, "P")
 
 
 def latent_denorm_jobs(archs: list[int]) -> list[dict]:
-    """latent_denorm_kernel, bf16, fp16 and fp32 latents."""
+    """latent_denorm_kernel, bf16, fp16 and fp32 latents, S (h * w, a plane) a multiple of 16
+    and not."""
     from sora_kernels.ops import latent_denorm as op
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
@@ -357,7 +372,7 @@ def latent_denorm_jobs(archs: list[int]) -> list[dict]:
         signature = _pointer_signature(op.latent_denorm_kernel, constexprs, set(), dtype,
                                        {"scale_ptr": "*fp32", "shift_ptr": "*fp32", "nan_ptr": "*i32"})
         jobs += [_job(op.latent_denorm_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
-    return jobs
+    return jobs + _hinted(jobs, "S")
 
 
 def kernel_jobs(archs: list[int]) -> list[dict]:
@@ -372,9 +387,9 @@ def _cuobjdump() -> str:
 
 
 # Integer arguments the JIT sees as multiples of 16 in the usual calls (16-aligned row strides,
-# D = 1152 or 128): it specializes such values with tt.divisibility = 16, as it does 16-byte
-# aligned pointers (every fresh torch allocation).
-ALIGNED_INTS = ("D", "head_dim")
+# the model width D or E = 1152, a head dim of 128): it specializes such values with
+# tt.divisibility = 16, as it does 16-byte aligned pointers (every fresh torch allocation).
+ALIGNED_INTS = ("D", "E", "head_dim")
 
 
 def _alignment_hints(fn, signature: dict, divisible=()) -> dict:
@@ -382,14 +397,17 @@ def _alignment_hints(fn, signature: dict, divisible=()) -> dict:
     every pointer and on the stride / width arguments (ALIGNED_INTS, stride_*, `divisible`).
     Without them the compiler cannot vectorise a load (it assumes 1-byte alignment) and the
     register and stack figures are the scalar code's, not the code the GPU runs."""
-    hints = {}
+    ints = hinted_ints(fn, signature, divisible)
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if signature.get(name, "constexpr").startswith("*") or name in ints}
+
+
+def hinted_ints(fn, signature: dict, divisible=()) -> set[str]:
+    """The int arguments a job compiles as multiples of 16: ALIGNED_INTS, the strides and the
+    job's `divisible`, less those `fn` declares do_not_specialize (the JIT gives them no hint)."""
     plain = unspecialized(fn)
-    for i, name in enumerate(fn.arg_names):
-        kind = signature.get(name, "constexpr")
-        if kind.startswith("*") or (kind == "i32" and name not in plain and (
-                name in ALIGNED_INTS or name.startswith("stride") or name in divisible)):
-            hints[(i,)] = [["tt.divisibility", 16]]
-    return hints
+    return {name for name in fn.arg_names if signature.get(name) == "i32" and name not in plain
+            and (name in ALIGNED_INTS or name.startswith("stride") or name in divisible)}
 
 
 def compile_job(job: dict) -> dict:
@@ -455,11 +473,13 @@ def spill_in_loops(sass: str) -> int:
 
 
 def spill_key(result: dict) -> str:
-    """A config's identity in tests/aot_spills.json: kernel, arch, warps, stages, constexprs."""
+    """A config's identity in tests/aot_spills.json: kernel, arch, warps, stages, constexprs,
+    and the job's own multiple-of-16 ints (`divisible`) where it has some."""
     constexprs = dict(sorted(result["constexprs"].items()))  # None: an argument left out (a variant)
     pointers = sorted({t for t in result["signature"].values() if t.startswith("*")})  # the dtypes
+    divisible = f" divisible {','.join(sorted(result['divisible']))}" if result.get("divisible") else ""
     return (f"{result['kernel']} sm_{result['arch']} w{result['num_warps']} s{result['num_stages']} "
-            f"{','.join(pointers)} {json.dumps(constexprs, sort_keys=True)}")
+            f"{','.join(pointers)} {json.dumps(constexprs, sort_keys=True)}{divisible}")
 
 
 def main(argv=None) -> int:
