@@ -11,9 +11,10 @@
 # Steps: the GPU and versions; build the extension in place for this GPU's architecture only
 # (SORA_KERNELS_CUDA_ARCHS, e.g. 9.0a); sora_kernels.info; every test on CUDA but the
 # ahead-of-time spill check (pytest-xdist; TEST_ARGS, default "-n 14 --ignore=tests/
-# test_triton_aot.py tests": that check compiles 4,000 configs on the CPUs, in each xdist worker
+# test_triton_aot.py tests": that check compiles 4,600 configs on the CPUs, in each xdist worker
 # that draws one of its tests; CI runs it, and its Triton 3.6 list, the lent machine's, is
-# compiled without a GPU too); then the benchmarks, in three runs so that the ones that
+# compiled without a GPU too; tests/test_aot_jobs.py, which checks the jobs against the real
+# JIT's launches, does run); then the benchmarks, in three runs so that the ones that
 # matter most come first: those that choose defaults (varlen_attention's dq modes and forward
 # loads, adaln_norm's backward grid, group_norm_silu's three-pass forward and its default cuda
 # forward) into cuda-variants.json, the rest of varlen_attention into cuda-attention.json,
