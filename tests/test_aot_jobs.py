@@ -10,6 +10,18 @@ from sora_kernels import backends as B
 pytestmark = pytest.mark.skipif(B.TRITON_MISSING is not None, reason="triton is not installed")
 
 
+# Per kernel, the int arguments that size or stride its contiguous rows: with the JIT's
+# multiple-of-16 hint their loads and stores vectorise, so a job must have the hint a call gets.
+_GN = ("C", "S", "sb", "sc", "st", "ss")
+_ATTENTION = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "head_dim")
+ADDRESSING = {"activation_kernel": ("n",), "patch_embed_kernel": ("E", "K"), "final_layer_kernel": ("D", "P"),
+              "latent_denorm_kernel": ("S",), "frames_to_uint8_kernel": ("P",), "adaln_fwd_kernel": ("D",),
+              "adaln_bwd_kernel": ("D",), "gated_residual_kernel": ("D",), "gn_stats_kernel": _GN,
+              "gn_apply_kernel": _GN, "gn_bwd_reduce_kernel": _GN, "gn_bwd_apply_kernel": _GN,
+              "rope3d_kernel": ("stride_xn", "stride_xh", "head_dim"), "attn_bwd_preprocess_kernel": ("head_dim",),
+              "attn_fwd_kernel": _ATTENTION, "attn_bwd_dkdv_kernel": _ATTENTION, "attn_bwd_dq_kernel": _ATTENTION}
+
+
 class _Launches:
     """Stands in for a Triton kernel in its module: records each launch's arguments by name,
     then launches the kernel."""
@@ -36,7 +48,7 @@ def test_group_norm_jobs_are_the_jits_variants(layout, device, monkeypatch):
     import sora_kernels as sk
     from sora_kernels.ops import group_norm_silu as op
     from sora_kernels.testing.aot import group_norm_jobs
-    addressing = ("C", "S", "sb", "sc", "st", "ss")
+    addressing = _GN
     jobs = {}
     for job in group_norm_jobs([90]):
         ones = {k for k in addressing if job["constexprs"].get(k) == 1}
@@ -56,18 +68,6 @@ def test_group_norm_jobs_are_the_jits_variants(layout, device, monkeypatch):
         ones = frozenset(k for k in addressing if args[k] == 1)
         divisible = frozenset(k for k in addressing if args[k] != 1 and args[k] % 16 == 0)
         assert (ones, divisible) in jobs[name], (name, layout, sorted(ones), sorted(divisible), jobs[name])
-
-
-# Per kernel, the int arguments that size or stride its contiguous rows: with the JIT's
-# multiple-of-16 hint their loads and stores vectorise, so a job must have the hint a call gets.
-_GN = ("C", "S", "sb", "sc", "st", "ss")
-_ATTENTION = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "head_dim")
-ADDRESSING = {"activation_kernel": ("n",), "patch_embed_kernel": ("E", "K"), "final_layer_kernel": ("D", "P"),
-              "latent_denorm_kernel": ("S",), "frames_to_uint8_kernel": ("P",), "adaln_fwd_kernel": ("D",),
-              "adaln_bwd_kernel": ("D",), "gated_residual_kernel": ("D",), "gn_stats_kernel": _GN,
-              "gn_apply_kernel": _GN, "gn_bwd_reduce_kernel": _GN, "gn_bwd_apply_kernel": _GN,
-              "rope3d_kernel": ("stride_xn", "stride_xh", "head_dim"), "attn_bwd_preprocess_kernel": ("head_dim",),
-              "attn_fwd_kernel": _ATTENTION, "attn_bwd_dkdv_kernel": _ATTENTION, "attn_bwd_dq_kernel": _ATTENTION}
 
 
 def test_launches_compile_as_the_jobs_compile_them(device, monkeypatch):
