@@ -59,6 +59,7 @@ def workloads(device: torch.device) -> dict:
             "dense-128k": ([16384] * 8, None, 16, 16, 128, False),
             "dense-16k-causal": ([16384] * 4, None, 16, 16, 128, True),
             "dense-2k-d64": ([2048] * 32, None, 16, 16, 64, False),
+            "dense-16k-d72": ([16384] * 4, None, 16, 16, 72, False),   # DiT-XL's heads (ALIGN 8)
             "mixed": (_mixed_lengths(device), None, 16, 16, 128, False),
             "cross-text": ([1024] * 64, text, 16, 16, 128, False),
         }
@@ -319,8 +320,8 @@ def timed_call(fn, q, k, v, out, mode: str):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("workload", ["dense-16k", "dense-16k-causal", "dense-128k", "dense-2k-d64", "dense-512",
-                                      "mixed", "cross-text"])
+@pytest.mark.parametrize("workload", ["dense-16k", "dense-16k-causal", "dense-128k", "dense-2k-d64", "dense-16k-d72",
+                                      "dense-512", "mixed", "cross-text"])
 def test_varlen_attention(suite, benchmark, workload, provider, mode):
     all_workloads = workloads(suite.device)
     if workload not in all_workloads:

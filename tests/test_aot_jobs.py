@@ -73,7 +73,8 @@ def test_group_norm_jobs_are_the_jits_variants(layout, device, monkeypatch):
 def test_launches_compile_as_the_jobs_compile_them(device, monkeypatch):
     """The JIT makes an int argument equal to 1 a constant (a variant of its own) and hints
     multiples of 16. Launches of every kernel with the DiT's sizes (multiples of 16; patches
-    (1, 2, 2) and the mini DiT's (1, 1, 1) with 4 channels, whose K and P are not) and with 1s
+    (1, 2, 2) and the mini DiT's (1, 1, 1) with 4 channels, whose K and P are not; DiT-XL's
+    heads of 72, whose head dim and head strides are not) and with 1s
     (one video: n_videos; two: one search step; an image: T; small frames: one chunk a group,
     one block a plane; a few tokens: one tile a program; multi-query attention: one kv head,
     and rope3d on it) must compile as some ahead-of-time job does: the same constants (or the
@@ -93,12 +94,13 @@ def test_launches_compile_as_the_jobs_compile_them(device, monkeypatch):
     for job in jobs:
         ints.setdefault(job["kernel"], set()).update(n for n, t in job["signature"].items() if t == "i32")
     kernels = {name: getattr(module, name) for module in modules for name in set(vars(module)) & set(ints)}
-    compiled = {}  # kernel -> (int arguments compiled as the constant 1, hinted addressing ones) of its jobs
+    compiled = {}  # kernel -> (ints compiled as the constant 1, hinted addressing ints, ALIGN) of its jobs
     for job in jobs:
         name = job["kernel"]
-        hinted = aot.hinted_ints(kernels[name], job["signature"], job.get("divisible", ()))
+        hinted = aot.hinted_ints(kernels[name], job["signature"], job.get("divisible", ()), job.get("unaligned", ()))
         compiled.setdefault(name, set()).add((frozenset(n for n in ints[name] if job["constexprs"].get(n) == 1),
-                                              frozenset(hinted & set(ADDRESSING.get(name, ())))))
+                                              frozenset(hinted & set(ADDRESSING.get(name, ()))),
+                                              job["constexprs"].get("ALIGN")))
     launches = []
     for module in modules:
         for name in set(vars(module)) & set(kernels):
@@ -131,9 +133,12 @@ def test_launches_compile_as_the_jobs_compile_them(device, monkeypatch):
     sk.varlen_attention(q, k, v, cu_qk, cu_qk, 4, 4, backend="triton").float().sum().backward()
     positions = torch.zeros(6, 3, device=device, dtype=torch.int32)
     sk.rope3d(k, positions, backend="triton").float().sum().backward()                   # one head
+    q, k, v = (leaf(6, 2, 72, dtype=torch.float16) for _ in range(3))      # DiT-XL's heads of 72 (ALIGN 8)
+    sk.varlen_attention(q, k, v, cu_qk, cu_qk, 4, 4, backend="triton").float().sum().backward()
     assert {name for name, _ in launches} == set(kernels), sorted(set(kernels) - {name for name, _ in launches})
     for name, args in launches:
         free = ints[name] - aot.unspecialized(kernels[name])
         ones = frozenset(n for n in free if args[n] == 1)
         hints = frozenset(n for n in free & set(ADDRESSING.get(name, ())) if args[n] != 1 and args[n] % 16 == 0)
-        assert (ones, hints) in compiled[name], (name, sorted(ones), sorted(hints), compiled[name])
+        align = args.get("ALIGN")  # the attention kernels' alignment of the head dim and strides
+        assert (ones, hints, align) in compiled[name], (name, sorted(ones), sorted(hints), align, compiled[name])

@@ -66,6 +66,24 @@ if B.TRITON_MISSING is None:
                  mask=row_mask[:, None] & (d < head_dim)[None, :])
 
     @triton.jit
+    def _aligned(x, ALIGN: tl.constexpr):
+        """x as the compiler may take it, a multiple of ALIGN, which the launcher checked for the
+        head dim and the strides (alignment). The JIT marks only multiples of 16 (ALIGN 16: the
+        compiler knows already), so at head dims of 72 or 96 (DiT-XL's 72) the rows' loads and
+        stores were 2-byte scalars; known to be multiples of 8 (ALIGN 8), they move 16-byte
+        vectors."""
+        if ALIGN == 8:
+            return x // 8 * 8
+        return x
+
+    @triton.jit
+    def _aligned_strides(stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, head_dim,
+                         ALIGN: tl.constexpr):
+        return (_aligned(stride_qn, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_kn, ALIGN),
+                _aligned(stride_kh, ALIGN), _aligned(stride_vn, ALIGN), _aligned(stride_vh, ALIGN),
+                _aligned(head_dim, ALIGN))
+
+    @triton.jit
     def _segment(cu_ptr, seq):
         start = tl.load(cu_ptr + seq)
         return start, tl.load(cu_ptr + seq + 1) - start
@@ -168,9 +186,12 @@ if B.TRITON_MISSING is None:
         CAUSAL: tl.constexpr,
         TMA: tl.constexpr,                         # unmasked key blocks through k_desc, v_desc
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        ALIGN: tl.constexpr,                       # the head dim and strides are multiples of it (16, 8, 1)
     ):
         """Output and lse of BLOCK_M queries of one segment and one head (program_id: query
         block, segment, head)."""
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, head_dim = _aligned_strides(
+            stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, ALIGN)
         m_block = tl.program_id(0)
         seq = tl.program_id(1)
         head = tl.program_id(2)
@@ -203,8 +224,10 @@ if B.TRITON_MISSING is None:
         delta_ptr,           # fp32 [H, Nq]: rowsum(out * dout)
         n_rows, heads, head_dim,
         BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        ALIGN: tl.constexpr,  # head_dim is a multiple of it (16, 8, 1)
     ):
         """delta = sum_d out * dout for BLOCK_ROWS (token, head) rows."""
+        head_dim = _aligned(head_dim, ALIGN)
         r = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         d = tl.arange(0, BLOCK_D)
         mask = (r < n_rows)[:, None] & (d < head_dim)[None, :]
@@ -267,10 +290,13 @@ if B.TRITON_MISSING is None:
         FAST: tl.constexpr,                        # approximate sin / cos (rope3d._sincos)
         ATOMIC_DQ: tl.constexpr,                   # also accumulate dq (DQ_MODE "atomic")
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        ALIGN: tl.constexpr,                       # the head dim and strides are multiples of it (16, 8, 1)
     ):
         """dk and dv of BLOCK_N keys of one segment and one kv head, summed over the heads of
         its group and every query block (program_id: key block, segment, kv head); with
         ATOMIC_DQ also every query block's share of dq."""
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, head_dim = _aligned_strides(
+            stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, ALIGN)
         n_block = tl.program_id(0)
         seq = tl.program_id(1)
         kv_head = tl.program_id(2)
@@ -348,9 +374,12 @@ if B.TRITON_MISSING is None:
         ROPE: tl.constexpr,                        # rotate dq back (the kernel sees rotated queries)
         FAST: tl.constexpr,                        # approximate sin / cos (rope3d._sincos)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        ALIGN: tl.constexpr,                       # the head dim and strides are multiples of it (16, 8, 1)
     ):
         """dq of BLOCK_M queries of one segment and one head (program_id: query block,
         segment, head)."""
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, head_dim = _aligned_strides(
+            stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, head_dim, ALIGN)
         m_block = tl.program_id(0)
         seq = tl.program_id(1)
         head = tl.program_id(2)
@@ -631,6 +660,14 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, BLOCK_N: int, BLOCK_D: int
                  for x in (k, v))
 
 
+def alignment(head_dim: int, *tensors: torch.Tensor) -> int:
+    """The kernels' ALIGN (_aligned): the largest of 16, 8 and 1 that divides the head dim and
+    the row and head strides of `tensors` (the other tensors the kernels touch are contiguous
+    [N, heads, head_dim])."""
+    values = [head_dim] + [s for t in tensors for s in t.stride()[:2]]
+    return next(a for a in (16, 8, 1) if all(v % a == 0 for v in values))
+
+
 def attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool,
                       rope: RopeArgs | None):
     """Triton forward: (out [Nq, H, D], lse fp32 [H, Nq])."""
@@ -651,7 +688,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float,
         descriptors = _kv_descriptors(k, v, c.BLOCK_N, BLOCK_D) if tma else (None, None)
         return (q, k, v, *descriptors, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), Nq, H, H // k.shape[1], D, scale * LOG2E)
-    constexprs = dict(CAUSAL=causal, TMA=tma, BLOCK_D=BLOCK_D)
+    constexprs = dict(CAUSAL=causal, TMA=tma, BLOCK_D=BLOCK_D, ALIGN=alignment(D, q, k, v))
     _launch("fwd", attn_fwd_kernel, lambda c: (triton.cdiv(max_q, c.BLOCK_M), n_seqs, H), args,
             (BLOCK_D, causal, tma, q.dtype), constexprs, q.device, short_keys=max_k <= SHORT_KEYS)
     return out, lse
@@ -674,7 +711,7 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
     delta = torch.empty((H, Nq), dtype=torch.float32, device=q.device)
     if Nq > 0:
         attn_bwd_preprocess_kernel[(triton.cdiv(Nq * H, 32),)](out, dout, delta, Nq * H, H, D, BLOCK_ROWS=32,
-                                                                 BLOCK_D=BLOCK_D, num_warps=4)
+                                                                 BLOCK_D=BLOCK_D, ALIGN=alignment(D), num_warps=4)
     rotated: dict = {}  # q, k rotated by rope3d, shared by the two kernels
     if DQ_MODE not in DQ_MODES:
         raise ValueError(f"DQ_MODE: expected one of {DQ_MODES}, got {DQ_MODE!r}")
@@ -692,7 +729,8 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
                 (qs, ks, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, r.positions_k, r.table,
                  *strides(qs, ks), Nq, H, Hkv, H // Hkv, D, scale * LOG2E, scale),
                 (BLOCK_D, causal, rope is not None, q.dtype),
-                dict(CAUSAL=causal, ROPE=rope is not None, FAST=r.FAST, ATOMIC_DQ=atomic, BLOCK_D=BLOCK_D),
+                dict(CAUSAL=causal, ROPE=rope is not None, FAST=r.FAST, ATOMIC_DQ=atomic, BLOCK_D=BLOCK_D,
+                     ALIGN=alignment(D, qs, ks, v)),
                 q.device, prepare=dq_acc.zero_ if atomic else None, short_keys=max_k <= SHORT_KEYS)
     else:
         dk.zero_(), dv.zero_()
@@ -707,7 +745,7 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: i
                 (qs, ks, v, dout, lse, delta, dq, cu_q, cu_k, r.positions_q, r.table,
                  *strides(qs, ks), Nq, H, H // Hkv, D, scale * LOG2E, scale),
                 (BLOCK_D, causal, rope is not None, q.dtype),
-                dict(CAUSAL=causal, ROPE=rope is not None, FAST=r.FAST, BLOCK_D=BLOCK_D),
+                dict(CAUSAL=causal, ROPE=rope is not None, FAST=r.FAST, BLOCK_D=BLOCK_D, ALIGN=alignment(D, qs, ks, v)),
                 q.device, short_keys=max_k <= SHORT_KEYS)
     return dq, dk, dv
 

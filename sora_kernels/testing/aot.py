@@ -74,7 +74,7 @@ def _attention_variants(kind: str, cfg, BLOCK_D: int, arch: int) -> list[dict]:
     sm_90, with TMA descriptors."""
     variants = []
     for causal in (False, True):
-        cx = {"CAUSAL": causal, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": BLOCK_D}
+        cx = {"CAUSAL": causal, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_D": BLOCK_D, "ALIGN": 16}
         if kind == "fwd":
             variants.append(dict(cx, TMA=False, k_desc=None, v_desc=None))
             if arch >= 90:
@@ -86,6 +86,13 @@ def _attention_variants(kind: str, cfg, BLOCK_D: int, arch: int) -> list[dict]:
         variants.append(dict(cx, ROPE=True, FAST=True))
         variants.append(dict(cx, ROPE=False, FAST=False, **{positions: None, "freq_ptr": None}))
     return variants
+
+
+# DiT-XL's heads of 72 (1152 / 16), and heads of 96, are multiples of 8 but not of 16: the JIT
+# hints neither the head dim nor the head strides (the row strides, 16 * 72 for XL, are hinted),
+# and the kernels' ALIGN 8 tells the compiler they are multiples of 8 (varlen_attention._aligned);
+# at multiples of 16 ALIGN is 16, the DiT's other sizes.
+XL_UNALIGNED = ("head_dim", "stride_qh", "stride_kh", "stride_vh")
 
 
 def attention_jobs(archs: list[int]) -> list[dict]:
@@ -111,6 +118,8 @@ def attention_jobs(archs: list[int]) -> list[dict]:
                             signature.update(k_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>",
                                              v_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>")
                         jobs.append(_job(fn, arch, cfg.num_warps, cfg.num_stages, signature, cx))
+                        if mha and BLOCK_D == 128:  # DiT-XL's heads of 72: head dim and head strides unhinted
+                            jobs.append(dict(jobs[-1], unaligned=list(XL_UNALIGNED), constexprs=dict(cx, ALIGN=8)))
     return jobs
 
 
@@ -133,10 +142,13 @@ def rope_jobs(archs: list[int]) -> list[dict]:
                 rotations += [_job(rope.rope3d_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
     jobs = rotations + _unit(rotations, "heads")
     for BLOCK_D in op.HEAD_DIM_BLOCKS:
-        constexprs = {"BLOCK_ROWS": 32, "BLOCK_D": BLOCK_D}
+        constexprs = {"BLOCK_ROWS": 32, "BLOCK_D": BLOCK_D, "ALIGN": 16}
         signature = _pointer_signature(op.attn_bwd_preprocess_kernel, constexprs, set(), "bf16",
                                        {"delta_ptr": "*fp32"})
         jobs += [_job(op.attn_bwd_preprocess_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
+        if BLOCK_D == 128:
+            jobs += [dict(job, unaligned=["head_dim"], constexprs=dict(constexprs, ALIGN=8))
+                     for job in jobs[-len(archs):]]
     return jobs
 
 
@@ -392,20 +404,21 @@ def _cuobjdump() -> str:
 ALIGNED_INTS = ("D", "E", "head_dim")
 
 
-def _alignment_hints(fn, signature: dict, divisible=()) -> dict:
+def _alignment_hints(fn, signature: dict, divisible=(), unaligned=()) -> dict:
     """The divisibility hints the JIT gives a call with 16-aligned tensors and strides: 16 on
     every pointer and on the stride / width arguments (ALIGNED_INTS, stride_*, `divisible`).
     Without them the compiler cannot vectorise a load (it assumes 1-byte alignment) and the
     register and stack figures are the scalar code's, not the code the GPU runs."""
-    ints = hinted_ints(fn, signature, divisible)
+    ints = hinted_ints(fn, signature, divisible, unaligned)
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
             if signature.get(name, "constexpr").startswith("*") or name in ints}
 
 
-def hinted_ints(fn, signature: dict, divisible=()) -> set[str]:
+def hinted_ints(fn, signature: dict, divisible=(), unaligned=()) -> set[str]:
     """The int arguments a job compiles as multiples of 16: ALIGNED_INTS, the strides and the
-    job's `divisible`, less those `fn` declares do_not_specialize (the JIT gives them no hint)."""
-    plain = unspecialized(fn)
+    job's `divisible`, less the job's `unaligned` and those `fn` declares do_not_specialize
+    (the JIT gives them no hint)."""
+    plain = unspecialized(fn) | set(unaligned)
     return {name for name in fn.arg_names if signature.get(name) == "i32" and name not in plain
             and (name in ALIGNED_INTS or name.startswith("stride") or name in divisible)}
 
@@ -421,7 +434,8 @@ def compile_job(job: dict) -> dict:
     result = dict(job)
     try:
         src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"],
-                        attrs=_alignment_hints(fn, job["signature"], job.get("divisible", ())))
+                        attrs=_alignment_hints(fn, job["signature"], job.get("divisible", ()),
+                                               job.get("unaligned", ())))
         k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
                            options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -474,12 +488,14 @@ def spill_in_loops(sass: str) -> int:
 
 def spill_key(result: dict) -> str:
     """A config's identity in tests/aot_spills.json: kernel, arch, warps, stages, constexprs,
-    and the job's own multiple-of-16 ints (`divisible`) where it has some."""
+    and the job's own multiple-of-16 ints (`divisible`) and unhinted ones (`unaligned`) where it
+    has some."""
     constexprs = dict(sorted(result["constexprs"].items()))  # None: an argument left out (a variant)
     pointers = sorted({t for t in result["signature"].values() if t.startswith("*")})  # the dtypes
     divisible = f" divisible {','.join(sorted(result['divisible']))}" if result.get("divisible") else ""
+    unaligned = f" unaligned {','.join(sorted(result['unaligned']))}" if result.get("unaligned") else ""
     return (f"{result['kernel']} sm_{result['arch']} w{result['num_warps']} s{result['num_stages']} "
-            f"{','.join(pointers)} {json.dumps(constexprs, sort_keys=True)}{divisible}")
+            f"{','.join(pointers)} {json.dumps(constexprs, sort_keys=True)}{divisible}{unaligned}")
 
 
 def main(argv=None) -> int:
