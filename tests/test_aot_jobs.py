@@ -135,6 +135,7 @@ def test_launches_compile_as_the_jobs_compile_them(device, monkeypatch):
     sk.rope3d(k, positions, backend="triton").float().sum().backward()                   # one head
     q, k, v = (leaf(6, 2, 72, dtype=torch.float16) for _ in range(3))      # DiT-XL's heads of 72 (ALIGN 8)
     sk.varlen_attention(q, k, v, cu_qk, cu_qk, 4, 4, backend="triton").float().sum().backward()
+    sk.rope3d(q, positions, backend="triton").float().sum().backward()
     assert {name for name, _ in launches} == set(kernels), sorted(set(kernels) - {name for name, _ in launches})
     for name, args in launches:
         free = ints[name] - aot.unspecialized(kernels[name])

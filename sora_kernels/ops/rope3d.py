@@ -74,6 +74,17 @@ if B.TRITON_MISSING is None:
         return tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), (R, BLOCK_D))
 
     @triton.jit
+    def aligned(x, ALIGN: tl.constexpr):
+        """x as the compiler may take it, a multiple of ALIGN, which the launcher checked for the
+        head dim and the strides (alignment; rope3d and the attention kernels). The JIT marks
+        only multiples of 16 (ALIGN 16: the compiler knows already), so at head dims of 72 or 96
+        (DiT-XL's 72) the rows' loads and stores were 2-byte scalars; known to be multiples of 8
+        (ALIGN 8), they move 16-byte vectors."""
+        if ALIGN == 8:
+            return x // 8 * 8
+        return x
+
+    @triton.jit
     def rope3d_kernel(
         x_ptr,        # [N, H, D] input, rows of D contiguous (strides in elements below)
         out_ptr,      # [N, H, D] output, contiguous
@@ -87,8 +98,10 @@ if B.TRITON_MISSING is None:
         FAST: tl.constexpr,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        ALIGN: tl.constexpr,  # the head dim and x's strides are multiples of it (16, 8, 1)
     ):
         """Rotates BLOCK_ROWS (token, head) rows: out = R(positions) x (or R^T x when INVERSE)."""
+        stride_xn, stride_xh, head_dim = aligned(stride_xn, ALIGN), aligned(stride_xh, ALIGN), aligned(head_dim, ALIGN)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < n_rows
         tokens = rows // heads
@@ -139,8 +152,17 @@ def launch_rope3d(x: torch.Tensor, positions: torch.Tensor, theta: float, sectio
     BLOCK_ROWS = block_rows(BLOCK_D)
     rope3d_kernel[(triton.cdiv(N * H, BLOCK_ROWS),)](
         x, out, positions.contiguous(), rope_table(D, theta, sections, x.device), N * H, H, x.stride(0), x.stride(1),
-        D, INVERSE=inverse, FAST=fast_trig(x.dtype, x.device), BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=4)
+        D, INVERSE=inverse, FAST=fast_trig(x.dtype, x.device), BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=BLOCK_D,
+        ALIGN=alignment(D, x), num_warps=4)
     return out
+
+
+def alignment(head_dim: int, *tensors: torch.Tensor) -> int:
+    """The kernels' ALIGN (aligned): the largest of 16, 8 and 1 that divides the head dim and
+    the row and head strides of `tensors` (the other tensors the kernels touch are contiguous
+    [N, heads, head_dim])."""
+    values = [head_dim] + [s for t in tensors for s in t.stride()[:2]]
+    return next(a for a in (16, 8, 1) if all(v % a == 0 for v in values))
 
 
 # -----------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from sora_kernels import backends as B
 from sora_kernels.packed import check_cu_seqlens, check_offsets
-from sora_kernels.ops.rope3d import (block_d, check_positions, check_sections, check_theta, fast_trig, launch_rope3d,
-                                     rope3d_cpu, rope_table)
+from sora_kernels.ops.rope3d import (alignment, block_d, check_positions, check_sections, check_theta, fast_trig,
+                                     launch_rope3d, rope3d_cpu, rope_table)
 from sora_kernels.reference import attention as ref
 from sora_kernels.reference import rope as ref_rope
 
@@ -32,7 +32,7 @@ if B.TRITON_MISSING is None:
     import triton
     import triton.language as tl
 
-    from sora_kernels.ops.rope3d import rotate_tile
+    from sora_kernels.ops.rope3d import aligned, rotate_tile
 
     try:  # Triton >= 3.4 (host-side TMA descriptors)
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -66,22 +66,11 @@ if B.TRITON_MISSING is None:
                  mask=row_mask[:, None] & (d < head_dim)[None, :])
 
     @triton.jit
-    def _aligned(x, ALIGN: tl.constexpr):
-        """x as the compiler may take it, a multiple of ALIGN, which the launcher checked for the
-        head dim and the strides (alignment). The JIT marks only multiples of 16 (ALIGN 16: the
-        compiler knows already), so at head dims of 72 or 96 (DiT-XL's 72) the rows' loads and
-        stores were 2-byte scalars; known to be multiples of 8 (ALIGN 8), they move 16-byte
-        vectors."""
-        if ALIGN == 8:
-            return x // 8 * 8
-        return x
-
-    @triton.jit
     def _aligned_strides(stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, head_dim,
                          ALIGN: tl.constexpr):
-        return (_aligned(stride_qn, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_kn, ALIGN),
-                _aligned(stride_kh, ALIGN), _aligned(stride_vn, ALIGN), _aligned(stride_vh, ALIGN),
-                _aligned(head_dim, ALIGN))
+        return (aligned(stride_qn, ALIGN), aligned(stride_qh, ALIGN), aligned(stride_kn, ALIGN),
+                aligned(stride_kh, ALIGN), aligned(stride_vn, ALIGN), aligned(stride_vh, ALIGN),
+                aligned(head_dim, ALIGN))
 
     @triton.jit
     def _segment(cu_ptr, seq):
@@ -227,7 +216,7 @@ if B.TRITON_MISSING is None:
         ALIGN: tl.constexpr,  # head_dim is a multiple of it (16, 8, 1)
     ):
         """delta = sum_d out * dout for BLOCK_ROWS (token, head) rows."""
-        head_dim = _aligned(head_dim, ALIGN)
+        head_dim = aligned(head_dim, ALIGN)
         r = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         d = tl.arange(0, BLOCK_D)
         mask = (r < n_rows)[:, None] & (d < head_dim)[None, :]
@@ -658,14 +647,6 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, BLOCK_N: int, BLOCK_D: int
     """Tensor descriptors of k and v as [Nk, Hkv * D] with [BLOCK_N, BLOCK_D] blocks."""
     return tuple(TensorDescriptor(x, [x.shape[0], x.shape[1] * x.shape[2]], [x.stride(0), 1], [BLOCK_N, BLOCK_D])
                  for x in (k, v))
-
-
-def alignment(head_dim: int, *tensors: torch.Tensor) -> int:
-    """The kernels' ALIGN (_aligned): the largest of 16, 8 and 1 that divides the head dim and
-    the row and head strides of `tensors` (the other tensors the kernels touch are contiguous
-    [N, heads, head_dim])."""
-    values = [head_dim] + [s for t in tensors for s in t.stride()[:2]]
-    return next(a for a in (16, 8, 1) if all(v % a == 0 for v in values))
 
 
 def attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool,

@@ -90,7 +90,7 @@ def _attention_variants(kind: str, cfg, BLOCK_D: int, arch: int) -> list[dict]:
 
 # DiT-XL's heads of 72 (1152 / 16), and heads of 96, are multiples of 8 but not of 16: the JIT
 # hints neither the head dim nor the head strides (the row strides, 16 * 72 for XL, are hinted),
-# and the kernels' ALIGN 8 tells the compiler they are multiples of 8 (varlen_attention._aligned);
+# and the kernels' ALIGN 8 tells the compiler they are multiples of 8 (rope3d.aligned);
 # at multiples of 16 ALIGN is 16, the DiT's other sizes.
 XL_UNALIGNED = ("head_dim", "stride_qh", "stride_kh", "stride_vh")
 
@@ -127,8 +127,8 @@ def rope_jobs(archs: list[int]) -> list[dict]:
     """The attention's helper kernels in bf16, for every padded head dim: rope3d (forward and
     inverse rotation, approximate and accurate sin / cos: FAST is bf16 / fp16 on a GPU, fp32
     takes the accurate ones; also for one head, multi-query attention's k, where the constant
-    folds each element's token and head division) and the backward's preprocess (delta =
-    rowsum(out * dout))."""
+    folds each element's token and head division, and for DiT-XL's heads of 72) and the
+    backward's preprocess (delta = rowsum(out * dout))."""
     from sora_kernels.ops import rope3d as rope
     from sora_kernels.ops import varlen_attention as op
     rotations = []
@@ -136,11 +136,13 @@ def rope_jobs(archs: list[int]) -> list[dict]:
         for inverse in (False, True):
             for fast in (True, False):
                 constexprs = {"INVERSE": inverse, "FAST": fast, "BLOCK_ROWS": rope.block_rows(BLOCK_D),
-                              "BLOCK_D": BLOCK_D}
+                              "BLOCK_D": BLOCK_D, "ALIGN": 16}
                 signature = _pointer_signature(rope.rope3d_kernel, constexprs, set(), "bf16" if fast else "fp32",
                                                {"pos_ptr": "*i32", "freq_ptr": "*fp32"})
                 rotations += [_job(rope.rope3d_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
-    jobs = rotations + _unit(rotations, "heads")
+    xl = [dict(job, unaligned=["head_dim", "stride_xh"], constexprs=dict(job["constexprs"], ALIGN=8))
+          for job in rotations if job["constexprs"]["BLOCK_D"] == 128]  # DiT-XL's heads of 72 (XL_UNALIGNED)
+    jobs = rotations + _unit(rotations, "heads") + xl
     for BLOCK_D in op.HEAD_DIM_BLOCKS:
         constexprs = {"BLOCK_ROWS": 32, "BLOCK_D": BLOCK_D, "ALIGN": 16}
         signature = _pointer_signature(op.attn_bwd_preprocess_kernel, constexprs, set(), "bf16",
