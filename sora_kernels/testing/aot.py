@@ -95,6 +95,12 @@ def _attention_variants(kind: str, cfg, BLOCK_D: int, arch: int) -> list[dict]:
 XL_UNALIGNED = ("head_dim", "stride_qh", "stride_kh", "stride_vh")
 
 
+def _xl_heads(jobs: list[dict], *unaligned: str) -> list[dict]:
+    """Each job again as DiT-XL's heads of 72 compile it: the ints `unaligned` (its head dim and
+    head strides) without the multiple-of-16 hint, ALIGN 8."""
+    return [dict(job, unaligned=list(unaligned), constexprs=dict(job["constexprs"], ALIGN=8)) for job in jobs]
+
+
 def attention_jobs(archs: list[int]) -> list[dict]:
     """One job per (kernel, config its family's launcher can try, padded head dim, arch,
     variant) of the varlen_attention kernels, bf16; each for GQA / MQA (`group`, the query heads
@@ -119,7 +125,7 @@ def attention_jobs(archs: list[int]) -> list[dict]:
                                              v_desc=f"tensordesc<bf16[{cfg.BLOCK_N}, {BLOCK_D}]>")
                         jobs.append(_job(fn, arch, cfg.num_warps, cfg.num_stages, signature, cx))
                         if mha and BLOCK_D == 128:  # DiT-XL's heads of 72: head dim and head strides unhinted
-                            jobs.append(dict(jobs[-1], unaligned=list(XL_UNALIGNED), constexprs=dict(cx, ALIGN=8)))
+                            jobs += _xl_heads(jobs[-1:], *XL_UNALIGNED)
     return jobs
 
 
@@ -140,17 +146,14 @@ def rope_jobs(archs: list[int]) -> list[dict]:
                 signature = _pointer_signature(rope.rope3d_kernel, constexprs, set(), "bf16" if fast else "fp32",
                                                {"pos_ptr": "*i32", "freq_ptr": "*fp32"})
                 rotations += [_job(rope.rope3d_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
-    xl = [dict(job, unaligned=["head_dim", "stride_xh"], constexprs=dict(job["constexprs"], ALIGN=8))
-          for job in rotations if job["constexprs"]["BLOCK_D"] == 128]  # DiT-XL's heads of 72 (XL_UNALIGNED)
+    xl = _xl_heads([job for job in rotations if job["constexprs"]["BLOCK_D"] == 128], "head_dim", "stride_xh")
     jobs = rotations + _unit(rotations, "heads") + xl
     for BLOCK_D in op.HEAD_DIM_BLOCKS:
         constexprs = {"BLOCK_ROWS": 32, "BLOCK_D": BLOCK_D, "ALIGN": 16}
         signature = _pointer_signature(op.attn_bwd_preprocess_kernel, constexprs, set(), "bf16",
                                        {"delta_ptr": "*fp32"})
-        jobs += [_job(op.attn_bwd_preprocess_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
-        if BLOCK_D == 128:
-            jobs += [dict(job, unaligned=["head_dim"], constexprs=dict(constexprs, ALIGN=8))
-                     for job in jobs[-len(archs):]]
+        preprocess = [_job(op.attn_bwd_preprocess_kernel, arch, 4, 3, signature, constexprs) for arch in archs]
+        jobs += preprocess + (_xl_heads(preprocess, "head_dim") if BLOCK_D == 128 else [])
     return jobs
 
 
