@@ -122,10 +122,13 @@ class VideoWriter:
             stream = self._container.add_stream(codec, rate=rate)
             stream.pix_fmt = "yuv420p"
             if codec == "libx264":
-                # x264's frame threads, as the ffmpeg command line uses: PyAV's default (slice
-                # threads) made the bytes depend on scheduling (13 of 400 encodes of one clip
-                # differed on a loaded 2-core machine; 0 of 400 with frame threads, no slower).
+                # One encoder thread: the bytes must not depend on scheduling. PyAV's default
+                # (slice threads) made 13 of 400 encodes of one clip differ on a loaded 2-core
+                # machine; frame threads passed 400 alone, yet the chunked-write test failed with
+                # them in two clean CI runs of the whole suite in a row (2026-12-08). Slower on
+                # long 1080p samples.
                 stream.codec_context.thread_type = "FRAME"
+                stream.codec_context.thread_count = 1
         stream.width, stream.height = W, H
         self._stream = stream
 
